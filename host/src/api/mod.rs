@@ -1,0 +1,96 @@
+//! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+//! [`router`] builds it from shared state, so tests drive it in-process with `oneshot`;
+//! the plugin-management API will join it under `/v1`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+
+/// What the routes read.
+#[derive(Clone)]
+pub struct AppState {
+    pub metrics: Arc<Metrics>,
+    /// True once the plugin is loaded and the pipeline runs.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the pipeline is not running\n")
+    }
+}
+
+/// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
+pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(state)).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn state(ready: bool) -> AppState {
+        AppState {
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(ready)),
+        }
+    }
+
+    async fn get(state: AppState, path: &str) -> (StatusCode, String) {
+        let response = router(state)
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn metrics_and_probes() {
+        let s = state(false);
+        s.metrics.records_in.inc_by(3);
+        let (status, body) = get(s.clone(), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("weir_records_in_total 3"), "{body}");
+        assert_eq!(get(s.clone(), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(s.clone(), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        s.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(s, "/readyz").await.0, StatusCode::OK);
+    }
+}

@@ -1,0 +1,453 @@
+//! The `weir` command line: `run` (a worker), `dlq list` and `dlq replay`.
+//!
+//! Flags override the config file; the merged tree is validated before anything starts, and
+//! every user mistake becomes one line naming what is wrong (exit 1), never a panic.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::{self, AppState};
+use crate::config::{Config, LineFormat};
+use crate::metrics::{Metrics, Summary};
+use crate::pipeline::dead_letter::DeadLetterLine;
+use crate::pipeline::{Backoff, IdSpec, Pipeline, Settings};
+use crate::runtime::{Plugin, Runtime};
+use crate::sink::{DeadLetterSink, FileDeadLetters, FileSink};
+use crate::source::{DlqFileSource, FileSource, Source};
+use crate::state::EmbeddedStore;
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Run sandboxed WebAssembly transforms over streams of records")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a plugin over a stream of records (embedded: JSON-lines files or stdin).
+    Run(Box<RunArgs>),
+    /// Inspect or replay a dead-letter file.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The plugin component (.wasm).
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+    /// Name of the plugin in logs, metrics and DLQ records (default: the file name).
+    #[arg(long)]
+    plugin_name: Option<String>,
+    /// Input: a JSON-lines file, a directory of *.jsonl files, or - for stdin.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Output: a JSON-lines file (appended to), or - for stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// A named destination for plugin outputs: NAME=PATH (repeatable).
+    #[arg(long = "destination", value_name = "NAME=PATH")]
+    destinations: Vec<String>,
+    /// Dead-letter file (default: <output>.dlq.jsonl, or weir.dlq.jsonl for stdout).
+    #[arg(long)]
+    dlq: Option<PathBuf>,
+    /// Directory of the embedded state store (done marks) [default: .weir/state].
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Idempotency key: a JSON pointer (/id), header:<name>, or key [default: source position].
+    #[arg(long)]
+    id: Option<String>,
+    /// Configuration handed to the plugin's init: KEY=VALUE (repeatable).
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
+    plugin_config: Vec<String>,
+    /// Write the run summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9090).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Records per plugin call [default: 128].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// How input lines are read: value (the line is the value) or envelope.
+    #[arg(long, value_enum)]
+    input_format: Option<Format>,
+    /// How outputs are written: value (one value per line) or envelope.
+    #[arg(long, value_enum)]
+    output_format: Option<Format>,
+    /// Deadline of one plugin call in milliseconds [default: 2000].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Memory cap of one plugin instance in MiB [default: 256].
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// Attempts in all for records the plugin calls retryable [default: 5].
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Value,
+    Envelope,
+}
+
+impl From<Format> for LineFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Value => LineFormat::Value,
+            Format::Envelope => LineFormat::Envelope,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Count dead letters by class and show the first records of each.
+    List {
+        #[arg(long)]
+        dlq: PathBuf,
+        /// Records shown per class.
+        #[arg(long, default_value_t = 3)]
+        show: usize,
+    },
+    /// Feed dead-lettered records through a (fixed) plugin again.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The dead-letter file to replay.
+    #[arg(long)]
+    dlq: PathBuf,
+    /// The plugin to run them through.
+    #[arg(long)]
+    plugin: PathBuf,
+    /// Where outputs go (appended to), or - for stdout.
+    #[arg(long)]
+    output: PathBuf,
+    /// Where records that fail again, or are at the replay cap, go [default: <dlq>.replay.jsonl].
+    #[arg(long)]
+    new_dlq: Option<PathBuf>,
+    /// State directory, so replayed records are marked done [default: .weir/state].
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// A record replayed this often already is not fed again.
+    #[arg(long, default_value_t = 3)]
+    max_replays: u32,
+    /// Configuration handed to the plugin's init: KEY=VALUE (repeatable).
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
+    plugin_config: Vec<String>,
+    /// Write the replay summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+/// Entry point of the `weir` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weir: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(*args).await,
+            Command::Dlq(DlqCommand::List { dlq, show }) => dlq_list(&dlq, show),
+            Command::Dlq(DlqCommand::Replay(args)) => replay(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn key_values(flag: &str, pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("{flag} `{pair}` must look like KEY=VALUE"),
+        })
+        .collect()
+}
+
+impl RunArgs {
+    /// The config file (if any) with the flags laid over it.
+    fn into_config(self) -> anyhow::Result<(Config, bool, Option<PathBuf>)> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($flag:expr => $field:expr) => {
+                if let Some(v) = $flag {
+                    $field = v.into();
+                }
+            };
+        }
+        set!(self.plugin => c.plugin.path);
+        set!(self.plugin_name => c.plugin.name);
+        set!(self.input => c.source.path);
+        set!(self.output => c.sink.path);
+        set!(self.dlq => c.dlq.path);
+        set!(self.state => c.state.path);
+        set!(self.id => c.pipeline.id);
+        set!(self.metrics => c.metrics.addr);
+        set!(self.batch_size => c.pipeline.batch_size);
+        set!(self.input_format => c.source.format);
+        set!(self.output_format => c.sink.format);
+        set!(self.deadline_ms => c.limits.deadline_ms);
+        set!(self.memory_mb => c.limits.memory_mb);
+        set!(self.max_attempts => c.retry.max_attempts);
+        for (name, path) in key_values("--destination", &self.destinations)? {
+            c.sink.destinations.insert(name, path.into());
+        }
+        c.plugin.config.extend(key_values("--plugin-config", &self.plugin_config)?);
+        if self.quiet {
+            c.pipeline.progress_secs = 0;
+        }
+        c.validate()?;
+        Ok((c, self.quiet, self.summary_json))
+    }
+}
+
+/// The file name without `.wasm`, made into a valid plugin name.
+fn default_plugin_name(path: &Path) -> String {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .take(128)
+        .collect();
+    if name.is_empty() { "plugin".into() } else { name }
+}
+
+fn default_dlq_path(output: &Path) -> PathBuf {
+    if output == Path::new("-") {
+        return PathBuf::from("weir.dlq.jsonl");
+    }
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    output.with_file_name(format!("{stem}.dlq.jsonl"))
+}
+
+fn load_plugin(runtime: &Runtime, path: &Path, name: &str, config: Vec<(String, String)>) -> anyhow::Result<Plugin> {
+    Plugin::load_file(runtime, path, name, 1, config).with_context(|| format!("plugin {}", path.display()))
+}
+
+/// Serves metrics when an address is configured; returns the flag `/readyz` reads.
+async fn start_metrics_server(addr: Option<&str>, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<AtomicBool>> {
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = addr {
+        let addr: SocketAddr = addr.parse().with_context(|| format!("--metrics `{addr}`"))?;
+        let bound = api::serve(
+            addr,
+            AppState {
+                metrics: metrics.clone(),
+                ready: ready.clone(),
+            },
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        eprintln!("weir: serving /metrics, /healthz, /readyz on http://{bound}");
+    }
+    Ok(ready)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("weir: stopping after the batch in flight");
+}
+
+fn write_summary(summary: &Summary, path: Option<&Path>) -> anyhow::Result<()> {
+    eprintln!("weir: done: {summary}");
+    if let Some(path) = path {
+        let json = serde_json::to_vec_pretty(summary)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write summary {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (config, _quiet, summary_json) = args.into_config()?;
+    let plugin_path = config.plugin.path.clone().context("plugin.path is required")?;
+    let input = config.source.path.clone().context("source.path is required")?;
+    let output = config.sink.path.clone().context("sink.path is required")?;
+    let name = config.plugin.name.clone().unwrap_or_else(|| default_plugin_name(&plugin_path));
+    let dlq_path = config.dlq.path.clone().unwrap_or_else(|| default_dlq_path(&output));
+
+    let runtime = Runtime::new(&config.limits)?;
+    let plugin_config = config.plugin.config.clone().into_iter().collect();
+    let plugin = Arc::new(load_plugin(&runtime, &plugin_path, &name, plugin_config)?);
+    let metrics = Arc::new(Metrics::new());
+    let ready = start_metrics_server(config.metrics.addr.as_deref(), &metrics).await?;
+
+    let pipeline_name = config.pipeline.name.clone().unwrap_or_else(|| name.clone());
+    let ttl = (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
+    let pipeline = Pipeline {
+        plugin,
+        source: Box::new(FileSource::open(&input, config.source.format)?),
+        sink: Box::new(FileSink::open(&output, &config.sink.destinations, config.sink.format)?),
+        dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
+        state: Arc::new(EmbeddedStore::open(&config.state.path, &pipeline_name, ttl)?),
+        metrics: metrics.clone(),
+        settings: Settings {
+            batch_size: config.pipeline.batch_size,
+            id: config.pipeline.id.as_deref().map(IdSpec::parse).transpose().map_err(anyhow::Error::msg)?,
+            backoff: Backoff::new(config.retry.clone()),
+            bypass_done: false,
+            progress: (config.pipeline.progress_secs > 0).then(|| Duration::from_secs(config.pipeline.progress_secs)),
+        },
+    };
+    ready.store(true, Ordering::Relaxed);
+    let summary = pipeline.run(shutdown_signal()).await?;
+    ready.store(false, Ordering::Relaxed);
+    write_summary(&summary, summary_json.as_deref())?;
+    if summary.dead_lettered > 0 {
+        eprintln!("weir: dead letters are in {} (see `weir dlq list --dlq {}`)", dlq_path.display(), dlq_path.display());
+    }
+    if summary.deduplicated > 0 && summary.deduplicated == summary.records_in {
+        eprintln!(
+            "weir: every record was already done according to {}; use another --state directory to process them again",
+            config.state.path.display()
+        );
+    }
+    Ok(())
+}
+
+fn dlq_list(path: &Path, show: usize) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read DLQ {}", path.display()))?;
+    let mut by_class: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut unreadable = 0;
+    let mut total = 0;
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        total += 1;
+        let Ok(letter) = serde_json::from_str::<DeadLetterLine>(line) else {
+            unreadable += 1;
+            eprintln!("weir: {} line {} is not a DLQ record", path.display(), n + 1);
+            continue;
+        };
+        let get = |k: &str| letter.error.get(k).map(String::as_str).unwrap_or("?");
+        let mut value: String = letter.record.value.chars().take(80).collect();
+        if letter.record.value_base64 {
+            value = format!("(base64) {value}");
+        }
+        let entry = format!(
+            "    {}:{}:{} id={} attempts={} message: {}\n      value: {}",
+            get("source"),
+            get("partition"),
+            get("offset"),
+            get("record_id"),
+            get("attempts"),
+            get("message").chars().take(200).collect::<String>(),
+            value
+        );
+        by_class.entry(get("class").to_owned()).or_default().push(entry);
+    }
+    println!("{total} dead letters in {}", path.display());
+    for (class, entries) in &by_class {
+        println!("  {class}: {}", entries.len());
+        for entry in entries.iter().take(show) {
+            println!("{entry}");
+        }
+    }
+    if unreadable > 0 {
+        println!("  (unreadable lines: {unreadable})");
+    }
+    Ok(())
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let new_dlq = args.new_dlq.clone().unwrap_or_else(|| {
+        let stem = args.dlq.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        args.dlq.with_file_name(format!("{stem}.replay.jsonl"))
+    });
+    if new_dlq == args.dlq {
+        bail!("--new-dlq must differ from --dlq ({})", args.dlq.display());
+    }
+    let config = Config::default();
+    let runtime = Runtime::new(&config.limits)?;
+    let name = default_plugin_name(&args.plugin);
+    let plugin = Arc::new(load_plugin(&runtime, &args.plugin, &name, key_values("--plugin-config", &args.plugin_config)?)?);
+    let source = DlqFileSource::open(&args.dlq, args.max_replays)?;
+    let refused = source.refused();
+    let metrics = Arc::new(Metrics::new());
+    let state_dir = args.state.clone().unwrap_or(config.state.path.clone());
+    let mut dlq = FileDeadLetters::open(&new_dlq)?;
+    let pipeline = Pipeline {
+        plugin,
+        source: Box::new(source) as Box<dyn Source>,
+        sink: Box::new(FileSink::open(&args.output, &BTreeMap::new(), LineFormat::Value)?),
+        dlq: Box::new(FileDeadLetters::open(&new_dlq)?),
+        state: Arc::new(EmbeddedStore::open(&state_dir, &name, None)?),
+        metrics: metrics.clone(),
+        settings: Settings {
+            batch_size: config.pipeline.batch_size,
+            id: None,
+            backoff: Backoff::new(config.retry.clone()),
+            bypass_done: true,
+            progress: None,
+        },
+    };
+    let summary = pipeline.run(std::future::pending()).await?;
+    metrics.dlq_replayed.inc_by(summary.records_in);
+    let refused: Vec<_> = std::mem::take(&mut *refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let refused_count = refused.len();
+    dlq.send(refused).await?;
+    dlq.flush().await?;
+    write_summary(&summary, args.summary_json.as_deref())?;
+    eprintln!(
+        "weir: replayed {} dead letters; {} failed again and {} were at the replay cap ({}): both are in {}",
+        summary.records_in,
+        summary.dead_lettered,
+        refused_count,
+        args.max_replays,
+        new_dlq.display()
+    );
+    Ok(())
+}

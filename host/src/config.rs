@@ -1,0 +1,377 @@
+//! The one configuration tree of a worker: read from TOML (`weir run --config`), overridden by
+//! command-line flags, then checked by [`Config::validate`], which names the field at fault.
+//!
+//! Every field has a safe default, so an empty file is a valid configuration once a plugin,
+//! an input and an output are named.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::IdSpec;
+
+/// A configuration mistake, naming the field and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration of `weir run`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub plugin: PluginConfig,
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    pub dlq: DlqConfig,
+    pub state: StateConfig,
+    pub pipeline: PipelineConfig,
+    pub retry: RetryConfig,
+    pub limits: LimitsConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Which plugin to run and how to configure it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Path of the component file (`.wasm`).
+    pub path: Option<PathBuf>,
+    /// Name used in logs, metrics and DLQ records; defaults to the file name without `.wasm`.
+    pub name: Option<String>,
+    /// Handed to the plugin's `init` as key/value pairs.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Where records come from (embedded mode: JSON-lines files).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// A file, a directory of `*.jsonl` files (read in name order), or `-` for stdin.
+    pub path: Option<PathBuf>,
+    /// How each line is read.
+    pub format: LineFormat,
+}
+
+/// How one line of a JSON-lines file maps to a record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineFormat {
+    /// The line is the record value; no key, no headers.
+    #[default]
+    Value,
+    /// The line is `{"key", "value", "headers", "timestamp"}` as in the DLQ file.
+    Envelope,
+}
+
+/// Where outputs go (embedded mode: JSON-lines files or stdout).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Default destination: a file path, or `-` for stdout.
+    pub path: Option<PathBuf>,
+    /// How each output is written.
+    pub format: LineFormat,
+    /// Named destinations a plugin may send outputs to: name → file path.
+    pub destinations: BTreeMap<String, PathBuf>,
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqConfig {
+    /// JSON-lines file; defaults to `<output>.dlq.jsonl` (or `weir.dlq.jsonl` for stdout).
+    pub path: Option<PathBuf>,
+}
+
+/// The embedded state store (done marks for deduplication).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Directory of the embedded database.
+    pub path: PathBuf,
+    /// How long a done mark is kept, in seconds; 0 keeps it forever.
+    pub done_ttl_secs: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(".weir/state"),
+            done_ttl_secs: 0,
+        }
+    }
+}
+
+/// The record lifecycle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Names the pipeline in done marks; defaults to the plugin name.
+    pub name: Option<String>,
+    /// Records per plugin call.
+    pub batch_size: usize,
+    /// The idempotency key: a JSON pointer into the value (`/id`), `header:<name>`, or `key`.
+    /// Records without one (and all records when unset) use their source position.
+    pub id: Option<String>,
+    /// Seconds between progress lines on stderr; 0 turns them off.
+    pub progress_secs: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            batch_size: 128,
+            id: None,
+            progress_secs: 2,
+        }
+    }
+}
+
+/// Retries of records the plugin calls `retryable`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Cap of the first backoff; doubles with each retry (full jitter: a random wait up to it).
+    pub initial_backoff_ms: u64,
+    /// Cap of any one backoff.
+    pub max_backoff_ms: u64,
+    /// No retry starts later than this after the first failure.
+    pub max_elapsed_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 5_000,
+            max_elapsed_ms: 30_000,
+        }
+    }
+}
+
+/// Sandbox limits of every plugin instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Wall-clock deadline of one plugin call (a whole batch), in milliseconds.
+    pub deadline_ms: u64,
+    /// Linear memory cap per instance, in MiB.
+    pub memory_mb: u64,
+    /// Optional fuel (instruction budget) per call; unset means unlimited.
+    pub fuel: Option<u64>,
+    /// Largest output value (bytes) the host accepts.
+    pub max_output_bytes: usize,
+    /// Most outputs one record may produce.
+    pub max_outputs_per_record: usize,
+    /// How much of the end of the guest's stderr joins an error message.
+    pub stderr_tail_bytes: usize,
+    /// Instances the pooling allocator has room for.
+    pub max_instances: u32,
+    /// A warm instance is replaced after this many calls, so slow leaks never build up.
+    pub max_calls_per_instance: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            deadline_ms: 2_000,
+            memory_mb: 256,
+            fuel: None,
+            max_output_bytes: 1 << 20,
+            max_outputs_per_record: 1_000,
+            stderr_tail_bytes: 4_096,
+            max_instances: 16,
+            max_calls_per_instance: 10_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        usize::try_from(self.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+}
+
+/// The metrics and health server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address to serve `/metrics`, `/healthz` and `/readyz` on, e.g. `127.0.0.1:9090`.
+    pub addr: Option<String>,
+}
+
+impl Config {
+    /// Reads a TOML file; unknown fields are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks the whole tree; the first problem found is named with its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.plugin.path.is_none() {
+            return Err(invalid("plugin.path", "is required (or pass --plugin)"));
+        }
+        if self.source.path.is_none() {
+            return Err(invalid("source.path", "is required (or pass --input)"));
+        }
+        if self.sink.path.is_none() {
+            return Err(invalid("sink.path", "is required (or pass --output)"));
+        }
+        if let Some(name) = &self.plugin.name {
+            check_name("plugin.name", name)?;
+        }
+        for name in self.sink.destinations.keys() {
+            check_name("sink.destinations", name)?;
+        }
+        if self.pipeline.batch_size == 0 || self.pipeline.batch_size > 65_536 {
+            return Err(invalid(
+                "pipeline.batch_size",
+                format!(
+                    "must be between 1 and 65536, got {}",
+                    self.pipeline.batch_size
+                ),
+            ));
+        }
+        if let Some(id) = &self.pipeline.id {
+            IdSpec::parse(id).map_err(|reason| invalid("pipeline.id", reason))?;
+        }
+        let r = &self.retry;
+        if r.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if r.initial_backoff_ms > r.max_backoff_ms {
+            return Err(invalid(
+                "retry.initial_backoff_ms",
+                format!(
+                    "{} is more than retry.max_backoff_ms ({})",
+                    r.initial_backoff_ms, r.max_backoff_ms
+                ),
+            ));
+        }
+        let l = &self.limits;
+        if l.deadline_ms == 0 {
+            return Err(invalid(
+                "limits.deadline_ms",
+                "must be more than 0 (the deadline cannot be turned off)",
+            ));
+        }
+        if l.memory_mb == 0 || l.memory_mb > 4096 {
+            return Err(invalid(
+                "limits.memory_mb",
+                format!("must be between 1 and 4096, got {}", l.memory_mb),
+            ));
+        }
+        if l.max_instances == 0 {
+            return Err(invalid("limits.max_instances", "must be at least 1"));
+        }
+        if l.max_calls_per_instance == 0 {
+            return Err(invalid("limits.max_calls_per_instance", "must be at least 1"));
+        }
+        if let Some(addr) = &self.metrics.addr {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics.addr",
+                    format!("`{addr}` is not a socket address like 127.0.0.1:9090 ({e})"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("`{name}` must be 1-128 characters of A-Z a-z 0-9 - _ ."),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Config {
+        let mut c = Config::default();
+        c.plugin.path = Some("p.wasm".into());
+        c.source.path = Some("in.jsonl".into());
+        c.sink.path = Some("out.jsonl".into());
+        c
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        minimal().validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = toml::from_str::<Config>("[limits]\ndeadline = 5\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `deadline`"), "{err}");
+    }
+
+    #[test]
+    fn zero_batch_size_names_the_field() {
+        let mut c = minimal();
+        c.pipeline.batch_size = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("pipeline.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn bad_id_spec_names_the_field() {
+        let mut c = minimal();
+        c.pipeline.id = Some("id".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("pipeline.id"), "{err}");
+    }
+
+    #[test]
+    fn missing_plugin_names_the_flag() {
+        let mut c = minimal();
+        c.plugin.path = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("plugin.path") && err.contains("--plugin"), "{err}");
+    }
+}

@@ -1,0 +1,23 @@
+//! Weir runs sandboxed WebAssembly transform plugins over streams of records and owns
+//! everything around them: consumption, deduplication, retries, dead letters, metrics.
+//!
+//! Map of the crate:
+//! - [`config`]: the one configuration tree and its validation.
+//! - [`runtime`]: wasmtime engine, plugin loading, limits, per-record fault isolation.
+//! - [`pipeline`]: the record lifecycle (ids, dedup, retries, dead letters, commit).
+//! - [`source`], [`sink`], [`state`]: the seams to the outside (files and redb embedded).
+//! - [`metrics`]: every metric, and the run summary read from them.
+//! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! - [`cli`]: the `weir` command line.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod errors;
+pub mod jsonl;
+pub mod metrics;
+pub mod pipeline;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod state;

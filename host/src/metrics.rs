@@ -1,0 +1,209 @@
+//! Every metric Weir exports, defined in this one place (names: DESIGN §7).
+//!
+//! The run summary is read from these same counters, so `/metrics` and `--summary-json`
+//! can never disagree.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Serialize;
+
+use crate::errors::ErrorClass;
+use crate::runtime::PluginMeta;
+
+/// The registry and every metric in it.
+pub struct Metrics {
+    registry: Registry,
+    pub records_in: IntCounter,
+    pub records_out: IntCounter,
+    pub records_processed: IntCounter,
+    pub records_deduplicated: IntCounter,
+    pub records_dead_lettered: IntCounterVec,
+    pub retries: IntCounter,
+    pub plugin_invocation_duration: Histogram,
+    pub plugin_traps: IntCounterVec,
+    pub plugin_active_info: IntGaugeVec,
+    pub dlq_replayed: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+            let c = IntCounter::new(name, help).expect("static metric definition");
+            registry.register(Box::new(c.clone())).expect("unique metric name");
+            c
+        }
+        fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry.register(Box::new(c.clone())).expect("unique metric name");
+            c
+        }
+        let plugin_invocation_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_plugin_invocation_duration_seconds",
+                "Wall time of one plugin call (a whole batch, or one record in the per-record world)",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_05, 4.0, 10).expect("static buckets")),
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(plugin_invocation_duration.clone()))
+            .expect("unique metric name");
+        let plugin_active_info = IntGaugeVec::new(
+            Opts::new("weir_plugin_active_info", "The plugin version this worker runs (value 1)"),
+            &["plugin", "version", "digest"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(plugin_active_info.clone()))
+            .expect("unique metric name");
+        let metrics = Self {
+            records_in: counter(&registry, "weir_records_in_total", "Records consumed from the source"),
+            records_out: counter(&registry, "weir_records_out_total", "Output records written to the sink"),
+            records_processed: counter(
+                &registry,
+                "weir_records_processed_total",
+                "Records the plugin transformed successfully (fate: processed)",
+            ),
+            records_deduplicated: counter(
+                &registry,
+                "weir_records_deduplicated_total",
+                "Records skipped because their id was already done (fate: deduplicated)",
+            ),
+            records_dead_lettered: counter_vec(
+                &registry,
+                "weir_records_dead_lettered_total",
+                "Records written to the dead-letter queue, by error class (fate: dead_lettered)",
+                &["class"],
+            ),
+            retries: counter(&registry, "weir_retries_total", "Retry attempts of records the plugin called retryable"),
+            plugin_invocation_duration,
+            plugin_traps: counter_vec(
+                &registry,
+                "weir_plugin_traps_total",
+                "Plugin calls that did not return, by class (trap, timeout, oom, bad_output)",
+                &["class"],
+            ),
+            plugin_active_info,
+            dlq_replayed: counter(&registry, "weir_dlq_replayed_total", "Dead-lettered records fed again by a replay"),
+            registry,
+        };
+        // Show every class from the start, so rates work before the first failure.
+        for class in ErrorClass::ALL {
+            metrics.records_dead_lettered.with_label_values(&[class.as_str()]);
+        }
+        metrics
+    }
+
+    /// Marks `meta` as the active plugin version.
+    pub fn set_active_plugin(&self, meta: &PluginMeta) {
+        self.plugin_active_info.reset();
+        self.plugin_active_info
+            .with_label_values(&[meta.name.as_str(), &meta.version.to_string(), meta.digest.as_str()])
+            .set(1);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The run summary (DESIGN §7 names), read from the counters.
+    pub fn summary(&self, elapsed: Duration) -> Summary {
+        let mut by_class = BTreeMap::new();
+        let mut dead_lettered = 0;
+        for class in ErrorClass::ALL {
+            let n = self.records_dead_lettered.with_label_values(&[class.as_str()]).get();
+            if n > 0 {
+                by_class.insert(class.as_str().to_owned(), n);
+            }
+            dead_lettered += n;
+        }
+        let records_in = self.records_in.get();
+        let secs = elapsed.as_secs_f64();
+        Summary {
+            records_in,
+            processed: self.records_processed.get(),
+            records_out: self.records_out.get(),
+            deduplicated: self.records_deduplicated.get(),
+            retried: self.retries.get(),
+            dead_lettered,
+            dead_lettered_by_class: by_class,
+            elapsed_ms: elapsed.as_millis() as u64,
+            records_per_sec: if secs > 0.0 { (records_in as f64 / secs).round() } else { 0.0 },
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a run did (`--summary-json`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Summary {
+    pub records_in: u64,
+    pub processed: u64,
+    pub records_out: u64,
+    pub deduplicated: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub dead_lettered_by_class: BTreeMap<String, u64>,
+    pub elapsed_ms: u64,
+    pub records_per_sec: f64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "records in {} | processed {} | out {} | dead-lettered {}",
+            self.records_in, self.processed, self.records_out, self.dead_lettered
+        )?;
+        if !self.dead_lettered_by_class.is_empty() {
+            let classes: Vec<String> = self
+                .dead_lettered_by_class
+                .iter()
+                .map(|(class, n)| format!("{class} {n}"))
+                .collect();
+            write!(f, " ({})", classes.join(", "))?;
+        }
+        write!(
+            f,
+            " | deduplicated {} | retried {} | {:.1}s, {} records/s",
+            self.deduplicated,
+            self.retried,
+            self.elapsed_ms as f64 / 1000.0,
+            self.records_per_sec
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_reads_the_counters() {
+        let m = Metrics::new();
+        m.records_in.inc_by(10);
+        m.records_processed.inc_by(7);
+        m.records_dead_lettered.with_label_values(&["trap"]).inc_by(2);
+        m.records_deduplicated.inc();
+        let s = m.summary(Duration::from_secs(2));
+        assert_eq!(s.records_in, 10);
+        assert_eq!(s.dead_lettered, 2);
+        assert_eq!(s.dead_lettered_by_class.get("trap"), Some(&2));
+        assert_eq!(s.records_per_sec, 5.0);
+        assert!(m.render().contains("weir_records_in_total 10"));
+    }
+}

@@ -1,0 +1,403 @@
+//! The record lifecycle of DESIGN §3, one batch at a time:
+//!
+//! consume → id → claim (dedup + lease) → invoke the plugin (with retries) → check outputs →
+//! write outputs and dead letters → flush (durable) → mark done → commit the source.
+//!
+//! Every consumed record ends in exactly one fate — processed, dead-lettered or
+//! deduplicated — and the counters in [`Metrics`] say which.
+
+pub mod dead_letter;
+mod id;
+mod retry;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use id::{IdSpec, record_id};
+pub use retry::Backoff;
+
+use self::dead_letter::{DeadLetter, ErrorInfo};
+use crate::errors::ErrorClass;
+use crate::metrics::{Metrics, Summary};
+use crate::runtime::{Failure, LoadError, Outcome, Output, Plugin, Record, SourceMeta};
+use crate::sink::{DeadLetterSink, Sink, SinkError};
+use crate::source::{Incoming, Source, SourceError};
+use crate::state::{Claim, StateError, StateStore};
+
+/// Header names the host adds to every output (DESIGN §3.7).
+pub const RECORD_ID_HEADER: &str = "weir.record-id";
+pub const PLUGIN_VERSION_HEADER: &str = "weir.plugin-version";
+pub const FENCE_HEADER: &str = "weir.fence";
+
+/// How long a record whose lease another worker holds waits before it is claimed again.
+const PARKED_RECHECK: Duration = Duration::from_millis(200);
+
+/// Why a run stopped early. Records of the batch in flight have no fate yet and are not
+/// marked done, so a rerun picks them up again.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("plugin: {0}")]
+    Plugin(#[from] LoadError),
+    #[error("plugin worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Knobs of the lifecycle.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub batch_size: usize,
+    pub id: Option<IdSpec>,
+    pub backoff: Backoff,
+    /// Ignore done marks (a DLQ replay re-feeds records that are marked done on purpose).
+    pub bypass_done: bool,
+    /// Print a progress line to stderr this often.
+    pub progress: Option<Duration>,
+}
+
+/// A source, a plugin, a sink, a DLQ and a state store, wired together.
+pub struct Pipeline {
+    pub plugin: Arc<Plugin>,
+    pub source: Box<dyn Source>,
+    pub sink: Box<dyn Sink>,
+    pub dlq: Box<dyn DeadLetterSink>,
+    pub state: Arc<dyn StateStore>,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+}
+
+/// What became of one record the plugin was asked about.
+enum Verdict {
+    Outputs(Vec<Output>),
+    Failed(Failed),
+}
+
+struct Failed {
+    failure: Failure,
+    attempts: u32,
+    first_failure_ms: i64,
+    last_failure_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn placeholder() -> Record {
+    Record {
+        key: None,
+        value: Vec::new(),
+        headers: Vec::new(),
+        timestamp_ms: None,
+        source: SourceMeta {
+            stream: String::new(),
+            partition: 0,
+            offset: 0,
+            attempt: 0,
+        },
+    }
+}
+
+impl Pipeline {
+    /// Runs until the source is exhausted or `shutdown` completes (the batch in flight is
+    /// finished first), and returns the summary.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Summary, PipelineError> {
+        let started = Instant::now();
+        self.metrics.set_active_plugin(self.plugin.meta());
+        tokio::pin!(shutdown);
+        let mut last_progress = Instant::now();
+        loop {
+            let batch = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                batch = self.source.next_batch(self.settings.batch_size) => batch?,
+            };
+            let Some(batch) = batch else { break };
+            self.process(batch).await?;
+            if let Some(every) = self.settings.progress
+                && last_progress.elapsed() >= every
+            {
+                last_progress = Instant::now();
+                eprintln!("weir: {}", self.metrics.summary(started.elapsed()));
+            }
+        }
+        Ok(self.metrics.summary(started.elapsed()))
+    }
+
+    /// One batch, from claim to commit.
+    async fn process(&mut self, batch: Vec<Incoming>) -> Result<(), PipelineError> {
+        let n = batch.len();
+        self.metrics.records_in.inc_by(n as u64);
+        let ids: Vec<String> = batch
+            .iter()
+            .map(|inc| {
+                inc.known_id
+                    .clone()
+                    .unwrap_or_else(|| record_id(self.settings.id.as_ref(), &inc.record))
+            })
+            .collect();
+        let claims = self.claim(&ids).await?;
+
+        // Decide what the plugin sees: not done, not a repeat within this batch, readable.
+        let mut records = Vec::with_capacity(n);
+        let mut letters = Vec::new();
+        let mut finished = Vec::with_capacity(n);
+        let mut to_run = Vec::with_capacity(n);
+        let mut seen = HashSet::with_capacity(n);
+        let mut deduplicated = 0;
+        for (i, (incoming, claim)) in batch.into_iter().zip(&claims).enumerate() {
+            records.push(incoming.record);
+            let fence = match claim {
+                Claim::Leased { fence } => *fence,
+                Claim::Done if self.settings.bypass_done => 0,
+                Claim::Done | Claim::HeldElsewhere => {
+                    deduplicated += 1;
+                    continue;
+                }
+            };
+            if !seen.insert(ids[i].as_str()) {
+                deduplicated += 1;
+                continue;
+            }
+            match incoming.rejected {
+                Some(reason) => {
+                    let now = now_ms();
+                    let failed = Failed {
+                        failure: Failure::new(ErrorClass::Invalid, reason),
+                        attempts: 0,
+                        first_failure_ms: now,
+                        last_failure_ms: now,
+                    };
+                    let record = std::mem::replace(&mut records[i], placeholder());
+                    letters.push(self.dead_letter(record, &ids[i], failed));
+                    finished.push((ids[i].clone(), fence));
+                }
+                None => to_run.push((i, fence)),
+            }
+        }
+
+        let work: Vec<Record> = to_run
+            .iter()
+            .map(|&(i, _)| std::mem::replace(&mut records[i], placeholder()))
+            .collect();
+        let (work, verdicts) = self.invoke(work).await?;
+
+        let version = self.plugin.meta().version.to_string();
+        let mut outputs = Vec::new();
+        let mut processed = 0u64;
+        for ((record, verdict), &(i, fence)) in work.into_iter().zip(verdicts).zip(&to_run) {
+            let id = &ids[i];
+            finished.push((id.clone(), fence));
+            let verdict = match verdict {
+                Verdict::Outputs(outs) => match outs.iter().find_map(|o| self.sink.check(o).err()) {
+                    None => Verdict::Outputs(outs),
+                    Some(reason) => {
+                        let now = now_ms();
+                        Verdict::Failed(Failed {
+                            failure: Failure::new(ErrorClass::BadOutput, reason),
+                            attempts: record.source.attempt,
+                            first_failure_ms: now,
+                            last_failure_ms: now,
+                        })
+                    }
+                },
+                failed => failed,
+            };
+            match verdict {
+                Verdict::Outputs(outs) => {
+                    processed += 1;
+                    for mut out in outs {
+                        out.headers.extend([
+                            (RECORD_ID_HEADER.to_owned(), id.as_bytes().to_vec()),
+                            (PLUGIN_VERSION_HEADER.to_owned(), version.as_bytes().to_vec()),
+                            (FENCE_HEADER.to_owned(), fence.to_string().into_bytes()),
+                        ]);
+                        outputs.push(out);
+                    }
+                }
+                Verdict::Failed(failed) => letters.push(self.dead_letter(record, id, failed)),
+            }
+        }
+
+        // Durable downstream first, then done marks, then the source.
+        let records_out = outputs.len() as u64;
+        let dead: Vec<ErrorClass> = letters.iter().map(|l| l.error.class).collect();
+        self.sink.send(outputs).await?;
+        self.dlq.send(letters).await?;
+        self.sink.flush().await?;
+        self.dlq.flush().await?;
+        if !finished.is_empty() {
+            self.state.finish(&finished).await?;
+        }
+        self.source.commit().await?;
+
+        self.metrics.records_deduplicated.inc_by(deduplicated);
+        self.metrics.records_processed.inc_by(processed);
+        self.metrics.records_out.inc_by(records_out);
+        for class in dead {
+            self.metrics
+                .records_dead_lettered
+                .with_label_values(&[class.as_str()])
+                .inc();
+        }
+        Ok(())
+    }
+
+    /// Claims ids; records whose lease another worker holds are re-claimed until they are
+    /// done or ours (never skipped).
+    async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, PipelineError> {
+        let mut claims = self.state.claim(ids).await?;
+        loop {
+            let parked: Vec<usize> = (0..ids.len())
+                .filter(|&i| claims[i] == Claim::HeldElsewhere)
+                .collect();
+            if parked.is_empty() {
+                return Ok(claims);
+            }
+            tokio::time::sleep(PARKED_RECHECK).await;
+            let again: Vec<String> = parked.iter().map(|&i| ids[i].clone()).collect();
+            for (i, claim) in parked.into_iter().zip(self.state.claim(&again).await?) {
+                claims[i] = claim;
+            }
+        }
+    }
+
+    /// One plugin call off the async reactor, timed and counted.
+    async fn call(&self, records: Vec<Record>) -> Result<(Vec<Record>, Vec<Outcome>), PipelineError> {
+        if records.is_empty() {
+            return Ok((records, Vec::new()));
+        }
+        let plugin = self.plugin.clone();
+        let started = Instant::now();
+        let (records, outcomes) = tokio::task::spawn_blocking(move || {
+            let outcomes = plugin.transform(&records);
+            (records, outcomes)
+        })
+        .await?;
+        self.metrics
+            .plugin_invocation_duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcomes = outcomes?;
+        for outcome in &outcomes {
+            if let Outcome::Failed(f) = outcome
+                && f.class.is_plugin_fault()
+            {
+                self.metrics
+                    .plugin_traps
+                    .with_label_values(&[f.class.as_str()])
+                    .inc();
+            }
+        }
+        Ok((records, outcomes))
+    }
+
+    /// Runs the plugin over `records` and retries `retryable` ones with backoff, until each
+    /// has a verdict. Returns the records (in order) with their verdicts.
+    async fn invoke(&self, records: Vec<Record>) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let (mut records, outcomes) = self.call(records).await?;
+        let first_failure_ms = now_ms();
+        let mut last_failure_ms = first_failure_ms;
+        let first_failure = Instant::now();
+        let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(records.len());
+        let mut pending: Vec<(usize, String)> = Vec::new();
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            verdicts.push(match outcome {
+                Outcome::Outputs(outs) => Some(Verdict::Outputs(outs)),
+                Outcome::Failed(failure) => Some(Verdict::Failed(Failed {
+                    failure,
+                    attempts: 1,
+                    first_failure_ms,
+                    last_failure_ms,
+                })),
+                Outcome::Retryable(reason) => {
+                    pending.push((i, reason));
+                    None
+                }
+            });
+        }
+
+        let backoff = &self.settings.backoff;
+        let mut attempts = 1u32;
+        while !pending.is_empty() {
+            let delay = backoff.delay(attempts);
+            if !backoff.allows(attempts, first_failure.elapsed(), delay) {
+                for (i, reason) in pending.drain(..) {
+                    verdicts[i] = Some(Verdict::Failed(Failed {
+                        failure: Failure::new(
+                            ErrorClass::RetriesExhausted,
+                            format!("still retryable after {attempts} attempts: {reason}"),
+                        ),
+                        attempts,
+                        first_failure_ms,
+                        last_failure_ms,
+                    }));
+                }
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            attempts += 1;
+            self.metrics.retries.inc_by(pending.len() as u64);
+            let retry: Vec<Record> = pending
+                .iter()
+                .map(|&(i, _)| {
+                    let mut record = std::mem::replace(&mut records[i], placeholder());
+                    record.source.attempt = attempts;
+                    record
+                })
+                .collect();
+            let (retry, outcomes) = self.call(retry).await?;
+            last_failure_ms = now_ms();
+            let mut still = Vec::new();
+            for (((i, _), record), outcome) in pending.into_iter().zip(retry).zip(outcomes) {
+                records[i] = record;
+                match outcome {
+                    Outcome::Outputs(outs) => verdicts[i] = Some(Verdict::Outputs(outs)),
+                    Outcome::Failed(failure) => {
+                        verdicts[i] = Some(Verdict::Failed(Failed {
+                            failure,
+                            attempts,
+                            first_failure_ms,
+                            last_failure_ms,
+                        }))
+                    }
+                    Outcome::Retryable(reason) => still.push((i, reason)),
+                }
+            }
+            pending = still;
+        }
+        let verdicts = verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| unreachable!("every pending record gets a verdict")))
+            .collect();
+        Ok((records, verdicts))
+    }
+
+    fn dead_letter(&self, record: Record, id: &str, failed: Failed) -> DeadLetter {
+        let meta = self.plugin.meta();
+        let error = ErrorInfo {
+            class: failed.failure.class,
+            message: failed.failure.message,
+            plugin: meta.name.clone(),
+            plugin_version: meta.version,
+            plugin_digest: meta.digest.clone(),
+            attempts: failed.attempts,
+            first_failure_ms: failed.first_failure_ms,
+            last_failure_ms: failed.last_failure_ms,
+            source: record.source.stream.clone(),
+            partition: record.source.partition,
+            offset: record.source.offset,
+            backtrace: failed.failure.backtrace,
+            record_id: id.to_owned(),
+        };
+        DeadLetter { record, error }
+    }
+}

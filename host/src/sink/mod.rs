@@ -1,0 +1,42 @@
+//! Where outputs and dead letters go. [`Sink`] and [`DeadLetterSink`] are the seams;
+//! `file.rs` writes JSON lines to files or stdout (the embedded default).
+
+mod file;
+
+pub use file::{FileDeadLetters, FileSink};
+
+use async_trait::async_trait;
+
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::runtime::Output;
+
+/// A sink failure that stops the run (cannot write or sync).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct SinkError {
+    pub what: String,
+    pub source: std::io::Error,
+}
+
+/// Receives output records.
+#[async_trait]
+pub trait Sink: Send {
+    /// Whether this sink can take `output` at all (a known destination, a value the format
+    /// can hold). A refusal dead-letters the record as `bad_output` with this reason.
+    fn check(&self, output: &Output) -> Result<(), String>;
+
+    /// Queues outputs for writing.
+    async fn send(&mut self, outputs: Vec<Output>) -> Result<(), SinkError>;
+
+    /// Returns once everything sent is durable.
+    async fn flush(&mut self) -> Result<(), SinkError>;
+}
+
+/// Receives dead letters.
+#[async_trait]
+pub trait DeadLetterSink: Send {
+    async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError>;
+
+    /// Returns once everything sent is durable.
+    async fn flush(&mut self) -> Result<(), SinkError>;
+}

@@ -1,0 +1,51 @@
+//! Where records come from. [`Source`] is the seam: `file.rs` (JSON lines from files, a
+//! directory or stdin) is the embedded default; `dlq.rs` re-feeds a DLQ file for replays.
+
+mod dlq;
+mod file;
+
+pub use dlq::DlqFileSource;
+pub use file::FileSource;
+
+use async_trait::async_trait;
+
+use crate::runtime::Record;
+
+/// A record as the source read it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub record: Record,
+    /// Set when the source could read the bytes but not make a proper record of them: the
+    /// pipeline dead-letters such a record as `invalid` with this reason.
+    pub rejected: Option<String>,
+    /// An id the record already carries (a DLQ replay knows the original record id).
+    pub known_id: Option<String>,
+}
+
+impl Incoming {
+    pub fn new(record: Record) -> Self {
+        Self {
+            record,
+            rejected: None,
+            known_id: None,
+        }
+    }
+}
+
+/// A source failure that stops the run (cannot open or read the input).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct SourceError {
+    pub what: String,
+    pub source: std::io::Error,
+}
+
+/// A stream of records, consumed in batches.
+#[async_trait]
+pub trait Source: Send {
+    /// Up to `max` records; `None` once the input is exhausted.
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError>;
+
+    /// Every record handed out so far has a durable fate; the source may advance past them.
+    async fn commit(&mut self) -> Result<(), SourceError>;
+}

@@ -1,0 +1,160 @@
+//! The embedded state store: done marks in a redb database under a local directory.
+//!
+//! One process owns the directory (redb locks the file), so every claim is granted; the
+//! fencing token is a counter raised once per opening, so outputs of later runs carry higher
+//! fences.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Claim, StateError, StateStore};
+
+/// id → expiry in ms since the epoch (0: never expires).
+const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
+/// Small counters (the fence).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Done marks in a local redb database.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    fence: u64,
+    done_ttl: Option<Duration>,
+    namespace: String,
+}
+
+fn err(context: &str) -> impl Fn(redb::Error) -> StateError + '_ {
+    move |e| StateError(format!("{context}: {e}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`. Marks are kept per `namespace` (the pipeline
+    /// name); `done_ttl` of `None` keeps them forever.
+    pub fn open(dir: &Path, namespace: &str, done_ttl: Option<Duration>) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StateError(format!("cannot create state directory {}: {e}", dir.display())))?;
+        let file = dir.join("weir.redb");
+        let db = Database::create(&file).map_err(|e| {
+            StateError(format!(
+                "cannot open {} ({e}); is another weir process using this state directory?",
+                file.display()
+            ))
+        })?;
+        let txn = db.begin_write().map_err(|e| err("begin")(e.into()))?;
+        let fence = {
+            let mut meta = txn.open_table(META).map_err(|e| err("open meta")(e.into()))?;
+            txn.open_table(DONE).map_err(|e| err("open done")(e.into()))?;
+            let fence = meta
+                .get("fence")
+                .map_err(|e| err("read fence")(e.into()))?
+                .map_or(0, |v| v.value())
+                + 1;
+            meta.insert("fence", fence).map_err(|e| err("write fence")(e.into()))?;
+            fence
+        };
+        txn.commit().map_err(|e| err("commit")(e.into()))?;
+        Ok(Self {
+            db: Arc::new(db),
+            fence,
+            done_ttl,
+            namespace: format!("{namespace}\u{1f}"),
+        })
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}{id}", self.namespace)
+    }
+}
+
+#[async_trait]
+impl StateStore for EmbeddedStore {
+    async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, StateError> {
+        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
+        let (db, fence) = (self.db.clone(), self.fence);
+        run_blocking(move || {
+            let txn = db.begin_read().map_err(|e| err("begin read")(e.into()))?;
+            let done = txn.open_table(DONE).map_err(|e| err("open done")(e.into()))?;
+            let now = now_ms();
+            keys.iter()
+                .map(|key| {
+                    let expiry = done.get(key.as_str()).map_err(|e| err("read done")(e.into()))?;
+                    Ok(match expiry.map(|v| v.value()) {
+                        Some(0) => Claim::Done,
+                        Some(expiry) if expiry > now => Claim::Done,
+                        _ => Claim::Leased { fence },
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        let keys: Vec<String> = done.iter().map(|(id, _)| self.key(id)).collect();
+        let expiry = self.done_ttl.map_or(0, |ttl| now_ms() + ttl.as_millis() as u64);
+        let db = self.db.clone();
+        run_blocking(move || {
+            let txn = db.begin_write().map_err(|e| err("begin write")(e.into()))?;
+            {
+                let mut table = txn.open_table(DONE).map_err(|e| err("open done")(e.into()))?;
+                for key in &keys {
+                    table.insert(key.as_str(), expiry).map_err(|e| err("mark done")(e.into()))?;
+                }
+            }
+            txn.commit().map_err(|e| err("commit")(e.into()))?;
+            Ok(vec![true; keys.len()])
+        })
+        .await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StateError> + Send + 'static,
+) -> Result<T, StateError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StateError(format!("state task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn done_marks_survive_reopening_and_fences_rise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = vec!["a".to_owned(), "b".to_owned()];
+        let first_fence = {
+            let store = EmbeddedStore::open(dir.path(), "p", None).expect("open");
+            let claims = store.claim(&ids).await.expect("claim");
+            let Claim::Leased { fence } = claims[0] else { panic!("{claims:?}") };
+            store.finish(&[("a".into(), fence)]).await.expect("finish");
+            fence
+        };
+        let store = EmbeddedStore::open(dir.path(), "p", None).expect("reopen");
+        let claims = store.claim(&ids).await.expect("claim");
+        assert_eq!(claims[0], Claim::Done);
+        let Claim::Leased { fence } = claims[1] else { panic!("{claims:?}") };
+        assert!(fence > first_fence);
+        // Another pipeline name does not see these marks.
+        drop(store);
+        let other = EmbeddedStore::open(dir.path(), "q", None).expect("open");
+        assert!(matches!(other.claim(&ids).await.expect("claim")[0], Claim::Leased { .. }));
+    }
+
+    #[tokio::test]
+    async fn expired_marks_do_not_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), "p", Some(Duration::from_millis(1))).expect("open");
+        store.finish(&[("a".into(), 1)]).await.expect("finish");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(store.claim(&["a".into()]).await.expect("claim")[0], Claim::Leased { .. }));
+    }
+}

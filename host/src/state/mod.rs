@@ -1,0 +1,38 @@
+//! Done marks and leases. [`StateStore`] is the seam: `embedded.rs` (a redb database in a
+//! local directory) is the default; a Redis store slots in for cluster mode.
+//!
+//! Each batch costs at most two calls: [`StateStore::claim`] before the plugin runs and
+//! [`StateStore::finish`] once the batch's fates are durable.
+
+mod embedded;
+
+pub use embedded::EmbeddedStore;
+
+use async_trait::async_trait;
+
+/// What [`StateStore::claim`] found for one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Already processed or dead-lettered: skip it (fate `deduplicated`).
+    Done,
+    /// Ours to process; `fence` is the fencing token to write with its outputs.
+    Leased { fence: u64 },
+    /// Another live worker holds the lease: park the record and ask again later.
+    HeldElsewhere,
+}
+
+/// A state store failure (the run stops rather than lose track of a record).
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StateError(pub String);
+
+/// Leases and done marks, keyed by record id.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// For each id: done already, leased to us now, or held by another worker.
+    async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, StateError>;
+
+    /// Marks ids done and releases their leases. Returns, per id, whether the lease with
+    /// that fence was still ours (a stale worker learns it lost the record).
+    async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError>;
+}
