@@ -18,3 +18,5 @@ pub const BATCH_EXPORT: &str = "weir:transform/batch-transform@0.1.0";
 pub const RECORD_EXPORT: &str = "weir:transform/record-transform@0.1.0";
 /// Import name of the host interface.
 pub const HOST_IMPORT: &str = "weir:transform/host@0.1.0";
+/// Import name of the shared types (an interface with no functions).
+pub const TYPES_IMPORT: &str = "weir:transform/types@0.1.0";

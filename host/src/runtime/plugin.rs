@@ -14,7 +14,7 @@ use wasmtime::component::{Component, ComponentExportIndex, Func, InstancePre, Re
 use wasmtime::{Store, Trap, WasmBacktrace};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::{BATCH_EXPORT, HOST_IMPORT, RECORD_EXPORT, WIT_VERSION};
+use super::bindings::{BATCH_EXPORT, HOST_IMPORT, RECORD_EXPORT, TYPES_IMPORT, WIT_VERSION};
 use super::stdio::TailBuffer;
 use super::{EPOCH_TICK, Output, Record, Runtime, StoreState, TransformError, limits::MemoryCap};
 use crate::config::LimitsConfig;
@@ -475,7 +475,7 @@ fn check_imports(runtime: &Runtime, component: &Component) -> Result<(), LoadErr
     let ty = component.component_type();
     let mut foreign = Vec::new();
     for (name, _) in ty.imports(&runtime.engine) {
-        if name.starts_with("wasi:") || name == HOST_IMPORT {
+        if name.starts_with("wasi:") || name == HOST_IMPORT || name == TYPES_IMPORT {
             continue;
         }
         if name.starts_with("weir:transform/") {
