@@ -2,8 +2,8 @@
 //!
 //! [`Plugin::transform`] gives every record exactly one [`Outcome`]. When a call traps, runs
 //! past its deadline or exceeds its memory cap, the instance is thrown away (a trapped
-//! instance is never re-entered) and the batch is split in halves on fresh instances until
-//! the culprits stand alone, so healthy neighbours still succeed.
+//! instance is never re-entered) and the batch is re-run one record at a time, so only the
+//! culprits fail and healthy neighbours still succeed.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -196,39 +196,42 @@ impl Plugin {
         Ok(outcomes)
     }
 
-    /// Batch world: one call for the batch; on a fault, split in halves on fresh instances.
+    /// Batch world: one call for the whole batch. When it faults (or returns the wrong
+    /// number of results), the instance is dropped and each record is run alone, so only the
+    /// culprits fail and a record that loops costs one more deadline, not one per halving.
     fn transform_isolating(&self, records: &[Record], out: &mut Vec<Outcome>) -> Result<(), LoadError> {
         if records.is_empty() {
             return Ok(());
         }
         let mut warm = self.check_out()?;
-        let result = warm.call::<(&[Record],), (BatchResults,)>(&self.limits, (records,));
-        let failure = match result {
+        match warm.call::<(&[Record],), (BatchResults,)>(&self.limits, (records,)) {
             Ok((results,)) if results.len() == records.len() => {
                 self.check_in(warm);
                 out.extend(results.into_iter().map(|r| self.judge(r)));
                 return Ok(());
             }
-            Ok((results,)) => {
+            Ok((results,)) if records.len() == 1 => {
                 self.check_in(warm);
-                Failure::new(
+                out.push(Outcome::Failed(Failure::new(
                     ErrorClass::BadOutput,
                     format!(
-                        "transform-batch returned {} results for {} records (it must return one per record)",
-                        results.len(),
-                        records.len()
+                        "transform-batch returned {} results for 1 record (it must return one per record)",
+                        results.len()
                     ),
-                )
+                )));
+                return Ok(());
             }
-            Err(failure) => failure, // `warm` is dropped: never re-enter a faulted instance
-        };
-        if let [_] = records {
-            out.push(Outcome::Failed(failure));
-            return Ok(());
+            Ok(_) => self.check_in(warm),
+            Err(failure) if records.len() == 1 => {
+                out.push(Outcome::Failed(failure));
+                return Ok(());
+            }
+            Err(_) => {} // `warm` is dropped: a faulted instance is never re-entered
         }
-        let (left, right) = records.split_at(records.len() / 2);
-        self.transform_isolating(left, out)?;
-        self.transform_isolating(right, out)
+        for record in records {
+            self.transform_isolating(std::slice::from_ref(record), out)?;
+        }
+        Ok(())
     }
 
     /// Per-record world: one call per record; a fault costs only that record's instance.
