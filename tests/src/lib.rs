@@ -1,0 +1,221 @@
+//! Harness for Weir's integration tests: runs the real `weir` binary (built in this package
+//! as `weir-under-test`, so it is always fresh) over files in a temporary directory, and
+//! reads back outputs, dead letters and the run summary.
+//!
+//! The plugins come from `scripts/build-plugins.sh` (`target/wasm32-wasip2/release/`).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// A plugin built by `scripts/build-plugins.sh`; fails the test with the fix if missing.
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WEIR_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip2/release"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "plugin {} is missing: run scripts/build-plugins.sh (or scripts/test.sh) first",
+        path.display()
+    );
+    path
+}
+
+/// What one `weir` process did.
+#[derive(Debug)]
+pub struct Finished {
+    pub output: Output,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    /// Asserts exit code 0, showing stderr otherwise.
+    pub fn success(self) -> Self {
+        assert!(self.output.status.success(), "weir failed ({}):\n{}", self.output.status, self.stderr());
+        self
+    }
+
+    /// Asserts a non-zero exit with a one-line error (no panic, no backtrace) containing all of `needles`.
+    pub fn fails_with(self, needles: &[&str]) -> Self {
+        let stderr = self.stderr();
+        assert!(!self.output.status.success(), "weir should have failed:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "weir panicked:\n{stderr}");
+        assert!(!stderr.contains("stack backtrace"), "weir printed a backtrace:\n{stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "stderr lacks `{needle}`:\n{stderr}");
+        }
+        self
+    }
+}
+
+/// A scratch directory and the `weir` binary.
+pub struct Weir {
+    bin: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Weir {
+    /// `bin` is `env!("CARGO_BIN_EXE_weir-under-test")` of the calling test.
+    pub fn new(bin: &str) -> Self {
+        Self {
+            bin: PathBuf::from(bin),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes lines to a file in the scratch directory.
+    pub fn write_lines<S: AsRef<str>>(&self, name: &str, lines: impl IntoIterator<Item = S>) -> PathBuf {
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(line.as_ref());
+            text.push('\n');
+        }
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write input");
+        path
+    }
+
+    pub fn command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `weir` with `args` to completion.
+    pub fn run<I, S>(&self, args: I) -> Finished
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let started = Instant::now();
+        let output = self.command(args).output().expect("spawn weir");
+        Finished {
+            output,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// `weir run` of `plugin` over `input` into `out.jsonl` / `out.dlq.jsonl` with state in
+    /// `state/` and the summary in `summary.json`, plus `extra` flags. Must succeed.
+    pub fn run_pipeline(&self, plugin: &Path, input: &Path, extra: &[&str]) -> Run {
+        let mut args: Vec<&OsStr> = vec![
+            "run".as_ref(),
+            "--plugin".as_ref(),
+            plugin.as_os_str(),
+            "--input".as_ref(),
+            input.as_os_str(),
+            "--output".as_ref(),
+            "out.jsonl".as_ref(),
+            "--state".as_ref(),
+            "state".as_ref(),
+            "--summary-json".as_ref(),
+            "summary.json".as_ref(),
+            "--quiet".as_ref(),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        let finished = self.run(args).success();
+        Run {
+            outputs: read_lines(&self.path("out.jsonl")),
+            dead_letters: read_json_lines(&self.path("out.dlq.jsonl")),
+            summary: read_json(&self.path("summary.json")),
+            finished,
+        }
+    }
+}
+
+/// The results of [`Weir::run_pipeline`] (outputs and dead letters accumulate across runs).
+#[derive(Debug)]
+pub struct Run {
+    pub outputs: Vec<String>,
+    pub dead_letters: Vec<Value>,
+    pub summary: Value,
+    pub finished: Finished,
+}
+
+impl Run {
+    /// `(record_id, class)` of every dead letter.
+    pub fn dead_classes(&self) -> Vec<(String, String)> {
+        self.dead_letters
+            .iter()
+            .map(|d| (error_field(d, "record_id"), error_field(d, "class")))
+            .collect()
+    }
+
+    pub fn count(&self, field: &str) -> u64 {
+        self.summary[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("summary lacks `{field}`: {}", self.summary))
+    }
+}
+
+/// A `weir.error.*` field of a DLQ line.
+pub fn error_field(dead_letter: &Value, name: &str) -> String {
+    dead_letter["error"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("dead letter lacks error.{name}: {dead_letter}"))
+        .to_owned()
+}
+
+/// Lines of a file; none when it does not exist.
+pub fn read_lines(path: &Path) -> Vec<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.lines().map(str::to_owned).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("cannot read {}: {e}", path.display()),
+    }
+}
+
+pub fn read_json_lines(path: &Path) -> Vec<Value> {
+    read_lines(path)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {l}", path.display())))
+        .collect()
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not JSON ({e})", path.display()))
+}
+
+/// RFC 8785 canonical JSON text of a value.
+pub fn canonical(value: &Value) -> String {
+    serde_json_canonicalizer::to_string(value).expect("canonicalize")
+}
+
+/// `{"id": "<id>", ...extra}` as one JSON line.
+pub fn event(id: &str, extra: Value) -> String {
+    let mut object = serde_json::Map::new();
+    object.insert("id".into(), Value::String(id.into()));
+    if let Value::Object(extra) = extra {
+        object.extend(extra);
+    }
+    Value::Object(object).to_string()
+}
