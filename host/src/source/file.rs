@@ -1,12 +1,17 @@
 //! JSON-lines input: one record per line, from a file, every `*.jsonl` file of a directory
 //! (in name order), or stdin (`-`). Blank lines are skipped but still counted, so a record's
 //! offset is always its 1-based line number.
+//!
+//! A batch is handed over when it is full, or — for a live stream such as stdin — when no
+//! further line arrives within a short linger, so records never wait for a batch to fill.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use super::{Incoming, Source, SourceError};
 use crate::config::LineFormat;
@@ -18,9 +23,12 @@ enum Input {
     File(PathBuf),
 }
 
+/// How long a partly filled batch waits for the next line of a live stream.
+const LINGER: Duration = Duration::from_millis(20);
+
 struct OpenInput {
     stream: String,
-    reader: Box<dyn AsyncBufRead + Unpin + Send>,
+    reader: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
     line: i64,
 }
 
@@ -66,7 +74,7 @@ impl FileSource {
         self.current = Some(match input {
             Input::Stdin => OpenInput {
                 stream: "-".into(),
-                reader: Box::new(BufReader::new(tokio::io::stdin())),
+                reader: BufReader::new(Box::new(tokio::io::stdin())),
                 line: 0,
             },
             Input::File(path) => {
@@ -79,7 +87,7 @@ impl FileSource {
                 let stream = std::fs::canonicalize(&path).unwrap_or(path).display().to_string();
                 OpenInput {
                     stream,
-                    reader: Box::new(BufReader::with_capacity(256 * 1024, file)),
+                    reader: BufReader::with_capacity(256 * 1024, Box::new(file)),
                     line: 0,
                 }
             }
@@ -134,16 +142,22 @@ impl Source for FileSource {
                 break;
             }
             let Some(input) = self.current.as_mut() else { break };
-            self.buf.clear();
-            let n = input
-                .reader
-                .read_until(b'\n', &mut self.buf)
-                .await
-                .map_err(|source| SourceError {
-                    what: format!("cannot read input {}", input.stream),
-                    source,
-                })?;
-            if n == 0 {
+            // `self.buf` keeps a partly read line across a linger timeout (read_until appends).
+            let wait = !batch.is_empty() && input.reader.buffer().is_empty();
+            let read = input.reader.read_until(b'\n', &mut self.buf);
+            let n = if wait {
+                match tokio::time::timeout(LINGER, read).await {
+                    Ok(n) => n,
+                    Err(_) => break, // nothing more right now: hand over what we have
+                }
+            } else {
+                read.await
+            };
+            let n = n.map_err(|source| SourceError {
+                what: format!("cannot read input {}", input.stream),
+                source,
+            })?;
+            if n == 0 && self.buf.is_empty() {
                 self.current = None;
                 continue;
             }
@@ -152,11 +166,11 @@ impl Source for FileSource {
             while let [rest @ .., b'\n' | b'\r'] = line {
                 line = rest;
             }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                let (stream, number) = (input.stream.clone(), input.line);
+                batch.push(self.to_incoming(&stream, number, line));
             }
-            let (stream, number) = (input.stream.clone(), input.line);
-            batch.push(self.to_incoming(&stream, number, line));
+            self.buf.clear();
         }
         Ok((!batch.is_empty()).then_some(batch))
     }
