@@ -25,7 +25,11 @@ use crate::source::{DlqFileSource, FileSource, Source};
 use crate::state::EmbeddedStore;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "Run sandboxed WebAssembly transforms over streams of records")]
+#[command(
+    name = "weir",
+    version,
+    about = "Run sandboxed WebAssembly transforms over streams of records"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -231,7 +235,9 @@ impl RunArgs {
         for (name, path) in key_values("--destination", &self.destinations)? {
             c.sink.destinations.insert(name, path.into());
         }
-        c.plugin.config.extend(key_values("--plugin-config", &self.plugin_config)?);
+        c.plugin
+            .config
+            .extend(key_values("--plugin-config", &self.plugin_config)?);
         if self.quiet {
             c.pipeline.progress_secs = 0;
         }
@@ -242,32 +248,59 @@ impl RunArgs {
 
 /// The file name without `.wasm`, made into a valid plugin name.
 fn default_plugin_name(path: &Path) -> String {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let name: String = stem
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(128)
         .collect();
-    if name.is_empty() { "plugin".into() } else { name }
+    if name.is_empty() {
+        "plugin".into()
+    } else {
+        name
+    }
 }
 
 fn default_dlq_path(output: &Path) -> PathBuf {
     if output == Path::new("-") {
         return PathBuf::from("weir.dlq.jsonl");
     }
-    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     output.with_file_name(format!("{stem}.dlq.jsonl"))
 }
 
-fn load_plugin(runtime: &Runtime, path: &Path, name: &str, config: Vec<(String, String)>) -> anyhow::Result<Plugin> {
-    Plugin::load_file(runtime, path, name, 1, config).with_context(|| format!("plugin {}", path.display()))
+fn load_plugin(
+    runtime: &Runtime,
+    path: &Path,
+    name: &str,
+    config: Vec<(String, String)>,
+) -> anyhow::Result<Plugin> {
+    Plugin::load_file(runtime, path, name, 1, config)
+        .with_context(|| format!("plugin {}", path.display()))
 }
 
 /// Serves metrics when an address is configured; returns the flag `/readyz` reads.
-async fn start_metrics_server(addr: Option<&str>, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<AtomicBool>> {
+async fn start_metrics_server(
+    addr: Option<&str>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<AtomicBool>> {
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = addr {
-        let addr: SocketAddr = addr.parse().with_context(|| format!("--metrics `{addr}`"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("--metrics `{addr}`"))?;
         let bound = api::serve(
             addr,
             AppState {
@@ -308,18 +341,35 @@ fn write_summary(summary: &Summary, path: Option<&Path>) -> anyhow::Result<()> {
     eprintln!("weir: done: {summary}");
     if let Some(path) = path {
         let json = serde_json::to_vec_pretty(summary)?;
-        std::fs::write(path, json).with_context(|| format!("cannot write summary {}", path.display()))?;
+        std::fs::write(path, json)
+            .with_context(|| format!("cannot write summary {}", path.display()))?;
     }
     Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (config, _quiet, summary_json) = args.into_config()?;
-    let plugin_path = config.plugin.path.clone().context("plugin.path is required")?;
-    let input = config.source.path.clone().context("source.path is required")?;
+    let plugin_path = config
+        .plugin
+        .path
+        .clone()
+        .context("plugin.path is required")?;
+    let input = config
+        .source
+        .path
+        .clone()
+        .context("source.path is required")?;
     let output = config.sink.path.clone().context("sink.path is required")?;
-    let name = config.plugin.name.clone().unwrap_or_else(|| default_plugin_name(&plugin_path));
-    let dlq_path = config.dlq.path.clone().unwrap_or_else(|| default_dlq_path(&output));
+    let name = config
+        .plugin
+        .name
+        .clone()
+        .unwrap_or_else(|| default_plugin_name(&plugin_path));
+    let dlq_path = config
+        .dlq
+        .path
+        .clone()
+        .unwrap_or_else(|| default_dlq_path(&output));
 
     let runtime = Runtime::new(&config.limits)?;
     let plugin_config = config.plugin.config.clone().into_iter().collect();
@@ -328,20 +378,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ready = start_metrics_server(config.metrics.addr.as_deref(), &metrics).await?;
 
     let pipeline_name = config.pipeline.name.clone().unwrap_or_else(|| name.clone());
-    let ttl = (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
+    let ttl =
+        (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
     let pipeline = Pipeline {
         plugin,
         source: Box::new(FileSource::open(&input, config.source.format)?),
-        sink: Box::new(FileSink::open(&output, &config.sink.destinations, config.sink.format)?),
+        sink: Box::new(FileSink::open(
+            &output,
+            &config.sink.destinations,
+            config.sink.format,
+        )?),
         dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
-        state: Arc::new(EmbeddedStore::open(&config.state.path, &pipeline_name, ttl)?),
+        state: Arc::new(EmbeddedStore::open(
+            &config.state.path,
+            &pipeline_name,
+            ttl,
+        )?),
         metrics: metrics.clone(),
         settings: Settings {
             batch_size: config.pipeline.batch_size,
-            id: config.pipeline.id.as_deref().map(IdSpec::parse).transpose().map_err(anyhow::Error::msg)?,
+            id: config
+                .pipeline
+                .id
+                .as_deref()
+                .map(IdSpec::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
             backoff: Backoff::new(config.retry.clone()),
             bypass_done: false,
-            progress: (config.pipeline.progress_secs > 0).then(|| Duration::from_secs(config.pipeline.progress_secs)),
+            progress: (config.pipeline.progress_secs > 0)
+                .then(|| Duration::from_secs(config.pipeline.progress_secs)),
         },
     };
     ready.store(true, Ordering::Relaxed);
@@ -349,7 +415,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ready.store(false, Ordering::Relaxed);
     write_summary(&summary, summary_json.as_deref())?;
     if summary.dead_lettered > 0 {
-        eprintln!("weir: dead letters are in {} (see `weir dlq list --dlq {}`)", dlq_path.display(), dlq_path.display());
+        eprintln!(
+            "weir: dead letters are in {} (see `weir dlq list --dlq {}`)",
+            dlq_path.display(),
+            dlq_path.display()
+        );
     }
     if summary.deduplicated > 0 && summary.deduplicated == summary.records_in {
         eprintln!(
@@ -361,15 +431,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn dlq_list(path: &Path, show: usize) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read DLQ {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read DLQ {}", path.display()))?;
     let mut by_class: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut unreadable = 0;
     let mut total = 0;
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         total += 1;
         let Ok(letter) = serde_json::from_str::<DeadLetterLine>(line) else {
             unreadable += 1;
-            eprintln!("weir: {} line {} is not a DLQ record", path.display(), n + 1);
+            eprintln!(
+                "weir: {} line {} is not a DLQ record",
+                path.display(),
+                n + 1
+            );
             continue;
         };
         let get = |k: &str| letter.error.get(k).map(String::as_str).unwrap_or("?");
@@ -387,7 +466,10 @@ fn dlq_list(path: &Path, show: usize) -> anyhow::Result<()> {
             get("message").chars().take(200).collect::<String>(),
             value
         );
-        by_class.entry(get("class").to_owned()).or_default().push(entry);
+        by_class
+            .entry(get("class").to_owned())
+            .or_default()
+            .push(entry);
     }
     println!("{total} dead letters in {}", path.display());
     for (class, entries) in &by_class {
@@ -404,7 +486,11 @@ fn dlq_list(path: &Path, show: usize) -> anyhow::Result<()> {
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let new_dlq = args.new_dlq.clone().unwrap_or_else(|| {
-        let stem = args.dlq.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = args
+            .dlq
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         args.dlq.with_file_name(format!("{stem}.replay.jsonl"))
     });
     if new_dlq == args.dlq {
@@ -413,7 +499,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let config = Config::default();
     let runtime = Runtime::new(&config.limits)?;
     let name = default_plugin_name(&args.plugin);
-    let plugin = Arc::new(load_plugin(&runtime, &args.plugin, &name, key_values("--plugin-config", &args.plugin_config)?)?);
+    let plugin = Arc::new(load_plugin(
+        &runtime,
+        &args.plugin,
+        &name,
+        key_values("--plugin-config", &args.plugin_config)?,
+    )?);
     let source = DlqFileSource::open(&args.dlq, args.max_replays)?;
     let refused = source.refused();
     let metrics = Arc::new(Metrics::new());
@@ -422,7 +513,11 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let pipeline = Pipeline {
         plugin,
         source: Box::new(source) as Box<dyn Source>,
-        sink: Box::new(FileSink::open(&args.output, &BTreeMap::new(), LineFormat::Value)?),
+        sink: Box::new(FileSink::open(
+            &args.output,
+            &BTreeMap::new(),
+            LineFormat::Value,
+        )?),
         dlq: Box::new(FileDeadLetters::open(&new_dlq)?),
         state: Arc::new(EmbeddedStore::open(&state_dir, &name, None)?),
         metrics: metrics.clone(),
@@ -436,7 +531,11 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     };
     let summary = pipeline.run(std::future::pending()).await?;
     metrics.dlq_replayed.inc_by(summary.records_in);
-    let refused: Vec<_> = std::mem::take(&mut *refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let refused: Vec<_> = std::mem::take(
+        &mut *refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     let refused_count = refused.len();
     dlq.send(refused).await?;
     dlq.flush().await?;

@@ -298,7 +298,10 @@ impl Config {
             return Err(invalid("limits.max_instances", "must be at least 1"));
         }
         if l.max_calls_per_instance == 0 {
-            return Err(invalid("limits.max_calls_per_instance", "must be at least 1"));
+            return Err(invalid(
+                "limits.max_calls_per_instance",
+                "must be at least 1",
+            ));
         }
         if let Some(addr) = &self.metrics.addr {
             addr.parse::<std::net::SocketAddr>().map_err(|e| {
@@ -348,7 +351,10 @@ mod tests {
     #[test]
     fn unknown_field_is_named() {
         let err = toml::from_str::<Config>("[limits]\ndeadline = 5\n").unwrap_err();
-        assert!(err.to_string().contains("unknown field `deadline`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `deadline`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -372,6 +378,9 @@ mod tests {
         let mut c = minimal();
         c.plugin.path = None;
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("plugin.path") && err.contains("--plugin"), "{err}");
+        assert!(
+            err.contains("plugin.path") && err.contains("--plugin"),
+            "{err}"
+        );
     }
 }

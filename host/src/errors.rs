@@ -51,7 +51,10 @@ impl ErrorClass {
 
     /// Faults of the plugin itself (as opposed to verdicts it returned).
     pub fn is_plugin_fault(self) -> bool {
-        matches!(self, Self::Trap | Self::Timeout | Self::Oom | Self::BadOutput)
+        matches!(
+            self,
+            Self::Trap | Self::Timeout | Self::Oom | Self::BadOutput
+        )
     }
 }
 

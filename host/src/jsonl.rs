@@ -66,7 +66,12 @@ pub struct RecordParts {
 }
 
 impl RecordJson {
-    pub fn encode(key: Option<&[u8]>, value: &[u8], headers: &[(String, Vec<u8>)], timestamp: Option<i64>) -> Self {
+    pub fn encode(
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(String, Vec<u8>)],
+        timestamp: Option<i64>,
+    ) -> Self {
         let (key, key_base64) = match key.map(encode) {
             Some((k, b)) => (Some(k), b),
             None => (None, false),
@@ -137,6 +142,9 @@ mod tests {
     fn text_stays_text() {
         let json = RecordJson::encode(None, br#"{"id":"1"}"#, &[], None);
         let text = serde_json::to_string(&json).expect("serialize");
-        assert_eq!(text, r#"{"key":null,"value":"{\"id\":\"1\"}","headers":[],"timestamp":null}"#);
+        assert_eq!(
+            text,
+            r#"{"key":null,"value":"{\"id\":\"1\"}","headers":[],"timestamp":null}"#
+        );
     }
 }

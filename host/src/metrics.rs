@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use serde::Serialize;
 
@@ -34,12 +35,22 @@ impl Metrics {
         let registry = Registry::new();
         fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
             let c = IntCounter::new(name, help).expect("static metric definition");
-            registry.register(Box::new(c.clone())).expect("unique metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
             c
         }
-        fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-            registry.register(Box::new(c.clone())).expect("unique metric name");
+        fn counter_vec(
+            registry: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
             c
         }
         let plugin_invocation_duration = Histogram::with_opts(
@@ -54,7 +65,10 @@ impl Metrics {
             .register(Box::new(plugin_invocation_duration.clone()))
             .expect("unique metric name");
         let plugin_active_info = IntGaugeVec::new(
-            Opts::new("weir_plugin_active_info", "The plugin version this worker runs (value 1)"),
+            Opts::new(
+                "weir_plugin_active_info",
+                "The plugin version this worker runs (value 1)",
+            ),
             &["plugin", "version", "digest"],
         )
         .expect("static metric definition");
@@ -62,8 +76,16 @@ impl Metrics {
             .register(Box::new(plugin_active_info.clone()))
             .expect("unique metric name");
         let metrics = Self {
-            records_in: counter(&registry, "weir_records_in_total", "Records consumed from the source"),
-            records_out: counter(&registry, "weir_records_out_total", "Output records written to the sink"),
+            records_in: counter(
+                &registry,
+                "weir_records_in_total",
+                "Records consumed from the source",
+            ),
+            records_out: counter(
+                &registry,
+                "weir_records_out_total",
+                "Output records written to the sink",
+            ),
             records_processed: counter(
                 &registry,
                 "weir_records_processed_total",
@@ -80,7 +102,11 @@ impl Metrics {
                 "Records written to the dead-letter queue, by error class (fate: dead_lettered)",
                 &["class"],
             ),
-            retries: counter(&registry, "weir_retries_total", "Retry attempts of records the plugin called retryable"),
+            retries: counter(
+                &registry,
+                "weir_retries_total",
+                "Retry attempts of records the plugin called retryable",
+            ),
             plugin_invocation_duration,
             plugin_traps: counter_vec(
                 &registry,
@@ -89,12 +115,18 @@ impl Metrics {
                 &["class"],
             ),
             plugin_active_info,
-            dlq_replayed: counter(&registry, "weir_dlq_replayed_total", "Dead-lettered records fed again by a replay"),
+            dlq_replayed: counter(
+                &registry,
+                "weir_dlq_replayed_total",
+                "Dead-lettered records fed again by a replay",
+            ),
             registry,
         };
         // Show every class from the start, so rates work before the first failure.
         for class in ErrorClass::ALL {
-            metrics.records_dead_lettered.with_label_values(&[class.as_str()]);
+            metrics
+                .records_dead_lettered
+                .with_label_values(&[class.as_str()]);
         }
         metrics
     }
@@ -103,7 +135,11 @@ impl Metrics {
     pub fn set_active_plugin(&self, meta: &PluginMeta) {
         self.plugin_active_info.reset();
         self.plugin_active_info
-            .with_label_values(&[meta.name.as_str(), &meta.version.to_string(), meta.digest.as_str()])
+            .with_label_values(&[
+                meta.name.as_str(),
+                &meta.version.to_string(),
+                meta.digest.as_str(),
+            ])
             .set(1);
     }
 
@@ -120,7 +156,10 @@ impl Metrics {
         let mut by_class = BTreeMap::new();
         let mut dead_lettered = 0;
         for class in ErrorClass::ALL {
-            let n = self.records_dead_lettered.with_label_values(&[class.as_str()]).get();
+            let n = self
+                .records_dead_lettered
+                .with_label_values(&[class.as_str()])
+                .get();
             if n > 0 {
                 by_class.insert(class.as_str().to_owned(), n);
             }
@@ -137,7 +176,11 @@ impl Metrics {
             dead_lettered,
             dead_lettered_by_class: by_class,
             elapsed_ms: elapsed.as_millis() as u64,
-            records_per_sec: if secs > 0.0 { (records_in as f64 / secs).round() } else { 0.0 },
+            records_per_sec: if secs > 0.0 {
+                (records_in as f64 / secs).round()
+            } else {
+                0.0
+            },
         }
     }
 }
@@ -197,7 +240,9 @@ mod tests {
         let m = Metrics::new();
         m.records_in.inc_by(10);
         m.records_processed.inc_by(7);
-        m.records_dead_lettered.with_label_values(&["trap"]).inc_by(2);
+        m.records_dead_lettered
+            .with_label_values(&["trap"])
+            .inc_by(2);
         m.records_deduplicated.inc();
         let s = m.summary(Duration::from_secs(2));
         assert_eq!(s.records_in, 10);

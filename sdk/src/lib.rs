@@ -53,7 +53,11 @@ pub struct Config(Vec<(String, String)>);
 impl Config {
     /// The value of `key`, if given (the last one wins).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every pair, in the order given.
@@ -136,7 +140,10 @@ pub mod __private {
 
     use super::*;
 
-    pub fn init(pairs: Vec<(String, String)>, check: Option<fn(&Config) -> Result<(), String>>) -> Result<(), String> {
+    /// A user function that checks the configuration.
+    pub type Check = fn(&Config) -> Result<(), String>;
+
+    pub fn init(pairs: Vec<(String, String)>, check: Option<Check>) -> Result<(), String> {
         let config = CONFIG.get_or_init(|| Config(pairs));
         match check {
             Some(check) => check(config),
@@ -148,6 +155,9 @@ pub mod __private {
         records: Vec<Record>,
         f: fn(Record) -> Result<T, TransformError>,
     ) -> Vec<Result<Vec<Output>, TransformError>> {
-        records.into_iter().map(|r| f(r).map(IntoOutputs::into_outputs)).collect()
+        records
+            .into_iter()
+            .map(|r| f(r).map(IntoOutputs::into_outputs))
+            .collect()
     }
 }

@@ -51,18 +51,32 @@ impl Finished {
 
     /// Asserts exit code 0, showing stderr otherwise.
     pub fn success(self) -> Self {
-        assert!(self.output.status.success(), "weir failed ({}):\n{}", self.output.status, self.stderr());
+        assert!(
+            self.output.status.success(),
+            "weir failed ({}):\n{}",
+            self.output.status,
+            self.stderr()
+        );
         self
     }
 
     /// Asserts a non-zero exit with a one-line error (no panic, no backtrace) containing all of `needles`.
     pub fn fails_with(self, needles: &[&str]) -> Self {
         let stderr = self.stderr();
-        assert!(!self.output.status.success(), "weir should have failed:\n{stderr}");
+        assert!(
+            !self.output.status.success(),
+            "weir should have failed:\n{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "weir panicked:\n{stderr}");
-        assert!(!stderr.contains("stack backtrace"), "weir printed a backtrace:\n{stderr}");
+        assert!(
+            !stderr.contains("stack backtrace"),
+            "weir printed a backtrace:\n{stderr}"
+        );
         for needle in needles {
-            assert!(stderr.contains(needle), "stderr lacks `{needle}`:\n{stderr}");
+            assert!(
+                stderr.contains(needle),
+                "stderr lacks `{needle}`:\n{stderr}"
+            );
         }
         self
     }
@@ -88,7 +102,11 @@ impl Weir {
     }
 
     /// Writes lines to a file in the scratch directory.
-    pub fn write_lines<S: AsRef<str>>(&self, name: &str, lines: impl IntoIterator<Item = S>) -> PathBuf {
+    pub fn write_lines<S: AsRef<str>>(
+        &self,
+        name: &str,
+        lines: impl IntoIterator<Item = S>,
+    ) -> PathBuf {
         let mut text = String::new();
         for line in lines {
             text.push_str(line.as_ref());
@@ -105,7 +123,9 @@ impl Weir {
         S: AsRef<OsStr>,
     {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -196,12 +216,16 @@ pub fn read_lines(path: &Path) -> Vec<String> {
 pub fn read_json_lines(path: &Path) -> Vec<Value> {
     read_lines(path)
         .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {l}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {l}", path.display()))
+        })
         .collect()
 }
 
 pub fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not JSON ({e})", path.display()))
 }
 

@@ -6,14 +6,25 @@ const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 fn run_with_plugin(weir: &Weir, plugin: &str) -> weir_tests::Finished {
     weir.write_lines("in.jsonl", [r#"{"id":"a"}"#]);
-    weir.run(["run", "--plugin", plugin, "--input", "in.jsonl", "--output", "out.jsonl", "--state", "state"])
+    weir.run([
+        "run",
+        "--plugin",
+        plugin,
+        "--input",
+        "in.jsonl",
+        "--output",
+        "out.jsonl",
+        "--state",
+        "state",
+    ])
 }
 
 #[test]
 fn unknown_config_field_is_named() {
     let weir = Weir::new(WEIR);
     std::fs::write(weir.path("weir.toml"), "[limits]\ndeadline = 5\n").expect("write");
-    weir.run(["run", "--config", "weir.toml"]).fails_with(&["weir.toml", "unknown field `deadline`"]);
+    weir.run(["run", "--config", "weir.toml"])
+        .fails_with(&["weir.toml", "unknown field `deadline`"]);
 }
 
 #[test]
@@ -28,31 +39,58 @@ fn invalid_config_value_names_the_field() {
         ),
     )
     .expect("write");
-    weir.run(["run", "--config", "weir.toml"]).fails_with(&["pipeline.batch_size", "between 1 and 65536"]);
-    weir.run(["run", "--config", "weir.toml", "--batch-size", "10", "--id", "id"])
-        .fails_with(&["pipeline.id", "JSON pointer"]);
-    weir.run(["run", "--config", "weir.toml", "--batch-size", "10", "--plugin-config", "novalue"])
-        .fails_with(&["--plugin-config", "KEY=VALUE"]);
+    weir.run(["run", "--config", "weir.toml"])
+        .fails_with(&["pipeline.batch_size", "between 1 and 65536"]);
+    weir.run([
+        "run",
+        "--config",
+        "weir.toml",
+        "--batch-size",
+        "10",
+        "--id",
+        "id",
+    ])
+    .fails_with(&["pipeline.id", "JSON pointer"]);
+    weir.run([
+        "run",
+        "--config",
+        "weir.toml",
+        "--batch-size",
+        "10",
+        "--plugin-config",
+        "novalue",
+    ])
+    .fails_with(&["--plugin-config", "KEY=VALUE"]);
 }
 
 #[test]
 fn missing_required_settings_are_named() {
     let weir = Weir::new(WEIR);
-    weir.run(["run", "--input", "in.jsonl", "--output", "out.jsonl"]).fails_with(&["plugin.path", "--plugin"]);
+    weir.run(["run", "--input", "in.jsonl", "--output", "out.jsonl"])
+        .fails_with(&["plugin.path", "--plugin"]);
 }
 
 #[test]
 fn missing_plugin_names_the_path() {
     let weir = Weir::new(WEIR);
-    run_with_plugin(&weir, "no/such/plugin.wasm").fails_with(&["no/such/plugin.wasm", "No such file"]);
+    run_with_plugin(&weir, "no/such/plugin.wasm")
+        .fails_with(&["no/such/plugin.wasm", "No such file"]);
 }
 
 #[test]
 fn missing_input_names_the_path() {
     let weir = Weir::new(WEIR);
     let enrich = plugin("enrich");
-    weir.run(["run", "--plugin", enrich.to_str().expect("utf-8"), "--input", "nope.jsonl", "--output", "o.jsonl"])
-        .fails_with(&["nope.jsonl"]);
+    weir.run([
+        "run",
+        "--plugin",
+        enrich.to_str().expect("utf-8"),
+        "--input",
+        "nope.jsonl",
+        "--output",
+        "o.jsonl",
+    ])
+    .fails_with(&["nope.jsonl"]);
 }
 
 #[test]
@@ -65,16 +103,29 @@ fn a_file_that_is_not_wasm_is_refused() {
 #[test]
 fn a_core_module_is_refused_with_the_fix() {
     let weir = Weir::new(WEIR);
-    std::fs::write(weir.path("core.wasm"), wat::parse_str("(module (func (export \"f\")))").expect("wat")).expect("write");
-    run_with_plugin(&weir, "core.wasm").fails_with(&["core.wasm", "core WebAssembly module, not a component", "wasm32-wasip2"]);
+    std::fs::write(
+        weir.path("core.wasm"),
+        wat::parse_str("(module (func (export \"f\")))").expect("wat"),
+    )
+    .expect("write");
+    run_with_plugin(&weir, "core.wasm").fails_with(&[
+        "core.wasm",
+        "core WebAssembly module, not a component",
+        "wasm32-wasip2",
+    ]);
 }
 
 #[test]
 fn a_component_of_neither_world_is_refused() {
     let weir = Weir::new(WEIR);
-    let component = wat::parse_str("(component (core module $m) (core instance (instantiate $m)))").expect("wat");
+    let component = wat::parse_str("(component (core module $m) (core instance (instantiate $m)))")
+        .expect("wat");
     std::fs::write(weir.path("empty.wasm"), component).expect("write");
-    run_with_plugin(&weir, "empty.wasm").fails_with(&["empty.wasm", "exports nothing named `transform-batch`", "`transform`"]);
+    run_with_plugin(&weir, "empty.wasm").fails_with(&[
+        "empty.wasm",
+        "exports nothing named `transform-batch`",
+        "`transform`",
+    ]);
 }
 
 #[test]
@@ -99,5 +150,6 @@ fn a_component_of_another_contract_version_is_refused() {
 fn init_refusing_the_config_is_reported() {
     let weir = Weir::new(WEIR);
     let filter = plugin("filter");
-    run_with_plugin(&weir, filter.to_str().expect("utf-8")).fails_with(&["init refused the configuration", "`field` is required"]);
+    run_with_plugin(&weir, filter.to_str().expect("utf-8"))
+        .fails_with(&["init refused the configuration", "`field` is required"]);
 }

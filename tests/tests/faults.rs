@@ -16,16 +16,28 @@ fn one_percent_traps_dead_letter_exactly_the_culprits() {
     culprits.extend((1..=17).map(|k| 100 + k * 109));
     assert_eq!(culprits.len(), 20);
     let lines = (0..2000).map(|i| {
-        let fault = if culprits.contains(&i) { json!({"fault": "trap"}) } else { json!({}) };
+        let fault = if culprits.contains(&i) {
+            json!({"fault": "trap"})
+        } else {
+            json!({})
+        };
         event(&format!("e{i}"), fault)
     });
     let input = weir.write_lines("in.jsonl", lines);
-    let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id", "--batch-size", "64"]);
+    let run = weir.run_pipeline(
+        &plugin("faulty"),
+        &input,
+        &["--id", "/id", "--batch-size", "64"],
+    );
 
-    let dead: BTreeSet<String> = run.dead_classes().into_iter().map(|(id, class)| {
-        assert_eq!(class, "trap");
-        id
-    }).collect();
+    let dead: BTreeSet<String> = run
+        .dead_classes()
+        .into_iter()
+        .map(|(id, class)| {
+            assert_eq!(class, "trap");
+            id
+        })
+        .collect();
     let want: BTreeSet<String> = culprits.iter().map(|i| format!("e{i}")).collect();
     assert_eq!(dead, want);
     assert_eq!(run.outputs.len(), 1980);
@@ -37,7 +49,10 @@ fn one_percent_traps_dead_letter_exactly_the_culprits() {
     assert_eq!(run.finished.output.status.code(), Some(0));
     for d in &run.dead_letters {
         assert!(error_field(d, "message").contains("unreachable"), "{d}");
-        assert!(error_field(d, "backtrace").contains("wasm backtrace"), "{d}");
+        assert!(
+            error_field(d, "backtrace").contains("wasm backtrace"),
+            "{d}"
+        );
         assert_eq!(error_field(d, "plugin"), "faulty");
         assert!(error_field(d, "plugin_digest").starts_with("sha256:"));
     }
@@ -48,14 +63,26 @@ fn infinite_loop_times_out_within_the_bound_and_the_run_continues() {
     let weir = Weir::new(WEIR);
     let batch = 64;
     let deadline_ms = 500;
-    let lines = (0..200).map(|i| event(&format!("e{i}"), if i == 70 { json!({"fault": "loop"}) } else { json!({}) }));
+    let lines = (0..200).map(|i| {
+        event(
+            &format!("e{i}"),
+            if i == 70 {
+                json!({"fault": "loop"})
+            } else {
+                json!({})
+            },
+        )
+    });
     let input = weir.write_lines("in.jsonl", lines);
     let run = weir.run_pipeline(
         &plugin("faulty"),
         &input,
         &["--id", "/id", "--batch-size", "64", "--deadline-ms", "500"],
     );
-    assert_eq!(run.dead_classes(), vec![("e70".to_owned(), "timeout".to_owned())]);
+    assert_eq!(
+        run.dead_classes(),
+        vec![("e70".to_owned(), "timeout".to_owned())]
+    );
     assert_eq!(run.outputs.len(), 199);
     // The whole run (start-up and 200 records included) stays inside the bound the issue
     // sets for isolating one looping record: (ceil(log2 batch) + 2) x deadline + 1 s.
@@ -70,12 +97,22 @@ fn panic_is_a_trap_with_the_panic_message() {
     let weir = Weir::new(WEIR);
     let input = weir.write_lines(
         "in.jsonl",
-        [event("ok1", json!({})), event("boom", json!({"fault": "panic"})), event("ok2", json!({}))],
+        [
+            event("ok1", json!({})),
+            event("boom", json!({"fault": "panic"})),
+            event("ok2", json!({})),
+        ],
     );
     let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id"]);
-    assert_eq!(run.dead_classes(), vec![("boom".to_owned(), "trap".to_owned())]);
+    assert_eq!(
+        run.dead_classes(),
+        vec![("boom".to_owned(), "trap".to_owned())]
+    );
     let message = error_field(&run.dead_letters[0], "message");
-    assert!(message.contains("faulty plugin panicked on record boom"), "{message}");
+    assert!(
+        message.contains("faulty plugin panicked on record boom"),
+        "{message}"
+    );
     assert_eq!(run.outputs.len(), 2);
 }
 
@@ -93,7 +130,10 @@ fn output_the_host_cannot_accept_is_bad_output() {
     let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id"]);
     assert_eq!(
         run.dead_classes(),
-        vec![("dest".to_owned(), "bad_output".to_owned()), ("big".to_owned(), "bad_output".to_owned())]
+        vec![
+            ("dest".to_owned(), "bad_output".to_owned()),
+            ("big".to_owned(), "bad_output".to_owned())
+        ]
     );
     assert!(error_field(&run.dead_letters[0], "message").contains("nowhere"));
     assert!(error_field(&run.dead_letters[1], "message").contains("limit"));
@@ -103,11 +143,24 @@ fn output_the_host_cannot_accept_is_bad_output() {
 #[test]
 fn retryable_then_ok_is_output_after_k_retries() {
     let weir = Weir::new(WEIR);
-    let input = weir.write_lines("in.jsonl", [event("flaky", json!({"fault": "retry"})), event("fine", json!({}))]);
+    let input = weir.write_lines(
+        "in.jsonl",
+        [
+            event("flaky", json!({"fault": "retry"})),
+            event("fine", json!({})),
+        ],
+    );
     let run = weir.run_pipeline(
         &plugin("faulty"),
         &input,
-        &["--id", "/id", "--plugin-config", "retry_attempts=3", "--max-attempts", "5"],
+        &[
+            "--id",
+            "/id",
+            "--plugin-config",
+            "retry_attempts=3",
+            "--max-attempts",
+            "5",
+        ],
     );
     assert!(run.dead_letters.is_empty(), "{:?}", run.dead_letters);
     assert_eq!(run.outputs.len(), 2);
@@ -118,9 +171,19 @@ fn retryable_then_ok_is_output_after_k_retries() {
 #[test]
 fn retryable_forever_is_retries_exhausted_after_the_bound() {
     let weir = Weir::new(WEIR);
-    let input = weir.write_lines("in.jsonl", [event("never", json!({"fault": "retry_forever"}))]);
-    let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id", "--max-attempts", "3"]);
-    assert_eq!(run.dead_classes(), vec![("never".to_owned(), "retries_exhausted".to_owned())]);
+    let input = weir.write_lines(
+        "in.jsonl",
+        [event("never", json!({"fault": "retry_forever"}))],
+    );
+    let run = weir.run_pipeline(
+        &plugin("faulty"),
+        &input,
+        &["--id", "/id", "--max-attempts", "3"],
+    );
+    assert_eq!(
+        run.dead_classes(),
+        vec![("never".to_owned(), "retries_exhausted".to_owned())]
+    );
     let d = &run.dead_letters[0];
     assert_eq!(error_field(d, "attempts"), "3");
     let (first, last): (i64, i64) = (
@@ -136,7 +199,10 @@ fn invalid_goes_straight_to_the_dlq_without_retries() {
     let weir = Weir::new(WEIR);
     let input = weir.write_lines("in.jsonl", [event("bad", json!({"fault": "invalid"}))]);
     let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id"]);
-    assert_eq!(run.dead_classes(), vec![("bad".to_owned(), "invalid".to_owned())]);
+    assert_eq!(
+        run.dead_classes(),
+        vec![("bad".to_owned(), "invalid".to_owned())]
+    );
     assert_eq!(run.count("retried"), 0);
     assert_eq!(error_field(&run.dead_letters[0], "attempts"), "1");
 }

@@ -25,24 +25,41 @@ fn running_the_same_input_twice_outputs_nothing_new() {
 
     let second = weir.run_pipeline(&plugin("enrich"), &input, &["--id", "/id"]);
     assert_eq!(second.outputs.len(), 300, "the second run wrote outputs");
-    assert_eq!(second.dead_letters.len(), 1, "the second run wrote dead letters");
+    assert_eq!(
+        second.dead_letters.len(),
+        1,
+        "the second run wrote dead letters"
+    );
     assert_eq!(second.count("records_in"), 302);
     assert_eq!(second.count("deduplicated"), 302);
     assert_eq!(second.count("processed"), 0);
-    assert!(second.finished.stderr().contains("already done"), "{}", second.finished.stderr());
+    assert!(
+        second.finished.stderr().contains("already done"),
+        "{}",
+        second.finished.stderr()
+    );
 }
 
 #[test]
 fn outputs_carry_record_id_version_and_fence() {
     let weir = Weir::new(WEIR);
     let input = weir.write_lines("in.jsonl", [event("a", json!({}))]);
-    let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id", "--output-format", "envelope"]);
+    let run = weir.run_pipeline(
+        &plugin("faulty"),
+        &input,
+        &["--id", "/id", "--output-format", "envelope"],
+    );
     let out: serde_json::Value = serde_json::from_str(&run.outputs[0]).expect("envelope");
     let headers: Vec<(String, String)> = out["headers"]
         .as_array()
         .expect("headers")
         .iter()
-        .map(|h| (h["name"].as_str().expect("name").into(), h["value"].as_str().expect("value").into()))
+        .map(|h| {
+            (
+                h["name"].as_str().expect("name").into(),
+                h["value"].as_str().expect("value").into(),
+            )
+        })
         .collect();
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     assert_eq!(get("weir.record-id").as_deref(), Some("a"));
@@ -53,7 +70,16 @@ fn outputs_carry_record_id_version_and_fence() {
 #[test]
 fn dlq_replay_with_a_fixed_plugin_outputs_and_the_cap_holds() {
     let weir = Weir::new(WEIR);
-    let lines = (0..20).map(|i| event(&format!("e{i}"), if i % 5 == 0 { json!({"fault": "invalid"}) } else { json!({}) }));
+    let lines = (0..20).map(|i| {
+        event(
+            &format!("e{i}"),
+            if i % 5 == 0 {
+                json!({"fault": "invalid"})
+            } else {
+                json!({})
+            },
+        )
+    });
     let input = weir.write_lines("in.jsonl", lines);
     let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id"]);
     assert_eq!(run.dead_letters.len(), 4);
@@ -61,8 +87,22 @@ fn dlq_replay_with_a_fixed_plugin_outputs_and_the_cap_holds() {
     let faulty = plugin("faulty");
     let replay = |dlq: &str, new_dlq: &str, output: &str, config: &str, max: &str| {
         weir.run([
-            "dlq", "replay", "--dlq", dlq, "--plugin", faulty.to_str().expect("utf-8"), "--output", output,
-            "--new-dlq", new_dlq, "--state", "state", "--plugin-config", config, "--max-replays", max,
+            "dlq",
+            "replay",
+            "--dlq",
+            dlq,
+            "--plugin",
+            faulty.to_str().expect("utf-8"),
+            "--output",
+            output,
+            "--new-dlq",
+            new_dlq,
+            "--state",
+            "state",
+            "--plugin-config",
+            config,
+            "--max-replays",
+            max,
         ])
         .success()
     };
@@ -72,15 +112,23 @@ fn dlq_replay_with_a_fixed_plugin_outputs_and_the_cap_holds() {
     assert_eq!(again.len(), 4);
     for d in &again {
         assert_eq!(error_field(d, "class"), "invalid");
-        let count = d["record"]["headers"].as_array().expect("headers").iter()
-            .find(|h| h["name"] == "weir.replay.count").map(|h| h["value"].clone());
+        let count = d["record"]["headers"]
+            .as_array()
+            .expect("headers")
+            .iter()
+            .find(|h| h["name"] == "weir.replay.count")
+            .map(|h| h["value"].clone());
         assert_eq!(count, Some(json!("1")), "{d}");
     }
     assert!(read_lines(&weir.path("r1.jsonl")).is_empty());
 
     // Fixed, but at the cap of 1 replay: refused, carried over unchanged, nothing output.
     let capped = replay("again.jsonl", "capped.jsonl", "r2.jsonl", "faults=off", "1");
-    assert!(capped.stderr().contains("4 were at the replay cap"), "{}", capped.stderr());
+    assert!(
+        capped.stderr().contains("4 were at the replay cap"),
+        "{}",
+        capped.stderr()
+    );
     assert!(read_lines(&weir.path("r2.jsonl")).is_empty());
     assert_eq!(read_json_lines(&weir.path("capped.jsonl")).len(), 4);
 
@@ -97,10 +145,17 @@ fn dlq_list_counts_by_class() {
     let weir = Weir::new(WEIR);
     let input = weir.write_lines(
         "in.jsonl",
-        [event("a", json!({"fault": "invalid"})), event("b", json!({"fault": "trap"})), event("c", json!({"fault": "trap"}))],
+        [
+            event("a", json!({"fault": "invalid"})),
+            event("b", json!({"fault": "trap"})),
+            event("c", json!({"fault": "trap"})),
+        ],
     );
     weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id"]);
-    let listed = weir.run(["dlq", "list", "--dlq", "out.dlq.jsonl"]).success().stdout();
+    let listed = weir
+        .run(["dlq", "list", "--dlq", "out.dlq.jsonl"])
+        .success()
+        .stdout();
     assert!(listed.contains("3 dead letters"), "{listed}");
     assert!(listed.contains("invalid: 1"), "{listed}");
     assert!(listed.contains("trap: 2"), "{listed}");
@@ -109,13 +164,21 @@ fn dlq_list_counts_by_class() {
 
 /// A free loopback port (bound and released; fine for a test).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
     response
@@ -127,9 +190,22 @@ fn metrics_after_a_run_equal_the_summary() {
     let port = free_port();
     let mut child = weir
         .command([
-            "run", "--plugin", plugin("faulty").to_str().expect("utf-8"), "--input", "-", "--output", "out.jsonl",
-            "--state", "state", "--id", "/id", "--summary-json", "summary.json", "--quiet",
-            "--metrics", &format!("127.0.0.1:{port}"),
+            "run",
+            "--plugin",
+            plugin("faulty").to_str().expect("utf-8"),
+            "--input",
+            "-",
+            "--output",
+            "out.jsonl",
+            "--state",
+            "state",
+            "--id",
+            "/id",
+            "--summary-json",
+            "summary.json",
+            "--quiet",
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
         ])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
@@ -151,19 +227,35 @@ fn metrics_after_a_run_equal_the_summary() {
     let started = Instant::now();
     let scrape = loop {
         let response = if started.elapsed() < Duration::from_secs(60) {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| http_get(port, "/metrics"))
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| http_get(port, "/metrics"))
         } else {
             panic!("weir did not finish 50 records in 60 s")
         };
-        if let Some(body) = response.as_ref().and_then(|r| r.split_once("\r\n\r\n")).map(|(_, b)| b.to_owned()) {
-            let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
+        if let Some(body) = response
+            .as_ref()
+            .and_then(|r| r.split_once("\r\n\r\n"))
+            .map(|(_, b)| b.to_owned())
+        {
+            let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+                .expect("Prometheus text");
             let value = |name: &str| -> f64 {
-                parsed.samples.iter().filter(|s| s.metric == name).map(|s| match s.value {
-                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Gauge(v) => v,
-                    _ => 0.0,
-                }).sum()
+                parsed
+                    .samples
+                    .iter()
+                    .filter(|s| s.metric == name)
+                    .map(|s| match s.value {
+                        prometheus_parse::Value::Counter(v)
+                        | prometheus_parse::Value::Untyped(v)
+                        | prometheus_parse::Value::Gauge(v) => v,
+                        _ => 0.0,
+                    })
+                    .sum()
             };
-            let fated = value("weir_records_processed_total") + value("weir_records_dead_lettered_total") + value("weir_records_deduplicated_total");
+            let fated = value("weir_records_processed_total")
+                + value("weir_records_dead_lettered_total")
+                + value("weir_records_deduplicated_total");
             if value("weir_records_in_total") == 50.0 && fated == 50.0 {
                 break parsed;
             }
@@ -178,26 +270,66 @@ fn metrics_after_a_run_equal_the_summary() {
 
     let summary = read_json(&weir.path("summary.json"));
     let metric = |name: &str, label: Option<(&str, &str)>| -> u64 {
-        scrape.samples.iter().filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
-            .map(|s| match s.value { prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v as u64, _ => 0 })
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => {
+                    v as u64
+                }
+                _ => 0,
+            })
             .sum()
     };
-    assert_eq!(metric("weir_records_in_total", None), summary["records_in"].as_u64().expect("n"));
-    assert_eq!(metric("weir_records_processed_total", None), summary["processed"].as_u64().expect("n"));
-    assert_eq!(metric("weir_records_out_total", None), summary["records_out"].as_u64().expect("n"));
-    assert_eq!(metric("weir_records_deduplicated_total", None), summary["deduplicated"].as_u64().expect("n"));
-    assert_eq!(metric("weir_retries_total", None), summary["retried"].as_u64().expect("n"));
-    assert_eq!(metric("weir_records_dead_lettered_total", None), summary["dead_lettered"].as_u64().expect("n"));
+    assert_eq!(
+        metric("weir_records_in_total", None),
+        summary["records_in"].as_u64().expect("n")
+    );
+    assert_eq!(
+        metric("weir_records_processed_total", None),
+        summary["processed"].as_u64().expect("n")
+    );
+    assert_eq!(
+        metric("weir_records_out_total", None),
+        summary["records_out"].as_u64().expect("n")
+    );
+    assert_eq!(
+        metric("weir_records_deduplicated_total", None),
+        summary["deduplicated"].as_u64().expect("n")
+    );
+    assert_eq!(
+        metric("weir_retries_total", None),
+        summary["retried"].as_u64().expect("n")
+    );
+    assert_eq!(
+        metric("weir_records_dead_lettered_total", None),
+        summary["dead_lettered"].as_u64().expect("n")
+    );
     for class in ["trap", "invalid"] {
         assert_eq!(
             metric("weir_records_dead_lettered_total", Some(("class", class))),
-            summary["dead_lettered_by_class"][class].as_u64().expect("n"),
+            summary["dead_lettered_by_class"][class]
+                .as_u64()
+                .expect("n"),
             "class {class}"
         );
     }
-    assert_eq!(metric("weir_plugin_traps_total", Some(("class", "trap"))), 5);
+    assert_eq!(
+        metric("weir_plugin_traps_total", Some(("class", "trap"))),
+        5
+    );
     assert_eq!(summary["records_in"], 50);
     assert_eq!(summary["deduplicated"], 5);
-    assert!(scrape.samples.iter().any(|s| s.metric == "weir_plugin_active_info" && s.labels.get("plugin") == Some("faulty")));
-    assert!(scrape.samples.iter().any(|s| s.metric.starts_with("weir_plugin_invocation_duration_seconds")));
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "weir_plugin_active_info"
+                && s.labels.get("plugin") == Some("faulty"))
+    );
+    assert!(scrape.samples.iter().any(|s| {
+        s.metric
+            .starts_with("weir_plugin_invocation_duration_seconds")
+    }));
 }

@@ -12,7 +12,10 @@ fn children_peak_rss_mib() -> u64 {
     // SAFETY: getrusage writes a rusage struct into the pointer we pass.
     #[allow(unsafe_code)]
     let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()), 0);
+        assert_eq!(
+            libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()),
+            0
+        );
         usage.assume_init()
     };
     (usage.ru_maxrss as u64) / 1024 // kilobytes on Linux
@@ -22,16 +25,37 @@ fn children_peak_rss_mib() -> u64 {
 fn memory_bomb_is_oom_and_host_memory_stays_bounded() {
     let weir = Weir::new(WEIR);
     // Five bombs, each would take the whole 4 GiB wasm32 address space without the cap.
-    let lines = (0..100).map(|i| event(&format!("e{i}"), if i % 20 == 3 { json!({"fault": "memory"}) } else { json!({}) }));
+    let lines = (0..100).map(|i| {
+        event(
+            &format!("e{i}"),
+            if i % 20 == 3 {
+                json!({"fault": "memory"})
+            } else {
+                json!({})
+            },
+        )
+    });
     let input = weir.write_lines("in.jsonl", lines);
     let run = weir.run_pipeline(
         &plugin("faulty"),
         &input,
-        &["--id", "/id", "--memory-mb", "64", "--deadline-ms", "5000", "--batch-size", "10"],
+        &[
+            "--id",
+            "/id",
+            "--memory-mb",
+            "64",
+            "--deadline-ms",
+            "5000",
+            "--batch-size",
+            "10",
+        ],
     );
     let classes = run.dead_classes();
     assert_eq!(classes.len(), 5, "{classes:?}");
-    assert!(classes.iter().all(|(_, class)| class == "oom"), "{classes:?}");
+    assert!(
+        classes.iter().all(|(_, class)| class == "oom"),
+        "{classes:?}"
+    );
     assert_eq!(run.outputs.len(), 95);
     let peak = children_peak_rss_mib();
     println!("peak RSS of the weir process: {peak} MiB (memory cap 64 MiB per instance)");

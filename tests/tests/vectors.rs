@@ -9,10 +9,20 @@ fn check_vectors(plugin_file: &std::path::Path) {
     let dir = repo_root().join("tests/vectors/enrich");
     let expected: Vec<serde_json::Value> = read_lines(&dir.join("expected.jsonl"))
         .iter()
-        .map(|l| if l.is_empty() { serde_json::Value::Null } else { serde_json::from_str(l).expect("expected line") })
+        .map(|l| {
+            if l.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(l).expect("expected line")
+            }
+        })
         .collect();
     let weir = Weir::new(WEIR);
-    let run = weir.run_pipeline(plugin_file, &dir.join("input.jsonl"), &["--batch-size", "7"]);
+    let run = weir.run_pipeline(
+        plugin_file,
+        &dir.join("input.jsonl"),
+        &["--batch-size", "7"],
+    );
 
     let mut outputs = run.outputs.iter();
     let mut dead = run.dead_letters.iter();
@@ -20,17 +30,38 @@ fn check_vectors(plugin_file: &std::path::Path) {
     for (i, want) in expected.iter().enumerate() {
         let line = i + 1;
         if let Some(want_out) = want.get("output") {
-            let got = outputs.next().unwrap_or_else(|| panic!("line {line}: no output left"));
+            let got = outputs
+                .next()
+                .unwrap_or_else(|| panic!("line {line}: no output left"));
             let got: serde_json::Value = serde_json::from_str(got).expect("output is JSON");
-            assert_eq!(canonical(&got), canonical(want_out), "line {line}: output differs");
+            assert_eq!(
+                canonical(&got),
+                canonical(want_out),
+                "line {line}: output differs"
+            );
             checked += 1;
         } else if let Some(want_dead) = want.get("dead_letter") {
-            let got = dead.next().unwrap_or_else(|| panic!("line {line}: no dead letter left"));
-            assert_eq!(error_field(got, "offset"), line.to_string(), "line {line}: dead letters out of order");
-            assert_eq!(error_field(got, "class"), want_dead["class"].as_str().expect("class"), "line {line}");
+            let got = dead
+                .next()
+                .unwrap_or_else(|| panic!("line {line}: no dead letter left"));
+            assert_eq!(
+                error_field(got, "offset"),
+                line.to_string(),
+                "line {line}: dead letters out of order"
+            );
+            assert_eq!(
+                error_field(got, "class"),
+                want_dead["class"].as_str().expect("class"),
+                "line {line}"
+            );
             let reason = error_field(got, "message");
-            let needle = want_dead["reason_contains"].as_str().expect("reason_contains");
-            assert!(reason.contains(needle), "line {line}: reason `{reason}` lacks `{needle}`");
+            let needle = want_dead["reason_contains"]
+                .as_str()
+                .expect("reason_contains");
+            assert!(
+                reason.contains(needle),
+                "line {line}: reason `{reason}` lacks `{needle}`"
+            );
             checked += 1;
         }
     }

@@ -32,7 +32,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
@@ -41,7 +44,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the pipeline is not running\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the pipeline is not running\n",
+        )
     }
 }
 
@@ -77,7 +83,9 @@ mod tests {
             .await
             .expect("response");
         let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
@@ -89,7 +97,10 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("weir_records_in_total 3"), "{body}");
         assert_eq!(get(s.clone(), "/healthz").await.0, StatusCode::OK);
-        assert_eq!(get(s.clone(), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get(s.clone(), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         s.ready.store(true, Ordering::Relaxed);
         assert_eq!(get(s, "/readyz").await.0, StatusCode::OK);
     }

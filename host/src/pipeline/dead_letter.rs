@@ -69,7 +69,8 @@ impl ErrorInfo {
         }
         let class = get("class")?;
         Ok(Self {
-            class: ErrorClass::parse(&class).ok_or_else(|| format!("unknown error class `{class}`"))?,
+            class: ErrorClass::parse(&class)
+                .ok_or_else(|| format!("unknown error class `{class}`"))?,
             message: get("message")?,
             plugin: get("plugin")?,
             plugin_version: num("plugin_version", get("plugin_version")?)?,
@@ -129,10 +130,13 @@ pub fn replay_count(record: &Record) -> u32 {
 
 /// Sets the `weir.replay.count` header.
 pub fn set_replay_count(record: &mut Record, count: u32) {
-    record.headers.retain(|(name, _)| name != REPLAY_COUNT_HEADER);
     record
         .headers
-        .push((REPLAY_COUNT_HEADER.to_owned(), count.to_string().into_bytes()));
+        .retain(|(name, _)| name != REPLAY_COUNT_HEADER);
+    record.headers.push((
+        REPLAY_COUNT_HEADER.to_owned(),
+        count.to_string().into_bytes(),
+    ));
 }
 
 #[cfg(test)]
@@ -159,13 +163,21 @@ mod tests {
 
     #[test]
     fn fields_round_trip() {
-        let map: BTreeMap<String, String> = info().fields().into_iter().map(|(k, v)| (k.into(), v)).collect();
+        let map: BTreeMap<String, String> = info()
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k.into(), v))
+            .collect();
         assert_eq!(ErrorInfo::from_fields(&map).expect("parse"), info());
     }
 
     #[test]
     fn missing_field_is_named() {
-        let mut map: BTreeMap<String, String> = info().fields().into_iter().map(|(k, v)| (k.into(), v)).collect();
+        let mut map: BTreeMap<String, String> = info()
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k.into(), v))
+            .collect();
         map.remove("offset");
         assert!(ErrorInfo::from_fields(&map).unwrap_err().contains("offset"));
     }

@@ -110,7 +110,10 @@ fn placeholder() -> Record {
 impl Pipeline {
     /// Runs until the source is exhausted or `shutdown` completes (the batch in flight is
     /// finished first), and returns the summary.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Summary, PipelineError> {
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Summary, PipelineError> {
         let started = Instant::now();
         self.metrics.set_active_plugin(self.plugin.meta());
         tokio::pin!(shutdown);
@@ -198,18 +201,20 @@ impl Pipeline {
             let id = &ids[i];
             finished.push((id.clone(), fence));
             let verdict = match verdict {
-                Verdict::Outputs(outs) => match outs.iter().find_map(|o| self.sink.check(o).err()) {
-                    None => Verdict::Outputs(outs),
-                    Some(reason) => {
-                        let now = now_ms();
-                        Verdict::Failed(Failed {
-                            failure: Failure::new(ErrorClass::BadOutput, reason),
-                            attempts: record.source.attempt,
-                            first_failure_ms: now,
-                            last_failure_ms: now,
-                        })
+                Verdict::Outputs(outs) => {
+                    match outs.iter().find_map(|o| self.sink.check(o).err()) {
+                        None => Verdict::Outputs(outs),
+                        Some(reason) => {
+                            let now = now_ms();
+                            Verdict::Failed(Failed {
+                                failure: Failure::new(ErrorClass::BadOutput, reason),
+                                attempts: record.source.attempt,
+                                first_failure_ms: now,
+                                last_failure_ms: now,
+                            })
+                        }
                     }
-                },
+                }
                 failed => failed,
             };
             match verdict {
@@ -218,7 +223,10 @@ impl Pipeline {
                     for mut out in outs {
                         out.headers.extend([
                             (RECORD_ID_HEADER.to_owned(), id.as_bytes().to_vec()),
-                            (PLUGIN_VERSION_HEADER.to_owned(), version.as_bytes().to_vec()),
+                            (
+                                PLUGIN_VERSION_HEADER.to_owned(),
+                                version.as_bytes().to_vec(),
+                            ),
                             (FENCE_HEADER.to_owned(), fence.to_string().into_bytes()),
                         ]);
                         outputs.push(out);
@@ -272,7 +280,10 @@ impl Pipeline {
     }
 
     /// One plugin call off the async reactor, timed and counted.
-    async fn call(&self, records: Vec<Record>) -> Result<(Vec<Record>, Vec<Outcome>), PipelineError> {
+    async fn call(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Outcome>), PipelineError> {
         if records.is_empty() {
             return Ok((records, Vec::new()));
         }
@@ -302,7 +313,10 @@ impl Pipeline {
 
     /// Runs the plugin over `records` and retries `retryable` ones with backoff, until each
     /// has a verdict. Returns the records (in order) with their verdicts.
-    async fn invoke(&self, records: Vec<Record>) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+    async fn invoke(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
         let (mut records, outcomes) = self.call(records).await?;
         let first_failure_ms = now_ms();
         let mut last_failure_ms = first_failure_ms;

@@ -36,7 +36,12 @@ impl Backoff {
     }
 
     /// May another attempt start, after `attempts_made` attempts and `since_first_failure`?
-    pub fn allows(&self, attempts_made: u32, since_first_failure: Duration, next_delay: Duration) -> bool {
+    pub fn allows(
+        &self,
+        attempts_made: u32,
+        since_first_failure: Duration,
+        next_delay: Duration,
+    ) -> bool {
         attempts_made < self.config.max_attempts
             && since_first_failure + next_delay <= Duration::from_millis(self.config.max_elapsed_ms)
     }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, ComponentExportIndex, Func, InstancePre, ResourceTable, TypedFunc};
+use wasmtime::component::{
+    Component, ComponentExportIndex, Func, InstancePre, ResourceTable, TypedFunc,
+};
 use wasmtime::{Store, Trap, WasmBacktrace};
 use wasmtime_wasi::WasiCtxBuilder;
 
@@ -199,7 +201,11 @@ impl Plugin {
     /// Batch world: one call for the whole batch. When it faults (or returns the wrong
     /// number of results), the instance is dropped and each record is run alone, so only the
     /// culprits fail and a record that loops costs one more deadline, not one per halving.
-    fn transform_isolating(&self, records: &[Record], out: &mut Vec<Outcome>) -> Result<(), LoadError> {
+    fn transform_isolating(
+        &self,
+        records: &[Record],
+        out: &mut Vec<Outcome>,
+    ) -> Result<(), LoadError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -235,7 +241,11 @@ impl Plugin {
     }
 
     /// Per-record world: one call per record; a fault costs only that record's instance.
-    fn transform_one_by_one(&self, records: &[Record], out: &mut Vec<Outcome>) -> Result<(), LoadError> {
+    fn transform_one_by_one(
+        &self,
+        records: &[Record],
+        out: &mut Vec<Outcome>,
+    ) -> Result<(), LoadError> {
         let mut warm = None;
         for record in records {
             let mut instance = match warm.take() {
@@ -271,7 +281,10 @@ impl Plugin {
                         ),
                     ));
                 }
-                if let Some(big) = outputs.iter().find(|o| o.value.len() > limits.max_output_bytes) {
+                if let Some(big) = outputs
+                    .iter()
+                    .find(|o| o.value.len() > limits.max_output_bytes)
+                {
                     return Outcome::Failed(Failure::new(
                         ErrorClass::BadOutput,
                         format!(
@@ -284,12 +297,18 @@ impl Plugin {
                 Outcome::Outputs(outputs)
             }
             Err(TransformError::Retryable(reason)) => Outcome::Retryable(reason),
-            Err(TransformError::Invalid(reason)) => Outcome::Failed(Failure::new(ErrorClass::Invalid, reason)),
+            Err(TransformError::Invalid(reason)) => {
+                Outcome::Failed(Failure::new(ErrorClass::Invalid, reason))
+            }
         }
     }
 
     fn check_out(&self) -> Result<Warm, LoadError> {
-        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         match idle {
             Some(warm) => Ok(warm),
             None => self.instantiate(),
@@ -342,9 +361,9 @@ impl Plugin {
             .instantiate(&mut store)
             .map_err(|e| LoadError::Instantiate(failed(e, &stdio)))?;
         let lookup = |store: &mut Store<StoreState>, index: &ComponentExportIndex| {
-            instance
-                .get_func(store, index)
-                .ok_or_else(|| LoadError::Contract("an entry point vanished after instantiation".into()))
+            instance.get_func(store, index).ok_or_else(|| {
+                LoadError::Contract("an entry point vanished after instantiation".into())
+            })
         };
         let init = lookup(&mut store, &self.entry.init)?
             .typed::<(&[(String, String)],), (Result<(), String>,)>(&store)
@@ -352,14 +371,23 @@ impl Plugin {
         match init.call(&mut store, (&self.config,)) {
             Ok((Ok(()),)) => {}
             Ok((Err(reason),)) => return Err(LoadError::Init(reason)),
-            Err(e) => return Err(LoadError::Init(format!("init trapped: {}", failed(e, &stdio)))),
+            Err(e) => {
+                return Err(LoadError::Init(format!(
+                    "init trapped: {}",
+                    failed(e, &stdio)
+                )));
+            }
         }
         let call = lookup(&mut store, &self.entry.call)?;
         let checked = match self.entry.world {
-            World::Batch => call.typed::<(&[Record],), (BatchResults,)>(&store).map(drop),
+            World::Batch => call
+                .typed::<(&[Record],), (BatchResults,)>(&store)
+                .map(drop),
             World::PerRecord => call.typed::<(&Record,), (RecordResult,)>(&store).map(drop),
         };
-        checked.map_err(|e| LoadError::Contract(format!("the transform function has the wrong type: {e:#}")))?;
+        checked.map_err(|e| {
+            LoadError::Contract(format!("the transform function has the wrong type: {e:#}"))
+        })?;
         stdio.take();
         Ok(Warm {
             store,
@@ -416,14 +444,20 @@ impl Warm {
                 ),
                 Some(Trap::OutOfFuel) => (
                     ErrorClass::Timeout,
-                    format!("plugin ran out of fuel ({} units)", limits.fuel.unwrap_or(0)),
+                    format!(
+                        "plugin ran out of fuel ({} units)",
+                        limits.fuel.unwrap_or(0)
+                    ),
                 ),
                 Some(trap) => (ErrorClass::Trap, format!("plugin trapped: {trap}")),
                 None => match error.downcast_ref::<wasmtime_wasi::I32Exit>() {
                     Some(exit) => (ErrorClass::Trap, format!("plugin called exit({})", exit.0)),
                     None => (
                         ErrorClass::BadOutput,
-                        format!("plugin returned output the host cannot read: {}", error.root_cause()),
+                        format!(
+                            "plugin returned output the host cannot read: {}",
+                            error.root_cause()
+                        ),
                     ),
                 },
             }
@@ -506,7 +540,9 @@ fn find_entry(runtime: &Runtime, component: &Component) -> Result<Entry, LoadErr
         let function = |name: &str| {
             component
                 .get_export_index(Some(&interface), name)
-                .ok_or_else(|| LoadError::Contract(format!("exports `{export}` without the function `{name}`")))
+                .ok_or_else(|| {
+                    LoadError::Contract(format!("exports `{export}` without the function `{name}`"))
+                })
         };
         return Ok(Entry {
             world,
@@ -521,7 +557,8 @@ fn find_entry(runtime: &Runtime, component: &Component) -> Result<Entry, LoadErr
         .map(|(name, _)| name.to_owned())
         .collect();
     let other_version = exports.iter().find(|name| {
-        name.starts_with("weir:transform/batch-transform@") || name.starts_with("weir:transform/record-transform@")
+        name.starts_with("weir:transform/batch-transform@")
+            || name.starts_with("weir:transform/record-transform@")
     });
     Err(LoadError::Contract(match other_version {
         Some(name) => format!("exports `{name}`; this host supports weir:transform@{WIT_VERSION}"),
@@ -535,7 +572,9 @@ fn find_entry(runtime: &Runtime, component: &Component) -> Result<Entry, LoadErr
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("meta", &self.meta).finish_non_exhaustive()
+        f.debug_struct("Plugin")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
     }
 }
 
@@ -545,8 +584,14 @@ mod tests {
 
     #[test]
     fn header_check_tells_modules_from_components() {
-        assert!(matches!(check_header(b"hello world"), Err(LoadError::NotWasm)));
-        assert!(matches!(check_header(b"\0asm\x01\0\0\0rest"), Err(LoadError::CoreModule)));
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(LoadError::NotWasm)
+        ));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0rest"),
+            Err(LoadError::CoreModule)
+        ));
         assert!(check_header(b"\0asm\x0d\0\x01\0rest").is_ok());
     }
 

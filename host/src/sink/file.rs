@@ -38,7 +38,11 @@ impl LineWriter {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::with_capacity(256 * 1024, Box::new(file.try_clone().map_err(err)?)),
@@ -54,9 +58,12 @@ impl LineWriter {
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.out.flush().map_err(|source| self.error("cannot write", source))?;
+        self.out
+            .flush()
+            .map_err(|source| self.error("cannot write", source))?;
         if let Some(file) = &self.file {
-            file.sync_data().map_err(|source| self.error("cannot sync", source))?;
+            file.sync_data()
+                .map_err(|source| self.error("cannot sync", source))?;
         }
         Ok(())
     }
@@ -77,7 +84,11 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    pub fn open(default: &Path, destinations: &BTreeMap<String, PathBuf>, format: LineFormat) -> Result<Self, SinkError> {
+    pub fn open(
+        default: &Path,
+        destinations: &BTreeMap<String, PathBuf>,
+        format: LineFormat,
+    ) -> Result<Self, SinkError> {
         Ok(Self {
             default: LineWriter::open(default)?,
             destinations: destinations
@@ -118,7 +129,12 @@ impl Sink for FileSink {
             match self.format {
                 LineFormat::Value => writer.write_line(&output.value)?,
                 LineFormat::Envelope => {
-                    let json = RecordJson::encode(output.key.as_deref(), &output.value, &output.headers, None);
+                    let json = RecordJson::encode(
+                        output.key.as_deref(),
+                        &output.value,
+                        &output.headers,
+                        None,
+                    );
                     writer.write_line(&serde_json::to_vec(&json).unwrap_or_default())?;
                 }
             }

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 
 use super::{FileSource, Incoming, Source, SourceError};
 use crate::config::LineFormat;
-use crate::pipeline::dead_letter::{DeadLetter, DeadLetterLine, ErrorInfo, replay_count, set_replay_count};
+use crate::pipeline::dead_letter::{
+    DeadLetter, DeadLetterLine, ErrorInfo, replay_count, set_replay_count,
+};
 use crate::runtime::{Record, SourceMeta};
 
 /// A DLQ file as a source.
@@ -37,7 +39,8 @@ impl DlqFileSource {
 
 /// Parses one DLQ line back into the record and its error.
 pub fn parse_dead_letter(line: &[u8]) -> Result<DeadLetter, String> {
-    let parsed: DeadLetterLine = serde_json::from_slice(line).map_err(|e| format!("not a DLQ line: {e}"))?;
+    let parsed: DeadLetterLine =
+        serde_json::from_slice(line).map_err(|e| format!("not a DLQ line: {e}"))?;
     let error = ErrorInfo::from_fields(&parsed.error)?;
     let parts = parsed.record.decode()?;
     Ok(DeadLetter {
@@ -70,7 +73,10 @@ impl Source for DlqFileSource {
                     Ok(mut letter) => {
                         let count = replay_count(&letter.record);
                         if count >= self.max_replays {
-                            self.refused.lock().unwrap_or_else(PoisonError::into_inner).push(letter);
+                            self.refused
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(letter);
                             continue;
                         }
                         set_replay_count(&mut letter.record, count + 1);

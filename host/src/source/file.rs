@@ -48,7 +48,10 @@ impl FileSource {
             VecDeque::from([Input::Stdin])
         } else if path.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(err(format!("cannot list input directory {}", path.display())))?
+                .map_err(err(format!(
+                    "cannot list input directory {}",
+                    path.display()
+                )))?
                 .filter_map(|entry| entry.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|ext| ext == "jsonl") && p.is_file())
                 .collect();
@@ -56,7 +59,8 @@ impl FileSource {
             files.into_iter().map(Input::File).collect()
         } else {
             // Fail now, with the path, rather than at the first read.
-            std::fs::metadata(path).map_err(err(format!("cannot open input {}", path.display())))?;
+            std::fs::metadata(path)
+                .map_err(err(format!("cannot open input {}", path.display())))?;
             VecDeque::from([Input::File(path.to_owned())])
         };
         Ok(Self {
@@ -78,13 +82,18 @@ impl FileSource {
                 line: 0,
             },
             Input::File(path) => {
-                let file = tokio::fs::File::open(&path).await.map_err(|source| SourceError {
-                    what: format!("cannot open input {}", path.display()),
-                    source,
-                })?;
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|source| SourceError {
+                        what: format!("cannot open input {}", path.display()),
+                        source,
+                    })?;
                 // The absolute path names the stream, so position ids do not depend on the
                 // directory the worker was started from.
-                let stream = std::fs::canonicalize(&path).unwrap_or(path).display().to_string();
+                let stream = std::fs::canonicalize(&path)
+                    .unwrap_or(path)
+                    .display()
+                    .to_string();
                 OpenInput {
                     stream,
                     reader: BufReader::with_capacity(256 * 1024, Box::new(file)),
@@ -141,7 +150,9 @@ impl Source for FileSource {
             if self.current.is_none() && !self.open_next().await? {
                 break;
             }
-            let Some(input) = self.current.as_mut() else { break };
+            let Some(input) = self.current.as_mut() else {
+                break;
+            };
             // `self.buf` keeps a partly read line across a linger timeout (read_until appends).
             let wait = !batch.is_empty() && input.reader.buffer().is_empty();
             let read = input.reader.read_until(b'\n', &mut self.buf);
@@ -207,7 +218,12 @@ mod tests {
         std::fs::write(&path, "not json\n{\"value\":\"v\",\"key\":\"k\"}\n").expect("write");
         let mut source = FileSource::open(&path, LineFormat::Envelope).expect("open");
         let batch = source.next_batch(10).await.expect("read").expect("some");
-        assert!(batch[0].rejected.as_deref().is_some_and(|r| r.contains("envelope")));
+        assert!(
+            batch[0]
+                .rejected
+                .as_deref()
+                .is_some_and(|r| r.contains("envelope"))
+        );
         assert_eq!(batch[0].record.value, b"not json");
         assert_eq!(batch[1].record.key.as_deref(), Some(&b"k"[..]));
     }

@@ -31,15 +31,25 @@ fn err(context: &str) -> impl Fn(redb::Error) -> StateError + '_ {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`. Marks are kept per `namespace` (the pipeline
     /// name); `done_ttl` of `None` keeps them forever.
-    pub fn open(dir: &Path, namespace: &str, done_ttl: Option<Duration>) -> Result<Self, StateError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StateError(format!("cannot create state directory {}: {e}", dir.display())))?;
+    pub fn open(
+        dir: &Path,
+        namespace: &str,
+        done_ttl: Option<Duration>,
+    ) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StateError(format!(
+                "cannot create state directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let file = dir.join("weir.redb");
         let db = Database::create(&file).map_err(|e| {
             StateError(format!(
@@ -49,14 +59,18 @@ impl EmbeddedStore {
         })?;
         let txn = db.begin_write().map_err(|e| err("begin")(e.into()))?;
         let fence = {
-            let mut meta = txn.open_table(META).map_err(|e| err("open meta")(e.into()))?;
-            txn.open_table(DONE).map_err(|e| err("open done")(e.into()))?;
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| err("open meta")(e.into()))?;
+            txn.open_table(DONE)
+                .map_err(|e| err("open done")(e.into()))?;
             let fence = meta
                 .get("fence")
                 .map_err(|e| err("read fence")(e.into()))?
                 .map_or(0, |v| v.value())
                 + 1;
-            meta.insert("fence", fence).map_err(|e| err("write fence")(e.into()))?;
+            meta.insert("fence", fence)
+                .map_err(|e| err("write fence")(e.into()))?;
             fence
         };
         txn.commit().map_err(|e| err("commit")(e.into()))?;
@@ -80,11 +94,15 @@ impl StateStore for EmbeddedStore {
         let (db, fence) = (self.db.clone(), self.fence);
         run_blocking(move || {
             let txn = db.begin_read().map_err(|e| err("begin read")(e.into()))?;
-            let done = txn.open_table(DONE).map_err(|e| err("open done")(e.into()))?;
+            let done = txn
+                .open_table(DONE)
+                .map_err(|e| err("open done")(e.into()))?;
             let now = now_ms();
             keys.iter()
                 .map(|key| {
-                    let expiry = done.get(key.as_str()).map_err(|e| err("read done")(e.into()))?;
+                    let expiry = done
+                        .get(key.as_str())
+                        .map_err(|e| err("read done")(e.into()))?;
                     Ok(match expiry.map(|v| v.value()) {
                         Some(0) => Claim::Done,
                         Some(expiry) if expiry > now => Claim::Done,
@@ -98,14 +116,20 @@ impl StateStore for EmbeddedStore {
 
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         let keys: Vec<String> = done.iter().map(|(id, _)| self.key(id)).collect();
-        let expiry = self.done_ttl.map_or(0, |ttl| now_ms() + ttl.as_millis() as u64);
+        let expiry = self
+            .done_ttl
+            .map_or(0, |ttl| now_ms() + ttl.as_millis() as u64);
         let db = self.db.clone();
         run_blocking(move || {
             let txn = db.begin_write().map_err(|e| err("begin write")(e.into()))?;
             {
-                let mut table = txn.open_table(DONE).map_err(|e| err("open done")(e.into()))?;
+                let mut table = txn
+                    .open_table(DONE)
+                    .map_err(|e| err("open done")(e.into()))?;
                 for key in &keys {
-                    table.insert(key.as_str(), expiry).map_err(|e| err("mark done")(e.into()))?;
+                    table
+                        .insert(key.as_str(), expiry)
+                        .map_err(|e| err("mark done")(e.into()))?;
                 }
             }
             txn.commit().map_err(|e| err("commit")(e.into()))?;
@@ -134,27 +158,38 @@ mod tests {
         let first_fence = {
             let store = EmbeddedStore::open(dir.path(), "p", None).expect("open");
             let claims = store.claim(&ids).await.expect("claim");
-            let Claim::Leased { fence } = claims[0] else { panic!("{claims:?}") };
+            let Claim::Leased { fence } = claims[0] else {
+                panic!("{claims:?}")
+            };
             store.finish(&[("a".into(), fence)]).await.expect("finish");
             fence
         };
         let store = EmbeddedStore::open(dir.path(), "p", None).expect("reopen");
         let claims = store.claim(&ids).await.expect("claim");
         assert_eq!(claims[0], Claim::Done);
-        let Claim::Leased { fence } = claims[1] else { panic!("{claims:?}") };
+        let Claim::Leased { fence } = claims[1] else {
+            panic!("{claims:?}")
+        };
         assert!(fence > first_fence);
         // Another pipeline name does not see these marks.
         drop(store);
         let other = EmbeddedStore::open(dir.path(), "q", None).expect("open");
-        assert!(matches!(other.claim(&ids).await.expect("claim")[0], Claim::Leased { .. }));
+        assert!(matches!(
+            other.claim(&ids).await.expect("claim")[0],
+            Claim::Leased { .. }
+        ));
     }
 
     #[tokio::test]
     async fn expired_marks_do_not_count() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = EmbeddedStore::open(dir.path(), "p", Some(Duration::from_millis(1))).expect("open");
+        let store =
+            EmbeddedStore::open(dir.path(), "p", Some(Duration::from_millis(1))).expect("open");
         store.finish(&[("a".into(), 1)]).await.expect("finish");
         std::thread::sleep(Duration::from_millis(5));
-        assert!(matches!(store.claim(&["a".into()]).await.expect("claim")[0], Claim::Leased { .. }));
+        assert!(matches!(
+            store.claim(&["a".into()]).await.expect("claim")[0],
+            Claim::Leased { .. }
+        ));
     }
 }

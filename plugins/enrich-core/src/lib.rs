@@ -18,13 +18,19 @@ const VALID_ACTIONS: [&str; 4] = ["view", "click", "purchase", "add_to_cart"];
 pub fn enrich(input: &[u8]) -> Result<Vec<u8>, String> {
     let value: Value = serde_json::from_slice(input).map_err(|e| format!("malformed JSON: {e}"))?;
     let Value::Object(mut object) = value else {
-        return Err(format!("the value must be a JSON object, got {}", type_name(&value)));
+        return Err(format!(
+            "the value must be a JSON object, got {}",
+            type_name(&value)
+        ));
     };
     non_empty_string(&object, "id")?;
     let user_id = non_empty_string(&object, "user_id")?.to_owned();
     let ts = timestamp(&object)?;
     let action_valid = matches!(object.get("action"), Some(Value::String(a)) if VALID_ACTIONS.contains(&a.as_str()));
-    object.insert("segment".into(), Value::String(format!("seg-{}", fnv1a32(user_id.as_bytes()) % 10)));
+    object.insert(
+        "segment".into(),
+        Value::String(format!("seg-{}", fnv1a32(user_id.as_bytes()) % 10)),
+    );
     object.insert("cohort".into(), Value::String(iso_week(ts)));
     object.insert("action_valid".into(), Value::Bool(action_valid));
     serde_json::to_vec(&object).map_err(|e| format!("cannot encode the output: {e}"))
@@ -46,7 +52,10 @@ fn non_empty_string<'a>(object: &'a Map<String, Value>, field: &str) -> Result<&
         None => Err(format!("`{field}` is missing")),
         Some(Value::String(s)) if s.is_empty() => Err(format!("`{field}` must not be empty")),
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("`{field}` must be a string, got {}", type_name(other))),
+        Some(other) => Err(format!(
+            "`{field}` must be a string, got {}",
+            type_name(other)
+        )),
     }
 }
 
@@ -54,14 +63,23 @@ fn timestamp(object: &Map<String, Value>) -> Result<i64, String> {
     let ts = match object.get("ts") {
         None => return Err("`ts` is missing".into()),
         Some(Value::Number(n)) => n,
-        Some(other) => return Err(format!("`ts` must be an integer number of seconds, got {}", type_name(other))),
+        Some(other) => {
+            return Err(format!(
+                "`ts` must be an integer number of seconds, got {}",
+                type_name(other)
+            ));
+        }
     };
     let seconds = match (ts.as_i64(), ts.as_f64()) {
         (Some(i), _) => i,
         // An integral float such as 1.0e9 is an integer number too (JSON does not tell them apart).
         (None, Some(f)) if f.fract() == 0.0 && f >= TS_MIN as f64 && f <= TS_MAX as f64 => f as i64,
         (None, Some(f)) if f.fract() == 0.0 => i64::MAX,
-        _ => return Err(format!("`ts` must be an integer number of seconds, got {ts}")),
+        _ => {
+            return Err(format!(
+                "`ts` must be an integer number of seconds, got {ts}"
+            ));
+        }
     };
     if !(TS_MIN..=TS_MAX).contains(&seconds) {
         return Err(format!("`ts` {ts} is out of range (years 0001 to 9999)"));
@@ -71,9 +89,9 @@ fn timestamp(object: &Map<String, Value>) -> Result<i64, String> {
 
 /// FNV-1a, 32 bits.
 pub fn fnv1a32(bytes: &[u8]) -> u32 {
-    bytes
-        .iter()
-        .fold(0x811c_9dc5u32, |hash, &b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5u32, |hash, &b| {
+        (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -151,8 +169,10 @@ mod tests {
 
     #[test]
     fn enriches() {
-        let out = enrich(br#"{"id":"e1","user_id":"a","ts":1704067200,"action":"click","metadata":{"k":[1]}}"#)
-            .expect("valid");
+        let out = enrich(
+            br#"{"id":"e1","user_id":"a","ts":1704067200,"action":"click","metadata":{"k":[1]}}"#,
+        )
+        .expect("valid");
         let v: Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["segment"], "seg-0"); // fnv1a32("a") = 0xe40c292c = 3826002220
         assert_eq!(v["cohort"], "2024-W01");

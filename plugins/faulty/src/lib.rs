@@ -25,7 +25,11 @@ fn faulty(record: Record) -> Result<Output, TransformError> {
         return Ok(Output::new(record.value));
     }
     let value: Value = serde_json::from_slice(&record.value).unwrap_or(Value::Null);
-    let id = value.get("id").and_then(Value::as_str).unwrap_or("?").to_owned();
+    let id = value
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_owned();
     match value.get("fault").and_then(Value::as_str) {
         Some("trap") => std::arch::wasm32::unreachable(),
         Some("loop") => {
@@ -45,15 +49,25 @@ fn faulty(record: Record) -> Result<Output, TransformError> {
         Some("bad_destination") => Ok(Output::to("nowhere", record.value)),
         Some("oversize") => Ok(Output::new(vec![b'x'; 2 << 20])),
         Some("retry") => {
-            let k: u32 = config.get("retry_attempts").and_then(|k| k.parse().ok()).unwrap_or(2);
+            let k: u32 = config
+                .get("retry_attempts")
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(2);
             if record.source.attempt <= k {
-                Err(TransformError::Retryable(format!("attempt {} of record {id}", record.source.attempt)))
+                Err(TransformError::Retryable(format!(
+                    "attempt {} of record {id}",
+                    record.source.attempt
+                )))
             } else {
                 Ok(Output::new(record.value))
             }
         }
-        Some("retry_forever") => Err(TransformError::Retryable(format!("record {id} is never ready"))),
-        Some("invalid") => Err(TransformError::Invalid(format!("record {id} is marked invalid"))),
+        Some("retry_forever") => Err(TransformError::Retryable(format!(
+            "record {id} is never ready"
+        ))),
+        Some("invalid") => Err(TransformError::Invalid(format!(
+            "record {id} is marked invalid"
+        ))),
         _ => Ok(Output::new(record.value)),
     }
 }

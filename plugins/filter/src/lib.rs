@@ -10,7 +10,11 @@ use weir_sdk::{Config, Output, Record, TransformError};
 fn check(config: &Config) -> Result<(), String> {
     match config.get("field") {
         Some(f) if f.starts_with('/') => {}
-        Some(f) => return Err(format!("`field` must be a JSON pointer such as /action, got `{f}`")),
+        Some(f) => {
+            return Err(format!(
+                "`field` must be a JSON pointer such as /action, got `{f}`"
+            ));
+        }
         None => return Err("`field` is required (a JSON pointer such as /action)".into()),
     }
     if config.get("equals").is_none() {
@@ -25,12 +29,15 @@ fn check(config: &Config) -> Result<(), String> {
 #[weir_sdk::transform(init = check)]
 fn filter(record: Record) -> Result<Option<Output>, TransformError> {
     let config = weir_sdk::config();
-    let (field, equals) = (config.get("field").unwrap_or("/"), config.get("equals").unwrap_or(""));
+    let (field, equals) = (
+        config.get("field").unwrap_or("/"),
+        config.get("equals").unwrap_or(""),
+    );
     let value: Value = serde_json::from_slice(&record.value)
         .map_err(|e| TransformError::Invalid(format!("malformed JSON: {e}")))?;
     let matches = match value.pointer(field) {
         Some(Value::String(s)) => s == equals,
-        Some(other) => other.to_string() == equals,
+        Some(other) => serde_json::to_string(other).is_ok_and(|text| text == equals),
         None => false,
     };
     let keep = matches == (config.get("mode") == Some("keep"));

@@ -5,7 +5,9 @@
 use proc_macro::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{Error, FnArg, ItemFn, Meta, Path, ReturnType, Token, parse_macro_input, punctuated::Punctuated};
+use syn::{
+    Error, FnArg, ItemFn, Meta, Path, ReturnType, Token, parse_macro_input, punctuated::Punctuated,
+};
 
 /// Turns `fn name(record: Record) -> Result<T, TransformError>` into a Weir plugin.
 /// `T` is `Output`, `Option<Output>` or `Vec<Output>`. Optional: `init = path::to::check`,
@@ -14,19 +16,33 @@ use syn::{Error, FnArg, ItemFn, Meta, Path, ReturnType, Token, parse_macro_input
 pub fn transform(attr: TokenStream, item: TokenStream) -> TokenStream {
     let args = parse_macro_input!(attr with Punctuated::<Meta, Token![,]>::parse_terminated);
     let func = parse_macro_input!(item as ItemFn);
+    let original = quote!(#func);
     match expand(args, func) {
         Ok(tokens) => tokens.into(),
-        Err(e) => e.to_compile_error().into(),
+        // Keep the function, so the only error shown is ours.
+        Err(e) => {
+            let mut tokens = e.to_compile_error();
+            tokens.extend(original);
+            tokens.into()
+        }
     }
 }
 
-fn expand(args: Punctuated<Meta, Token![,]>, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+fn expand(
+    args: Punctuated<Meta, Token![,]>,
+    func: ItemFn,
+) -> syn::Result<proc_macro2::TokenStream> {
     let mut init: Option<Path> = None;
     for arg in args {
         match arg {
             Meta::NameValue(nv) if nv.path.is_ident("init") => match nv.value {
                 syn::Expr::Path(p) => init = Some(p.path),
-                other => return Err(Error::new(other.span(), "`init` takes a function path, e.g. `init = check_config`")),
+                other => {
+                    return Err(Error::new(
+                        other.span(),
+                        "`init` takes a function path, e.g. `init = check_config`",
+                    ));
+                }
             },
             other => {
                 return Err(Error::new(
@@ -38,13 +54,23 @@ fn expand(args: Punctuated<Meta, Token![,]>, func: ItemFn) -> syn::Result<proc_m
     }
     let sig = &func.sig;
     if let Some(asyncness) = &sig.asyncness {
-        return Err(Error::new(asyncness.span(), "a transform function cannot be `async`"));
+        return Err(Error::new(
+            asyncness.span(),
+            "a transform function cannot be `async`",
+        ));
     }
     if !sig.generics.params.is_empty() {
-        return Err(Error::new(sig.generics.span(), "a transform function cannot be generic"));
+        return Err(Error::new(
+            sig.generics.span(),
+            "a transform function cannot be generic",
+        ));
     }
     if sig.inputs.len() != 1 {
-        let span = if sig.inputs.is_empty() { sig.paren_token.span.join() } else { sig.inputs.span() };
+        let span = if sig.inputs.is_empty() {
+            sig.paren_token.span.join()
+        } else {
+            sig.inputs.span()
+        };
         return Err(Error::new(
             span,
             format!(
@@ -54,7 +80,10 @@ fn expand(args: Punctuated<Meta, Token![,]>, func: ItemFn) -> syn::Result<proc_m
         ));
     }
     if let Some(FnArg::Receiver(receiver)) = sig.inputs.first() {
-        return Err(Error::new(receiver.span(), "a transform function cannot take `self`"));
+        return Err(Error::new(
+            receiver.span(),
+            "a transform function cannot take `self`",
+        ));
     }
     let ReturnType::Type(_, ret) = &sig.output else {
         return Err(Error::new(
@@ -65,7 +94,9 @@ fn expand(args: Punctuated<Meta, Token![,]>, func: ItemFn) -> syn::Result<proc_m
     };
     let name = &sig.ident;
     let init = match init {
-        Some(path) => quote_spanned!(path.span()=> ::core::option::Option::Some(#path as fn(&::weir_sdk::Config) -> ::core::result::Result<(), ::std::string::String>)),
+        Some(path) => {
+            quote_spanned!(path.span()=> ::core::option::Option::Some(#path as fn(&::weir_sdk::Config) -> ::core::result::Result<(), ::std::string::String>))
+        }
         None => quote!(::core::option::Option::None),
     };
     // Spanned on the user's types, so a wrong type is reported where it was written.
