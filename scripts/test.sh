@@ -20,10 +20,16 @@ stage "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --locked --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --target-dir target -- -D warnings
 
+log=target/test-output.log
+mkdir -p target && : > "$log"
 stage "tests: plugin logic (native)"
-cargo test --locked --manifest-path plugins/Cargo.toml --target-dir target -p enrich-core
+cargo test --locked --manifest-path plugins/Cargo.toml --target-dir target -p enrich-core 2>&1 | tee -a "$log"
 
 stage "tests: host, SDK and integration"
-cargo test --workspace --locked
+cargo test --workspace --locked 2>&1 | tee -a "$log"
+
+# One closing line for every test run above.
+sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{ n += $1 } END { print n + 0 }'; }
+echo "tests: $(sum passed) passed, $(sum failed) failed"
 
 stage "done"

@@ -243,3 +243,17 @@ pub fn event(id: &str, extra: Value) -> String {
     }
     Value::Object(object).to_string()
 }
+
+/// `n` events `{"id": "e<i>"}` for the `faulty` plugin, with `"fault": f` where `fault(i)`
+/// names a fault.
+pub fn faulty_events(n: usize, fault: impl Fn(usize) -> Option<&'static str>) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let extra = match fault(i) {
+                Some(f) => serde_json::json!({ "fault": f }),
+                None => serde_json::json!({}),
+            };
+            event(&format!("e{i}"), extra)
+        })
+        .collect()
+}

@@ -39,28 +39,15 @@ fn invalid_config_value_names_the_field() {
         ),
     )
     .expect("write");
-    weir.run(["run", "--config", "weir.toml"])
-        .fails_with(&["pipeline.batch_size", "between 1 and 65536"]);
-    weir.run([
-        "run",
-        "--config",
-        "weir.toml",
-        "--batch-size",
-        "10",
-        "--id",
-        "id",
-    ])
-    .fails_with(&["pipeline.id", "JSON pointer"]);
-    weir.run([
-        "run",
-        "--config",
-        "weir.toml",
-        "--batch-size",
-        "10",
-        "--plugin-config",
-        "novalue",
-    ])
-    .fails_with(&["--plugin-config", "KEY=VALUE"]);
+    let with_config = |extra: &[&str]| {
+        let mut args = vec!["run", "--config", "weir.toml"];
+        args.extend(extra);
+        weir.run(args)
+    };
+    with_config(&[]).fails_with(&["pipeline.batch_size", "between 1 and 65536"]);
+    with_config(&["--batch-size", "10", "--id", "id"]).fails_with(&["pipeline.id", "JSON pointer"]);
+    with_config(&["--batch-size", "10", "--plugin-config", "novalue"])
+        .fails_with(&["--plugin-config", "KEY=VALUE"]);
 }
 
 #[test]

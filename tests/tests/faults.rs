@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::json;
-use weir_tests::{Weir, error_field, event, plugin};
+use weir_tests::{Weir, error_field, event, faulty_events, plugin};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
@@ -15,14 +15,7 @@ fn one_percent_traps_dead_letter_exactly_the_culprits() {
     let mut culprits: BTreeSet<usize> = [3, 7, 40].into();
     culprits.extend((1..=17).map(|k| 100 + k * 109));
     assert_eq!(culprits.len(), 20);
-    let lines = (0..2000).map(|i| {
-        let fault = if culprits.contains(&i) {
-            json!({"fault": "trap"})
-        } else {
-            json!({})
-        };
-        event(&format!("e{i}"), fault)
-    });
+    let lines = faulty_events(2000, |i| culprits.contains(&i).then_some("trap"));
     let input = weir.write_lines("in.jsonl", lines);
     let run = weir.run_pipeline(
         &plugin("faulty"),
@@ -63,17 +56,10 @@ fn infinite_loop_times_out_within_the_bound_and_the_run_continues() {
     let weir = Weir::new(WEIR);
     let batch = 64;
     let deadline_ms = 500;
-    let lines = (0..200).map(|i| {
-        event(
-            &format!("e{i}"),
-            if i == 70 {
-                json!({"fault": "loop"})
-            } else {
-                json!({})
-            },
-        )
-    });
-    let input = weir.write_lines("in.jsonl", lines);
+    let input = weir.write_lines(
+        "in.jsonl",
+        faulty_events(200, |i| (i == 70).then_some("loop")),
+    );
     let run = weir.run_pipeline(
         &plugin("faulty"),
         &input,

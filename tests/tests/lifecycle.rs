@@ -5,7 +5,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use weir_tests::{Weir, error_field, event, plugin, read_json, read_json_lines, read_lines};
+use weir_tests::{
+    Weir, error_field, event, faulty_events, plugin, read_json, read_json_lines, read_lines,
+};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
@@ -70,17 +72,10 @@ fn outputs_carry_record_id_version_and_fence() {
 #[test]
 fn dlq_replay_with_a_fixed_plugin_outputs_and_the_cap_holds() {
     let weir = Weir::new(WEIR);
-    let lines = (0..20).map(|i| {
-        event(
-            &format!("e{i}"),
-            if i % 5 == 0 {
-                json!({"fault": "invalid"})
-            } else {
-                json!({})
-            },
-        )
-    });
-    let input = weir.write_lines("in.jsonl", lines);
+    let input = weir.write_lines(
+        "in.jsonl",
+        faulty_events(20, |i| (i % 5 == 0).then_some("invalid")),
+    );
     let run = weir.run_pipeline(&plugin("faulty"), &input, &["--id", "/id"]);
     assert_eq!(run.dead_letters.len(), 4);
 
@@ -332,4 +327,90 @@ fn metrics_after_a_run_equal_the_summary() {
         s.metric
             .starts_with("weir_plugin_invocation_duration_seconds")
     }));
+}
+
+#[test]
+fn filter_drops_records_as_processed_with_no_output() {
+    let weir = Weir::new(WEIR);
+    let input = weir.write_lines(
+        "in.jsonl",
+        [
+            r#"{"id":"1","action":"view"}"#,
+            r#"{"id":"2","action":"click"}"#,
+            r#"{"id":"3","action":"view"}"#,
+        ],
+    );
+    let run = weir.run_pipeline(
+        &plugin("filter"),
+        &input,
+        &[
+            "--plugin-config",
+            "field=/action",
+            "--plugin-config",
+            "equals=view",
+        ],
+    );
+    assert_eq!(
+        run.outputs,
+        vec![r#"{"id":"2","action":"click"}"#.to_owned()]
+    );
+    assert_eq!(run.count("processed"), 3);
+    assert_eq!(run.count("records_out"), 1);
+    assert_eq!(run.count("dead_lettered"), 0);
+}
+
+#[test]
+fn split_fans_out_to_named_destinations() {
+    let weir = Weir::new(WEIR);
+    let input = weir.write_lines("in.jsonl", [r#"{"id":"1"}"#, r#"{"id":"2"}"#]);
+    let run = weir.run_pipeline(
+        &plugin("split"),
+        &input,
+        &[
+            "--plugin-config",
+            "to=audit,archive",
+            "--destination",
+            "audit=audit.jsonl",
+            "--destination",
+            "archive=archive.jsonl",
+        ],
+    );
+    assert_eq!(run.count("records_out"), 4);
+    assert!(run.outputs.is_empty(), "nothing goes to the default output");
+    assert_eq!(
+        read_lines(&weir.path("audit.jsonl")),
+        vec![r#"{"id":"1"}"#, r#"{"id":"2"}"#]
+    );
+    assert_eq!(read_lines(&weir.path("archive.jsonl")).len(), 2);
+}
+
+#[test]
+fn a_config_file_runs_and_flags_override_it() {
+    let weir = Weir::new(WEIR);
+    let input = weir.write_lines(
+        "in.jsonl",
+        [r#"{"id":"a","user_id":"u","ts":1}"#, r#"{"id":"b"}"#],
+    );
+    std::fs::write(
+        weir.path("weir.toml"),
+        format!(
+            "[plugin]\npath = {:?}\n[source]\npath = {:?}\n[sink]\npath = \"from-file.jsonl\"\n\
+             [pipeline]\nid = \"/id\"\nbatch_size = 1\n[state]\npath = \"st\"\n",
+            plugin("enrich").to_str().expect("utf-8"),
+            input.to_str().expect("utf-8"),
+        ),
+    )
+    .expect("write");
+    weir.run([
+        "run",
+        "--config",
+        "weir.toml",
+        "--output",
+        "flag.jsonl",
+        "--quiet",
+    ])
+    .success();
+    assert_eq!(read_lines(&weir.path("flag.jsonl")).len(), 1);
+    assert_eq!(read_json_lines(&weir.path("flag.dlq.jsonl")).len(), 1);
+    assert!(!weir.path("from-file.jsonl").exists());
 }

@@ -1,8 +1,7 @@
 //! A memory bomb is classed `oom` and the host's own memory stays bounded. (Alone in its
 //! own test binary, so the peak RSS of child processes measured here is only this run's.)
 
-use serde_json::json;
-use weir_tests::{Weir, event, plugin};
+use weir_tests::{Weir, faulty_events, plugin};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
@@ -25,16 +24,7 @@ fn children_peak_rss_mib() -> u64 {
 fn memory_bomb_is_oom_and_host_memory_stays_bounded() {
     let weir = Weir::new(WEIR);
     // Five bombs, each would take the whole 4 GiB wasm32 address space without the cap.
-    let lines = (0..100).map(|i| {
-        event(
-            &format!("e{i}"),
-            if i % 20 == 3 {
-                json!({"fault": "memory"})
-            } else {
-                json!({})
-            },
-        )
-    });
+    let lines = faulty_events(100, |i| (i % 20 == 3).then_some("memory"));
     let input = weir.write_lines("in.jsonl", lines);
     let run = weir.run_pipeline(
         &plugin("faulty"),

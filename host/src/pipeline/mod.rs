@@ -137,6 +137,7 @@ impl Pipeline {
     }
 
     /// One batch, from claim to commit.
+    #[tracing::instrument(level = "debug", skip_all, fields(records = batch.len()))]
     async fn process(&mut self, batch: Vec<Incoming>) -> Result<(), PipelineError> {
         let n = batch.len();
         self.metrics.records_in.inc_by(n as u64);
