@@ -1,8 +1,8 @@
 //! Write a [Weir](https://example.invalid/weir) transform plugin in Rust as one ordinary
 //! function from a record to outputs.
 //!
-//! ```no_run
-//! use weir_sdk::{Output, Record, TransformError};
+//! ```
+//! use weir_sdk::{Output, Record, SourceMeta, TransformError};
 //!
 //! /// Upper-cases every value; refuses values that are not UTF-8.
 //! #[weir_sdk::transform]
@@ -10,6 +10,19 @@
 //!     let text = String::from_utf8(record.value)
 //!         .map_err(|_| TransformError::Invalid("value: not UTF-8".into()))?;
 //!     Ok(Output::new(text.to_uppercase()))
+//! }
+//!
+//! fn main() {
+//!     // The function stays an ordinary function: test it natively with `cargo test`.
+//!     let record = |value: &[u8]| Record {
+//!         key: None,
+//!         value: value.to_vec(),
+//!         headers: vec![],
+//!         timestamp_ms: None,
+//!         source: SourceMeta { stream: "test".into(), partition: 0, offset: 1, attempt: 1 },
+//!     };
+//!     assert_eq!(shout(record(b"hi")).unwrap().value, b"HI");
+//!     assert!(matches!(shout(record(&[0xff])), Err(TransformError::Invalid(_))));
 //! }
 //! ```
 //!

@@ -228,6 +228,20 @@ mod tests {
         assert_eq!(batch[1].record.key.as_deref(), Some(&b"k"[..]));
     }
 
+    #[tokio::test]
+    async fn a_directory_is_read_file_by_file_in_name_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("b.jsonl"), "3\n").expect("write");
+        std::fs::write(dir.path().join("a.jsonl"), "1\n2\n").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "not input\n").expect("write");
+        let mut source = FileSource::open(dir.path(), LineFormat::Value).expect("open");
+        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let values: Vec<&[u8]> = batch.iter().map(|i| i.record.value.as_slice()).collect();
+        assert_eq!(values, vec![&b"1"[..], b"2", b"3"]);
+        assert!(batch[2].record.source.stream.ends_with("b.jsonl"));
+        assert_eq!(batch[2].record.source.offset, 1);
+    }
+
     #[test]
     fn missing_input_names_the_path() {
         let err = FileSource::open(Path::new("/no/such/file.jsonl"), LineFormat::Value)
