@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Builds the example and test plugins (plugins/, a wasm32-wasip2 workspace) into
-# target/wasm32-wasip2/release/*.wasm. Installs the wasm32-wasip2 target when it is missing.
+# Builds the plugins into target/wasm32-wasip2/release/:
+#   enrich, filter, split, faulty   Rust (the plugins/ workspace; installs the wasm32-wasip2 target if missing)
+#   enrich-python                   Python, componentize-py   (with `all`)
+#   enrich-js                       JavaScript, componentize-js (with `all`)
+# Usage: build-plugins.sh [rust|all]   (default: all). Tools come from scripts/tools.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+which=${1:-all}
+out=target/wasm32-wasip2/release
 
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   echo "build-plugins: installing the wasm32-wasip2 target" >&2
@@ -10,6 +15,22 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 cargo build --release --locked --target wasm32-wasip2 \
   --manifest-path plugins/Cargo.toml --target-dir target
-for p in enrich filter split faulty; do
-  ls -l "target/wasm32-wasip2/release/$p.wasm" >&2
+built=(enrich filter split faulty)
+
+if [ "$which" = all ]; then
+  bash scripts/tools.sh
+  # Rebuild only when a source or the contract changed.
+  stale() { [ ! -f "$1" ] || [ -n "$(find "${@:2}" -newer "$1" -type f | head -n 1)" ]; }
+  if stale "$out/enrich-python.wasm" plugins/python/enrich wit tools/requirements.txt; then
+    .tools/venv/bin/componentize-py --quiet -d wit -w batch componentize \
+      -p plugins/python/enrich app -o "$out/enrich-python.wasm"
+  fi
+  if stale "$out/enrich-js.wasm" plugins/js/enrich wit tools/package-lock.json; then
+    .tools/node/node_modules/.bin/componentize-js plugins/js/enrich/enrich.js \
+      --wit wit --world-name per-record --disable http fetch-event -o "$out/enrich-js.wasm"
+  fi
+  built+=(enrich-python enrich-js)
+fi
+for p in "${built[@]}"; do
+  ls -l "$out/$p.wasm" >&2
 done

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/build-plugins.sh
+bash scripts/build-plugins.sh rust
 cargo build --locked -p weir-host --bin weir
 rm -rf out
 ./target/debug/weir run \

@@ -1,4 +1,5 @@
-//! The `enrich` plugin passes every committed vector (tests/vectors/enrich) through the host.
+//! Every language's `enrich` plugin passes every committed vector (tests/vectors/enrich)
+//! through the host: outputs equal as RFC 8785 canonical JSON, DLQ classes and reasons.
 
 use weir_tests::{Weir, canonical, error_field, plugin, read_lines, repo_root};
 
@@ -74,4 +75,14 @@ fn check_vectors(plugin_file: &std::path::Path) {
 #[test]
 fn rust_enrich_passes_every_vector() {
     check_vectors(&plugin("enrich"));
+}
+
+#[test]
+fn python_enrich_passes_every_vector() {
+    check_vectors(&plugin("enrich-python"));
+}
+
+#[test]
+fn javascript_enrich_passes_every_vector() {
+    check_vectors(&plugin("enrich-js"));
 }

@@ -14,12 +14,14 @@ mod limits;
 mod plugin;
 mod stdio;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -38,6 +40,7 @@ pub struct Runtime {
     limits: Arc<LimitsConfig>,
     ticker: Option<JoinHandle<()>>,
     stop_ticker: Arc<AtomicBool>,
+    compile_cache: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -92,12 +95,74 @@ impl Runtime {
             limits: Arc::new(limits.clone()),
             ticker: Some(ticker),
             stop_ticker,
+            compile_cache: default_compile_cache(),
         })
+    }
+
+    /// Keeps compiled components in `dir` (`None`: compile every time).
+    pub fn with_compile_cache(mut self, dir: Option<PathBuf>) -> Self {
+        self.compile_cache = dir;
+        self
+    }
+
+    /// Compiles component bytes, or loads the artefact compiled earlier for the same bytes
+    /// (`digest`) and the same engine settings.
+    fn compile(&self, bytes: &[u8], digest: &str) -> wasmtime::Result<Component> {
+        let Some(dir) = &self.compile_cache else {
+            return Component::new(&self.engine, bytes);
+        };
+        let mut engine_hash = DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine_hash);
+        let path = dir.join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
+        if path.is_file() {
+            // SAFETY: the file was written by `Component::serialize` below, by an engine with
+            // the same compatibility hash, into this user's cache directory; wasmtime checks
+            // its header and engine settings again when loading it.
+            #[allow(unsafe_code)]
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!("ignoring cached artefact {}: {e}", path.display()),
+            }
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        if let Err(e) = store_artefact(&path, &component) {
+            tracing::warn!(
+                "cannot cache the compiled plugin in {}: {e}",
+                path.display()
+            );
+        }
+        Ok(component)
     }
 
     pub fn limits(&self) -> &LimitsConfig {
         &self.limits
     }
+}
+
+/// `$WEIR_COMPILE_CACHE` (`off` disables it), else `$XDG_CACHE_HOME/weir/compiled`, else
+/// `~/.cache/weir/compiled`.
+fn default_compile_cache() -> Option<PathBuf> {
+    match std::env::var_os("WEIR_COMPILE_CACHE") {
+        Some(dir) if dir == "off" => None,
+        Some(dir) => Some(dir.into()),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+            .map(|base| base.join("weir/compiled")),
+    }
+}
+
+/// Writes atomically (temp file + rename), so a concurrent reader never sees half a file.
+fn store_artefact(path: &Path, component: &Component) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, component.serialize()?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 impl Drop for Runtime {

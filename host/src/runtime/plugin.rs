@@ -154,7 +154,9 @@ impl Plugin {
         config: Vec<(String, String)>,
     ) -> Result<Self, LoadError> {
         check_header(bytes)?;
-        let component = Component::new(&runtime.engine, bytes)
+        let digest = hex::encode(Sha256::digest(bytes));
+        let component = runtime
+            .compile(bytes, &digest)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         check_imports(runtime, &component)?;
         let entry = find_entry(runtime, &component)?;
@@ -165,7 +167,7 @@ impl Plugin {
         let meta = Arc::new(PluginMeta {
             name: name.to_owned(),
             version,
-            digest: format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+            digest: format!("sha256:{digest}"),
             world: entry.world,
             size_bytes: bytes.len(),
         });
