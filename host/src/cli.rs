@@ -39,9 +39,33 @@ struct Cli {
 enum Command {
     /// Run a plugin over a stream of records (embedded: JSON-lines files or stdin).
     Run(Box<RunArgs>),
+    /// Try a plugin on a sample file: outputs or dead-letter reasons, time and memory per record.
+    Test(TestArgs),
     /// Inspect or replay a dead-letter file.
     #[command(subcommand)]
     Dlq(DlqCommand),
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// JSON-lines sample: one record value per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Expectations, line n for input line n: {"output": ...}, {"outputs": [...]} or
+    /// {"dead_letter": {"class": ..., "reason_contains": ...}}. Exit 1 on any difference.
+    #[arg(long)]
+    expect: Option<PathBuf>,
+    /// Configuration handed to the plugin's init: KEY=VALUE (repeatable).
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
+    plugin_config: Vec<String>,
+    /// Deadline of one plugin call in milliseconds [default: 2000].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Memory cap of one plugin instance in MiB [default: 256].
+    #[arg(long)]
+    memory_mb: Option<u64>,
 }
 
 #[derive(Args)]
@@ -181,6 +205,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(*args).await,
+            Command::Test(args) => test(args).await,
             Command::Dlq(DlqCommand::List { dlq, show }) => dlq_list(&dlq, show),
             Command::Dlq(DlqCommand::Replay(args)) => replay(args).await,
         }
@@ -428,6 +453,38 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn test(args: TestArgs) -> anyhow::Result<()> {
+    let mut config = Config::default();
+    if let Some(ms) = args.deadline_ms {
+        config.limits.deadline_ms = ms;
+    }
+    if let Some(mb) = args.memory_mb {
+        config.limits.memory_mb = mb;
+    }
+    config.plugin.path = Some(args.plugin.clone());
+    config.source.path = Some(args.input.clone());
+    config.sink.path = Some("-".into());
+    config.validate()?;
+    let runtime = Runtime::new(&config.limits)?;
+    let name = default_plugin_name(&args.plugin);
+    let plugin = load_plugin(
+        &runtime,
+        &args.plugin,
+        &name,
+        key_values("--plugin-config", &args.plugin_config)?,
+    )?;
+    let meta = plugin.meta();
+    println!(
+        "{} ({:?} world, {:.1} MiB, {}) over {}\n",
+        args.plugin.display(),
+        meta.world,
+        meta.size_bytes as f64 / (1024.0 * 1024.0),
+        meta.digest,
+        args.input.display()
+    );
+    crate::plugin_test::run(&plugin, &args.input, args.expect.as_deref()).await
 }
 
 fn dlq_list(path: &Path, show: usize) -> anyhow::Result<()> {

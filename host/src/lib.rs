@@ -8,6 +8,7 @@
 //! - [`source`], [`sink`], [`state`]: the seams to the outside (files and redb embedded).
 //! - [`metrics`]: every metric, and the run summary read from them.
 //! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! - [`plugin_test`]: `weir test`, trying a plugin on a sample file.
 //! - [`cli`]: the `weir` command line.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod errors;
 pub mod jsonl;
 pub mod metrics;
 pub mod pipeline;
+pub mod plugin_test;
 pub mod runtime;
 pub mod sink;
 pub mod source;

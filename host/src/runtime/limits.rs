@@ -7,6 +7,7 @@ use wasmtime::ResourceLimiter;
 pub struct MemoryCap {
     cap_bytes: usize,
     denied: bool,
+    peak_bytes: usize,
 }
 
 impl MemoryCap {
@@ -14,7 +15,13 @@ impl MemoryCap {
         Self {
             cap_bytes,
             denied: false,
+            peak_bytes: 0,
         }
+    }
+
+    /// The largest linear memory this instance was allowed to have.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak_bytes
     }
 
     /// Did the instance ask for more memory than the cap since the last call to `reset`?
@@ -38,6 +45,7 @@ impl ResourceLimiter for MemoryCap {
             self.denied = true;
             return Ok(false);
         }
+        self.peak_bytes = self.peak_bytes.max(desired);
         Ok(true)
     }
 
@@ -65,6 +73,7 @@ mod tests {
         let mut cap = MemoryCap::new(1 << 20);
         assert!(cap.memory_growing(0, 1 << 19, None).expect("ok"));
         assert!(!cap.denied());
+        assert_eq!(cap.peak_bytes(), 1 << 19);
         assert!(!cap.memory_growing(1 << 19, 2 << 20, None).expect("ok"));
         assert!(cap.denied());
         cap.reset();

@@ -6,6 +6,7 @@
 //! culprits fail and healthy neighbours still succeed.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
@@ -127,6 +128,8 @@ pub struct Plugin {
     config: Vec<(String, String)>,
     limits: Arc<LimitsConfig>,
     idle: Mutex<Vec<Warm>>,
+    /// Largest linear memory of any instance since the last `take_peak_memory`.
+    peak_memory: AtomicUsize,
 }
 
 impl Plugin {
@@ -178,6 +181,7 @@ impl Plugin {
             config,
             limits: runtime.limits.clone(),
             idle: Mutex::new(Vec::new()),
+            peak_memory: AtomicUsize::new(0),
         };
         // Instantiate once now, so type mismatches and a refused config surface at load.
         let warm = plugin.instantiate()?;
@@ -187,6 +191,12 @@ impl Plugin {
 
     pub fn meta(&self) -> &PluginMeta {
         &self.meta
+    }
+
+    /// The largest linear memory (bytes) of an instance that ran a call since the last
+    /// time this was asked.
+    pub fn take_peak_memory(&self) -> usize {
+        self.peak_memory.swap(0, Ordering::Relaxed)
     }
 
     /// Runs the plugin over `records`, returning exactly one outcome per record, in order.
@@ -212,7 +222,9 @@ impl Plugin {
             return Ok(());
         }
         let mut warm = self.check_out()?;
-        match warm.call::<(&[Record],), (BatchResults,)>(&self.limits, (records,)) {
+        let result = warm.call::<(&[Record],), (BatchResults,)>(&self.limits, (records,));
+        self.note_memory(&warm);
+        match result {
             Ok((results,)) if results.len() == records.len() => {
                 self.check_in(warm);
                 out.extend(results.into_iter().map(|r| self.judge(r)));
@@ -254,7 +266,9 @@ impl Plugin {
                 Some(w) => w,
                 None => self.check_out()?,
             };
-            match instance.call::<(&Record,), (RecordResult,)>(&self.limits, (record,)) {
+            let result = instance.call::<(&Record,), (RecordResult,)>(&self.limits, (record,));
+            self.note_memory(&instance);
+            match result {
                 Ok((result,)) => {
                     out.push(self.judge(result));
                     warm = Some(instance);
@@ -303,6 +317,11 @@ impl Plugin {
                 Outcome::Failed(Failure::new(ErrorClass::Invalid, reason))
             }
         }
+    }
+
+    fn note_memory(&self, warm: &Warm) {
+        let peak = warm.store.data().memory_cap.peak_bytes();
+        self.peak_memory.fetch_max(peak, Ordering::Relaxed);
     }
 
     fn check_out(&self) -> Result<Warm, LoadError> {

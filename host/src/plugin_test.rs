@@ -1,0 +1,251 @@
+//! `weir test`: for plugin authors. Runs a plugin over a sample file through the real runtime
+//! (the same limits and fault isolation as `weir run`), one record per call, and shows what
+//! became of each record — outputs, or the dead-letter class and reason — with its time and
+//! the plugin's peak memory. With an expectations file it prints a readable diff and fails
+//! when anything differs.
+//!
+//! Expectations are JSON lines, line *n* for input line *n* (the format of
+//! `tests/vectors/*/expected.jsonl`): `{"output": <json>}`, `{"outputs": [<json>, ...]}`,
+//! `{"dead_letter": {"class": "invalid", "reason_contains": "user_id"}}`, or an empty line
+//! for a blank input line.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::LineFormat;
+use crate::runtime::{Outcome, Plugin};
+use crate::source::{FileSource, Source};
+
+/// What an expectations line says.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expectation {
+    output: Option<Value>,
+    outputs: Option<Vec<Value>>,
+    dead_letter: Option<ExpectedDeadLetter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectedDeadLetter {
+    class: String,
+    reason_contains: Option<String>,
+}
+
+/// What became of one record.
+enum Seen {
+    Outputs(Vec<Vec<u8>>),
+    Failed { class: String, reason: String },
+}
+
+fn canonical(value: &Value) -> String {
+    serde_json_canonicalizer::to_string(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// An output as canonical JSON when it is JSON, else as (lossy) text.
+fn show(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => canonical(&v),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+fn read_expectations(path: &Path) -> anyhow::Result<Vec<Option<Expectation>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read expectations {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if line.trim().is_empty() {
+                return Ok(None);
+            }
+            let e: Expectation = serde_json::from_str(line).with_context(|| {
+                format!("{} line {}: not an expectation", path.display(), i + 1)
+            })?;
+            if [
+                e.output.is_some(),
+                e.outputs.is_some(),
+                e.dead_letter.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count()
+                != 1
+            {
+                bail!(
+                    "{} line {}: say exactly one of `output`, `outputs`, `dead_letter`",
+                    path.display(),
+                    i + 1
+                );
+            }
+            Ok(Some(e))
+        })
+        .collect()
+}
+
+/// Describes the difference between what was expected and what was seen, if any.
+fn differs(expected: Option<&Expectation>, seen: &Seen) -> Option<String> {
+    let Some(expected) = expected else {
+        return Some("no expectation for this line".into());
+    };
+    let shown = |seen: &Seen| match seen {
+        Seen::Outputs(outs) if outs.is_empty() => "no output".to_owned(),
+        Seen::Outputs(outs) => outs
+            .iter()
+            .map(|o| format!("output {}", show(o)))
+            .collect::<Vec<_>>()
+            .join("\n      "),
+        Seen::Failed { class, reason } => format!("dead letter {class}: {reason}"),
+    };
+    if let Some(want) = &expected.dead_letter {
+        let ok = matches!(seen, Seen::Failed { class, reason }
+            if *class == want.class && want.reason_contains.as_ref().is_none_or(|r| reason.contains(r.as_str())));
+        let reason = want
+            .reason_contains
+            .as_deref()
+            .map(|r| format!(" with a reason containing `{r}`"))
+            .unwrap_or_default();
+        return (!ok).then(|| {
+            format!(
+                "expected dead letter {}{reason}\n    got {}",
+                want.class,
+                shown(seen)
+            )
+        });
+    }
+    let want: Vec<&Value> = match (&expected.output, &expected.outputs) {
+        (Some(one), _) => vec![one],
+        (None, Some(many)) => many.iter().collect(),
+        (None, None) => Vec::new(),
+    };
+    let ok = match seen {
+        Seen::Outputs(outs) => {
+            outs.len() == want.len()
+                && outs
+                    .iter()
+                    .zip(&want)
+                    .all(|(got, want)| show(got) == canonical(want))
+        }
+        Seen::Failed { .. } => false,
+    };
+    let want_text: Vec<String> = want
+        .iter()
+        .map(|w| format!("output {}", canonical(w)))
+        .collect();
+    (!ok).then(|| {
+        format!(
+            "expected {}\n    got {}",
+            want_text.join("\n      "),
+            shown(seen)
+        )
+    })
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs the test; `Err` when a record differs from its expectation (or on bad input).
+pub async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Result<()> {
+    let expectations = expect.map(read_expectations).transpose()?;
+    let mut source = FileSource::open(input, LineFormat::Value)?;
+    let (mut count, mut ok, mut failed, mut mismatches) = (0usize, 0usize, 0usize, Vec::new());
+    let (mut total_time, mut peak) = (Duration::ZERO, 0usize);
+    while let Some(batch) = source.next_batch(256).await? {
+        for incoming in batch {
+            let record = incoming.record;
+            let line = record.source.offset;
+            plugin.take_peak_memory();
+            let started = Instant::now();
+            let outcome =
+                tokio::task::block_in_place(|| plugin.transform(std::slice::from_ref(&record)))?
+                    .pop()
+                    .context("the runtime returned no outcome")?;
+            let took = started.elapsed();
+            let memory = plugin.take_peak_memory();
+            total_time += took;
+            peak = peak.max(memory);
+            count += 1;
+            let seen = match outcome {
+                Outcome::Outputs(outs) => {
+                    Seen::Outputs(outs.into_iter().map(|o| o.value).collect())
+                }
+                Outcome::Retryable(reason) => Seen::Failed {
+                    class: "retryable".into(),
+                    reason,
+                },
+                Outcome::Failed(f) => Seen::Failed {
+                    class: f.class.as_str().into(),
+                    reason: f.message,
+                },
+            };
+            let stats = format!(
+                "{:>9.1} µs {:>7.1} MiB",
+                took.as_secs_f64() * 1e6,
+                mib(memory)
+            );
+            match &seen {
+                Seen::Outputs(outs) => {
+                    ok += 1;
+                    println!("line {line:<5} ok        {stats}  {} output(s)", outs.len());
+                    for out in outs {
+                        let text: String = show(out).chars().take(300).collect();
+                        println!("      → {text}");
+                    }
+                }
+                Seen::Failed { class, reason } => {
+                    failed += 1;
+                    println!("line {line:<5} {class:<9} {stats}  {reason}");
+                }
+            }
+            if let Some(expectations) = &expectations {
+                let expected = usize::try_from(line - 1)
+                    .ok()
+                    .and_then(|i| expectations.get(i))
+                    .and_then(Option::as_ref);
+                if let Some(diff) = differs(expected, &seen) {
+                    mismatches.push(format!("line {line}: {diff}"));
+                }
+            }
+        }
+    }
+    let mean = if count > 0 {
+        total_time.as_secs_f64() * 1e6 / count as f64
+    } else {
+        0.0
+    };
+    println!(
+        "\n{count} records: {ok} ok, {failed} dead-lettered | {mean:.1} µs/record | peak memory {:.1} MiB",
+        mib(peak)
+    );
+    if let (Some(expect), Some(expectations)) = (expect, &expectations) {
+        let expected_records = expectations.iter().filter(|e| e.is_some()).count();
+        if expected_records != count {
+            mismatches.push(format!(
+                "{} expects {expected_records} records, the input has {count}",
+                expect.display()
+            ));
+        }
+        if !mismatches.is_empty() {
+            println!(
+                "\n{} difference(s) from {}:",
+                mismatches.len(),
+                expect.display()
+            );
+            for m in &mismatches {
+                println!("  {m}");
+            }
+            bail!(
+                "{} of {count} records differ from {}",
+                mismatches.len(),
+                expect.display()
+            );
+        }
+        println!("every record matches {}", expect.display());
+    }
+    Ok(())
+}
