@@ -3,6 +3,7 @@
 #   enrich, filter, split, faulty   Rust (the plugins/ workspace; installs the wasm32-wasip2 target if missing)
 #   enrich-python                   Python, componentize-py   (with `all`)
 #   enrich-js                       JavaScript, componentize-js (with `all`)
+#   enrich-c                        C, clang + wit-bindgen + wasm-tools (with `all`)
 # Usage: build-plugins.sh [rust|all]   (default: all). Tools come from scripts/tools.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,18 @@ if [ "$which" = all ]; then
     .tools/node/node_modules/.bin/componentize-js plugins/js/enrich/enrich.js \
       --wit wit --world-name per-record --disable http fetch-event -o "$out/enrich-js.wasm"
   fi
-  built+=(enrich-python enrich-js)
+  if stale "$out/enrich-c.wasm" plugins/c/enrich wit; then
+    c=target/c-enrich
+    rm -rf "$c" && mkdir -p "$c"
+    .tools/cargo/bin/wit-bindgen c wit --world per-record --out-dir "$c/bindings" > /dev/null
+    cargo run --quiet --locked -p wasi-adapter -- "$c/wasi_snapshot_preview1.reactor.wasm"
+    clang-14 --target=wasm32-wasi -O2 -Wall -Wextra -Werror -mexec-model=reactor -I"$c/bindings" \
+      plugins/c/enrich/enrich.c "$c/bindings/per_record.c" "$c/bindings/per_record_component_type.o" \
+      -o "$c/enrich.core.wasm"
+    .tools/cargo/bin/wasm-tools component new "$c/enrich.core.wasm" \
+      --adapt "wasi_snapshot_preview1=$c/wasi_snapshot_preview1.reactor.wasm" -o "$out/enrich-c.wasm"
+  fi
+  built+=(enrich-python enrich-js enrich-c)
 fi
 for p in "${built[@]}"; do
   ls -l "$out/$p.wasm" >&2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the pinned tools that plugins in other languages need, into .tools/ (git-ignored),
+# Installs the pinned tools that plugins in other languages need, into .tools/ (git-ignored)
+# (C compiler packages come from apt),
 # and reuses what is already there. Pins: tools/requirements.txt (Python),
-# tools/package.json + package-lock.json (JavaScript).
+# tools/package.json + package-lock.json (JavaScript), the lists below (C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.tools
@@ -25,4 +26,21 @@ if ! cmp -s tools/package-lock.json "$T/node/.installed" 2>/dev/null; then
   # `npm ci` trips over optional per-platform packages missing from the lock; install honours the lock too.
   (cd "$T/node" && npm install --no-audit --no-fund --loglevel=error)
   cp tools/package-lock.json "$T/node/.installed"
+fi
+
+# C: Debian's clang 14 with wasi-libc and the wasm32 compiler runtime...
+c_packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32)
+if ! dpkg -s "${c_packages[@]}" > /dev/null 2>&1; then
+  echo "tools: installing ${c_packages[*]} (apt)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${c_packages[@]}" > /dev/null
+fi
+
+# ...and wasm-tools + wit-bindgen from crates.io, pinned, into .tools/cargo.
+cargo_tools=("wasm-tools@1.263.0" "wit-bindgen-cli@0.61.1")
+if ! cmp -s <(printf '%s\n' "${cargo_tools[@]}") "$T/cargo/.installed" 2>/dev/null; then
+  echo "tools: building ${cargo_tools[*]} into $T/cargo (a few minutes, once)" >&2
+  cargo install --locked --quiet --root "$T/cargo" "${cargo_tools[@]}"
+  printf '%s\n' "${cargo_tools[@]}" > "$T/cargo/.installed"
 fi

@@ -37,7 +37,7 @@ fn test_vectors(plugin_name: &str) {
 
 #[test]
 fn every_language_matches_the_vectors() {
-    for plugin in ["enrich", "enrich-python", "enrich-js"] {
+    for plugin in ["enrich", "enrich-python", "enrich-js", "enrich-c"] {
         test_vectors(plugin);
     }
 }

@@ -86,3 +86,8 @@ fn python_enrich_passes_every_vector() {
 fn javascript_enrich_passes_every_vector() {
     check_vectors(&plugin("enrich-js"));
 }
+
+#[test]
+fn c_enrich_passes_every_vector() {
+    check_vectors(&plugin("enrich-c"));
+}
