@@ -1,9 +1,13 @@
-//! `enrich` as a wasm plugin vs the same Rust code compiled natively, over the same records
-//! in one run, at batch sizes 1 and 128. Prints records/s, µs per record and the ratios.
+//! Two tables from one run, over the same generated records:
+//!
+//! 1. `enrich` as the Rust wasm plugin vs the same Rust code compiled natively, at batch
+//!    sizes 1 and 128: records/s, µs per record and the ratios.
+//! 2. `enrich` in every language (Rust, C, JavaScript, Python) at batch 128: records/s,
+//!    µs per record, component size and instantiation time, each relative to Rust.
 //!
 //! ```sh
 //! bash scripts/build-plugins.sh
-//! cargo run --release -p weir-bench -- [--plugin target/wasm32-wasip2/release/enrich.wasm] [--records 50000]
+//! cargo run --release -p weir-bench -- [--plugins target/wasm32-wasip2/release] [--records 50000]
 //! ```
 //!
 //! Absolute numbers are noise on a shared machine; the ratios, measured side by side, are
@@ -78,18 +82,22 @@ fn native(records: &[Record]) -> usize {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let mut plugin_path = PathBuf::from("target/wasm32-wasip2/release/enrich.wasm");
+    let mut dir = PathBuf::from("target/wasm32-wasip2/release");
     let mut n = 50_000;
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--plugin" => plugin_path = args.next().context("--plugin needs a path")?.into(),
+            "--plugins" => dir = args.next().context("--plugins needs a directory")?.into(),
             "--records" => n = args.next().context("--records needs a number")?.parse()?,
-            other => anyhow::bail!("unknown argument `{other}` (use --plugin, --records)"),
+            other => anyhow::bail!("unknown argument `{other}` (use --plugins, --records)"),
         }
     }
     let runtime = Runtime::new(&LimitsConfig::default())?;
-    let plugin = Plugin::load_file(&runtime, &plugin_path, "enrich", 1, Vec::new())
-        .with_context(|| format!("plugin {}", plugin_path.display()))?;
+    let load = |file: &str| {
+        let path = dir.join(file);
+        Plugin::load_file(&runtime, &path, "enrich", 1, Vec::new())
+            .with_context(|| format!("plugin {}", path.display()))
+    };
+    let plugin = load("enrich.wasm")?;
     let records = records(n);
     assert_eq!(native(&records), n, "every bench record is valid");
     assert_eq!(wasm(&plugin, &records, 128), n, "the plugin agrees");
@@ -126,5 +134,53 @@ fn main() -> anyhow::Result<()> {
         "host-side overhead per call at batch 1 (µs/record at batch 1 − at batch 128): {:.3}",
         per(t_b1) - per(t_b128)
     );
+
+    // Every language, batch 128; fewer records, since interpreters are slower.
+    let m = (n / 5).max(1);
+    let sample = &records[..m];
+    println!("\nenrich in every language over {m} records, batch 128, best of 3 rounds");
+    println!(
+        "{:<12} {:>12} {:>12} {:>12} {:>14} {:>12} {:>14}",
+        "language",
+        "records/s",
+        "µs/record",
+        "× Rust time",
+        "component MiB",
+        "× Rust size",
+        "instantiate µs"
+    );
+    let mut rust: Option<(f64, f64)> = None;
+    for (language, file) in [
+        ("Rust", "enrich.wasm"),
+        ("C", "enrich-c.wasm"),
+        ("JavaScript", "enrich-js.wasm"),
+        ("Python", "enrich-python.wasm"),
+    ] {
+        let plugin = match load(file) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("{language:<12} skipped: {e:#} (run scripts/build-plugins.sh)");
+                continue;
+            }
+        };
+        assert_eq!(wasm(&plugin, sample, 128), m, "{language} agrees");
+        let t = best_of(3, || wasm(&plugin, sample, 128));
+        let instantiate = (0..5)
+            .map(|_| plugin.time_instantiation().expect("instantiate"))
+            .min()
+            .unwrap_or_default();
+        let us = t.as_secs_f64() * 1e6 / m as f64;
+        let size = plugin.meta().size_bytes as f64 / (1024.0 * 1024.0);
+        let (rust_us, rust_size) = *rust.get_or_insert((us, size));
+        println!(
+            "{language:<12} {:>12.0} {:>12.2} {:>12.1} {:>14.2} {:>12.1} {:>14.0}",
+            m as f64 / t.as_secs_f64(),
+            us,
+            us / rust_us,
+            size,
+            size / rust_size,
+            instantiate.as_secs_f64() * 1e6
+        );
+    }
     Ok(())
 }

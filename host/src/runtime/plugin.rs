@@ -193,6 +193,13 @@ impl Plugin {
         &self.meta
     }
 
+    /// How long creating a fresh instance (instantiation and `init`) takes now.
+    pub fn time_instantiation(&self) -> Result<std::time::Duration, LoadError> {
+        let started = std::time::Instant::now();
+        drop(self.instantiate()?);
+        Ok(started.elapsed())
+    }
+
     /// The largest linear memory (bytes) of an instance that ran a call since the last
     /// time this was asked.
     pub fn take_peak_memory(&self) -> usize {

@@ -199,7 +199,10 @@ static bool scan_container(scan_t *s, int depth, bool object, member_t *members,
         skip_ws(s);
         member_t *m = NULL;
         if (object) {
-            if (members && *count < MAX_MEMBERS) m = &members[(*count)++];
+            if (members && *count < MAX_MEMBERS) {
+                m = &members[(*count)++];
+                memset(m, 0, sizeof *m);
+            }
             const uint8_t *key_start = s->p;
             if (!scan_string(s, m ? &m->key : NULL)) return false;
             if (m) { m->key_start = key_start; m->key_end = s->p; }
@@ -329,7 +332,6 @@ static bool timestamp(const member_t *members, size_t count, long long *ts, char
 static bool enrich(const uint8_t *in, size_t len, buf_t *out, char *reason, size_t cap) {
     static member_t members[MAX_MEMBERS];
     size_t count = 0;
-    memset(members, 0, sizeof members);
     scan_t s = {.p = in, .start = in, .end = in + len};
     jtype_t type;
     bool ok = scan_value(&s, 0, &type, members, &count);
