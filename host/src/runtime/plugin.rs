@@ -416,7 +416,7 @@ impl Plugin {
         checked.map_err(|e| {
             LoadError::Contract(format!("the transform function has the wrong type: {e:#}"))
         })?;
-        stdio.take();
+        stdio.clear();
         Ok(Warm {
             store,
             call,
@@ -446,7 +446,7 @@ impl Warm {
         let func = unsafe { TypedFunc::<P, R>::new_unchecked(self.call) };
         match func.call(&mut self.store, params) {
             Ok(results) => {
-                self.stdio.take();
+                self.stdio.clear();
                 Ok(results)
             }
             Err(error) => Err(self.classify(&error, limits)),

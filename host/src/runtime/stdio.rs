@@ -35,6 +35,14 @@ impl TailBuffer {
         buf.extend(bytes);
     }
 
+    /// Empties the buffer (cheap when it is empty, as it usually is).
+    pub fn clear(&self) {
+        let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if !buf.is_empty() {
+            buf.clear();
+        }
+    }
+
     /// Empties the buffer and returns what it held, as (lossy) UTF-8.
     pub fn take(&self) -> String {
         let mut buf = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
