@@ -9,7 +9,8 @@ stage "toolchain components"
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 
-stage "plugins (wasm32-wasip2)"
+stage "tools and plugins (wasm32-wasip2)"
+bash scripts/tools.sh
 bash scripts/build-plugins.sh
 
 stage "format"

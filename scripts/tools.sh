@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the pinned tools that plugins in other languages need, into .tools/ (git-ignored)
-# (C compiler packages come from apt),
+# Installs the pinned tools the plugin builds and the tests need, into .tools/ (git-ignored)
+# (Debian packages — the C compiler, redis-server — come from apt),
 # and reuses what is already there. Pins: tools/requirements.txt (Python),
 # tools/package.json + package-lock.json (JavaScript), the lists below (C).
 set -euo pipefail
@@ -28,13 +28,14 @@ if ! cmp -s tools/package-lock.json "$T/node/.installed" 2>/dev/null; then
   cp tools/package-lock.json "$T/node/.installed"
 fi
 
-# C: Debian's clang 14 with wasi-libc and the wasm32 compiler runtime...
-c_packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32)
-if ! dpkg -s "${c_packages[@]}" > /dev/null 2>&1; then
-  echo "tools: installing ${c_packages[*]} (apt)" >&2
+# From Debian: clang 14 with wasi-libc and the wasm32 compiler runtime (C plugins), and
+# redis-server (the tests start their own on a free port)...
+packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 redis-server)
+if ! dpkg -s "${packages[@]}" > /dev/null 2>&1; then
+  echo "tools: installing ${packages[*]} (apt)" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${c_packages[@]}" > /dev/null
+  apt-get install -y -qq "${packages[@]}" > /dev/null
 fi
 
 # ...and wasm-tools + wit-bindgen from crates.io, pinned, into .tools/cargo.

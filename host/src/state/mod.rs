@@ -1,11 +1,13 @@
 //! Done marks and leases. [`StateStore`] is the seam: `embedded.rs` (a redb database in a
-//! local directory) is the default; a Redis store slots in for cluster mode.
+//! local directory) is the default; `redis.rs` is the shared store of cluster mode.
 //!
 //! Each batch costs at most two calls: [`StateStore::claim`] before the plugin runs and
 //! [`StateStore::finish`] once the batch's fates are durable.
 
 mod embedded;
+mod redis;
 
+pub use self::redis::RedisStore;
 pub use embedded::EmbeddedStore;
 
 use async_trait::async_trait;
@@ -35,4 +37,10 @@ pub trait StateStore: Send + Sync {
     /// Marks ids done and releases their leases. Returns, per id, whether the lease with
     /// that fence was still ours (a stale worker learns it lost the record).
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError>;
+
+    /// Extends leases while a slow batch runs; says per id whether the lease was still ours.
+    /// A store without expiring leases has nothing to do.
+    async fn renew(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        Ok(vec![true; leases.len()])
+    }
 }

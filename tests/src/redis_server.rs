@@ -1,0 +1,105 @@
+//! A real Redis for tests: `redis-server` (Debian's) on a free loopback port with AOF on,
+//! in its own temporary directory, stopped when dropped. With `WEIR_REDIS_URL` set, the
+//! tests use that server instead (and never stop it).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running Redis.
+pub struct RedisServer {
+    pub url: String,
+    process: Option<Child>,
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl RedisServer {
+    /// Starts a fresh server (or returns the external one of `WEIR_REDIS_URL`).
+    pub fn start() -> Self {
+        if let Ok(url) = std::env::var("WEIR_REDIS_URL") {
+            return Self {
+                url,
+                process: None,
+                port: 0,
+                dir: None,
+            };
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut server = Self {
+            url: format!("redis://127.0.0.1:{port}/"),
+            process: None,
+            port,
+            dir: Some(dir),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Whether this server is ours to stop and restart.
+    pub fn is_local(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.as_ref().expect("a local server").path().to_owned()
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(self.data_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "start redis-server (installed by scripts/tools.sh; Debian package redis-server)",
+            );
+        self.process = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`, then start again on the same port and data directory.
+    pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

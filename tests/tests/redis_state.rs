@@ -1,0 +1,171 @@
+//! The Redis state store against a real Redis: fencing tokens rise, a held lease is never
+//! granted twice, only the holder can finish, done marks deduplicate, a batch costs one
+//! script call each way, and fences keep rising across a `kill -9` restart (AOF).
+
+use std::time::Duration;
+
+use weir::state::{Claim, RedisStore, StateStore};
+use weir_tests::redis_server::RedisServer;
+
+async fn store(redis: &RedisServer, owner: &str, lease_ms: u64) -> RedisStore {
+    RedisStore::connect(
+        &redis.url,
+        "test-pipeline",
+        owner,
+        Duration::from_millis(lease_ms),
+        None,
+    )
+    .await
+    .expect("connect")
+}
+
+fn ids(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn fence(claim: Claim) -> u64 {
+    match claim {
+        Claim::Leased { fence } => fence,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+/// Calls of each Redis command so far (from INFO commandstats).
+async fn command_calls(url: &str, command: &str) -> u64 {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn leases_fences_and_done_marks() {
+    let redis = RedisServer::start();
+    let a = store(&redis, "worker-a", 60_000).await;
+    let b = store(&redis, "worker-b", 60_000).await;
+
+    let claims = a.claim(&ids(&["r1", "r2"])).await.expect("claim");
+    let (f1, f2) = (fence(claims[0]), fence(claims[1]));
+    assert!(f2 > f1, "fences rise: {f1} then {f2}");
+
+    // Held by a: b is told so (it must park the record, never skip it).
+    assert_eq!(
+        b.claim(&ids(&["r1"])).await.expect("claim"),
+        vec![Claim::HeldElsewhere]
+    );
+    // a asking again keeps its lease and fence.
+    assert_eq!(
+        a.claim(&ids(&["r1"])).await.expect("claim"),
+        vec![Claim::Leased { fence: f1 }]
+    );
+
+    // Only the holder, with its fence, can finish.
+    assert_eq!(
+        b.finish(&[("r1".into(), f1)]).await.expect("finish"),
+        vec![false]
+    );
+    assert_eq!(
+        a.finish(&[("r1".into(), f1 + 100)]).await.expect("finish"),
+        vec![false]
+    );
+    assert_eq!(
+        a.finish(&[("r1".into(), f1), ("r2".into(), f2)])
+            .await
+            .expect("finish"),
+        vec![true, true]
+    );
+
+    // Done for everyone now.
+    assert_eq!(
+        b.claim(&ids(&["r1", "r2", "r3"])).await.expect("claim")[..2],
+        [Claim::Done, Claim::Done]
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lease_goes_to_the_next_worker_and_the_stale_one_learns_it() {
+    let redis = RedisServer::start();
+    let a = store(&redis, "worker-a", 300).await;
+    let b = store(&redis, "worker-b", 60_000).await;
+    let stale = fence(a.claim(&ids(&["slow"])).await.expect("claim")[0]);
+    assert_eq!(
+        a.renew(&[("slow".into(), stale)]).await.expect("renew"),
+        vec![true]
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let fresh = fence(b.claim(&ids(&["slow"])).await.expect("claim")[0]);
+    assert!(fresh > stale);
+    assert_eq!(
+        a.renew(&[("slow".into(), stale)]).await.expect("renew"),
+        vec![false]
+    );
+    assert_eq!(
+        a.finish(&[("slow".into(), stale)]).await.expect("finish"),
+        vec![false],
+        "a stale worker cannot finish"
+    );
+    assert_eq!(
+        b.finish(&[("slow".into(), fresh)]).await.expect("finish"),
+        vec![true]
+    );
+}
+
+#[tokio::test]
+async fn a_batch_costs_one_script_call_each_way() {
+    let redis = RedisServer::start();
+    assert!(
+        redis.is_local(),
+        "counts commands, so it needs a server of its own"
+    );
+    let a = store(&redis, "worker-a", 60_000).await;
+    // Warm up: the first use of each script loads it (EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA).
+    let warm = fence(a.claim(&ids(&["warm-up"])).await.expect("claim")[0]);
+    a.finish(&[("warm-up".into(), warm)]).await.expect("finish");
+    let batch: Vec<String> = (0..500).map(|i| format!("id-{i}")).collect();
+    let before =
+        command_calls(&redis.url, "evalsha").await + command_calls(&redis.url, "eval").await;
+    let claims = a.claim(&batch).await.expect("claim");
+    let done: Vec<(String, u64)> = batch
+        .iter()
+        .cloned()
+        .zip(claims.into_iter().map(fence))
+        .collect();
+    assert!(a.finish(&done).await.expect("finish").iter().all(|ok| *ok));
+    let after =
+        command_calls(&redis.url, "evalsha").await + command_calls(&redis.url, "eval").await;
+    assert_eq!(
+        after - before,
+        2,
+        "500 records: one claim script and one finish script"
+    );
+}
+
+#[tokio::test]
+async fn fences_keep_rising_across_a_redis_crash() {
+    let mut redis = RedisServer::start();
+    assert!(
+        redis.is_local(),
+        "restarts the server, so it needs a server of its own"
+    );
+    let before = {
+        let a = store(&redis, "worker-a", 60_000).await;
+        fence(a.claim(&ids(&["x"])).await.expect("claim")[0])
+    };
+    redis.kill_and_restart();
+    let a = store(&redis, "worker-a", 60_000).await;
+    let after = fence(a.claim(&ids(&["y"])).await.expect("claim")[0]);
+    assert!(
+        after > before,
+        "fence went from {before} to {after} across a restart"
+    );
+}
