@@ -231,7 +231,7 @@ fn key_values(flag: &str, pairs: &[String]) -> anyhow::Result<Vec<(String, Strin
 
 impl RunArgs {
     /// The config file (if any) with the flags laid over it.
-    fn into_config(self) -> anyhow::Result<(Config, bool, Option<PathBuf>)> {
+    fn into_config(self) -> anyhow::Result<(Config, Option<PathBuf>)> {
         let mut c = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -267,7 +267,7 @@ impl RunArgs {
             c.pipeline.progress_secs = 0;
         }
         c.validate()?;
-        Ok((c, self.quiet, self.summary_json))
+        Ok((c, self.summary_json))
     }
 }
 
@@ -373,7 +373,7 @@ fn write_summary(summary: &Summary, path: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (config, _quiet, summary_json) = args.into_config()?;
+    let (config, summary_json) = args.into_config()?;
     let plugin_path = config
         .plugin
         .path
