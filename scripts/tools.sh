@@ -45,3 +45,12 @@ if ! cmp -s <(printf '%s\n' "${cargo_tools[@]}") "$T/cargo/.installed" 2>/dev/nu
   cargo install --locked --quiet --root "$T/cargo" "${cargo_tools[@]}"
   printf '%s\n' "${cargo_tools[@]}" > "$T/cargo/.installed"
 fi
+
+# tansu, a Kafka-protocol broker in Rust, for the cluster tests (about 10 minutes, once).
+tansu="tansu@0.6.0 --features libsql,dynostore"
+if ! [ -x "$T/tansu/bin/tansu" ] || ! cmp -s <(echo "$tansu") "$T/tansu/.installed" 2>/dev/null; then
+  echo "tools: building $tansu into $T/tansu (about 10 minutes, once)" >&2
+  # shellcheck disable=SC2086 # the pin is a crate and its feature flags
+  cargo install --locked --quiet --root "$T/tansu" $tansu
+  echo "$tansu" > "$T/tansu/.installed"
+fi

@@ -15,14 +15,17 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::{self, AppState};
-use crate::config::{Config, LineFormat};
+use crate::cluster::WorkerInfo;
+use crate::config::{Config, LineFormat, Mode};
 use crate::metrics::{Metrics, Summary};
 use crate::pipeline::dead_letter::DeadLetterLine;
 use crate::pipeline::{Backoff, IdSpec, Pipeline, Settings};
 use crate::runtime::{Plugin, Runtime};
-use crate::sink::{DeadLetterSink, FileDeadLetters, FileSink};
-use crate::source::{DlqFileSource, FileSource, Source};
-use crate::state::EmbeddedStore;
+use crate::sink::{
+    DeadLetterSink, FileDeadLetters, FileSink, KafkaDeadLetters, KafkaProducer, KafkaSink, Sink,
+};
+use crate::source::{DlqFileSource, FileSource, KafkaSource, Source};
+use crate::state::{EmbeddedStore, RedisStore, StateStore};
 
 #[derive(Parser)]
 #[command(
@@ -37,13 +40,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a plugin over a stream of records (embedded: JSON-lines files or stdin).
+    /// Run a plugin over a stream of records: JSON-lines files or stdin (embedded), or a
+    /// Kafka topic as one worker of a consumer group (cluster mode, with --kafka).
     Run(Box<RunArgs>),
     /// Try a plugin on a sample file: outputs or dead-letter reasons, time and memory per record.
     Test(TestArgs),
     /// Inspect or replay a dead-letter file.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Inspect a cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the live workers (those that sent a heartbeat in the last 10 s).
+    Status {
+        /// The Redis the workers use.
+        #[arg(long, value_name = "URL")]
+        redis: String,
+        /// Only this pipeline's workers.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -127,6 +150,33 @@ struct RunArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Cluster mode: Kafka bootstrap servers (e.g. 127.0.0.1:9092).
+    #[arg(long, value_name = "BOOTSTRAP")]
+    kafka: Option<String>,
+    /// Cluster mode: the consumer group shared by the pipeline's workers.
+    #[arg(long)]
+    group: Option<String>,
+    /// Cluster mode: the topic to consume.
+    #[arg(long)]
+    input_topic: Option<String>,
+    /// Cluster mode: the default topic for outputs.
+    #[arg(long)]
+    output_topic: Option<String>,
+    /// Cluster mode: the dead-letter topic.
+    #[arg(long)]
+    dlq_topic: Option<String>,
+    /// A librdkafka property passed through as is: KEY=VALUE (repeatable).
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    kafka_options: Vec<String>,
+    /// Redis for leases and done marks shared by all workers (e.g. redis://127.0.0.1:6379).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// How long a lease outlives a worker that stopped renewing it, in ms [default: 30000].
+    #[arg(long)]
+    lease_ttl_ms: Option<u64>,
+    /// Validate the configuration and exit, without loading the plugin or connecting.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -208,6 +258,11 @@ pub fn main() -> ExitCode {
             Command::Test(args) => test(args).await,
             Command::Dlq(DlqCommand::List { dlq, show }) => dlq_list(&dlq, show),
             Command::Dlq(DlqCommand::Replay(args)) => replay(args).await,
+            Command::Cluster(ClusterCommand::Status {
+                redis,
+                pipeline,
+                json,
+            }) => cluster_status(&redis, pipeline.as_deref(), json).await,
         }
     });
     match result {
@@ -231,7 +286,7 @@ fn key_values(flag: &str, pairs: &[String]) -> anyhow::Result<Vec<(String, Strin
 
 impl RunArgs {
     /// The config file (if any) with the flags laid over it.
-    fn into_config(self) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    fn into_config(self) -> anyhow::Result<(Config, Option<PathBuf>, bool)> {
         let mut c = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -257,6 +312,16 @@ impl RunArgs {
         set!(self.deadline_ms => c.limits.deadline_ms);
         set!(self.memory_mb => c.limits.memory_mb);
         set!(self.max_attempts => c.retry.max_attempts);
+        set!(self.kafka => c.kafka.bootstrap);
+        set!(self.group => c.kafka.group);
+        set!(self.input_topic => c.source.topic);
+        set!(self.output_topic => c.sink.topic);
+        set!(self.dlq_topic => c.dlq.topic);
+        set!(self.redis => c.state.redis_url);
+        set!(self.lease_ttl_ms => c.state.lease_ttl_ms);
+        c.kafka
+            .options
+            .extend(key_values("--kafka-option", &self.kafka_options)?);
         for (name, path) in key_values("--destination", &self.destinations)? {
             c.sink.destinations.insert(name, path.into());
         }
@@ -267,7 +332,7 @@ impl RunArgs {
             c.pipeline.progress_secs = 0;
         }
         c.validate()?;
-        Ok((c, self.summary_json))
+        Ok((c, self.summary_json, self.check))
     }
 }
 
@@ -372,29 +437,163 @@ fn write_summary(summary: &Summary, path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (config, summary_json) = args.into_config()?;
-    let plugin_path = config
-        .plugin
-        .path
-        .clone()
-        .context("plugin.path is required")?;
+/// The machine's host name.
+fn worker_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().replace('|', "-"))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+/// This worker's name in leases and heartbeats: host, process id and a random suffix.
+fn worker_id() -> String {
+    format!(
+        "{}-{}-{:04x}",
+        worker_host(),
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+async fn cluster_status(redis: &str, pipeline: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let workers = crate::cluster::live_workers(redis, pipeline)
+        .await
+        .with_context(|| format!("cannot read heartbeats from Redis at {redis}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&workers)?);
+    } else {
+        print!("{}", crate::cluster::render(&workers));
+    }
+    Ok(())
+}
+
+/// Where a run reads, writes and keeps state, as configured.
+struct Endpoints {
+    source: Box<dyn Source>,
+    /// The partitions the source consumes now (cluster mode), for heartbeats.
+    partitions: Option<Box<dyn Fn() -> Vec<i32> + Send + Sync>>,
+    sink: Box<dyn Sink>,
+    dlq: Box<dyn DeadLetterSink>,
+    /// Where dead letters are, to say so at the end.
+    dlq_name: String,
+}
+
+fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
     let input = config
         .source
         .path
         .clone()
         .context("source.path is required")?;
     let output = config.sink.path.clone().context("sink.path is required")?;
-    let name = config
-        .plugin
-        .name
-        .clone()
-        .unwrap_or_else(|| default_plugin_name(&plugin_path));
     let dlq_path = config
         .dlq
         .path
         .clone()
         .unwrap_or_else(|| default_dlq_path(&output));
+    Ok(Endpoints {
+        source: Box::new(FileSource::open(&input, config.source.format)?),
+        partitions: None,
+        sink: Box::new(FileSink::open(
+            &output,
+            &config.sink.destinations,
+            config.sink.format,
+        )?),
+        dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
+        dlq_name: dlq_path.display().to_string(),
+    })
+}
+
+/// Waits for the brokers and the topics (saying what is missing), then joins the group.
+async fn kafka_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
+    let input = config
+        .source
+        .topic
+        .clone()
+        .context("source.topic is required")?;
+    let output = config
+        .sink
+        .topic
+        .clone()
+        .context("sink.topic is required")?;
+    let dlq = config.dlq.topic.clone().context("dlq.topic is required")?;
+    let destinations: BTreeMap<String, String> = config
+        .sink
+        .destinations
+        .iter()
+        .map(|(name, topic)| (name.clone(), topic.display().to_string()))
+        .collect();
+    for topic in [&input, &output, &dlq]
+        .into_iter()
+        .chain(destinations.values())
+    {
+        crate::kafka::wait_for_topic(&config.kafka, topic)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    let producer = KafkaProducer::new(&config.kafka)?;
+    let source = KafkaSource::subscribe(&config.kafka, &input)?;
+    Ok(Endpoints {
+        partitions: Some(Box::new(source.partitions())),
+        source: Box::new(source),
+        sink: Box::new(KafkaSink::new(
+            &producer,
+            &output,
+            destinations,
+            config.limits.max_output_bytes,
+        )),
+        dlq: Box::new(KafkaDeadLetters::new(&producer, &dlq)),
+        dlq_name: format!("topic {dlq}"),
+    })
+}
+
+async fn state_store(
+    config: &Config,
+    pipeline_name: &str,
+    worker: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<dyn StateStore>> {
+    let done_ttl =
+        (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
+    Ok(match &config.state.redis_url {
+        Some(url) => {
+            let store = RedisStore::connect(
+                url,
+                pipeline_name,
+                worker,
+                Duration::from_millis(config.state.lease_ttl_ms),
+                done_ttl,
+            )
+            .await?
+            .with_circuit_gauge(metrics.circuit_open.with_label_values(&["redis"]));
+            eprintln!("weir: worker {worker}: leases and done marks in Redis at {url}");
+            Arc::new(store)
+        }
+        None => Arc::new(EmbeddedStore::open(
+            &config.state.path,
+            pipeline_name,
+            done_ttl,
+        )?),
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (config, summary_json, check_only) = args.into_config()?;
+    if check_only {
+        println!("weir: configuration is valid ({:?} mode)", config.mode());
+        return Ok(());
+    }
+    let plugin_path = config
+        .plugin
+        .path
+        .clone()
+        .context("plugin.path is required")?;
+    let name = config
+        .plugin
+        .name
+        .clone()
+        .unwrap_or_else(|| default_plugin_name(&plugin_path));
 
     let runtime = Runtime::new(&config.limits)?;
     let plugin_config = config.plugin.config.clone().into_iter().collect();
@@ -402,23 +601,61 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let ready = start_metrics_server(config.metrics.addr.as_deref(), &metrics).await?;
 
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     let pipeline_name = config.pipeline.name.clone().unwrap_or_else(|| name.clone());
-    let ttl =
-        (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
+    let worker = worker_id();
+    let connect = async {
+        let endpoints = match config.mode() {
+            Mode::Embedded => embedded_endpoints(&config)?,
+            Mode::Kafka => kafka_endpoints(&config).await?,
+        };
+        let state = state_store(&config, &pipeline_name, &worker, &metrics).await?;
+        anyhow::Ok((endpoints, state))
+    };
+    let (endpoints, state) = tokio::select! {
+        connected = connect => connected?,
+        () = &mut shutdown => return Ok(()),
+    };
+    let lease_renewal = config
+        .state
+        .redis_url
+        .is_some()
+        .then(|| Duration::from_millis(config.state.lease_ttl_ms / 3));
+    let dlq_name = endpoints.dlq_name;
+    let heartbeat = match (&config.state.redis_url, endpoints.partitions) {
+        (Some(url), Some(partitions)) => {
+            let meta = plugin.meta();
+            let info = WorkerInfo {
+                id: worker.clone(),
+                host: worker_host(),
+                pipeline: pipeline_name.clone(),
+                topic: config.source.topic.clone().unwrap_or_default(),
+                partitions: Vec::new(),
+                plugin: meta.name.clone(),
+                plugin_version: meta.version,
+                plugin_digest: meta.digest.clone(),
+                last_seen_ms: 0,
+            };
+            let url = url.clone();
+            Some(tokio::spawn(async move {
+                let beat = crate::cluster::heartbeat(url, move || WorkerInfo {
+                    partitions: partitions(),
+                    ..info.clone()
+                });
+                if let Err(e) = beat.await {
+                    tracing::warn!("heartbeats stopped: {e}");
+                }
+            }))
+        }
+        _ => None,
+    };
     let pipeline = Pipeline {
         plugin,
-        source: Box::new(FileSource::open(&input, config.source.format)?),
-        sink: Box::new(FileSink::open(
-            &output,
-            &config.sink.destinations,
-            config.sink.format,
-        )?),
-        dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
-        state: Arc::new(EmbeddedStore::open(
-            &config.state.path,
-            &pipeline_name,
-            ttl,
-        )?),
+        source: endpoints.source,
+        sink: endpoints.sink,
+        dlq: endpoints.dlq,
+        state,
         metrics: metrics.clone(),
         settings: Settings {
             batch_size: config.pipeline.batch_size,
@@ -433,20 +670,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             bypass_done: false,
             progress: (config.pipeline.progress_secs > 0)
                 .then(|| Duration::from_secs(config.pipeline.progress_secs)),
+            lease_renewal,
         },
     };
     ready.store(true, Ordering::Relaxed);
-    let summary = pipeline.run(shutdown_signal()).await?;
+    let summary = pipeline.run(&mut shutdown).await;
     ready.store(false, Ordering::Relaxed);
+    if let Some(beat) = heartbeat {
+        beat.abort();
+        if let Some(url) = &config.state.redis_url {
+            let _ = crate::cluster::sign_off(url, &pipeline_name, &worker).await;
+        }
+    }
+    let summary = summary?;
     write_summary(&summary, summary_json.as_deref())?;
     if summary.dead_lettered > 0 {
-        eprintln!(
-            "weir: dead letters are in {} (see `weir dlq list --dlq {}`)",
-            dlq_path.display(),
-            dlq_path.display()
-        );
+        eprintln!("weir: dead letters are in {dlq_name} (see `weir dlq list`)");
     }
-    if summary.deduplicated > 0 && summary.deduplicated == summary.records_in {
+    if config.mode() == Mode::Embedded
+        && config.state.redis_url.is_none()
+        && summary.deduplicated > 0
+        && summary.deduplicated == summary.records_in
+    {
         eprintln!(
             "weir: every record was already done according to {}; use another --state directory to process them again",
             config.state.path.display()
@@ -584,6 +829,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             backoff: Backoff::new(config.retry.clone()),
             bypass_done: true,
             progress: None,
+            lease_renewal: None,
         },
     };
     let summary = pipeline.run(std::future::pending()).await?;

@@ -46,6 +46,14 @@ pub struct Config {
     pub retry: RetryConfig,
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
+    pub kafka: KafkaConfig,
+}
+
+/// Where a worker reads and writes: files (embedded, the default) or Kafka topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+    Kafka,
 }
 
 /// Which plugin to run and how to configure it.
@@ -60,12 +68,14 @@ pub struct PluginConfig {
     pub config: BTreeMap<String, String>,
 }
 
-/// Where records come from (embedded mode: JSON-lines files).
+/// Where records come from: JSON-lines files (embedded mode) or a Kafka topic.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     /// A file, a directory of `*.jsonl` files (read in name order), or `-` for stdin.
     pub path: Option<PathBuf>,
+    /// The Kafka topic to consume (cluster mode).
+    pub topic: Option<String>,
     /// How each line is read.
     pub format: LineFormat,
 }
@@ -81,15 +91,18 @@ pub enum LineFormat {
     Envelope,
 }
 
-/// Where outputs go (embedded mode: JSON-lines files or stdout).
+/// Where outputs go: JSON-lines files or stdout (embedded mode), or Kafka topics.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SinkConfig {
     /// Default destination: a file path, or `-` for stdout.
     pub path: Option<PathBuf>,
-    /// How each output is written.
+    /// Default destination in cluster mode: a Kafka topic.
+    pub topic: Option<String>,
+    /// How each output is written (files only).
     pub format: LineFormat,
-    /// Named destinations a plugin may send outputs to: name → file path.
+    /// Named destinations a plugin may send outputs to: name → file path, or name → topic
+    /// in cluster mode.
     pub destinations: BTreeMap<String, PathBuf>,
 }
 
@@ -99,14 +112,21 @@ pub struct SinkConfig {
 pub struct DlqConfig {
     /// JSON-lines file; defaults to `<output>.dlq.jsonl` (or `weir.dlq.jsonl` for stdout).
     pub path: Option<PathBuf>,
+    /// The dead-letter topic (cluster mode; required there).
+    pub topic: Option<String>,
 }
 
-/// The embedded state store (done marks for deduplication).
+/// Done marks (deduplication) and leases: the embedded store, or Redis shared by a cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
-    /// Directory of the embedded database.
+    /// Directory of the embedded database (used when `redis_url` is unset).
     pub path: PathBuf,
+    /// Redis holding leases and done marks for every worker, e.g. `redis://127.0.0.1:6379`.
+    /// Run it with AOF on, or fencing tokens go backwards after a restart.
+    pub redis_url: Option<String>,
+    /// How long a lease outlives a worker that stopped renewing it, in milliseconds.
+    pub lease_ttl_ms: u64,
     /// How long a done mark is kept, in seconds; 0 keeps it forever.
     pub done_ttl_secs: u64,
 }
@@ -115,9 +135,24 @@ impl Default for StateConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from(".weir/state"),
+            redis_url: None,
+            lease_ttl_ms: 30_000,
             done_ttl_secs: 0,
         }
     }
+}
+
+/// The Kafka cluster of cluster mode. Setting `bootstrap` turns cluster mode on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, e.g. `127.0.0.1:9092`.
+    pub bootstrap: Option<String>,
+    /// Consumer group shared by the workers of one pipeline.
+    pub group: Option<String>,
+    /// librdkafka properties passed through as they are (consumer and producer alike),
+    /// e.g. `"session.timeout.ms" = "10000"`.
+    pub options: BTreeMap<String, String>,
 }
 
 /// The record lifecycle.
@@ -239,16 +274,23 @@ impl Config {
         })
     }
 
+    /// Cluster mode when a Kafka bootstrap is configured, embedded otherwise.
+    pub fn mode(&self) -> Mode {
+        if self.kafka.bootstrap.is_some() {
+            Mode::Kafka
+        } else {
+            Mode::Embedded
+        }
+    }
+
     /// Checks the whole tree; the first problem found is named with its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.plugin.path.is_none() {
             return Err(invalid("plugin.path", "is required (or pass --plugin)"));
         }
-        if self.source.path.is_none() {
-            return Err(invalid("source.path", "is required (or pass --input)"));
-        }
-        if self.sink.path.is_none() {
-            return Err(invalid("sink.path", "is required (or pass --output)"));
+        match self.mode() {
+            Mode::Embedded => self.validate_embedded()?,
+            Mode::Kafka => self.validate_kafka()?,
         }
         if let Some(name) = &self.plugin.name {
             check_name("plugin.name", name)?;
@@ -303,6 +345,20 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.state.lease_ttl_ms < 1_000 {
+            return Err(invalid(
+                "state.lease_ttl_ms",
+                format!("must be at least 1000, got {}", self.state.lease_ttl_ms),
+            ));
+        }
+        if let Some(url) = &self.state.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "state.redis_url",
+                format!("`{url}` is not a Redis URL like redis://127.0.0.1:6379"),
+            ));
+        }
         if let Some(addr) = &self.metrics.addr {
             addr.parse::<std::net::SocketAddr>().map_err(|e| {
                 invalid(
@@ -310,6 +366,92 @@ impl Config {
                     format!("`{addr}` is not a socket address like 127.0.0.1:9090 ({e})"),
                 )
             })?;
+        }
+        Ok(())
+    }
+
+    fn validate_embedded(&self) -> Result<(), ConfigError> {
+        if self.source.path.is_none() {
+            return Err(invalid(
+                "source.path",
+                "is required (or pass --input; or --kafka and --input-topic for cluster mode)",
+            ));
+        }
+        if self.sink.path.is_none() {
+            return Err(invalid("sink.path", "is required (or pass --output)"));
+        }
+        for (field, set) in [
+            ("source.topic", self.source.topic.is_some()),
+            ("sink.topic", self.sink.topic.is_some()),
+            ("dlq.topic", self.dlq.topic.is_some()),
+            ("kafka.group", self.kafka.group.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    field,
+                    "is a cluster-mode setting: pass --kafka <bootstrap> (kafka.bootstrap) too",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        for (field, value, flag) in [
+            ("kafka.bootstrap", &self.kafka.bootstrap, "--kafka"),
+            ("kafka.group", &self.kafka.group, "--group"),
+            ("source.topic", &self.source.topic, "--input-topic"),
+            ("sink.topic", &self.sink.topic, "--output-topic"),
+            ("dlq.topic", &self.dlq.topic, "--dlq-topic"),
+        ] {
+            match value.as_deref() {
+                None => {
+                    return Err(invalid(
+                        field,
+                        format!("is required in cluster mode (or pass {flag})"),
+                    ));
+                }
+                Some(v) if v.trim().is_empty() => return Err(invalid(field, "must not be empty")),
+                Some(_) => {}
+            }
+        }
+        for (field, set) in [
+            ("source.path", self.source.path.is_some()),
+            ("sink.path", self.sink.path.is_some()),
+            ("dlq.path", self.dlq.path.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    field,
+                    "is a file setting, but cluster mode (kafka.bootstrap) reads and writes topics",
+                ));
+            }
+        }
+        if self.source.topic == self.sink.topic || self.source.topic == self.dlq.topic {
+            return Err(invalid(
+                "source.topic",
+                "must differ from sink.topic and dlq.topic (a worker would consume its own output)",
+            ));
+        }
+        // Retries run inline: they must end well before the group gives up on this consumer.
+        let max_poll_ms = match self.kafka.options.get("max.poll.interval.ms") {
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                invalid(
+                    "kafka.options",
+                    format!("max.poll.interval.ms `{v}` is not a number of milliseconds"),
+                )
+            })?,
+            None => 300_000,
+        };
+        if self.retry.max_elapsed_ms.saturating_mul(2) > max_poll_ms {
+            return Err(invalid(
+                "retry.max_elapsed_ms",
+                format!(
+                    "{} ms is more than half of max.poll.interval.ms ({max_poll_ms} ms): a retried batch \
+                     would get this worker thrown out of its consumer group",
+                    self.retry.max_elapsed_ms
+                ),
+            ));
         }
         Ok(())
     }
@@ -371,6 +513,58 @@ mod tests {
         c.pipeline.id = Some("id".into());
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("pipeline.id"), "{err}");
+    }
+
+    fn cluster() -> Config {
+        let mut c = Config::default();
+        c.plugin.path = Some("p.wasm".into());
+        c.kafka.bootstrap = Some("127.0.0.1:9092".into());
+        c.kafka.group = Some("g".into());
+        c.source.topic = Some("in".into());
+        c.sink.topic = Some("out".into());
+        c.dlq.topic = Some("dlq".into());
+        c
+    }
+
+    #[test]
+    fn cluster_config_is_valid() {
+        let c = cluster();
+        assert_eq!(c.mode(), Mode::Kafka);
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn cluster_mode_names_the_missing_flag() {
+        let mut c = cluster();
+        c.dlq.topic = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("dlq.topic") && err.contains("--dlq-topic"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn topic_without_kafka_is_refused() {
+        let mut c = minimal();
+        c.source.topic = Some("in".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("source.topic") && err.contains("--kafka"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn retries_must_fit_in_the_poll_interval() {
+        let mut c = cluster();
+        c.kafka
+            .options
+            .insert("max.poll.interval.ms".into(), "20000".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("retry.max_elapsed_ms"), "{err}");
+        c.retry.max_elapsed_ms = 5_000;
+        c.validate().expect("valid");
     }
 
     #[test]

@@ -5,17 +5,21 @@
 //! - [`config`]: the one configuration tree and its validation.
 //! - [`runtime`]: wasmtime engine, plugin loading, limits, per-record fault isolation.
 //! - [`pipeline`]: the record lifecycle (ids, dedup, retries, dead letters, commit).
-//! - [`source`], [`sink`], [`state`]: the seams to the outside (files and redb embedded).
+//! - [`source`], [`sink`], [`state`]: the seams to the outside (files and redb embedded;
+//!   Kafka topics and Redis in cluster mode, with [`kafka`] holding the shared client set-up).
 //! - [`metrics`]: every metric, and the run summary read from them.
+//! - [`cluster`]: worker heartbeats in Redis and `weir cluster status`.
 //! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - [`plugin_test`]: `weir test`, trying a plugin on a sample file.
 //! - [`cli`]: the `weir` command line.
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod jsonl;
+pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin_test;

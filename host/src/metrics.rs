@@ -28,6 +28,10 @@ pub struct Metrics {
     pub plugin_traps: IntCounterVec,
     pub plugin_active_info: IntGaugeVec,
     pub dlq_replayed: IntCounter,
+    pub lease_acquired: IntCounter,
+    pub lease_contended: IntCounter,
+    pub lease_lost: IntCounter,
+    pub circuit_open: IntGaugeVec,
 }
 
 impl Metrics {
@@ -75,6 +79,17 @@ impl Metrics {
         registry
             .register(Box::new(plugin_active_info.clone()))
             .expect("unique metric name");
+        let circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "weir_circuit_open",
+                "1 while a dependency does not answer and consumption is paused",
+            ),
+            &["dependency"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(circuit_open.clone()))
+            .expect("unique metric name");
         let metrics = Self {
             records_in: counter(
                 &registry,
@@ -120,6 +135,23 @@ impl Metrics {
                 "weir_dlq_replayed_total",
                 "Dead-lettered records fed again by a replay",
             ),
+            lease_acquired: counter(
+                &registry,
+                "weir_lease_acquired_total",
+                "Record leases taken by this worker",
+            ),
+            lease_contended: counter(
+                &registry,
+                "weir_lease_contended_total",
+                "Claims that found a record leased by another live worker (the record waits)",
+            ),
+            lease_lost: counter(
+                &registry,
+                "weir_lease_lost_total",
+                "Records whose lease another worker took over before this one finished \
+                 (their offsets are not committed by this worker)",
+            ),
+            circuit_open,
             registry,
         };
         // Show every class from the start, so rates work before the first failure.

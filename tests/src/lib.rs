@@ -1,6 +1,7 @@
 //! Harness for Weir's integration tests: runs the real `weir` binary (built in this package
 //! as `weir-under-test`, so it is always fresh) over files in a temporary directory, and
-//! reads back outputs, dead letters and the run summary.
+//! reads back outputs, dead letters and the run summary. For cluster mode: `redis_server`
+//! and `kafka_broker` start real servers, `worker` runs `weir` worker processes.
 //!
 //! The plugins come from `scripts/build-plugins.sh` (`target/wasm32-wasip2/release/`).
 
@@ -9,9 +10,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod kafka_broker;
 pub mod redis_server;
+pub mod worker;
 
 use serde_json::Value;
+
+/// A free loopback port (for a server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Sends `sig` to a process this harness started.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) with a pid of a child this harness started; no memory is shared.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

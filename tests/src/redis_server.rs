@@ -14,13 +14,6 @@ pub struct RedisServer {
     dir: Option<tempfile::TempDir>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 impl RedisServer {
     /// Starts a fresh server (or returns the external one of `WEIR_REDIS_URL`).
     pub fn start() -> Self {
@@ -32,8 +25,14 @@ impl RedisServer {
                 dir: None,
             };
         }
+        Self::start_local()
+    }
+
+    /// Starts a fresh local server, even when `WEIR_REDIS_URL` is set (for tests that pause
+    /// or kill it).
+    pub fn start_local() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
+        let port = crate::free_port();
         let mut server = Self {
             url: format!("redis://127.0.0.1:{port}/"),
             process: None,
@@ -88,6 +87,20 @@ impl RedisServer {
     pub fn kill_and_restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// SIGSTOP: the server freezes with its connections open.
+    pub fn pause(&self) {
+        crate::signal(self.pid(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        crate::signal(self.pid(), libc::SIGCONT);
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.as_ref().expect("a local server").id()
     }
 
     fn kill(&mut self) {

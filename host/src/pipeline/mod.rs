@@ -60,6 +60,9 @@ pub struct Settings {
     pub bypass_done: bool,
     /// Print a progress line to stderr this often.
     pub progress: Option<Duration>,
+    /// Renew the leases of a batch this often while the plugin runs (stores whose leases
+    /// expire; a third of the lease TTL).
+    pub lease_renewal: Option<Duration>,
 }
 
 /// A source, a plugin, a sink, a DLQ and a state store, wired together.
@@ -133,6 +136,7 @@ impl Pipeline {
                 eprintln!("weir: {}", self.metrics.summary(started.elapsed()));
             }
         }
+        self.source.close().await?;
         Ok(self.metrics.summary(started.elapsed()))
     }
 
@@ -154,7 +158,10 @@ impl Pipeline {
         // Decide what the plugin sees: not done, not a repeat within this batch, readable.
         let mut records = Vec::with_capacity(n);
         let mut letters = Vec::new();
+        // (id, fence) of every record the plugin saw or that was dead-lettered, and where it
+        // sits in the batch.
         let mut finished = Vec::with_capacity(n);
+        let mut finished_at = Vec::with_capacity(n);
         let mut to_run = Vec::with_capacity(n);
         let mut seen = HashSet::with_capacity(n);
         let mut deduplicated = 0;
@@ -184,6 +191,7 @@ impl Pipeline {
                     let record = std::mem::replace(&mut records[i], placeholder());
                     letters.push(self.dead_letter(record, &ids[i], failed));
                     finished.push((ids[i].clone(), fence));
+                    finished_at.push(i);
                 }
                 None => to_run.push((i, fence)),
             }
@@ -193,7 +201,11 @@ impl Pipeline {
             .iter()
             .map(|&(i, _)| std::mem::replace(&mut records[i], placeholder()))
             .collect();
-        let (work, verdicts) = self.invoke(work).await?;
+        let leases: Vec<(String, u64)> = to_run
+            .iter()
+            .map(|&(i, fence)| (ids[i].clone(), fence))
+            .collect();
+        let (work, verdicts) = self.renewing(&leases, self.invoke(work)).await??;
 
         let version = self.plugin.meta().version.to_string();
         let mut outputs = Vec::new();
@@ -201,6 +213,7 @@ impl Pipeline {
         for ((record, verdict), &(i, fence)) in work.into_iter().zip(verdicts).zip(&to_run) {
             let id = &ids[i];
             finished.push((id.clone(), fence));
+            finished_at.push(i);
             let verdict = match verdict {
                 Verdict::Outputs(outs) => {
                     match outs.iter().find_map(|o| self.sink.check(o).err()) {
@@ -244,10 +257,22 @@ impl Pipeline {
         self.dlq.send(letters).await?;
         self.sink.flush().await?;
         self.dlq.flush().await?;
+        let mut unfinished = Vec::new();
         if !finished.is_empty() {
-            self.state.finish(&finished).await?;
+            let held = self.state.finish(&finished).await?;
+            for ((id, fence), (&i, held)) in finished.iter().zip(finished_at.iter().zip(held)) {
+                if !held {
+                    tracing::warn!(
+                        record_id = %id,
+                        fence,
+                        "lease lost: another worker took this record over; its offset is left for that worker"
+                    );
+                    unfinished.push(i);
+                }
+            }
+            self.metrics.lease_lost.inc_by(unfinished.len() as u64);
         }
-        self.source.commit().await?;
+        self.source.commit(&unfinished).await?;
 
         self.metrics.records_deduplicated.inc_by(deduplicated);
         self.metrics.records_processed.inc_by(processed);
@@ -265,6 +290,13 @@ impl Pipeline {
     /// done or ours (never skipped).
     async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, PipelineError> {
         let mut claims = self.state.claim(ids).await?;
+        let acquired = |claims: &[Claim]| {
+            claims
+                .iter()
+                .filter(|c| matches!(c, Claim::Leased { .. }))
+                .count() as u64
+        };
+        self.metrics.lease_acquired.inc_by(acquired(&claims));
         loop {
             let parked: Vec<usize> = (0..ids.len())
                 .filter(|&i| claims[i] == Claim::HeldElsewhere)
@@ -272,10 +304,38 @@ impl Pipeline {
             if parked.is_empty() {
                 return Ok(claims);
             }
+            self.metrics.lease_contended.inc_by(parked.len() as u64);
             tokio::time::sleep(PARKED_RECHECK).await;
             let again: Vec<String> = parked.iter().map(|&i| ids[i].clone()).collect();
-            for (i, claim) in parked.into_iter().zip(self.state.claim(&again).await?) {
+            let reclaimed = self.state.claim(&again).await?;
+            self.metrics.lease_acquired.inc_by(acquired(&reclaimed));
+            for (i, claim) in parked.into_iter().zip(reclaimed) {
                 claims[i] = claim;
+            }
+        }
+    }
+
+    /// Awaits `work`, renewing `leases` meanwhile so a slow batch keeps its records.
+    async fn renewing<T>(
+        &self,
+        leases: &[(String, u64)],
+        work: impl Future<Output = T>,
+    ) -> Result<T, PipelineError> {
+        let Some(every) = self.settings.lease_renewal.filter(|_| !leases.is_empty()) else {
+            return Ok(work.await);
+        };
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = tick.tick() => {
+                    let held = self.state.renew(leases).await?;
+                    let lost = held.iter().filter(|h| !**h).count();
+                    if lost > 0 {
+                        tracing::warn!(lost, "leases expired while the plugin ran; another worker may take those records over");
+                    }
+                }
             }
         }
     }

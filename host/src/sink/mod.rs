@@ -1,9 +1,14 @@
 //! Where outputs and dead letters go. [`Sink`] and [`DeadLetterSink`] are the seams;
-//! `file.rs` writes JSON lines to files or stdout (the embedded default).
+//! `file.rs` writes JSON lines to files or stdout (the embedded default); `kafka.rs` produces
+//! to topics (cluster mode).
 
 mod file;
+mod kafka;
 
 pub use file::{FileDeadLetters, FileSink};
+pub use kafka::{
+    DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink, dead_letter_headers,
+};
 
 use async_trait::async_trait;
 

@@ -97,7 +97,7 @@ impl Source for DlqFileSource {
         }
     }
 
-    async fn commit(&mut self) -> Result<(), SourceError> {
-        self.lines.commit().await
+    async fn commit(&mut self, _unfinished: &[usize]) -> Result<(), SourceError> {
+        self.lines.commit(&[]).await
     }
 }

@@ -1,11 +1,16 @@
 //! Where records come from. [`Source`] is the seam: `file.rs` (JSON lines from files, a
-//! directory or stdin) is the embedded default; `dlq.rs` re-feeds a DLQ file for replays.
+//! directory or stdin) is the embedded default; `kafka.rs` consumes a topic in a consumer
+//! group (cluster mode), committing what `offsets.rs` allows; `dlq.rs` re-feeds a DLQ file
+//! for replays.
 
 mod dlq;
 mod file;
+mod kafka;
+mod offsets;
 
 pub use dlq::DlqFileSource;
 pub use file::FileSource;
+pub use kafka::KafkaSource;
 
 use async_trait::async_trait;
 
@@ -46,6 +51,13 @@ pub trait Source: Send {
     /// Up to `max` records; `None` once the input is exhausted.
     async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError>;
 
-    /// Every record handed out so far has a durable fate; the source may advance past them.
-    async fn commit(&mut self) -> Result<(), SourceError>;
+    /// The records of the last batch have a durable fate, except those at the positions
+    /// `unfinished` (their lease went to another worker): the source may advance past the
+    /// others, but never past an unfinished one.
+    async fn commit(&mut self, unfinished: &[usize]) -> Result<(), SourceError>;
+
+    /// The run is over: make the last commit durable.
+    async fn close(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }

@@ -7,12 +7,19 @@
 //! it; optional TTL), `<ns>:lease:<id>` (`<owner>|<fence>`, with a TTL) and `<ns>:fence` (the
 //! counter). Run Redis with AOF on: without it a restart resets the counter and fences go
 //! backwards. The scripts build keys from their arguments, so Redis Cluster is not supported.
+//!
+//! A Redis outage pauses the worker instead of stopping it: every call has a response
+//! timeout and is retried with backoff until Redis answers (`weir_circuit_open{dependency=
+//! "redis"}` is 1 meanwhile). Retrying is safe because every script is idempotent for its
+//! owner: a claim re-finds the owner's own leases, and a finish whose first attempt did land
+//! finds the done mark with its fence.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prometheus::IntGauge;
 use redis::Script;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Claim, StateError, StateStore};
 
@@ -58,6 +65,8 @@ for i = 4, #ARGV, 2 do
     end
     redis.call('DEL', key)
     out[#out + 1] = 1
+  elseif redis.call('GET', ns .. ':done:' .. id) == fence then
+    out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
@@ -80,6 +89,21 @@ end
 return out
 ";
 
+const RELEASE: &str = r"
+local ns, owner = ARGV[1], ARGV[2]
+local out = {}
+for i = 4, #ARGV, 2 do
+  local key = ns .. ':lease:' .. ARGV[i]
+  if redis.call('GET', key) == owner .. '|' .. ARGV[i + 1] then
+    redis.call('DEL', key)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+";
+
 /// Leases and done marks in Redis.
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -90,7 +114,14 @@ pub struct RedisStore {
     claim: Script,
     finish: Script,
     renew: Script,
+    release: Script,
+    circuit: Option<IntGauge>,
 }
+
+/// How long one Redis call may take before it counts as failed and is tried again.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest wait between two tries while Redis is unavailable.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 fn redis_error(what: &str) -> impl Fn(redis::RedisError) -> StateError + '_ {
     move |e| StateError(format!("redis {what}: {e}"))
@@ -112,9 +143,26 @@ impl RedisStore {
             )));
         }
         let client = redis::Client::open(url).map_err(redis_error("url"))?;
-        let conn = ConnectionManager::new(client)
-            .await
-            .map_err(|e| StateError(format!("cannot connect to Redis at {url}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(MAX_RETRY_DELAY);
+        let mut delay = Duration::from_millis(200);
+        let conn = loop {
+            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                Ok(conn) => break conn,
+                Err(e) if is_transient(&e) => {
+                    eprintln!(
+                        "weir: waiting for Redis at {url}: {e}; retrying in {:.1} s",
+                        delay.as_secs_f64()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(StateError(format!("cannot connect to Redis at {url}: {e}"))),
+            }
+        };
         Ok(Self {
             conn,
             namespace: format!("weir:{namespace}"),
@@ -124,14 +172,23 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             finish: Script::new(FINISH),
             renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+            circuit: None,
         })
+    }
+
+    /// Reports outages on `gauge` (1 while Redis does not answer).
+    pub fn with_circuit_gauge(mut self, gauge: IntGauge) -> Self {
+        self.circuit = Some(gauge);
+        self
     }
 
     fn ms(d: Duration) -> u64 {
         d.as_millis().max(1) as u64
     }
 
-    /// Runs `script` with the common arguments, then `args`.
+    /// Runs `script` with the common arguments, then `args`; while Redis is unavailable,
+    /// tries again with backoff until it answers.
     async fn run(
         &self,
         script: &Script,
@@ -144,21 +201,75 @@ impl RedisStore {
         for a in args {
             invocation.arg(a);
         }
-        let mut conn = self.conn.clone();
-        invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error(what))
+        let mut delay = Duration::from_millis(50);
+        let mut outage: Option<std::time::Instant> = None;
+        loop {
+            let mut conn = self.conn.clone();
+            match invocation.invoke_async(&mut conn).await {
+                Ok(out) => {
+                    if let Some(since) = outage {
+                        tracing::warn!(
+                            "Redis answers again after {:.1} s; resuming",
+                            since.elapsed().as_secs_f64()
+                        );
+                        if let Some(g) = &self.circuit {
+                            g.set(0);
+                        }
+                    }
+                    return Ok(out);
+                }
+                Err(e) if is_transient(&e) => {
+                    if outage.is_none() {
+                        tracing::warn!(
+                            "Redis {what} failed ({e}); pausing and retrying until it answers"
+                        );
+                        outage = Some(std::time::Instant::now());
+                        if let Some(g) = &self.circuit {
+                            g.set(1);
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                Err(e) => return Err(redis_error(what)(e)),
+            }
+        }
     }
 
-    /// Extends the leases that are still ours; says per id whether it was.
-    pub async fn renew_leases(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        let args = pairs(leases);
-        let out = self
-            .run(&self.renew, Self::ms(self.lease_ttl), &args, "renew")
-            .await?;
+    /// Runs a per-lease script; says per lease whether it was still ours.
+    async fn per_lease(
+        &self,
+        script: &Script,
+        ttl_ms: u64,
+        leases: &[(String, u64)],
+        what: &str,
+    ) -> Result<Vec<bool>, StateError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = self.run(script, ttl_ms, &pairs(leases), what).await?;
         Ok(out.into_iter().map(|v| v == 1).collect())
     }
+
+    /// Gives leases up without marking the records done (another worker may take them at
+    /// once); says per id whether the lease was still ours.
+    pub async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        self.per_lease(&self.release, 0, leases, "release").await
+    }
+}
+
+/// Errors that go away when Redis comes back (as opposed to a script or data error).
+fn is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
+                | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+        )
 }
 
 fn pairs(items: &[(String, u64)]) -> Vec<String> {
@@ -197,15 +308,12 @@ impl StateStore for RedisStore {
     }
 
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        if done.is_empty() {
-            return Ok(Vec::new());
-        }
         let ttl = self.done_ttl.map_or(0, Self::ms);
-        let out = self.run(&self.finish, ttl, &pairs(done), "finish").await?;
-        Ok(out.into_iter().map(|v| v == 1).collect())
+        self.per_lease(&self.finish, ttl, done, "finish").await
     }
 
     async fn renew(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        self.renew_leases(leases).await
+        self.per_lease(&self.renew, Self::ms(self.lease_ttl), leases, "renew")
+            .await
     }
 }

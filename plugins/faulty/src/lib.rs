@@ -11,6 +11,7 @@
 //! | `retry`         | `retryable` on attempts 1..=K (config `retry_attempts`, default 2), then passes |
 //! | `retry_forever` | always `retryable`                                            |
 //! | `invalid`       | `invalid`                                                     |
+//! | `slow`          | busy for `slow_ms` milliseconds (field; default 1000), then passes |
 //!
 //! Every other record passes through unchanged. Config `faults=off` makes every record pass
 //! (the "fixed" version used to test DLQ replay).
@@ -65,6 +66,14 @@ fn faulty(record: Record) -> Result<Output, TransformError> {
         Some("retry_forever") => Err(TransformError::Retryable(format!(
             "record {id} is never ready"
         ))),
+        Some("slow") => {
+            let ms = value.get("slow_ms").and_then(Value::as_u64).unwrap_or(1000);
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(ms) {
+                std::hint::spin_loop();
+            }
+            Ok(Output::new(record.value))
+        }
         Some("invalid") => Err(TransformError::Invalid(format!(
             "record {id} is marked invalid"
         ))),

@@ -1,0 +1,112 @@
+//! Kafka plumbing shared by the topic source and the topic sinks: the librdkafka properties
+//! (our defaults, then the user's `kafka.options` as they are), the client context that routes
+//! librdkafka's logs and errors into `tracing`, and the start-up reachability check.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+
+use crate::config::KafkaConfig;
+
+/// The librdkafka configuration: bootstrap, then `defaults`, then the user's options (which
+/// win, so any default can be overridden).
+pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    if let Some(bootstrap) = &kafka.bootstrap {
+        config.set("bootstrap.servers", bootstrap);
+    }
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    for (key, value) in &kafka.options {
+        config.set(key, value);
+    }
+    config
+}
+
+/// Routes librdkafka's logs and errors into `tracing`.
+#[derive(Clone, Default)]
+pub struct LogContext;
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_error(&error, reason);
+    }
+}
+
+impl ConsumerContext for LogContext {}
+
+/// A librdkafka log line as a `tracing` event.
+pub fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error
+        | RDKafkaLogLevel::Warning => tracing::warn!(target: "kafka", "{facility}: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "kafka", "{facility}: {message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "kafka", "{facility}: {message}"),
+    }
+}
+
+/// A librdkafka client error (librdkafka keeps retrying by itself; we say what is wrong).
+pub fn log_error(error: &KafkaError, reason: &str) {
+    tracing::warn!(target: "kafka", "{error}: {reason}");
+}
+
+/// Waits until the cluster answers a metadata request for `topic`, saying on each attempt
+/// what is wrong (broker unreachable, topic missing), with backoff up to 10 s. Returns the
+/// topic's partition count; fails only when the client cannot be made (bad options).
+pub async fn wait_for_topic(kafka: &KafkaConfig, topic: &str) -> Result<usize, String> {
+    let config = client_config(kafka, &[]);
+    let consumer: BaseConsumer<LogContext> = config
+        .create_with_context(LogContext)
+        .map_err(|e| format!("kafka client: {e}"))?;
+    let consumer = std::sync::Arc::new(consumer);
+    let bootstrap = kafka.bootstrap.clone().unwrap_or_default();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let c = consumer.clone();
+        let t = topic.to_owned();
+        let answer = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(5))
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    let Some(found) = m.topics().iter().find(|x| x.name() == t) else {
+                        return Err(format!("topic `{t}` does not exist"));
+                    };
+                    if let Some(err) = found.error() {
+                        let err = rdkafka::error::RDKafkaErrorCode::from(err);
+                        return Err(format!("topic `{t}`: {err}"));
+                    }
+                    if found.partitions().is_empty() {
+                        return Err(format!("topic `{t}` does not exist (no partitions)"));
+                    }
+                    Ok(found.partitions().len())
+                })
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match answer {
+            Ok(partitions) => return Ok(partitions),
+            Err(reason) => {
+                eprintln!(
+                    "weir: waiting for Kafka at {bootstrap}: {reason}; retrying in {:.1} s",
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}

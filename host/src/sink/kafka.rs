@@ -1,0 +1,250 @@
+//! Kafka topics as sinks: outputs to the default topic or a plugin-named destination topic,
+//! dead letters to the DLQ topic with the original key, value and headers plus the
+//! `weir.error.*` headers (DESIGN §7). One idempotent producer serves both.
+//!
+//! `send` only enqueues; `flush` waits for every delivery. A failed delivery (librdkafka has
+//! already retried it within `message.timeout.ms`) is sent again up to [`DELIVERY_ATTEMPTS`]
+//! times in all; after that `flush` fails and the worker stops consuming rather than drop it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use super::{DeadLetterSink, Sink, SinkError};
+use crate::config::KafkaConfig;
+use crate::kafka::LogContext;
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::runtime::Output;
+
+/// Sends of one message, in all, before the worker gives up and stops.
+pub const DELIVERY_ATTEMPTS: u32 = 3;
+
+fn sink_error(what: String, e: KafkaError) -> SinkError {
+    SinkError {
+        what,
+        source: std::io::Error::other(e),
+    }
+}
+
+/// The producer both sinks share.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    producer: FutureProducer<LogContext>,
+}
+
+impl KafkaProducer {
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, SinkError> {
+        let config = crate::kafka::client_config(kafka, &[("enable.idempotence", "true")]);
+        let producer = config
+            .create_with_context(LogContext)
+            .map_err(|e| sink_error("kafka producer".into(), e))?;
+        Ok(Self { producer })
+    }
+}
+
+/// A message to produce, kept until its delivery is confirmed.
+struct Message {
+    topic: String,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Messages sent and not yet confirmed.
+struct Deliveries {
+    producer: FutureProducer<LogContext>,
+    pending: Vec<(Message, DeliveryFuture, u32)>,
+}
+
+impl Deliveries {
+    fn new(producer: &KafkaProducer) -> Self {
+        Self {
+            producer: producer.producer.clone(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Enqueues `message`; waits while librdkafka's queue is full.
+    async fn send(&mut self, message: Message, attempt: u32) -> Result<(), SinkError> {
+        loop {
+            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+            for (name, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record = FutureRecord::to(&message.topic)
+                .payload(&message.value)
+                .headers(headers);
+            if let Some(key) = &message.key {
+                record = record.key(key);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.pending.push((message, delivery, attempt));
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(sink_error(
+                        format!("cannot produce to topic `{}`", message.topic),
+                        e,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits for every delivery; re-sends failed ones, up to [`DELIVERY_ATTEMPTS`] in all.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        while !self.pending.is_empty() {
+            let mut failed = Vec::new();
+            for (message, delivery, attempt) in std::mem::take(&mut self.pending) {
+                let error = match delivery.await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err((e, _))) => e,
+                    Err(_) => KafkaError::Canceled,
+                };
+                if attempt >= DELIVERY_ATTEMPTS {
+                    return Err(sink_error(
+                        format!(
+                            "delivery to topic `{}` failed {attempt} times; stopping rather than drop the record",
+                            message.topic
+                        ),
+                        error,
+                    ));
+                }
+                tracing::warn!(topic = %message.topic, attempt, "delivery failed, sending again: {error}");
+                failed.push((message, attempt + 1));
+            }
+            for (message, attempt) in failed {
+                self.send(message, attempt).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Outputs to the default topic or a named destination topic.
+pub struct KafkaSink {
+    deliveries: Deliveries,
+    topic: String,
+    destinations: BTreeMap<String, String>,
+    max_value_bytes: usize,
+}
+
+impl KafkaSink {
+    pub fn new(
+        producer: &KafkaProducer,
+        topic: &str,
+        destinations: BTreeMap<String, String>,
+        max_value_bytes: usize,
+    ) -> Self {
+        Self {
+            deliveries: Deliveries::new(producer),
+            topic: topic.to_owned(),
+            destinations,
+            max_value_bytes,
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn check(&self, output: &Output) -> Result<(), String> {
+        if let Some(dest) = &output.destination
+            && !self.destinations.contains_key(dest)
+        {
+            let known: Vec<&str> = self.destinations.keys().map(String::as_str).collect();
+            return Err(format!(
+                "output names the destination `{dest}`, which is not configured (configured: [{}])",
+                known.join(", ")
+            ));
+        }
+        if output.value.len() > self.max_value_bytes {
+            return Err(format!(
+                "output value is {} bytes, more than the {} the Kafka sink accepts",
+                output.value.len(),
+                self.max_value_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, outputs: Vec<Output>) -> Result<(), SinkError> {
+        for output in outputs {
+            let topic = match &output.destination {
+                Some(dest) => self.destinations.get(dest).unwrap_or(&self.topic),
+                None => &self.topic,
+            };
+            let message = Message {
+                topic: topic.clone(),
+                key: output.key,
+                value: output.value,
+                headers: output.headers,
+            };
+            self.deliveries.send(message, 1).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        self.deliveries.flush().await
+    }
+}
+
+/// Dead letters to the DLQ topic.
+pub struct KafkaDeadLetters {
+    deliveries: Deliveries,
+    topic: String,
+}
+
+impl KafkaDeadLetters {
+    pub fn new(producer: &KafkaProducer, topic: &str) -> Self {
+        Self {
+            deliveries: Deliveries::new(producer),
+            topic: topic.to_owned(),
+        }
+    }
+}
+
+/// The record's own headers followed by the `weir.error.*` ones.
+pub fn dead_letter_headers(letter: &DeadLetter) -> Vec<(String, Vec<u8>)> {
+    let mut headers = letter.record.headers.clone();
+    headers.extend(
+        letter
+            .error
+            .fields()
+            .into_iter()
+            .map(|(name, value)| (format!("weir.error.{name}"), value.into_bytes())),
+    );
+    headers
+}
+
+#[async_trait]
+impl DeadLetterSink for KafkaDeadLetters {
+    async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError> {
+        for letter in letters {
+            let headers = dead_letter_headers(&letter);
+            let message = Message {
+                topic: self.topic.clone(),
+                key: letter.record.key,
+                value: letter.record.value,
+                headers,
+            };
+            self.deliveries.send(message, 1).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        self.deliveries.flush().await
+    }
+}

@@ -1,0 +1,295 @@
+//! A Kafka topic as a source: one consumer in a consumer group (cooperative-sticky by
+//! default), offsets stored only over the contiguous prefix of records whose fate is durable
+//! (see `offsets.rs`) and committed by librdkafka's auto-commit from that store.
+//!
+//! Rebalances: on a graceful revoke the revoked partitions' prefix is committed synchronously
+//! in the callback and their unfinished records are abandoned (dropped from the batch being
+//! built; the next owner reads them again); a *lost* partition commits nothing.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::offsets::OffsetTracker;
+use super::{Incoming, Source, SourceError};
+use crate::config::KafkaConfig;
+use crate::runtime::{Record, SourceMeta};
+
+/// How long a batch waits for more records once its first record is in.
+const BATCH_LINGER: Duration = Duration::from_millis(20);
+
+fn kafka_error(what: &str, e: KafkaError) -> SourceError {
+    SourceError {
+        what: what.to_owned(),
+        source: std::io::Error::other(e),
+    }
+}
+
+/// The consumer's callbacks: logs into `tracing`, rebalances into the offset tracker.
+struct SourceContext {
+    topic: String,
+    offsets: Arc<Mutex<OffsetTracker>>,
+}
+
+impl SourceContext {
+    fn offsets(&self) -> MutexGuard<'_, OffsetTracker> {
+        self.offsets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        crate::kafka::log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::kafka::log_error(&error, reason);
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut offsets = self.offsets();
+                let mut assigned = Vec::new();
+                for e in tpl.elements_for_topic(&self.topic) {
+                    offsets.assign(e.partition());
+                    assigned.push(e.partition());
+                }
+                tracing::info!(topic = %self.topic, partitions = ?assigned, "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                let lost = consumer.assignment_lost();
+                let mut commit = TopicPartitionList::new();
+                let mut revoked = Vec::new();
+                {
+                    let mut offsets = self.offsets();
+                    for e in tpl.elements_for_topic(&self.topic) {
+                        revoked.push(e.partition());
+                        if let Some(point) = offsets.revoke(e.partition())
+                            && !lost
+                        {
+                            let _ = commit.add_partition_offset(
+                                &self.topic,
+                                e.partition(),
+                                Offset::Offset(point),
+                            );
+                        }
+                    }
+                }
+                if lost {
+                    tracing::warn!(topic = %self.topic, partitions = ?revoked, "partitions lost: nothing committed, their records go to the next owner");
+                } else if commit.count() > 0 {
+                    match consumer.commit(&commit, CommitMode::Sync) {
+                        Ok(()) => {
+                            tracing::info!(topic = %self.topic, partitions = ?revoked, "partitions revoked: finished prefix committed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(topic = %self.topic, partitions = ?revoked, "partitions revoked: commit failed ({e}); the next owner re-reads from the last commit")
+                        }
+                    }
+                }
+            }
+            Rebalance::Error(e) => {
+                self.offsets().clear();
+                tracing::warn!(topic = %self.topic, "rebalance failed: {e}");
+            }
+        }
+    }
+}
+
+/// Where each record of the last batch came from: partition, offset, assignment epoch.
+type Position = (i32, i64, u64);
+
+/// Consumes one topic in a consumer group.
+pub struct KafkaSource {
+    consumer: StreamConsumer<SourceContext>,
+    offsets: Arc<Mutex<OffsetTracker>>,
+    topic: String,
+    last_batch: Vec<Position>,
+}
+
+impl KafkaSource {
+    /// Joins `kafka.group` and subscribes to `topic`.
+    pub fn subscribe(kafka: &KafkaConfig, topic: &str) -> Result<Self, SourceError> {
+        let group = kafka.group.as_deref().unwrap_or("weir");
+        let config = crate::kafka::client_config(
+            kafka,
+            &[
+                ("group.id", group),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+                ("auto.offset.reset", "earliest"),
+                // Offsets are stored by us once fates are durable, and committed from the store.
+                ("enable.auto.offset.store", "false"),
+                ("enable.auto.commit", "true"),
+                ("auto.commit.interval.ms", "1000"),
+            ],
+        );
+        let offsets = Arc::new(Mutex::new(OffsetTracker::default()));
+        let context = SourceContext {
+            topic: topic.to_owned(),
+            offsets: offsets.clone(),
+        };
+        let consumer: StreamConsumer<SourceContext> = config
+            .create_with_context(context)
+            .map_err(|e| kafka_error("kafka consumer", e))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| kafka_error(&format!("cannot subscribe to topic `{topic}`"), e))?;
+        Ok(Self {
+            consumer,
+            offsets,
+            topic: topic.to_owned(),
+            last_batch: Vec::new(),
+        })
+    }
+
+    fn offsets(&self) -> MutexGuard<'_, OffsetTracker> {
+        self.offsets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A view of the partitions assigned to this consumer, for heartbeats.
+    pub fn partitions(&self) -> impl Fn() -> Vec<i32> + Send + Sync + 'static {
+        let offsets = self.offsets.clone();
+        move || {
+            offsets
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .partitions()
+        }
+    }
+
+    /// The next message, waiting as long as it takes; errors are logged, not fatal
+    /// (librdkafka reconnects by itself).
+    async fn next_message(&self) -> BorrowedMessage<'_> {
+        loop {
+            match self.consumer.recv().await {
+                Ok(message) => return message,
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, "consume: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Takes a message in: records its position, or `None` when its partition is not ours.
+    fn take(&self, message: &BorrowedMessage<'_>) -> Option<(Incoming, Position)> {
+        let (partition, offset) = (message.partition(), message.offset());
+        let epoch = self.offsets().hand_out(partition, offset)?;
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = Record {
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().unwrap_or_default().to_vec(),
+            headers,
+            timestamp_ms: message.timestamp().to_millis(),
+            source: SourceMeta {
+                stream: message.topic().to_owned(),
+                partition,
+                offset,
+                attempt: 1,
+            },
+        };
+        Some((Incoming::new(record), (partition, offset, epoch)))
+    }
+
+    fn store(&self, points: &[(i32, i64)]) {
+        if points.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(partition, offset) in points {
+            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
+        }
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // A partition revoked since: its next owner starts from the last commit.
+            tracing::debug!(topic = %self.topic, "store offsets: {e}");
+        }
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+        loop {
+            let mut taken = Vec::with_capacity(max);
+            let first = self.next_message().await;
+            taken.extend(self.take(&first));
+            drop(first);
+            while taken.len() < max {
+                let Ok(Ok(message)) =
+                    tokio::time::timeout(BATCH_LINGER, self.consumer.recv()).await
+                else {
+                    break;
+                };
+                taken.extend(self.take(&message));
+            }
+            // A rebalance while the batch filled: drop what is no longer ours.
+            {
+                let offsets = self.offsets();
+                taken.retain(|(_, (p, _, epoch))| offsets.is_current(*p, *epoch));
+            }
+            if !taken.is_empty() {
+                let (batch, positions) = taken.into_iter().unzip();
+                self.last_batch = positions;
+                return Ok(Some(batch));
+            }
+        }
+    }
+
+    async fn commit(&mut self, unfinished: &[usize]) -> Result<(), SourceError> {
+        let points = {
+            let mut offsets = self.offsets();
+            for (i, &(partition, offset, epoch)) in self.last_batch.iter().enumerate() {
+                if !unfinished.contains(&i) {
+                    offsets.finish(partition, offset, epoch);
+                }
+            }
+            // A lost lease means another worker owns the partition now (this one was paused
+            // or cut off past its session): store nothing more for it until it is assigned
+            // to us again, and drop its records still buffered here.
+            for &i in unfinished {
+                if let Some(&(partition, _, _)) = self.last_batch.get(i)
+                    && offsets.revoke(partition).is_some()
+                {
+                    tracing::warn!(topic = %self.topic, partition, "lease lost: this worker no longer commits or processes the partition until it is assigned again");
+                }
+            }
+            offsets.take_commit_points()
+        };
+        self.last_batch.clear();
+        self.store(&points);
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), SourceError> {
+        let points = self.offsets().commit_points();
+        if points.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in points {
+            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| kafka_error("final offset commit", e))
+    }
+}

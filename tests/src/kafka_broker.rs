@@ -1,0 +1,310 @@
+//! A real Kafka-protocol broker for tests: `tansu` (built into `.tools/tansu` by
+//! `scripts/tools.sh`) on a free loopback port, with in-memory storage or a SQLite file that
+//! survives `kill -9`; stopped when dropped. With `WEIR_KAFKA_BOOTSTRAP` set, the tests use
+//! that cluster instead (and never stop it). Also: topic creation, producing test records and
+//! reading a topic back whole.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// How the broker keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    Memory,
+    /// A SQLite file: data survives a `kill -9` and restart.
+    Sqlite,
+}
+
+/// A running broker.
+pub struct KafkaBroker {
+    pub bootstrap: String,
+    process: Option<Child>,
+    port: u16,
+    storage: Storage,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl TopicRecord {
+    /// The last header of that name, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn value_text(&self) -> String {
+        String::from_utf8_lossy(&self.value).into_owned()
+    }
+}
+
+/// The tansu binary: `WEIR_TANSU`, else `.tools/tansu/bin/tansu`.
+fn tansu() -> PathBuf {
+    if let Ok(path) = std::env::var("WEIR_TANSU") {
+        return PathBuf::from(path);
+    }
+    let path = crate::repo_root().join(".tools/tansu/bin/tansu");
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/tools.sh` (it builds tansu), or set WEIR_KAFKA_BOOTSTRAP",
+        path.display()
+    );
+    path
+}
+
+impl KafkaBroker {
+    /// Starts a fresh broker (or returns the external one of `WEIR_KAFKA_BOOTSTRAP`).
+    pub fn start(storage: Storage) -> Self {
+        if let Ok(bootstrap) = std::env::var("WEIR_KAFKA_BOOTSTRAP") {
+            return Self {
+                bootstrap,
+                process: None,
+                port: 0,
+                storage,
+                dir: None,
+            };
+        }
+        Self::start_on(crate::free_port(), storage)
+    }
+
+    /// Starts a fresh local broker on `port`.
+    pub fn start_on(port: u16, storage: Storage) -> Self {
+        let mut broker = Self {
+            bootstrap: format!("127.0.0.1:{port}"),
+            process: None,
+            port,
+            storage,
+            dir: Some(tempfile::tempdir().expect("tempdir")),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Whether this broker is ours to stop and restart.
+    pub fn is_local(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.as_ref().expect("a local broker").path().to_owned();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = match self.storage {
+            Storage::Memory => "memory://tansu/".to_owned(),
+            Storage::Sqlite => format!("sqlite://{}", dir.join("tansu.db").display()),
+        };
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .expect("broker log");
+        let child = Command::new(tansu())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &storage,
+            ])
+            .current_dir(&dir)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.process = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "tansu did not listen within 30 s; its log: {}",
+                std::fs::read_to_string(dir.join("tansu.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9` the broker.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (and, with SQLite, the same data).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        config
+    }
+
+    /// Creates a topic with `partitions` partitions (replication factor 1).
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().expect("admin client");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let results = admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .expect("create topics");
+        for result in results {
+            result.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+        }
+    }
+
+    /// Produces `(key, value, headers)` records to `topic` and waits for every delivery.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        records: impl IntoIterator<Item = (Option<String>, String, Vec<(String, String)>)>,
+    ) {
+        let producer: FutureProducer = self
+            .client_config()
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let mut pending = Vec::new();
+        for (key, value, headers) in records {
+            let mut owned = OwnedHeaders::new();
+            for (name, v) in &headers {
+                owned = owned.insert(Header {
+                    key: name,
+                    value: Some(v),
+                });
+            }
+            let mut record = FutureRecord::to(topic).payload(&value).headers(owned);
+            if let Some(key) = &key {
+                record = record.key(key);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        for delivery in pending {
+            delivery
+                .await
+                .expect("delivery answered")
+                .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+        }
+    }
+
+    /// Every record of `topic` from the start, read until `until` says enough or `idle`
+    /// passes without a new record.
+    pub fn read_topic(
+        &self,
+        topic: &str,
+        idle: Duration,
+        until: impl Fn(&[TopicRecord]) -> bool,
+    ) -> Vec<TopicRecord> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", "weir-tests-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .expect("partition");
+            }
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut records = Vec::new();
+        let mut last = Instant::now();
+        while last.elapsed() < idle && !until(&records) {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    last = Instant::now();
+                    let headers = m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    records.push(TopicRecord {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().unwrap_or_default().to_vec(),
+                        headers,
+                    });
+                }
+                Some(Err(e)) => eprintln!("read {topic}: {e}"),
+                None => {}
+            }
+        }
+        records
+    }
+
+    /// Committed offsets of `group` on `topic`, per partition.
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", group)
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,652 @@
+//! Cluster mode against a real Kafka-protocol broker (tansu) and a real Redis, both started
+//! per test on free loopback ports (or `WEIR_KAFKA_BOOTSTRAP` / `WEIR_REDIS_URL`): `weir`
+//! worker processes consume a topic in a consumer group, produce outputs and dead letters to
+//! topics, and keep leases and done marks in Redis. Each test checks what its guarantee
+//! says on the topics themselves: every input id ends in the output or the DLQ, once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use weir::state::{Claim, RedisStore, StateStore};
+use weir_tests::kafka_broker::{KafkaBroker, Storage, TopicRecord};
+use weir_tests::redis_server::RedisServer;
+use weir_tests::worker::{Cluster, Worker};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weir-under-test");
+
+/// The §7 headers every dead letter on the DLQ topic carries.
+const DLQ_HEADERS: [&str; 12] = [
+    "weir.error.class",
+    "weir.error.message",
+    "weir.error.plugin",
+    "weir.error.plugin_version",
+    "weir.error.plugin_digest",
+    "weir.error.attempts",
+    "weir.error.first_failure_ms",
+    "weir.error.last_failure_ms",
+    "weir.error.source",
+    "weir.error.partition",
+    "weir.error.offset",
+    "weir.error.record_id",
+];
+
+/// A broker, a Redis and topics `in` (`partitions`), `out` and `dlq`.
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    broker: KafkaBroker,
+    redis: RedisServer,
+    cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(name: &str, partitions: i32) -> Self {
+        Self::with(
+            name,
+            partitions,
+            KafkaBroker::start(Storage::Memory),
+            RedisServer::start(),
+        )
+    }
+
+    fn with(name: &str, partitions: i32, broker: KafkaBroker, redis: RedisServer) -> Self {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        // Unique names, so an external cluster can be shared by the tests.
+        let run = format!("{name}-{}-{}", std::process::id(), rand_suffix());
+        let cluster = Cluster {
+            bootstrap: broker.bootstrap.clone(),
+            redis: Some(redis.url.clone()),
+            group: format!("{run}-group"),
+            input: format!("{run}-in"),
+            output: format!("{run}-out"),
+            dlq: format!("{run}-dlq"),
+        };
+        rt.block_on(async {
+            broker.create_topic(&cluster.input, partitions).await;
+            broker.create_topic(&cluster.output, partitions).await;
+            broker.create_topic(&cluster.dlq, 1).await;
+        });
+        Self {
+            rt,
+            broker,
+            redis,
+            cluster,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Produces events (`id` keys) to the input topic.
+    fn produce(&self, events: &[String]) {
+        let records = events.iter().map(|e| {
+            let id = serde_json::from_str::<serde_json::Value>(e)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_owned));
+            (id, e.clone(), Vec::new())
+        });
+        self.rt
+            .block_on(self.broker.produce(&self.cluster.input, records));
+    }
+
+    /// A worker running `enrich` with ids from `/id`.
+    fn worker(&self, name: &str, extra: &[&str]) -> Worker {
+        self.worker_of("enrich", name, extra)
+    }
+
+    fn worker_of(&self, plugin: &str, name: &str, extra: &[&str]) -> Worker {
+        let plugin = weir_tests::plugin(plugin);
+        let mut args = vec!["--id", "/id", "--quiet"];
+        args.extend_from_slice(extra);
+        Worker::start(BIN, self.dir.path(), name, &self.cluster, &plugin, &args)
+    }
+
+    /// Waits until the output topic holds every id of `0..n` (`e<i>`), failing after
+    /// `timeout` with `log`; returns the output records.
+    fn wait_for_all_ids(
+        &self,
+        n: usize,
+        timeout: Duration,
+        log: impl Fn() -> String,
+    ) -> Vec<TopicRecord> {
+        let started = Instant::now();
+        loop {
+            let out = self
+                .broker
+                .read_topic(&self.cluster.output, Duration::from_secs(3), |r| {
+                    r.len() >= n
+                });
+            let ids: BTreeSet<String> = out.iter().map(id_of_output).collect();
+            if ids.len() >= n {
+                return out;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{} of {n} ids in the output after {timeout:?}; log:\n{}",
+                ids.len(),
+                log()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    fn cluster_status(&self) -> serde_json::Value {
+        let out = std::process::Command::new(BIN)
+            .args(["cluster", "status", "--json", "--redis"])
+            .arg(self.cluster.redis.as_deref().expect("redis"))
+            .output()
+            .expect("weir cluster status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    }
+
+    /// The output and DLQ topics, read until they hold `expected` records in all (or stay
+    /// idle for 10 s).
+    fn read_results(&self, expected: usize) -> (Vec<TopicRecord>, Vec<TopicRecord>) {
+        let dlq = self
+            .broker
+            .read_topic(&self.cluster.dlq, Duration::from_secs(3), |_| false);
+        let want = expected.saturating_sub(dlq.len());
+        let out = self
+            .broker
+            .read_topic(&self.cluster.output, Duration::from_secs(10), |r| {
+                r.len() >= want
+            });
+        (out, dlq)
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// `n` events `e0..`; every `poison_every`-th lacks `user_id` (enrich says `invalid`).
+fn events(n: usize, poison_every: usize) -> Vec<String> {
+    let actions = ["view", "click", "purchase", "add_to_cart", "refund"];
+    (0..n)
+        .map(|i| {
+            let mut e = json!({
+                "id": format!("e{i}"),
+                "user_id": format!("u{}", i % 97),
+                "ts": 1_704_067_200 + i as i64,
+                "action": actions[i % actions.len()],
+            });
+            if poison_every > 0 && i % poison_every == poison_every - 1 {
+                e.as_object_mut().expect("object").remove("user_id");
+            }
+            e.to_string()
+        })
+        .collect()
+}
+
+fn id_of_output(r: &TopicRecord) -> String {
+    r.header("weir.record-id")
+        .unwrap_or_else(|| panic!("output without weir.record-id: {r:?}"))
+}
+
+fn id_of_dead_letter(r: &TopicRecord) -> String {
+    r.header("weir.error.record_id")
+        .unwrap_or_else(|| panic!("dead letter without weir.error.record_id: {r:?}"))
+}
+
+/// How often each id appears.
+fn counts(ids: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn twenty_thousand_events_end_in_the_output_or_the_dlq() {
+    let s = Setup::new("enrich20k", 4);
+    let input = events(20_000, 100);
+    s.produce(&input);
+    let worker = s.worker("w1", &["--batch-size", "256"]);
+    worker.wait_metric("weir_records_in_total", 20_000.0, Duration::from_secs(300));
+    let (out, dlq) = s.read_results(20_000);
+    assert!(worker.stop().success(), "graceful stop exits 0");
+
+    let input_ids: BTreeSet<String> = (0..20_000).map(|i| format!("e{i}")).collect();
+    let out_ids = counts(out.iter().map(id_of_output));
+    let dlq_ids = counts(dlq.iter().map(id_of_dead_letter));
+    let all: BTreeSet<String> = out_ids.keys().chain(dlq_ids.keys()).cloned().collect();
+    assert_eq!(all, input_ids, "output ∪ DLQ = input");
+    assert_eq!(dlq.len(), 200, "every 100th event is poison");
+    assert!(out_ids.values().all(|&n| n == 1), "no duplicate outputs");
+    assert_eq!(out.len() + dlq.len(), 20_000);
+
+    for r in &out {
+        for h in ["weir.record-id", "weir.plugin-version", "weir.fence"] {
+            assert!(r.header(h).is_some(), "output lacks {h}: {r:?}");
+        }
+        assert!(
+            r.header("weir.fence")
+                .expect("fence")
+                .parse::<u64>()
+                .expect("number")
+                > 0
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.value).expect("output is JSON");
+        assert!(v["segment"].as_str().is_some_and(|s| s.starts_with("seg-")));
+    }
+    for r in &dlq {
+        for h in DLQ_HEADERS {
+            assert!(r.header(h).is_some(), "dead letter lacks {h}: {r:?}");
+        }
+        assert_eq!(r.header("weir.error.class").as_deref(), Some("invalid"));
+        assert!(
+            r.header("weir.error.message")
+                .expect("message")
+                .contains("user_id")
+        );
+        assert_eq!(
+            r.header("weir.error.source").as_deref(),
+            Some(s.cluster.input.as_str())
+        );
+        let id = id_of_dead_letter(r);
+        assert_eq!(r.key.as_deref(), Some(id.as_bytes()), "original key kept");
+        let original: serde_json::Value = serde_json::from_slice(&r.value).expect("original value");
+        assert_eq!(original["id"], json!(id), "original value kept");
+    }
+
+    // Offsets were committed over everything: a new worker of the group finds nothing to do.
+    let committed = s.broker.committed(&s.cluster.group, &s.cluster.input, 4);
+    let total: i64 = committed.values().sum();
+    assert_eq!(
+        total, 20_000,
+        "committed offsets per partition: {committed:?}"
+    );
+    println!(
+        "20k events: {} outputs, {} dead letters, offsets {committed:?}",
+        out.len(),
+        dlq.len()
+    );
+}
+
+#[test]
+fn duplicate_ids_are_processed_once_also_across_a_restart() {
+    let s = Setup::new("dups", 2);
+    // 100 events, then 50 of them again (same id, new offsets).
+    let first = events(100, 0);
+    let mut batch = first.clone();
+    batch.extend(first.iter().take(50).cloned());
+    s.produce(&batch);
+    let worker = s.worker("w1", &[]);
+    worker.wait_metric("weir_records_in_total", 150.0, Duration::from_secs(120));
+    assert!(worker.stop().success());
+
+    // After the restart: 50 more repeats and 10 new events.
+    let mut more: Vec<String> = first.iter().skip(50).cloned().collect();
+    more.extend(events(110, 0).into_iter().skip(100));
+    s.produce(&more);
+    let worker = s.worker("w2", &[]);
+    worker.wait_metric("weir_records_in_total", 60.0, Duration::from_secs(120));
+    worker.wait_metric(
+        "weir_records_deduplicated_total",
+        50.0,
+        Duration::from_secs(10),
+    );
+    assert!(worker.stop().success());
+
+    let (out, dlq) = s.read_results(110);
+    assert!(dlq.is_empty());
+    let ids = counts(out.iter().map(id_of_output));
+    assert_eq!(ids.len(), 110);
+    let repeated: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "ids output more than once: {repeated:?}"
+    );
+}
+
+#[test]
+fn a_lease_held_by_another_worker_makes_the_record_wait_not_vanish() {
+    let s = Setup::new("held", 1);
+    // Another live worker holds the lease of e3 (the pipeline is named after the plugin).
+    let other = s.rt.block_on(async {
+        let store = RedisStore::connect(
+            &s.redis.url,
+            "enrich",
+            "other-worker",
+            Duration::from_secs(60),
+            None,
+        )
+        .await
+        .expect("connect");
+        let claims = store.claim(&["e3".to_owned()]).await.expect("claim");
+        let Claim::Leased { fence } = claims[0] else {
+            panic!("the test takes the lease first: {claims:?}")
+        };
+        (store, fence)
+    });
+    s.produce(&events(10, 0));
+    let worker = s.worker("w1", &[]);
+    worker.wait_metric("weir_lease_contended_total", 1.0, Duration::from_secs(120));
+    let waiting = s
+        .broker
+        .read_topic(&s.cluster.output, Duration::from_secs(2), |_| false);
+    assert!(
+        !waiting.iter().any(|r| id_of_output(r) == "e3"),
+        "e3 must wait while the lease is held elsewhere"
+    );
+    // The other worker gives the lease up without finishing (e.g. it failed).
+    s.rt.block_on(async {
+        let (store, fence) = &other;
+        store
+            .release(&[("e3".to_owned(), *fence)])
+            .await
+            .expect("release");
+    });
+    worker.wait_metric(
+        "weir_records_processed_total",
+        10.0,
+        Duration::from_secs(30),
+    );
+    assert!(worker.stop().success());
+    let (out, _) = s.read_results(10);
+    let ids = counts(out.iter().map(id_of_output));
+    assert_eq!(
+        ids.get("e3"),
+        Some(&1),
+        "e3 processed exactly once: {ids:?}"
+    );
+    assert_eq!(ids.len(), 10);
+}
+
+#[test]
+fn an_unreachable_broker_at_start_is_reported_and_retried() {
+    let port = weir_tests::free_port();
+    let cluster = Cluster {
+        bootstrap: format!("127.0.0.1:{port}"),
+        redis: None,
+        group: "late-group".into(),
+        input: "late-in".into(),
+        output: "late-out".into(),
+        dlq: "late-dlq".into(),
+    };
+    if std::env::var("WEIR_KAFKA_BOOTSTRAP").is_ok() {
+        println!("an external cluster is configured; this test starts its own broker anyway");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = weir_tests::plugin("enrich");
+    let worker = Worker::start(
+        BIN,
+        dir.path(),
+        "w1",
+        &cluster,
+        &plugin,
+        &["--id", "/id", "--quiet", "--state", "state"],
+    );
+    let started = Instant::now();
+    while !worker.log().contains("waiting for Kafka at") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no clear message; log:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!worker.log().contains("panicked"), "{}", worker.log());
+
+    // The broker comes up (with the topics) later; the worker carries on by itself.
+    let broker = KafkaBroker::start_on(port, Storage::Memory);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        broker.create_topic("late-in", 1).await;
+        broker.create_topic("late-out", 1).await;
+        broker.create_topic("late-dlq", 1).await;
+        broker
+            .produce(
+                "late-in",
+                events(20, 0).into_iter().map(|e| (None, e, Vec::new())),
+            )
+            .await;
+    });
+    worker.wait_metric(
+        "weir_records_processed_total",
+        20.0,
+        Duration::from_secs(120),
+    );
+    let log = worker.log();
+    assert!(worker.stop().success());
+    println!(
+        "first lines of the worker's log:\n{}",
+        log.lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn kill_nine_of_one_of_two_workers_loses_nothing() {
+    let s = Setup::new("kill9", 6);
+    let n = 20_000;
+    s.produce(&events(n, 0));
+    // Short session timeout and lease TTL, so the takeover is quick.
+    let opts = [
+        "--kafka-option",
+        "session.timeout.ms=6000",
+        "--kafka-option",
+        "heartbeat.interval.ms=1000",
+        "--lease-ttl-ms",
+        "5000",
+        "--batch-size",
+        "64",
+    ];
+    let a = s.worker("a", &opts);
+    let b = s.worker("b", &opts);
+    a.wait_metric("weir_records_in_total", 2_000.0, Duration::from_secs(300));
+    b.wait_metric("weir_records_in_total", 1.0, Duration::from_secs(60));
+
+    // Both are live in `weir cluster status`, and share the six partitions between them.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = s.cluster_status();
+    let workers = status.as_array().expect("a list");
+    let mine: Vec<&serde_json::Value> = workers
+        .iter()
+        .filter(|w| w["topic"] == json!(s.cluster.input))
+        .collect();
+    assert_eq!(mine.len(), 2, "two live workers: {status}");
+    let mut partitions: Vec<i64> = mine
+        .iter()
+        .flat_map(|w| w["partitions"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_i64())
+        .collect();
+    partitions.sort_unstable();
+    assert_eq!(
+        partitions,
+        (0..6).collect::<Vec<_>>(),
+        "disjoint, complete: {status}"
+    );
+
+    let a_done = a.metric("weir_records_in_total").unwrap_or(0.0);
+    a.kill();
+    let killed = Instant::now();
+    let out = s.wait_for_all_ids(n, Duration::from_secs(300), || b.log());
+    let dlq: Vec<TopicRecord> = Vec::new();
+    let takeover = killed.elapsed();
+    assert!(dlq.is_empty());
+    let ids = counts(out.iter().map(id_of_output));
+    assert_eq!(ids.len(), n, "zero loss");
+    let duplicates: usize = ids.values().map(|c| c - 1).sum();
+    // At most the one batch `a` had in flight when it died (written, not yet marked done);
+    // records it finished but had not committed yet are deduplicated by their done marks.
+    let window = 64;
+    println!(
+        "kill -9 after a consumed {a_done} records: all {n} ids out {:.1} s after the kill; {duplicates} duplicates (bound {window})",
+        takeover.as_secs_f64()
+    );
+    assert!(
+        duplicates <= window,
+        "{duplicates} duplicates > in-flight window {window}"
+    );
+    assert!(b.stop().success());
+}
+
+#[test]
+fn a_worker_paused_past_its_session_commits_none_of_its_stale_work() {
+    let s = Setup::new("sigstop", 1);
+    // r0 keeps the plugin busy for 4 s; the rest are quick.
+    let mut input = vec![json!({"id": "r0", "fault": "slow", "slow_ms": 4000}).to_string()];
+    input.extend((1..20).map(|i| json!({"id": format!("r{i}")}).to_string()));
+    s.produce(&input);
+    let opts = [
+        "--kafka-option",
+        "session.timeout.ms=6000",
+        "--kafka-option",
+        "heartbeat.interval.ms=1000",
+        "--lease-ttl-ms",
+        "3000",
+        "--batch-size",
+        "1",
+        "--deadline-ms",
+        "10000",
+    ];
+    let a = s.worker_of("faulty", "a", &opts);
+    a.wait_metric("weir_lease_acquired_total", 1.0, Duration::from_secs(120));
+    a.pause();
+    let paused = Instant::now();
+
+    // b takes the partition over once a's session times out, and r0 once a's lease expires.
+    let b = s.worker_of("faulty", "b", &opts);
+    b.wait_metric(
+        "weir_records_processed_total",
+        20.0,
+        Duration::from_secs(120),
+    );
+    let takeover = paused.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let committed = s.broker.committed(&s.cluster.group, &s.cluster.input, 1);
+    assert_eq!(committed.get(&0), Some(&20), "b committed everything");
+
+    // a wakes up: its call of r0 ends, and finishing it finds the lease gone.
+    a.resume();
+    a.wait_metric("weir_lease_lost_total", 1.0, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        a.log().contains("lease lost"),
+        "a says it lost the lease:\n{}",
+        a.log()
+    );
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    let committed_after = s.broker.committed(&s.cluster.group, &s.cluster.input, 1);
+    assert_eq!(
+        committed_after.get(&0),
+        Some(&20),
+        "a committed nothing stale"
+    );
+
+    // r0 is in the output from b with a newer fence; a's late copy (if it wrote one before
+    // finishing) carries the older fence, so a downstream consumer can reject it.
+    let out = s
+        .broker
+        .read_topic(&s.cluster.output, Duration::from_secs(3), |_| false);
+    let r0: Vec<u64> = out
+        .iter()
+        .filter(|r| id_of_output(r) == "r0")
+        .map(|r| {
+            r.header("weir.fence")
+                .and_then(|f| f.parse().ok())
+                .expect("fence")
+        })
+        .collect();
+    assert!(!r0.is_empty(), "r0 processed");
+    println!(
+        "paused a for {:.1} s until b had everything; r0 outputs with fences {r0:?}",
+        takeover.as_secs_f64()
+    );
+    let ids = counts(out.iter().map(id_of_output));
+    assert_eq!(ids.len(), 20, "no loss");
+}
+
+#[test]
+fn redis_paused_then_killed_loses_nothing_and_work_resumes() {
+    // This test pauses and kills its Redis, so it starts its own even with WEIR_REDIS_URL.
+    let mut s = Setup::with(
+        "redis-outage",
+        2,
+        KafkaBroker::start(Storage::Memory),
+        RedisServer::start_local(),
+    );
+    let n = 6_000;
+    s.produce(&events(n, 0));
+    let w = s.worker("w", &["--batch-size", "32"]);
+    w.wait_metric("weir_records_in_total", 1_000.0, Duration::from_secs(120));
+
+    // Paused for 20 s: the worker pauses too, says so, and resumes when Redis does.
+    s.redis.pause();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        w.metric("weir_circuit_open"),
+        Some(1.0),
+        "the Redis circuit is open"
+    );
+    let during = w.metric("weir_records_processed_total").unwrap_or(0.0);
+    std::thread::sleep(Duration::from_secs(16));
+    assert_eq!(
+        w.metric("weir_records_processed_total").unwrap_or(0.0),
+        during,
+        "nothing is processed while Redis is away"
+    );
+    s.redis.resume();
+    let back = Instant::now();
+    w.wait_metric(
+        "weir_records_processed_total",
+        during + 1.0,
+        Duration::from_secs(30),
+    );
+    let resumed = back.elapsed();
+    assert_eq!(w.metric("weir_circuit_open"), Some(0.0));
+
+    // Killed (-9) and restarted with its AOF.
+    let before = w.metric("weir_records_processed_total").unwrap_or(0.0);
+    s.redis.kill_and_restart();
+    let restarted = Instant::now();
+    w.wait_metric(
+        "weir_records_processed_total",
+        before + 1.0,
+        Duration::from_secs(30),
+    );
+    let resumed_after_restart = restarted.elapsed();
+
+    let out = s.wait_for_all_ids(n, Duration::from_secs(300), || w.log());
+    assert!(w.stop().success());
+    let ids = counts(out.iter().map(id_of_output));
+    let duplicates: usize = ids.values().map(|c| c - 1).sum();
+    println!(
+        "Redis paused 20 s: processing resumed {:.1} s after it returned; killed and restarted: resumed {:.1} s after; {duplicates} duplicates",
+        resumed.as_secs_f64(),
+        resumed_after_restart.as_secs_f64()
+    );
+    assert_eq!(ids.len(), n, "no loss");
+    assert!(
+        resumed < Duration::from_secs(5),
+        "resumed {resumed:?} after Redis returned (target: 5 s)"
+    );
+}
+
+#[test]
+fn broker_killed_and_restarted_loses_nothing() {
+    // This test kills its broker, so it starts its own even with WEIR_KAFKA_BOOTSTRAP.
+    let broker = KafkaBroker::start_on(weir_tests::free_port(), Storage::Sqlite);
+    let mut s = Setup::with("broker-kill", 2, broker, RedisServer::start());
+    let n = 6_000;
+    s.produce(&events(n, 0));
+    let w = s.worker("w", &["--batch-size", "32"]);
+    w.wait_metric("weir_records_in_total", 1_000.0, Duration::from_secs(120));
+    s.broker.kill();
+    std::thread::sleep(Duration::from_secs(10));
+    s.broker.restart();
+    let out = s.wait_for_all_ids(n, Duration::from_secs(300), || w.log());
+    assert!(w.stop().success(), "the same worker process carried on");
+    let ids = counts(out.iter().map(id_of_output));
+    let duplicates: usize = ids.values().map(|c| c - 1).sum();
+    println!("broker killed for 10 s: all {n} ids out; {duplicates} duplicates");
+    assert_eq!(ids.len(), n, "no loss");
+}
