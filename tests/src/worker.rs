@@ -91,9 +91,12 @@ impl Worker {
         .ok()?;
         let mut body = String::new();
         stream.read_to_string(&mut body).ok()?;
+        let (_, body) = body.split_once("\r\n\r\n")?;
         let mut total = None;
         for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ')?;
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
             let metric = series.split('{').next().unwrap_or(series);
             if metric == name {
                 *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
