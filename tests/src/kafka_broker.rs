@@ -111,7 +111,8 @@ impl KafkaBroker {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let storage = match self.storage {
             Storage::Memory => "memory://tansu/".to_owned(),
-            Storage::Sqlite => format!("sqlite://{}", dir.join("tansu.db").display()),
+            // tansu resolves the path against its working directory (the temporary one).
+            Storage::Sqlite => "sqlite://tansu.db".to_owned(),
         };
         let log = std::fs::File::options()
             .create(true)
@@ -251,7 +252,9 @@ impl KafkaBroker {
         consumer.assign(&tpl).expect("assign");
         let mut records = Vec::new();
         let mut last = Instant::now();
-        while last.elapsed() < idle && !until(&records) {
+        // `until` may be costly: it is asked when the topic pauses and every 1,000 records.
+        let mut asked = usize::MAX;
+        while last.elapsed() < idle {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     last = Instant::now();
@@ -270,12 +273,35 @@ impl KafkaBroker {
                         value: m.payload().unwrap_or_default().to_vec(),
                         headers,
                     });
+                    if records.len() % 1_000 == 0 && until(&records) {
+                        break;
+                    }
                 }
                 Some(Err(e)) => eprintln!("read {topic}: {e}"),
-                None => {}
+                None => {
+                    if asked != records.len() {
+                        asked = records.len();
+                        if until(&records) {
+                            break;
+                        }
+                    }
+                }
             }
         }
         records
+    }
+
+    /// The high watermark of each partition of `topic` (how many records it holds, when it
+    /// starts at 0).
+    pub fn watermarks(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = self.client_config().create().expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .map_or(-1, |(_, high)| high)
+            })
+            .collect()
     }
 
     /// Committed offsets of `group` on `topic`, per partition.

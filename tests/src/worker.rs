@@ -145,8 +145,8 @@ impl Worker {
         }
     }
 
-    /// `kill -9`.
-    pub fn kill(mut self) {
+    /// `kill -9` (its log stays readable).
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -110,21 +110,28 @@ impl Setup {
     ) -> Vec<TopicRecord> {
         let started = Instant::now();
         loop {
+            let unique = |r: &[TopicRecord]| r.iter().map(id_of_output).collect::<BTreeSet<_>>();
             let out = self
                 .broker
                 .read_topic(&self.cluster.output, Duration::from_secs(3), |r| {
-                    r.len() >= n
+                    r.len() >= n && unique(r).len() >= n
                 });
-            let ids: BTreeSet<String> = out.iter().map(id_of_output).collect();
+            let ids = unique(&out);
             if ids.len() >= n {
                 return out;
             }
-            assert!(
-                started.elapsed() < timeout,
-                "{} of {n} ids in the output after {timeout:?}; log:\n{}",
-                ids.len(),
-                log()
-            );
+            if started.elapsed() > timeout {
+                let missing: Vec<String> = (0..n)
+                    .map(|i| format!("e{i}"))
+                    .filter(|id| !ids.contains(id))
+                    .take(10)
+                    .collect();
+                panic!(
+                    "{} of {n} ids in the output after {timeout:?}; missing e.g. {missing:?}; log:\n{}",
+                    ids.len(),
+                    log()
+                );
+            }
             std::thread::sleep(Duration::from_secs(1));
         }
     }
@@ -425,23 +432,33 @@ fn an_unreachable_broker_at_start_is_reported_and_retried() {
 #[test]
 fn kill_nine_of_one_of_two_workers_loses_nothing() {
     let s = Setup::new("kill9", 6);
-    let n = 20_000;
-    s.produce(&events(n, 0));
-    // Short session timeout and lease TTL, so the takeover is quick.
+    let n = 24_000;
+    let input = events(n, 0);
+    s.produce(&input[..4_000]);
+    // Short session timeout, rebalance timeout (max.poll.interval.ms: how long the group
+    // waits for members to rejoin) and lease TTL, so the takeover is quick; inline retries
+    // must then end within half the poll interval.
+    let config = s.dir.path().join("quick.toml");
+    std::fs::write(&config, "[retry]\nmax_elapsed_ms = 4000\n").expect("config");
+    let config = config.display().to_string();
     let opts = [
+        "--config",
+        &config,
         "--kafka-option",
         "session.timeout.ms=6000",
         "--kafka-option",
         "heartbeat.interval.ms=1000",
+        "--kafka-option",
+        "max.poll.interval.ms=10000",
         "--lease-ttl-ms",
         "5000",
         "--batch-size",
         "64",
     ];
-    let a = s.worker("a", &opts);
+    let mut a = s.worker("a", &opts);
     let b = s.worker("b", &opts);
-    a.wait_metric("weir_records_in_total", 2_000.0, Duration::from_secs(300));
-    b.wait_metric("weir_records_in_total", 1.0, Duration::from_secs(60));
+    a.wait_metric("weir_records_in_total", 1.0, Duration::from_secs(120));
+    b.wait_metric("weir_records_in_total", 1.0, Duration::from_secs(120));
 
     // Both are live in `weir cluster status`, and share the six partitions between them.
     std::thread::sleep(Duration::from_secs(3));
@@ -464,10 +481,67 @@ fn kill_nine_of_one_of_two_workers_loses_nothing() {
         "disjoint, complete: {status}"
     );
 
+    // The rest of the stream; kill -9 `a` 2,000 records into it.
+    let a_before = a.metric("weir_records_in_total").unwrap_or(0.0);
+    s.produce(&input[4_000..]);
+    a.wait_metric(
+        "weir_records_in_total",
+        a_before + 2_000.0,
+        Duration::from_secs(300),
+    );
+    let assignments = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("partitions assigned") && !l.contains("partitions=[]"))
+            .count()
+    };
+    let b_assignments = assignments(&b.log());
     let a_done = a.metric("weir_records_in_total").unwrap_or(0.0);
     a.kill();
     let killed = Instant::now();
-    let out = s.wait_for_all_ids(n, Duration::from_secs(300), || b.log());
+    eprintln!("killed a at {:?}", std::time::SystemTime::now());
+    while assignments(&b.log()) == b_assignments && killed.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took_over = killed.elapsed();
+    let out = s.wait_for_all_ids(n, Duration::from_secs(60), || {
+        let input = s
+            .broker
+            .read_topic(&s.cluster.input, Duration::from_secs(2), |_| false);
+        let positions: Vec<String> = input
+            .iter()
+            .filter(|r| {
+                ["e776", "e777", "e795"]
+                    .iter()
+                    .any(|id| r.value_text().contains(&format!("\"{id}\"")))
+            })
+            .map(|r| format!("{}@{}:{}", r.value_text(), r.partition, r.offset))
+            .collect();
+        let done: Vec<Option<String>> = s.rt.block_on(async {
+            let client = redis::Client::open(s.redis.url.as_str()).expect("url");
+            let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
+            let mut marks = Vec::new();
+            for id in ["e776", "e777", "e795"] {
+                let mark: Option<String> = redis::cmd("GET")
+                    .arg(format!("weir:enrich:done:{id}"))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("get");
+                marks.push(mark);
+            }
+            marks
+        });
+        let out = s
+            .broker
+            .read_topic(&s.cluster.output, Duration::from_secs(2), |_| false);
+        format!(
+            "done marks {done:?}; output records read {} (high watermarks {:?})\ncommitted {:?}\nsome inputs {positions:?}\n--- a:\n{}\n--- b:\n{}",
+            out.len(),
+            s.broker.watermarks(&s.cluster.output, 6),
+            s.broker.committed(&s.cluster.group, &s.cluster.input, 6),
+            a.log(),
+            b.log()
+        )
+    });
     let dlq: Vec<TopicRecord> = Vec::new();
     let takeover = killed.elapsed();
     assert!(dlq.is_empty());
@@ -478,12 +552,18 @@ fn kill_nine_of_one_of_two_workers_loses_nothing() {
     // records it finished but had not committed yet are deduplicated by their done marks.
     let window = 64;
     println!(
-        "kill -9 after a consumed {a_done} records: all {n} ids out {:.1} s after the kill; {duplicates} duplicates (bound {window})",
+        "kill -9 after a consumed {a_done} records: b took its partitions over {:.1} s after the kill, all {n} ids out after {:.1} s; {duplicates} duplicates (bound {window})",
+        took_over.as_secs_f64(),
         takeover.as_secs_f64()
     );
     assert!(
         duplicates <= window,
         "{duplicates} duplicates > in-flight window {window}"
+    );
+    assert!(
+        took_over <= Duration::from_secs(6 + 10),
+        "b took a's partitions over {took_over:?} after the kill, later than session timeout + 10 s:\n{}",
+        b.log()
     );
     assert!(b.stop().success());
 }

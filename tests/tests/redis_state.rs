@@ -121,6 +121,29 @@ async fn an_expired_lease_goes_to_the_next_worker_and_the_stale_one_learns_it() 
 }
 
 #[tokio::test]
+async fn an_expired_lease_nobody_took_can_still_be_finished() {
+    let redis = RedisServer::start();
+    let a = store(&redis, "worker-a", 200).await;
+    let b = store(&redis, "worker-b", 60_000).await;
+    let f = fence(a.claim(&ids(&["late"])).await.expect("claim")[0]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        a.finish(&[("late".into(), f)]).await.expect("finish"),
+        vec![true],
+        "its outputs are durable and nobody else took the record"
+    );
+    assert_eq!(
+        b.claim(&ids(&["late"])).await.expect("claim"),
+        vec![Claim::Done]
+    );
+    assert_eq!(
+        a.finish(&[("late".into(), f)]).await.expect("finish"),
+        vec![true],
+        "finishing again (a retried call) is answered the same"
+    );
+}
+
+#[tokio::test]
 async fn a_batch_costs_one_script_call_each_way() {
     let redis = RedisServer::start();
     assert!(

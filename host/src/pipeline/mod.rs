@@ -297,6 +297,7 @@ impl Pipeline {
                 .count() as u64
         };
         self.metrics.lease_acquired.inc_by(acquired(&claims));
+        let mut last_renewal = Instant::now();
         loop {
             let parked: Vec<usize> = (0..ids.len())
                 .filter(|&i| claims[i] == Claim::HeldElsewhere)
@@ -306,6 +307,21 @@ impl Pipeline {
             }
             self.metrics.lease_contended.inc_by(parked.len() as u64);
             tokio::time::sleep(PARKED_RECHECK).await;
+            // Keep the leases already taken while the parked records wait.
+            if let Some(every) = self.settings.lease_renewal
+                && last_renewal.elapsed() >= every
+            {
+                let held: Vec<(String, u64)> = ids
+                    .iter()
+                    .zip(&claims)
+                    .filter_map(|(id, c)| match c {
+                        Claim::Leased { fence } => Some((id.clone(), *fence)),
+                        _ => None,
+                    })
+                    .collect();
+                self.state.renew(&held).await?;
+                last_renewal = Instant::now();
+            }
             let again: Vec<String> = parked.iter().map(|&i| ids[i].clone()).collect();
             let reclaimed = self.state.claim(&again).await?;
             self.metrics.lease_acquired.inc_by(acquired(&reclaimed));

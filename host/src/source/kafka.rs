@@ -19,7 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::offsets::OffsetTracker;
+use super::offsets::{Admission, OffsetTracker};
 use super::{Incoming, Source, SourceError};
 use crate::config::KafkaConfig;
 use crate::runtime::{Record, SourceMeta};
@@ -66,7 +66,7 @@ impl ConsumerContext for SourceContext {
                     offsets.assign(e.partition());
                     assigned.push(e.partition());
                 }
-                tracing::info!(topic = %self.topic, partitions = ?assigned, "partitions assigned");
+                tracing::info!(topic = %self.topic, partitions = ?assigned, cooperative = matches!(consumer.rebalance_protocol(), rdkafka::consumer::RebalanceProtocol::Cooperative), "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
@@ -89,7 +89,9 @@ impl ConsumerContext for SourceContext {
                 }
                 if lost {
                     tracing::warn!(topic = %self.topic, partitions = ?revoked, "partitions lost: nothing committed, their records go to the next owner");
-                } else if commit.count() > 0 {
+                } else if commit.count() == 0 {
+                    tracing::info!(topic = %self.topic, partitions = ?revoked, "partitions revoked (nothing to commit)");
+                } else {
                     match consumer.commit(&commit, CommitMode::Sync) {
                         Ok(()) => {
                             tracing::info!(topic = %self.topic, partitions = ?revoked, "partitions revoked: finished prefix committed")
@@ -101,7 +103,6 @@ impl ConsumerContext for SourceContext {
                 }
             }
             Rebalance::Error(e) => {
-                self.offsets().clear();
                 tracing::warn!(topic = %self.topic, "rebalance failed: {e}");
             }
         }
@@ -183,10 +184,27 @@ impl KafkaSource {
         }
     }
 
-    /// Takes a message in: records its position, or `None` when its partition is not ours.
+    /// Takes a message in and records its position; `None` when it is dropped (a repeat, or
+    /// a jump past records the consumer skipped, which are then read again).
     fn take(&self, message: &BorrowedMessage<'_>) -> Option<(Incoming, Position)> {
         let (partition, offset) = (message.partition(), message.offset());
-        let epoch = self.offsets().hand_out(partition, offset)?;
+        let admission = self.offsets().admit(partition, offset);
+        let epoch = match admission {
+            Admission::Take(epoch) => epoch,
+            Admission::Seen => return None,
+            Admission::ReadAgainFrom(expected) => {
+                tracing::warn!(topic = %self.topic, partition, expected, offset, "records skipped by the consumer: reading again from the expected offset");
+                if let Err(e) = self.consumer.seek(
+                    &self.topic,
+                    partition,
+                    Offset::Offset(expected),
+                    Duration::from_secs(10),
+                ) {
+                    tracing::warn!(topic = %self.topic, partition, "seek back failed ({e}); the commit point stays before the gap");
+                }
+                return None;
+            }
+        };
         let headers = message
             .headers()
             .map(|hs| {
@@ -244,7 +262,11 @@ impl Source for KafkaSource {
             // A rebalance while the batch filled: drop what is no longer ours.
             {
                 let offsets = self.offsets();
+                let before = taken.len();
                 taken.retain(|(_, (p, _, epoch))| offsets.is_current(*p, *epoch));
+                if taken.len() < before {
+                    tracing::info!(topic = %self.topic, dropped = before - taken.len(), "records of revoked partitions left to their next owner");
+                }
             }
             if !taken.is_empty() {
                 let (batch, positions) = taken.into_iter().unzip();
@@ -260,16 +282,6 @@ impl Source for KafkaSource {
             for (i, &(partition, offset, epoch)) in self.last_batch.iter().enumerate() {
                 if !unfinished.contains(&i) {
                     offsets.finish(partition, offset, epoch);
-                }
-            }
-            // A lost lease means another worker owns the partition now (this one was paused
-            // or cut off past its session): store nothing more for it until it is assigned
-            // to us again, and drop its records still buffered here.
-            for &i in unfinished {
-                if let Some(&(partition, _, _)) = self.last_batch.get(i)
-                    && offsets.revoke(partition).is_some()
-                {
-                    tracing::warn!(topic = %self.topic, partition, "lease lost: this worker no longer commits or processes the partition until it is assigned again");
                 }
             }
             offsets.take_commit_points()

@@ -5,6 +5,12 @@
 //!
 //! Partitions come and go with rebalances; each assignment gets a new epoch, so a record
 //! handed out under an earlier assignment can never move the commit point of a later one.
+//!
+//! Within an assignment, offsets must arrive in order ([`OffsetTracker::admit`]): a record
+//! seen again is dropped, and a jump forward is read again once from the expected offset
+//! and believed only when the same jump comes again (a compacted topic or a transaction marker leaves real gaps; a
+//! consumer that skipped prefetched records must not have the prefix committed past them —
+//! we saw exactly that with tansu during rebalances).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,6 +23,11 @@ struct PartitionOffsets {
     next_after_finished: Option<i64>,
     /// The last commit point reported by [`OffsetTracker::take_commit_points`].
     reported: Option<i64>,
+    /// One past the highest offset handed out.
+    next_expected: Option<i64>,
+    /// Set while a gap is being read again: the offset sought back to, the offset that
+    /// came instead, and how many records were dropped meanwhile.
+    reread: Option<Reread>,
 }
 
 impl PartitionOffsets {
@@ -25,6 +36,28 @@ impl PartitionOffsets {
         self.in_flight.first().copied().or(self.next_after_finished)
     }
 }
+
+/// What to do with a record the consumer delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Hand it out; finish it with this epoch.
+    Take(u64),
+    /// Handed out already in this assignment: drop it.
+    Seen,
+    /// Records before it were skipped: drop it and seek the partition back to this offset.
+    ReadAgainFrom(i64),
+}
+
+/// A gap being read again.
+#[derive(Debug, Clone, Copy)]
+struct Reread {
+    from: i64,
+    came: i64,
+    dropped: u32,
+}
+
+/// Records dropped while waiting for a seek back to land, before seeking again.
+const REREAD_PATIENCE: u32 = 10_000;
 
 /// Commit points per partition of one topic.
 #[derive(Debug, Default)]
@@ -44,6 +77,8 @@ impl OffsetTracker {
                 in_flight: BTreeSet::new(),
                 next_after_finished: None,
                 reported: None,
+                next_expected: None,
+                reread: None,
             },
         );
     }
@@ -53,23 +88,49 @@ impl OffsetTracker {
         self.partitions.remove(&partition)?.commit_point()
     }
 
-    /// Every partition is gone (lost, or the consumer closed); nothing is returned, since a
-    /// lost partition must not be committed.
-    pub fn clear(&mut self) {
-        self.partitions.clear();
-    }
-
     /// The assigned partitions.
     pub fn partitions(&self) -> Vec<i32> {
         self.partitions.keys().copied().collect()
     }
 
-    /// A record was handed out; returns the epoch to finish it with, or `None` when the
-    /// partition is not assigned (the record must be dropped, not processed).
-    pub fn hand_out(&mut self, partition: i32, offset: i64) -> Option<u64> {
-        let p = self.partitions.get_mut(&partition)?;
+    /// Whether the record at `offset` is the next of its partition, and so may be handed
+    /// out (see the module docs).
+    pub fn admit(&mut self, partition: i32, offset: i64) -> Admission {
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            // Not announced by a callback we saw: taken as assigned from here, since
+            // dropping its records would lose them.
+            self.assign(partition);
+            return self.admit(partition, offset);
+        };
+        if let Some(expected) = p.next_expected {
+            if offset < expected {
+                return Admission::Seen;
+            }
+            if offset > expected {
+                match &mut p.reread {
+                    // The same jump after reading again: the gap is real.
+                    Some(r) if r.from == expected && r.came == offset => {}
+                    // Records still queued from before the seek: drop until it lands.
+                    Some(r) if r.from == expected && r.dropped < REREAD_PATIENCE => {
+                        r.dropped += 1;
+                        return Admission::Seen;
+                    }
+                    _ => {
+                        p.reread = Some(Reread {
+                            from: expected,
+                            came: offset,
+                            dropped: 0,
+                        });
+                        return Admission::ReadAgainFrom(expected);
+                    }
+                }
+            }
+        }
+        p.reread = None;
+        let admit = p.epoch;
         p.in_flight.insert(offset);
-        Some(p.epoch)
+        p.next_expected = Some(offset + 1);
+        Admission::Take(admit)
     }
 
     /// Whether a record handed out under `epoch` still belongs to the current assignment.
@@ -119,13 +180,20 @@ impl OffsetTracker {
 mod tests {
     use super::*;
 
+    fn take(t: &mut OffsetTracker, partition: i32, offset: i64) -> u64 {
+        match t.admit(partition, offset) {
+            Admission::Take(epoch) => epoch,
+            other => panic!("{partition}:{offset} not taken: {other:?}"),
+        }
+    }
+
     #[test]
     fn commit_point_is_the_contiguous_finished_prefix() {
         let mut t = OffsetTracker::default();
         t.assign(0);
-        let e = t.hand_out(0, 10).expect("assigned");
+        let e = take(&mut t, 0, 10);
         for o in 11..15 {
-            t.hand_out(0, o);
+            take(&mut t, 0, o);
         }
         for o in [11, 12, 14] {
             t.finish(0, o, e);
@@ -147,8 +215,12 @@ mod tests {
     fn gaps_in_offsets_do_not_hold_the_prefix_back() {
         let mut t = OffsetTracker::default();
         t.assign(3);
-        let e = t.hand_out(3, 5).expect("assigned");
-        t.hand_out(3, 9); // 6..8 were compacted away or are transaction markers
+        let e = take(&mut t, 3, 5);
+        // 6..8 were compacted away or are transaction markers: read again once, then believed
+        // when the same jump comes again.
+        assert_eq!(t.admit(3, 9), Admission::ReadAgainFrom(6));
+        assert_eq!(t.admit(3, 10), Admission::Seen);
+        take(&mut t, 3, 9);
         t.finish(3, 5, e);
         t.finish(3, 9, e);
         assert_eq!(t.commit_points(), vec![(3, 10)]);
@@ -158,12 +230,11 @@ mod tests {
     fn records_of_an_earlier_assignment_never_move_a_later_one() {
         let mut t = OffsetTracker::default();
         t.assign(1);
-        let old = t.hand_out(1, 100).expect("assigned");
+        let old = take(&mut t, 1, 100);
         assert_eq!(t.revoke(1), Some(100));
-        assert!(t.hand_out(1, 101).is_none(), "unassigned: dropped");
         t.assign(1);
         assert!(!t.is_current(1, old));
-        let new = t.hand_out(1, 50).expect("assigned");
+        let new = take(&mut t, 1, 50);
         t.finish(1, 100, old);
         assert_eq!(t.commit_points(), vec![(1, 50)]);
         t.finish(1, 50, new);
@@ -171,13 +242,31 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_partition_reports_nothing() {
+    fn skipped_records_are_read_again_and_repeats_dropped() {
         let mut t = OffsetTracker::default();
-        t.assign(0);
-        let e = t.hand_out(0, 1).expect("assigned");
-        t.finish(0, 1, e);
-        t.clear();
-        assert!(t.commit_points().is_empty());
-        assert!(t.take_commit_points().is_empty());
+        t.assign(5);
+        let e = take(&mut t, 5, 447);
+        assert_eq!(
+            t.admit(5, 472),
+            Admission::ReadAgainFrom(448),
+            "448..471 skipped"
+        );
+        take(&mut t, 5, 448);
+        assert_eq!(t.admit(5, 448), Admission::Seen);
+        t.finish(5, 447, e);
+        assert_eq!(
+            t.commit_points(),
+            vec![(5, 448)],
+            "never past the skipped records"
+        );
+    }
+
+    #[test]
+    fn a_partition_nobody_announced_is_tracked_not_dropped() {
+        let mut t = OffsetTracker::default();
+        let e = take(&mut t, 7, 3);
+        assert!(t.is_current(7, e));
+        t.finish(7, 3, e);
+        assert_eq!(t.commit_points(), vec![(7, 4)]);
     }
 }

@@ -57,7 +57,10 @@ local out = {}
 for i = 4, #ARGV, 2 do
   local id, fence = ARGV[i], ARGV[i + 1]
   local key = ns .. ':lease:' .. id
-  if redis.call('GET', key) == owner .. '|' .. fence then
+  local held = redis.call('GET', key)
+  local done = redis.call('GET', ns .. ':done:' .. id)
+  -- Ours; or expired with nobody else on it since (not done, no other lease): still ours.
+  if held == owner .. '|' .. fence or (not held and not done) then
     if ttl > 0 then
       redis.call('SET', ns .. ':done:' .. id, fence, 'PX', ttl)
     else
@@ -65,7 +68,7 @@ for i = 4, #ARGV, 2 do
     end
     redis.call('DEL', key)
     out[#out + 1] = 1
-  elseif redis.call('GET', ns .. ':done:' .. id) == fence then
+  elseif done == fence then
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
