@@ -29,6 +29,18 @@ cargo test --locked --manifest-path plugins/Cargo.toml --target-dir target -p en
 stage "tests: host, SDK and integration"
 cargo test --workspace --locked 2>&1 | tee -a "$log"
 
+# Two worker processes, one killed with -9: run and reported, but not counted, because
+# tansu's group coordinator sometimes never reassigns the dead worker's partitions (see the
+# test's doc comment). Its result is printed either way.
+stage "tests: cluster takeover after kill -9 (informational against tansu)"
+if cargo test --locked -p weir-tests --test cluster -- --ignored --nocapture \
+  > target/kill9-output.log 2>&1; then
+  echo "kill -9 takeover: passed: $(grep -h 'kill -9 after' target/kill9-output.log)"
+else
+  echo "kill -9 takeover: FAILED against tansu (not counted; log: target/kill9-output.log):"
+  grep -h -A2 'panicked' target/kill9-output.log | head -5
+fi
+
 # One closing line for every test run above.
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{ n += $1 } END { print n + 0 }'; }
 echo "tests: $(sum passed) passed, $(sum failed) failed"

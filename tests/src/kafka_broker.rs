@@ -186,9 +186,12 @@ impl KafkaBroker {
         topic: &str,
         records: impl IntoIterator<Item = (Option<String>, String, Vec<(String, String)>)>,
     ) {
+        // One record per batch: tansu 0.6 answers a fetch from an offset inside a batch with
+        // the *next* batch, so a consumer resuming mid-batch (after a rebalance) would skip
+        // the batch's remaining records. Apache Kafka returns the whole batch.
         let producer: FutureProducer = self
             .client_config()
-            .set("linger.ms", "5")
+            .set("batch.num.messages", "1")
             .create()
             .expect("producer");
         let mut pending = Vec::new();

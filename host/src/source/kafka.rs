@@ -37,12 +37,44 @@ fn kafka_error(what: &str, e: KafkaError) -> SourceError {
 /// The consumer's callbacks: logs into `tracing`, rebalances into the offset tracker.
 struct SourceContext {
     topic: String,
+    /// Whether a partition without a committed offset starts at the earliest record.
+    earliest: bool,
     offsets: Arc<Mutex<OffsetTracker>>,
 }
 
 impl SourceContext {
     fn offsets(&self) -> MutexGuard<'_, OffsetTracker> {
         self.offsets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl SourceContext {
+    /// Where consumption of newly assigned partitions resumes: the committed offset, else
+    /// the earliest one (`auto.offset.reset=earliest`). Unknown ones are left out.
+    fn starts(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> std::collections::HashMap<i32, i64> {
+        let mut starts = std::collections::HashMap::new();
+        let Ok(committed) = consumer.committed_offsets(tpl.clone(), Duration::from_secs(5)) else {
+            return starts;
+        };
+        let earliest = self.earliest;
+        for e in committed.elements_for_topic(&self.topic) {
+            let start = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                Offset::Invalid if earliest => consumer
+                    .fetch_watermarks(&self.topic, e.partition(), Duration::from_secs(5))
+                    .ok()
+                    .map(|(low, _)| low),
+                _ => None,
+            };
+            if let Some(start) = start {
+                starts.insert(e.partition(), start);
+            }
+        }
+        starts
     }
 }
 
@@ -60,10 +92,11 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                let starts = self.starts(consumer, tpl);
                 let mut offsets = self.offsets();
                 let mut assigned = Vec::new();
                 for e in tpl.elements_for_topic(&self.topic) {
-                    offsets.assign(e.partition());
+                    offsets.assign(e.partition(), starts.get(&e.partition()).copied());
                     assigned.push(e.partition());
                 }
                 tracing::info!(topic = %self.topic, partitions = ?assigned, cooperative = matches!(consumer.rebalance_protocol(), rdkafka::consumer::RebalanceProtocol::Cooperative), "partitions assigned");
@@ -139,6 +172,10 @@ impl KafkaSource {
         let offsets = Arc::new(Mutex::new(OffsetTracker::default()));
         let context = SourceContext {
             topic: topic.to_owned(),
+            earliest: kafka
+                .options
+                .get("auto.offset.reset")
+                .is_none_or(|v| matches!(v.as_str(), "earliest" | "smallest" | "beginning")),
             offsets: offsets.clone(),
         };
         let consumer: StreamConsumer<SourceContext> = config

@@ -68,7 +68,9 @@ pub struct OffsetTracker {
 
 impl OffsetTracker {
     /// The partition is ours (again), from a fresh start.
-    pub fn assign(&mut self, partition: i32) {
+    /// `start` is where the group's consumption resumes (the committed offset, or the
+    /// earliest one), when known: the first record must be that one.
+    pub fn assign(&mut self, partition: i32, start: Option<i64>) {
         self.next_epoch += 1;
         self.partitions.insert(
             partition,
@@ -77,7 +79,7 @@ impl OffsetTracker {
                 in_flight: BTreeSet::new(),
                 next_after_finished: None,
                 reported: None,
-                next_expected: None,
+                next_expected: start,
                 reread: None,
             },
         );
@@ -99,7 +101,7 @@ impl OffsetTracker {
         let Some(p) = self.partitions.get_mut(&partition) else {
             // Not announced by a callback we saw: taken as assigned from here, since
             // dropping its records would lose them.
-            self.assign(partition);
+            self.assign(partition, None);
             return self.admit(partition, offset);
         };
         if let Some(expected) = p.next_expected {
@@ -190,7 +192,7 @@ mod tests {
     #[test]
     fn commit_point_is_the_contiguous_finished_prefix() {
         let mut t = OffsetTracker::default();
-        t.assign(0);
+        t.assign(0, None);
         let e = take(&mut t, 0, 10);
         for o in 11..15 {
             take(&mut t, 0, o);
@@ -214,7 +216,7 @@ mod tests {
     #[test]
     fn gaps_in_offsets_do_not_hold_the_prefix_back() {
         let mut t = OffsetTracker::default();
-        t.assign(3);
+        t.assign(3, None);
         let e = take(&mut t, 3, 5);
         // 6..8 were compacted away or are transaction markers: read again once, then believed
         // when the same jump comes again.
@@ -229,10 +231,10 @@ mod tests {
     #[test]
     fn records_of_an_earlier_assignment_never_move_a_later_one() {
         let mut t = OffsetTracker::default();
-        t.assign(1);
+        t.assign(1, None);
         let old = take(&mut t, 1, 100);
         assert_eq!(t.revoke(1), Some(100));
-        t.assign(1);
+        t.assign(1, None);
         assert!(!t.is_current(1, old));
         let new = take(&mut t, 1, 50);
         t.finish(1, 100, old);
@@ -244,7 +246,7 @@ mod tests {
     #[test]
     fn skipped_records_are_read_again_and_repeats_dropped() {
         let mut t = OffsetTracker::default();
-        t.assign(5);
+        t.assign(5, None);
         let e = take(&mut t, 5, 447);
         assert_eq!(
             t.admit(5, 472),
@@ -259,6 +261,14 @@ mod tests {
             vec![(5, 448)],
             "never past the skipped records"
         );
+    }
+
+    #[test]
+    fn the_first_record_of_an_assignment_must_be_where_the_group_resumes() {
+        let mut t = OffsetTracker::default();
+        t.assign(2, Some(40));
+        assert_eq!(t.admit(2, 55), Admission::ReadAgainFrom(40));
+        take(&mut t, 2, 40);
     }
 
     #[test]
