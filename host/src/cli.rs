@@ -174,7 +174,8 @@ struct RunArgs {
     /// How long a lease outlives a worker that stopped renewing it, in ms [default: 30000].
     #[arg(long)]
     lease_ttl_ms: Option<u64>,
-    /// Validate the configuration and exit, without loading the plugin or connecting.
+    /// Validate the configuration, print it (file and flags merged) as TOML and exit, without
+    /// loading the plugin or connecting.
     #[arg(long)]
     check: bool,
 }
@@ -582,7 +583,9 @@ async fn state_store(
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (config, summary_json, check_only) = args.into_config()?;
     if check_only {
-        println!("weir: configuration is valid ({:?} mode)", config.mode());
+        // The effective configuration (file and flags merged), for people and for tools.
+        print!("{}", toml::to_string(&config)?);
+        eprintln!("weir: configuration is valid ({:?} mode)", config.mode());
         return Ok(());
     }
     let plugin_path = config

@@ -1,6 +1,7 @@
 //! `weir` worker processes in cluster mode, for tests: started with the cluster flags,
 //! their stderr kept in a file, their `/metrics` read over loopback, and stopped gracefully
-//! (SIGTERM), killed (`kill -9`), paused (SIGSTOP) or resumed (SIGCONT).
+//! (SIGTERM), killed (`kill -9`), paused (SIGSTOP) or resumed (SIGCONT). Workers log at
+//! `info`; `WEIR_WORKER_LOG` sets another `RUST_LOG` (e.g. `info,kafka=debug`).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -54,7 +55,10 @@ impl Worker {
             .arg(dir.join(format!("{name}.summary.json")))
             .args(extra)
             .current_dir(dir)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
