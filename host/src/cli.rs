@@ -197,10 +197,17 @@ impl From<Format> for LineFormat {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// Count dead letters by class and show the first records of each.
+    /// Count dead letters by class and show the first records of each (a file, or a topic).
     List {
-        #[arg(long)]
-        dlq: PathBuf,
+        /// The dead-letter file.
+        #[arg(long, required_unless_present = "dlq_topic")]
+        dlq: Option<PathBuf>,
+        /// Kafka bootstrap servers (with --dlq-topic).
+        #[arg(long, value_name = "BOOTSTRAP", requires = "dlq_topic")]
+        kafka: Option<String>,
+        /// The DLQ topic.
+        #[arg(long, requires = "kafka", conflicts_with = "dlq")]
+        dlq_topic: Option<String>,
         /// Records shown per class.
         #[arg(long, default_value_t = 3)]
         show: usize,
@@ -212,14 +219,30 @@ enum DlqCommand {
 #[derive(Args)]
 struct ReplayArgs {
     /// The dead-letter file to replay.
-    #[arg(long)]
-    dlq: PathBuf,
-    /// The plugin to run them through.
-    #[arg(long)]
-    plugin: PathBuf,
-    /// Where outputs go (appended to), or - for stdout.
-    #[arg(long)]
-    output: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "dlq_topic",
+        conflicts_with = "dlq_topic"
+    )]
+    dlq: Option<PathBuf>,
+    /// The plugin to run them through (file replay).
+    #[arg(long, required_unless_present = "dlq_topic")]
+    plugin: Option<PathBuf>,
+    /// Where outputs go (appended to), or - for stdout (file replay).
+    #[arg(long, required_unless_present = "dlq_topic")]
+    output: Option<PathBuf>,
+    /// Kafka bootstrap servers (topic replay).
+    #[arg(long, value_name = "BOOTSTRAP", requires = "dlq_topic")]
+    kafka: Option<String>,
+    /// Topic replay: the DLQ topic to read.
+    #[arg(long, requires_all = ["kafka", "to_topic"])]
+    dlq_topic: Option<String>,
+    /// Topic replay: where to re-publish (usually the pipeline's input topic).
+    #[arg(long, requires = "dlq_topic")]
+    to_topic: Option<String>,
+    /// Topic replay: only dead letters of this class (e.g. retries_exhausted).
+    #[arg(long, requires = "dlq_topic")]
+    class: Option<String>,
     /// Where records that fail again, or are at the replay cap, go [default: <dlq>.replay.jsonl].
     #[arg(long)]
     new_dlq: Option<PathBuf>,
@@ -258,7 +281,18 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(*args).await,
             Command::Test(args) => test(args).await,
-            Command::Dlq(DlqCommand::List { dlq, show }) => dlq_list(&dlq, show),
+            Command::Dlq(DlqCommand::List {
+                dlq,
+                kafka,
+                dlq_topic,
+                show,
+            }) => match (dlq, kafka, dlq_topic) {
+                (_, Some(kafka), Some(topic)) => dlq_topic_list(&kafka, &topic, show).await,
+                (Some(dlq), _, _) => dlq_list(&dlq, show),
+                _ => Err(anyhow::anyhow!(
+                    "pass --dlq <file>, or --kafka and --dlq-topic"
+                )),
+            },
             Command::Dlq(DlqCommand::Replay(args)) => replay(args).await,
             Command::Cluster(ClusterCommand::Status {
                 redis,
@@ -790,28 +824,73 @@ fn dlq_list(path: &Path, show: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn kafka_of(bootstrap: &str) -> crate::config::KafkaConfig {
+    crate::config::KafkaConfig {
+        bootstrap: Some(bootstrap.to_owned()),
+        ..Default::default()
+    }
+}
+
+async fn dlq_topic_list(bootstrap: &str, topic: &str, show: usize) -> anyhow::Result<()> {
+    let letters = crate::dlq_topic::read_all(&kafka_of(bootstrap), topic)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    print!("{}", crate::dlq_topic::render_list(topic, &letters, show));
+    Ok(())
+}
+
+async fn replay_topic(args: ReplayArgs) -> anyhow::Result<()> {
+    let (Some(bootstrap), Some(from), Some(to)) = (&args.kafka, &args.dlq_topic, &args.to_topic)
+    else {
+        bail!("a topic replay needs --kafka, --dlq-topic and --to-topic");
+    };
+    if from == to {
+        bail!("--to-topic must differ from --dlq-topic ({from})");
+    }
+    let kafka = kafka_of(bootstrap);
+    let letters = crate::dlq_topic::read_all(&kafka, from)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let done =
+        crate::dlq_topic::replay(&kafka, letters, to, args.class.as_deref(), args.max_replays)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "weir: re-published {} dead letters from {from} to {to}; {} were at the replay cap ({}) and stay in {from}; {} were of another class",
+        done.published, done.refused, args.max_replays, done.skipped
+    );
+    Ok(())
+}
+
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    if args.dlq_topic.is_some() {
+        return replay_topic(args).await;
+    }
+    let (Some(dlq), Some(plugin), Some(output)) =
+        (args.dlq.clone(), args.plugin.clone(), args.output.clone())
+    else {
+        bail!("a file replay needs --dlq, --plugin and --output");
+    };
     let new_dlq = args.new_dlq.clone().unwrap_or_else(|| {
-        let stem = args
-            .dlq
+        let stem = dlq
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        args.dlq.with_file_name(format!("{stem}.replay.jsonl"))
+        dlq.with_file_name(format!("{stem}.replay.jsonl"))
     });
-    if new_dlq == args.dlq {
-        bail!("--new-dlq must differ from --dlq ({})", args.dlq.display());
+    if new_dlq == dlq {
+        bail!("--new-dlq must differ from --dlq ({})", dlq.display());
     }
     let config = Config::default();
     let runtime = Runtime::new(&config.limits)?;
-    let name = default_plugin_name(&args.plugin);
+    let name = default_plugin_name(&plugin);
     let plugin = Arc::new(load_plugin(
         &runtime,
-        &args.plugin,
+        &plugin,
         &name,
         key_values("--plugin-config", &args.plugin_config)?,
     )?);
-    let source = DlqFileSource::open(&args.dlq, args.max_replays)?;
+    let source = DlqFileSource::open(&dlq, args.max_replays)?;
     let refused = source.refused();
     let metrics = Arc::new(Metrics::new());
     let state_dir = args.state.clone().unwrap_or(config.state.path.clone());
@@ -820,7 +899,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         plugin,
         source: Box::new(source) as Box<dyn Source>,
         sink: Box::new(FileSink::open(
-            &args.output,
+            &output,
             &BTreeMap::new(),
             LineFormat::Value,
         )?),

@@ -9,6 +9,7 @@
 //!   Kafka topics and Redis in cluster mode, with [`kafka`] holding the shared client set-up).
 //! - [`metrics`]: every metric, and the run summary read from them.
 //! - [`cluster`]: worker heartbeats in Redis and `weir cluster status`.
+//! - [`dlq_topic`]: `weir dlq list|replay` for a DLQ topic.
 //! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - [`plugin_test`]: `weir test`, trying a plugin on a sample file.
 //! - [`cli`]: the `weir` command line.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod dlq_topic;
 pub mod errors;
 pub mod jsonl;
 pub mod kafka;

@@ -735,3 +735,102 @@ fn broker_killed_and_restarted_loses_nothing() {
     println!("broker killed for 10 s: all {n} ids out; {duplicates} duplicates");
     assert_eq!(ids.len(), n, "no loss");
 }
+
+/// `weir dlq …` against the cluster's DLQ topic; stdout and stderr of a successful run.
+fn weir_dlq(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("dlq")
+        .args(args)
+        .output()
+        .expect("weir dlq");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "weir dlq {args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn dead_letters_are_listed_and_replayed_from_the_dlq_topic() {
+    let s = Setup::new("dlq-replay", 2);
+    s.produce(&events(100, 10));
+    let w = s.worker("w", &[]);
+    w.wait_metric(
+        "weir_records_processed_total",
+        90.0,
+        Duration::from_secs(120),
+    );
+    w.wait_metric(
+        "weir_records_dead_lettered_total",
+        10.0,
+        Duration::from_secs(30),
+    );
+    let (b, dlq, input) = (
+        s.cluster.bootstrap.as_str(),
+        s.cluster.dlq.as_str(),
+        s.cluster.input.as_str(),
+    );
+
+    let (listed, _) = weir_dlq(&["list", "--kafka", b, "--dlq-topic", dlq]);
+    assert!(listed.contains("10 dead letters"), "{listed}");
+    assert!(listed.contains("invalid: 10"), "{listed}");
+
+    // Replayed into the input topic: processed again despite their done marks (enrich still
+    // finds them invalid, so they come back with weir.replay.count = 1).
+    let (_, said) = weir_dlq(&[
+        "replay",
+        "--kafka",
+        b,
+        "--dlq-topic",
+        dlq,
+        "--to-topic",
+        input,
+        "--max-replays",
+        "1",
+    ]);
+    assert!(said.contains("re-published 10"), "{said}");
+    w.wait_metric(
+        "weir_records_dead_lettered_total",
+        20.0,
+        Duration::from_secs(60),
+    );
+    let letters = s
+        .broker
+        .read_topic(dlq, Duration::from_secs(3), |r| r.len() >= 20);
+    let replayed: Vec<&TopicRecord> = letters
+        .iter()
+        .filter(|r| r.header("weir.replay.count").as_deref() == Some("1"))
+        .collect();
+    assert_eq!(replayed.len(), 10);
+    assert!(
+        replayed
+            .iter()
+            .all(|r| id_of_dead_letter(r).ends_with("#replay1"))
+    );
+
+    // Again with the cap at 1: the replayed ones are refused; the first ones go out again
+    // and are deduplicated (a replay run twice is not processed twice).
+    let (_, said) = weir_dlq(&[
+        "replay",
+        "--kafka",
+        b,
+        "--dlq-topic",
+        dlq,
+        "--to-topic",
+        input,
+        "--max-replays",
+        "1",
+    ]);
+    assert!(
+        said.contains("re-published 10") && said.contains("10 were at the replay cap"),
+        "{said}"
+    );
+    w.wait_metric(
+        "weir_records_deduplicated_total",
+        10.0,
+        Duration::from_secs(60),
+    );
+    assert_eq!(w.metric("weir_records_dead_lettered_total"), Some(20.0));
+    assert!(w.stop().success());
+}

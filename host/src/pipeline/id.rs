@@ -47,12 +47,18 @@ impl IdSpec {
     }
 }
 
-/// The id of a record: its key per `spec`, else `stream:partition:offset`.
+/// The id of a record: its key per `spec`, else `stream:partition:offset`. A record
+/// re-published from a DLQ topic (`weir.replay.count` = n) gets `#replay<n>` appended, so it
+/// bypasses the original's done mark on purpose and a replay run twice is still deduplicated.
 pub fn record_id(spec: Option<&IdSpec>, record: &Record) -> String {
-    spec.and_then(|s| s.extract(record)).unwrap_or_else(|| {
+    let id = spec.and_then(|s| s.extract(record)).unwrap_or_else(|| {
         let s = &record.source;
         format!("{}:{}:{}", s.stream, s.partition, s.offset)
-    })
+    });
+    match super::dead_letter::replay_count(record) {
+        0 => id,
+        n => format!("{id}#replay{n}"),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,202 @@
+//! A DLQ topic from the command line: `weir dlq list` counts its dead letters by class, and
+//! `weir dlq replay` re-publishes them (their original key, value and headers, without the
+//! `weir.error.*` ones, with `weir.replay.count` raised by one) to a topic the workers
+//! consume, so the pipeline processes them again. A replayed record's id gets the suffix
+//! `#replay<n>` (see `pipeline::record_id`), which bypasses the original's done mark on
+//! purpose and still deduplicates a replay run twice.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::kafka::{LogContext, client_config};
+use crate::pipeline::dead_letter::REPLAY_COUNT_HEADER;
+use crate::runtime::Output;
+use crate::sink::{KafkaProducer, KafkaSink, Sink};
+
+/// How long the topic must stay quiet before it counts as read to its end.
+const QUIET: Duration = Duration::from_secs(2);
+
+/// A dead letter as read from the topic.
+#[derive(Debug, Clone)]
+pub struct TopicLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl TopicLetter {
+    /// A `weir.error.<name>` header, as text.
+    pub fn error(&self, name: &str) -> Option<String> {
+        self.header(&format!("weir.error.{name}"))
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn replay_count(&self) -> u32 {
+        self.header(REPLAY_COUNT_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Every record of `topic`, from the start until it stays quiet for two seconds.
+pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLetter>, String> {
+    let kafka = kafka.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_all_blocking(&kafka, &topic))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLetter>, String> {
+    let consumer: BaseConsumer<LogContext> = client_config(
+        kafka,
+        &[
+            ("group.id", "weir-dlq-reader"),
+            ("enable.auto.commit", "false"),
+        ],
+    )
+    .create_with_context(LogContext)
+    .map_err(|e| format!("kafka client: {e}"))?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("topic `{topic}`: {e}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(format!("topic `{topic}` does not exist"));
+    }
+    // Read from the start of every partition until the topic stays quiet for QUIET (the
+    // high watermarks are not a reliable end on every broker: tansu's lag behind).
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let mut letters = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < QUIET {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = message.map_err(|e| format!("topic `{topic}`: {e}"))?;
+        last = Instant::now();
+        letters.push(TopicLetter {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().unwrap_or_default().to_vec(),
+            headers: m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    Ok(letters)
+}
+
+/// `weir dlq list` for a topic: counts by class and the first `show` letters of each.
+pub fn render_list(topic: &str, letters: &[TopicLetter], show: usize) -> String {
+    let mut by_class: BTreeMap<String, Vec<&TopicLetter>> = BTreeMap::new();
+    for letter in letters {
+        let class = letter.error("class").unwrap_or_else(|| "?".into());
+        by_class.entry(class).or_default().push(letter);
+    }
+    let mut out = format!("{} dead letters in topic {topic}\n", letters.len());
+    for (class, entries) in &by_class {
+        out.push_str(&format!("  {class}: {}\n", entries.len()));
+        for l in entries.iter().take(show) {
+            let get = |k: &str| l.error(k).unwrap_or_else(|| "?".into());
+            let message: String = get("message").chars().take(200).collect();
+            let value: String = String::from_utf8_lossy(&l.value).chars().take(80).collect();
+            out.push_str(&format!(
+                "    {}:{}:{} id={} attempts={} replays={} message: {message}\n      value: {value}\n",
+                get("source"),
+                get("partition"),
+                get("offset"),
+                get("record_id"),
+                get("attempts"),
+                l.replay_count(),
+            ));
+        }
+    }
+    out
+}
+
+/// What a topic replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    pub published: u64,
+    /// At the replay cap: not published.
+    pub refused: u64,
+    /// Of another class than asked for.
+    pub skipped: u64,
+}
+
+/// Re-publishes the letters of `class` (all when `None`) to `to`, except those replayed
+/// `max_replays` times already.
+pub async fn replay(
+    kafka: &KafkaConfig,
+    letters: Vec<TopicLetter>,
+    to: &str,
+    class: Option<&str>,
+    max_replays: u32,
+) -> Result<Replayed, String> {
+    let producer = KafkaProducer::new(kafka).map_err(|e| e.to_string())?;
+    let mut sink = KafkaSink::new(&producer, to, BTreeMap::new(), usize::MAX);
+    let mut done = Replayed::default();
+    let mut outputs = Vec::new();
+    for letter in letters {
+        if class.is_some_and(|c| letter.error("class").as_deref() != Some(c)) {
+            done.skipped += 1;
+            continue;
+        }
+        let count = letter.replay_count();
+        if count >= max_replays {
+            done.refused += 1;
+            continue;
+        }
+        let mut headers: Vec<(String, Vec<u8>)> = letter
+            .headers
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("weir.error.") && n != REPLAY_COUNT_HEADER)
+            .collect();
+        headers.push((
+            REPLAY_COUNT_HEADER.to_owned(),
+            (count + 1).to_string().into_bytes(),
+        ));
+        outputs.push(Output {
+            destination: None,
+            key: letter.key,
+            value: letter.value,
+            headers,
+        });
+        done.published += 1;
+    }
+    sink.send(outputs).await.map_err(|e| e.to_string())?;
+    sink.flush().await.map_err(|e| e.to_string())?;
+    Ok(done)
+}
