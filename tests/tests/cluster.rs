@@ -217,6 +217,28 @@ fn twenty_thousand_events_end_in_the_output_or_the_dlq() {
     s.produce(&input);
     let worker = s.worker("w1", &["--batch-size", "256"]);
     worker.wait_metric("weir_records_in_total", 20_000.0, Duration::from_secs(300));
+
+    // `weir cluster status` lists the worker with the four partitions it consumes.
+    let started = Instant::now();
+    loop {
+        let status = s.cluster_status();
+        let partitions: Vec<i64> = status
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|w| w["topic"] == json!(s.cluster.input))
+            .flat_map(|w| w["partitions"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_i64())
+            .collect();
+        if partitions.len() == 4 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no heartbeat with 4 partitions: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let (out, dlq) = s.read_results(20_000);
     assert!(worker.stop().success(), "graceful stop exits 0");
 
