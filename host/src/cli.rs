@@ -542,7 +542,7 @@ fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
 }
 
 /// Waits for the brokers and the topics (saying what is missing), then joins the group.
-async fn kafka_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
+async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<Endpoints> {
     let input = config
         .source
         .topic
@@ -569,7 +569,7 @@ async fn kafka_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
             .map_err(anyhow::Error::msg)?;
     }
     let producer = KafkaProducer::new(&config.kafka)?;
-    let source = KafkaSource::subscribe(&config.kafka, &input)?;
+    let source = KafkaSource::subscribe(&config.kafka, &input, metrics.consumer_lag.clone())?;
     Ok(Endpoints {
         partitions: Some(Box::new(source.partitions())),
         source: Box::new(source),
@@ -646,7 +646,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connect = async {
         let endpoints = match config.mode() {
             Mode::Embedded => embedded_endpoints(&config)?,
-            Mode::Kafka => kafka_endpoints(&config).await?,
+            Mode::Kafka => kafka_endpoints(&config, &metrics).await?,
         };
         let state = state_store(&config, &pipeline_name, &worker, &metrics).await?;
         anyhow::Ok((endpoints, state))

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub lease_contended: IntCounter,
     pub lease_lost: IntCounter,
     pub circuit_open: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
 }
 
 impl Metrics {
@@ -89,6 +90,17 @@ impl Metrics {
         .expect("static metric definition");
         registry
             .register(Box::new(circuit_open.clone()))
+            .expect("unique metric name");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "weir_consumer_lag",
+                "Records behind the end of each assigned partition (cluster mode)",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(consumer_lag.clone()))
             .expect("unique metric name");
         let metrics = Self {
             records_in: counter(
@@ -152,6 +164,7 @@ impl Metrics {
                  (their offsets are not committed by this worker)",
             ),
             circuit_open,
+            consumer_lag,
             registry,
         };
         // Show every class from the start, so rates work before the first failure.

@@ -239,6 +239,16 @@ fn twenty_thousand_events_end_in_the_output_or_the_dlq() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Caught up: the consumer lag of every partition is 0 (librdkafka reports every 5 s).
+    let started = Instant::now();
+    while worker.metric("weir_consumer_lag") != Some(0.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "weir_consumer_lag is {:?}",
+            worker.metric("weir_consumer_lag")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let (out, dlq) = s.read_results(20_000);
     assert!(worker.stop().success(), "graceful stop exits 0");
 

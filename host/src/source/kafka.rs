@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prometheus::IntGaugeVec;
+use rdkafka::Statistics;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
@@ -40,6 +42,8 @@ struct SourceContext {
     /// Whether a partition without a committed offset starts at the earliest record.
     earliest: bool,
     offsets: Arc<Mutex<OffsetTracker>>,
+    /// `weir_consumer_lag{topic,partition}`, from librdkafka's statistics.
+    lag: IntGaugeVec,
 }
 
 impl SourceContext {
@@ -83,6 +87,21 @@ impl ClientContext for SourceContext {
         crate::kafka::log(level, facility, message);
     }
 
+    /// Consumer lag per assigned partition (librdkafka reports -1 while it does not know).
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let assigned = self.offsets().partitions();
+        for (partition, p) in &topic.partitions {
+            if *partition >= 0 && assigned.contains(partition) && p.consumer_lag >= 0 {
+                self.lag
+                    .with_label_values(&[self.topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         crate::kafka::log_error(&error, reason);
     }
@@ -109,6 +128,10 @@ impl ConsumerContext for SourceContext {
                     let mut offsets = self.offsets();
                     for e in tpl.elements_for_topic(&self.topic) {
                         revoked.push(e.partition());
+                        let _ = self.lag.remove_label_values(&[
+                            self.topic.as_str(),
+                            &e.partition().to_string(),
+                        ]);
                         if let Some(point) = offsets.revoke(e.partition())
                             && !lost
                         {
@@ -154,8 +177,12 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Joins `kafka.group` and subscribes to `topic`.
-    pub fn subscribe(kafka: &KafkaConfig, topic: &str) -> Result<Self, SourceError> {
+    /// Joins `kafka.group` and subscribes to `topic`; reports consumer lag on `lag`.
+    pub fn subscribe(
+        kafka: &KafkaConfig,
+        topic: &str,
+        lag: IntGaugeVec,
+    ) -> Result<Self, SourceError> {
         let group = kafka.group.as_deref().unwrap_or("weir");
         let config = crate::kafka::client_config(
             kafka,
@@ -167,6 +194,7 @@ impl KafkaSource {
                 ("enable.auto.offset.store", "false"),
                 ("enable.auto.commit", "true"),
                 ("auto.commit.interval.ms", "1000"),
+                ("statistics.interval.ms", "5000"),
             ],
         );
         let offsets = Arc::new(Mutex::new(OffsetTracker::default()));
@@ -177,6 +205,7 @@ impl KafkaSource {
                 .get("auto.offset.reset")
                 .is_none_or(|v| matches!(v.as_str(), "earliest" | "smallest" | "beginning")),
             offsets: offsets.clone(),
+            lag,
         };
         let consumer: StreamConsumer<SourceContext> = config
             .create_with_context(context)
