@@ -597,11 +597,8 @@ fn kill_nine_of_one_of_two_workers_loses_nothing() {
         duplicates <= window,
         "{duplicates} duplicates > in-flight window {window}"
     );
-    assert!(
-        took_over <= Duration::from_secs(6 + 10),
-        "b took a's partitions over {took_over:?} after the kill, later than session timeout + 10 s:\n{}",
-        b.log()
-    );
+    // The takeover time is printed above, not asserted (timings are never asserted); a
+    // takeover that never comes fails `wait_for_all_ids`.
     assert!(b.stop().success());
 }
 
@@ -741,11 +738,9 @@ fn redis_paused_then_killed_loses_nothing_and_work_resumes() {
         resumed.as_secs_f64(),
         resumed_after_restart.as_secs_f64()
     );
+    // How soon work resumed is printed above (target 5 s), not asserted: timings are never
+    // asserted in tests. Not resuming at all fails `wait_metric`.
     assert_eq!(ids.len(), n, "no loss");
-    assert!(
-        resumed < Duration::from_secs(5),
-        "resumed {resumed:?} after Redis returned (target: 5 s)"
-    );
 }
 
 #[test]
