@@ -560,14 +560,14 @@ async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<E
         .iter()
         .map(|(name, topic)| (name.clone(), topic.display().to_string()))
         .collect();
-    for topic in [&input, &output, &dlq]
+    let topics: Vec<String> = [&input, &output, &dlq]
         .into_iter()
         .chain(destinations.values())
-    {
-        crate::kafka::wait_for_topic(&config.kafka, topic)
-            .await
-            .map_err(anyhow::Error::msg)?;
-    }
+        .cloned()
+        .collect();
+    crate::kafka::wait_for_topics(&config.kafka, &topics)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let producer = KafkaProducer::new(&config.kafka)?;
     let source = KafkaSource::subscribe(&config.kafka, &input, metrics.consumer_lag.clone())?;
     Ok(Endpoints {

@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::kafka::{LogContext, client_config};
+use crate::kafka::{LogContext, client_config, headers_of};
 use crate::pipeline::dead_letter::REPLAY_COUNT_HEADER;
 use crate::runtime::Output;
 use crate::sink::{KafkaProducer, KafkaSink, Sink};
@@ -105,14 +105,7 @@ fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLetter
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().unwrap_or_default().to_vec(),
-            headers: m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: headers_of(&m),
         });
     }
     Ok(letters)

@@ -9,6 +9,8 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 
@@ -59,15 +61,53 @@ pub fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     }
 }
 
+/// A message's headers as `(name, bytes)` pairs (a header without a value becomes empty).
+pub fn headers_of(message: &impl Message) -> Vec<(String, Vec<u8>)> {
+    message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `(name, bytes)` pairs as headers to produce.
+pub fn owned_headers<V: AsRef<[u8]>>(headers: &[(String, V)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |hs, (name, value)| {
+            hs.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            })
+        },
+    )
+}
+
+/// Offsets of `topic`'s partitions, to store or commit.
+pub fn offset_list(
+    topic: &str,
+    points: impl IntoIterator<Item = (i32, i64)>,
+) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in points {
+        // Fails only for an invalid offset value, which a commit point never is.
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    tpl
+}
+
 /// A librdkafka client error (librdkafka keeps retrying by itself; we say what is wrong).
 pub fn log_error(error: &KafkaError, reason: &str) {
     tracing::warn!(target: "kafka", "{error}: {reason}");
 }
 
-/// Waits until the cluster answers a metadata request for `topic`, saying on each attempt
-/// what is wrong (broker unreachable, topic missing), with backoff up to 10 s. Returns the
-/// topic's partition count; fails only when the client cannot be made (bad options).
-pub async fn wait_for_topic(kafka: &KafkaConfig, topic: &str) -> Result<usize, String> {
+/// Waits until the cluster answers a metadata request and has every one of `topics`, saying
+/// on each attempt what is wrong (broker unreachable, topic missing), with backoff up to
+/// 10 s. Fails only when the client cannot be made (bad options).
+pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), String> {
     let config = client_config(kafka, &[]);
     let consumer: BaseConsumer<LogContext> = config
         .create_with_context(LogContext)
@@ -77,28 +117,29 @@ pub async fn wait_for_topic(kafka: &KafkaConfig, topic: &str) -> Result<usize, S
     let mut delay = Duration::from_millis(500);
     loop {
         let c = consumer.clone();
-        let t = topic.to_owned();
+        let wanted = topics.to_vec();
         let answer = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(5))
-                .map_err(|e| e.to_string())
-                .and_then(|m| {
-                    let Some(found) = m.topics().iter().find(|x| x.name() == t) else {
-                        return Err(format!("topic `{t}` does not exist"));
-                    };
-                    if let Some(err) = found.error() {
-                        let err = rdkafka::error::RDKafkaErrorCode::from(err);
-                        return Err(format!("topic `{t}`: {err}"));
-                    }
-                    if found.partitions().is_empty() {
-                        return Err(format!("topic `{t}` does not exist (no partitions)"));
-                    }
-                    Ok(found.partitions().len())
-                })
+            let m = c
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            for t in &wanted {
+                let Some(found) = m.topics().iter().find(|x| x.name() == t) else {
+                    return Err(format!("topic `{t}` does not exist"));
+                };
+                if let Some(err) = found.error() {
+                    let err = rdkafka::error::RDKafkaErrorCode::from(err);
+                    return Err(format!("topic `{t}`: {err}"));
+                }
+                if found.partitions().is_empty() {
+                    return Err(format!("topic `{t}` does not exist (no partitions)"));
+                }
+            }
+            Ok(())
         })
         .await
         .map_err(|e| e.to_string())?;
         match answer {
-            Ok(partitions) => return Ok(partitions),
+            Ok(()) => return Ok(()),
             Err(reason) => {
                 eprintln!(
                     "weir: waiting for Kafka at {bootstrap}: {reason}; retrying in {:.1} s",

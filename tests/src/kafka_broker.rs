@@ -13,7 +13,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -196,14 +196,9 @@ impl KafkaBroker {
             .expect("producer");
         let mut pending = Vec::new();
         for (key, value, headers) in records {
-            let mut owned = OwnedHeaders::new();
-            for (name, v) in &headers {
-                owned = owned.insert(Header {
-                    key: name,
-                    value: Some(v),
-                });
-            }
-            let mut record = FutureRecord::to(topic).payload(&value).headers(owned);
+            let mut record = FutureRecord::to(topic)
+                .payload(&value)
+                .headers(weir::kafka::owned_headers(&headers));
             if let Some(key) = &key {
                 record = record.key(key);
             }
@@ -261,14 +256,7 @@ impl KafkaBroker {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     last = Instant::now();
-                    let headers = m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let headers = weir::kafka::headers_of(&m);
                     records.push(TopicRecord {
                         partition: m.partition(),
                         offset: m.offset(),

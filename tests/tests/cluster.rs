@@ -805,17 +805,21 @@ fn dead_letters_are_listed_and_replayed_from_the_dlq_topic() {
 
     // Replayed into the input topic: processed again despite their done marks (enrich still
     // finds them invalid, so they come back with weir.replay.count = 1).
-    let (_, said) = weir_dlq(&[
-        "replay",
-        "--kafka",
-        b,
-        "--dlq-topic",
-        dlq,
-        "--to-topic",
-        input,
-        "--max-replays",
-        "1",
-    ]);
+    let replay = || {
+        weir_dlq(&[
+            "replay",
+            "--kafka",
+            b,
+            "--dlq-topic",
+            dlq,
+            "--to-topic",
+            input,
+            "--max-replays",
+            "1",
+        ])
+        .1
+    };
+    let said = replay();
     assert!(said.contains("re-published 10"), "{said}");
     w.wait_metric(
         "weir_records_dead_lettered_total",
@@ -838,17 +842,7 @@ fn dead_letters_are_listed_and_replayed_from_the_dlq_topic() {
 
     // Again with the cap at 1: the replayed ones are refused; the first ones go out again
     // and are deduplicated (a replay run twice is not processed twice).
-    let (_, said) = weir_dlq(&[
-        "replay",
-        "--kafka",
-        b,
-        "--dlq-topic",
-        dlq,
-        "--to-topic",
-        input,
-        "--max-replays",
-        "1",
-    ]);
+    let said = replay();
     assert!(
         said.contains("re-published 10") && said.contains("10 were at the replay cap"),
         "{said}"

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{DeadLetterSink, Sink, SinkError};
+use super::{DeadLetterSink, Sink, SinkError, check_destination};
 use crate::config::LineFormat;
 use crate::jsonl::RecordJson;
 use crate::pipeline::dead_letter::{DeadLetter, DeadLetterLine};
@@ -103,15 +103,7 @@ impl FileSink {
 #[async_trait]
 impl Sink for FileSink {
     fn check(&self, output: &Output) -> Result<(), String> {
-        if let Some(dest) = &output.destination
-            && !self.destinations.contains_key(dest)
-        {
-            let known: Vec<&str> = self.destinations.keys().map(String::as_str).collect();
-            return Err(format!(
-                "output names the destination `{dest}`, which is not configured (configured: [{}])",
-                known.join(", ")
-            ));
-        }
+        check_destination(output, &self.destinations)?;
         if self.format == LineFormat::Value && output.value.contains(&b'\n') {
             return Err("output value contains a newline, which the value-per-line output format cannot hold \
                         (use the envelope format)"

@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use super::{DeadLetterSink, Sink, SinkError};
+use super::{DeadLetterSink, Sink, SinkError, check_destination};
 use crate::config::KafkaConfig;
-use crate::kafka::LogContext;
+use crate::kafka::{LogContext, owned_headers};
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::runtime::Output;
 
@@ -71,16 +70,9 @@ impl Deliveries {
     /// Enqueues `message`; waits while librdkafka's queue is full.
     async fn send(&mut self, message: Message, attempt: u32) -> Result<(), SinkError> {
         loop {
-            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-            for (name, value) in &message.headers {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
             let mut record = FutureRecord::to(&message.topic)
                 .payload(&message.value)
-                .headers(headers);
+                .headers(owned_headers(&message.headers));
             if let Some(key) = &message.key {
                 record = record.key(key);
             }
@@ -159,15 +151,7 @@ impl KafkaSink {
 #[async_trait]
 impl Sink for KafkaSink {
     fn check(&self, output: &Output) -> Result<(), String> {
-        if let Some(dest) = &output.destination
-            && !self.destinations.contains_key(dest)
-        {
-            let known: Vec<&str> = self.destinations.keys().map(String::as_str).collect();
-            return Err(format!(
-                "output names the destination `{dest}`, which is not configured (configured: [{}])",
-                known.join(", ")
-            ));
-        }
+        check_destination(output, &self.destinations)?;
         if output.value.len() > self.max_value_bytes {
             return Err(format!(
                 "output value is {} bytes, more than the {} the Kafka sink accepts",

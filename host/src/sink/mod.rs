@@ -15,6 +15,23 @@ use async_trait::async_trait;
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::runtime::Output;
 
+/// Refuses an output that names a destination the sink was not configured with.
+fn check_destination<T>(
+    output: &Output,
+    destinations: &std::collections::BTreeMap<String, T>,
+) -> Result<(), String> {
+    match &output.destination {
+        Some(dest) if !destinations.contains_key(dest) => {
+            let known: Vec<&str> = destinations.keys().map(String::as_str).collect();
+            Err(format!(
+                "output names the destination `{dest}`, which is not configured (configured: [{}])",
+                known.join(", ")
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A sink failure that stops the run (cannot write or sync).
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]

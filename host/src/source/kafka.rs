@@ -18,12 +18,13 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::offsets::{Admission, OffsetTracker};
 use super::{Incoming, Source, SourceError};
 use crate::config::KafkaConfig;
+use crate::kafka::{headers_of, offset_list};
 use crate::runtime::{Record, SourceMeta};
 
 /// How long a batch waits for more records once its first record is in.
@@ -122,7 +123,7 @@ impl ConsumerContext for SourceContext {
             }
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
-                let mut commit = TopicPartitionList::new();
+                let mut points = Vec::new();
                 let mut revoked = Vec::new();
                 {
                     let mut offsets = self.offsets();
@@ -135,14 +136,11 @@ impl ConsumerContext for SourceContext {
                         if let Some(point) = offsets.revoke(e.partition())
                             && !lost
                         {
-                            let _ = commit.add_partition_offset(
-                                &self.topic,
-                                e.partition(),
-                                Offset::Offset(point),
-                            );
+                            points.push((e.partition(), point));
                         }
                     }
                 }
+                let commit = offset_list(&self.topic, points);
                 if lost {
                     tracing::warn!(topic = %self.topic, partitions = ?revoked, "partitions lost: nothing committed, their records go to the next owner");
                 } else if commit.count() == 0 {
@@ -271,14 +269,7 @@ impl KafkaSource {
                 return None;
             }
         };
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = headers_of(message);
         let record = Record {
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().unwrap_or_default().to_vec(),
@@ -298,10 +289,7 @@ impl KafkaSource {
         if points.is_empty() {
             return;
         }
-        let mut tpl = TopicPartitionList::new();
-        for &(partition, offset) in points {
-            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
-        }
+        let tpl = offset_list(&self.topic, points.iter().copied());
         if let Err(e) = self.consumer.store_offsets(&tpl) {
             // A partition revoked since: its next owner starts from the last commit.
             tracing::debug!(topic = %self.topic, "store offsets: {e}");
@@ -362,12 +350,8 @@ impl Source for KafkaSource {
         if points.is_empty() {
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in points {
-            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
-        }
         self.consumer
-            .commit(&tpl, CommitMode::Sync)
+            .commit(&offset_list(&self.topic, points), CommitMode::Sync)
             .map_err(|e| kafka_error("final offset commit", e))
     }
 }

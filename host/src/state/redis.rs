@@ -1,7 +1,9 @@
 //! The Redis state store for cluster mode: per-record leases with fencing tokens, and done
 //! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (the dedup
 //! check, `INCR` for the fence and `SET PX` for every id) and `finish` (compare-and-set:
-//! mark done and release, only where the lease is still ours).
+//! mark done and release where the lease is still ours, or expired with nobody having taken
+//! the record since, so a worker that stalled unseen past its TTL completes its durable
+//! work). One more script renews or releases leases, again only where they are still ours.
 //!
 //! Keys, under the pipeline's namespace `<ns>`: `<ns>:done:<id>` (the fence that finished
 //! it; optional TTL), `<ns>:lease:<id>` (`<owner>|<fence>`, with a TTL) and `<ns>:fence` (the
@@ -77,28 +79,18 @@ end
 return out
 ";
 
-const RENEW: &str = r"
-local ns, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
+/// Renews (TTL > 0) or releases (TTL 0) leases, each only if still `<owner>|<fence>`.
+const KEEP_OR_RELEASE: &str = r"
+local ns, owner, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
 for i = 4, #ARGV, 2 do
   local key = ns .. ':lease:' .. ARGV[i]
   if redis.call('GET', key) == owner .. '|' .. ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ttl)
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-";
-
-const RELEASE: &str = r"
-local ns, owner = ARGV[1], ARGV[2]
-local out = {}
-for i = 4, #ARGV, 2 do
-  local key = ns .. ':lease:' .. ARGV[i]
-  if redis.call('GET', key) == owner .. '|' .. ARGV[i + 1] then
-    redis.call('DEL', key)
+    if ttl > 0 then
+      redis.call('PEXPIRE', key, ttl)
+    else
+      redis.call('DEL', key)
+    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -116,8 +108,7 @@ pub struct RedisStore {
     done_ttl: Option<Duration>,
     claim: Script,
     finish: Script,
-    renew: Script,
-    release: Script,
+    keep_or_release: Script,
     circuit: Option<IntGauge>,
 }
 
@@ -174,8 +165,7 @@ impl RedisStore {
             done_ttl,
             claim: Script::new(CLAIM),
             finish: Script::new(FINISH),
-            renew: Script::new(RENEW),
-            release: Script::new(RELEASE),
+            keep_or_release: Script::new(KEEP_OR_RELEASE),
             circuit: None,
         })
     }
@@ -257,7 +247,8 @@ impl RedisStore {
     /// Gives leases up without marking the records done (another worker may take them at
     /// once); says per id whether the lease was still ours.
     pub async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        self.per_lease(&self.release, 0, leases, "release").await
+        self.per_lease(&self.keep_or_release, 0, leases, "release")
+            .await
     }
 }
 
@@ -316,7 +307,12 @@ impl StateStore for RedisStore {
     }
 
     async fn renew(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        self.per_lease(&self.renew, Self::ms(self.lease_ttl), leases, "renew")
-            .await
+        self.per_lease(
+            &self.keep_or_release,
+            Self::ms(self.lease_ttl),
+            leases,
+            "renew",
+        )
+        .await
     }
 }
