@@ -101,6 +101,11 @@ impl KafkaBroker {
         broker
     }
 
+    /// The process id of a local broker.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
     /// Whether this broker is ours to stop and restart.
     pub fn is_local(&self) -> bool {
         self.dir.is_some()

@@ -99,7 +99,8 @@ impl RedisServer {
         crate::signal(self.pid(), libc::SIGCONT);
     }
 
-    fn pid(&self) -> u32 {
+    /// The process id of a local server.
+    pub fn pid(&self) -> u32 {
         self.process.as_ref().expect("a local server").id()
     }
 

@@ -74,7 +74,8 @@ impl Worker {
         }
     }
 
-    fn pid(&self) -> u32 {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 

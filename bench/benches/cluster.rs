@@ -1,0 +1,335 @@
+//! Cluster mode, Kafka → Kafka, on a local `tansu` broker (issue 4's benchmark):
+//!
+//! - (a) a raw rdkafka consume → produce passthrough written here, with the same
+//!   at-least-once shape as a worker: batches of up to 128 records (20 ms linger), an
+//!   idempotent producer, offsets stored once a batch's deliveries are acknowledged;
+//! - (b) a `weir` worker running an identity plugin (`faulty` with `faults=off`) with the
+//!   embedded state store, no Redis;
+//! - (c) a `weir` worker running `enrich` with Redis leases and done marks.
+//!
+//! Each consumes the same input topic (in its own consumer group) into its own output topic,
+//! one process at a time, and is timed from its first consumed record to its last record
+//! done (weir: `weir_records_processed_total` = N, read every 20 ms; passthrough: its last
+//! delivery). CPU is the process's user + system time over the same span, from
+//! `/proc/<pid>/stat`. Prints records/s, CPU-seconds per million records and the ratios
+//! b/a and c/a.
+//!
+//! ```sh
+//! bash scripts/build-plugins.sh && bash scripts/tools.sh   # plugins, tansu
+//! cargo bench -p weir-bench --bench cluster                # WEIR_BENCH_RECORDS=1000000
+//! ```
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use weir_tests::kafka_broker::{KafkaBroker, Storage};
+use weir_tests::redis_server::RedisServer;
+use weir_tests::worker::{Cluster, Worker};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
+/// Set in the environment of the passthrough child process (this same executable).
+const PASSTHROUGH: &str = "WEIR_BENCH_PASSTHROUGH";
+const PARTITIONS: i32 = 4;
+const BATCH: usize = 128;
+const LINGER: Duration = Duration::from_millis(20);
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    if let Ok(args) = std::env::var(PASSTHROUGH) {
+        return rt.block_on(passthrough(&args));
+    }
+    let n: usize = std::env::var("WEIR_BENCH_RECORDS")
+        .ok()
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+
+    let broker = KafkaBroker::start(Storage::Memory);
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir()?;
+    rt.block_on(async {
+        broker.create_topic("bench-in", PARTITIONS).await;
+        for out in ["a", "b", "c"] {
+            broker
+                .create_topic(&format!("bench-out-{out}"), PARTITIONS)
+                .await;
+        }
+        broker.create_topic("bench-dlq", 1).await;
+    });
+    let started = Instant::now();
+    rt.block_on(produce(&broker.bootstrap, n))?;
+    eprintln!(
+        "produced {n} records in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let cluster = |name: &str, redis: Option<&str>| Cluster {
+        bootstrap: broker.bootstrap.clone(),
+        redis: redis.map(str::to_owned),
+        group: format!("bench-{name}"),
+        input: "bench-in".into(),
+        output: format!("bench-out-{name}"),
+        dlq: "bench-dlq".into(),
+    };
+    let a = run_passthrough(&broker, &cluster("a", None), n)?;
+    let b = run_weir(
+        &broker,
+        &cluster("b", None),
+        dir.path(),
+        "faulty",
+        &["--plugin-config", "faults=off"],
+        n,
+    )?;
+    let c = run_weir(
+        &broker,
+        &cluster("c", Some(&redis.url)),
+        dir.path(),
+        "enrich",
+        &["--id", "/id"],
+        n,
+    )?;
+
+    println!("\nKafka → Kafka, {n} records, {PARTITIONS} partitions, one worker process:\n");
+    println!("| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | ratio to (a) |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, run) in [
+        ("(a) rdkafka passthrough", &a),
+        ("(b) weir, identity, no Redis", &b),
+        ("(c) weir, enrich + Redis", &c),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            run.rate(n),
+            run.cpu_per_million(n),
+            run.broker_cpu * 1e6 / n as f64,
+            run.rate(n) / a.rate(n)
+        );
+    }
+    println!(
+        "\nb/a = {:.2} (target ≥ 0.9), c/a = {:.2} (target ≥ 0.6)",
+        b.rate(n) / a.rate(n),
+        c.rate(n) / a.rate(n)
+    );
+    Ok(())
+}
+
+/// One measured run: wall time and CPU-seconds from first record to last.
+struct Measured {
+    seconds: f64,
+    cpu: f64,
+    broker_cpu: f64,
+}
+
+impl Measured {
+    fn rate(&self, n: usize) -> f64 {
+        n as f64 / self.seconds
+    }
+
+    fn cpu_per_million(&self, n: usize) -> f64 {
+        self.cpu * 1e6 / n as f64
+    }
+}
+
+/// User + system CPU-seconds a process has used so far (all its threads).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{pid}/stat: {stat}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / USER_HZ)
+}
+
+/// CPU of the worker and of the broker at one instant.
+fn cpu_now(worker: u32, broker: &KafkaBroker) -> anyhow::Result<(f64, f64)> {
+    let broker = broker.pid().map(cpu_seconds).transpose()?.unwrap_or(0.0);
+    Ok((cpu_seconds(worker)?, broker))
+}
+
+fn measured(start: (Instant, (f64, f64)), end: (Instant, (f64, f64))) -> Measured {
+    Measured {
+        seconds: (end.0 - start.0).as_secs_f64(),
+        cpu: end.1.0 - start.1.0,
+        broker_cpu: end.1.1 - start.1.1,
+    }
+}
+
+/// Small JSON events keyed by id, as the integration tests use; batched producer.
+async fn produce(bootstrap: &str, n: usize) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .create()?;
+    let actions = ["view", "click", "purchase", "add_to_cart", "refund"];
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("e{i}");
+        let value = format!(
+            r#"{{"id":"{id}","user_id":"u{}","ts":{},"action":"{}"}}"#,
+            i % 97,
+            1_704_067_200 + i,
+            actions[i % actions.len()]
+        );
+        let mut record = FutureRecord::to("bench-in").key(&id).payload(&value);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break pending.push(delivery),
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    for delivery in pending {
+        delivery
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Runs a weir worker until it has processed `n` records.
+fn run_weir(
+    broker: &KafkaBroker,
+    cluster: &Cluster,
+    dir: &Path,
+    plugin: &str,
+    extra: &[&str],
+    n: usize,
+) -> anyhow::Result<Measured> {
+    let mut args = vec!["--quiet"];
+    args.extend_from_slice(extra);
+    let plugin = weir_tests::plugin(plugin);
+    let worker = Worker::start(WEIR, dir, &cluster.group, cluster, &plugin, &args);
+    let pid = worker.pid();
+    let poll = Duration::from_millis(20);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let wait_for = |metric: &str, at_least: f64| -> anyhow::Result<(Instant, (f64, f64))> {
+        loop {
+            if worker.metric(metric).is_some_and(|v| v >= at_least) {
+                return Ok((Instant::now(), cpu_now(pid, broker)?));
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: {metric} did not reach {at_least}; log:\n{}",
+                cluster.group,
+                worker.log()
+            );
+            std::thread::sleep(poll);
+        }
+    };
+    let first = wait_for("weir_records_in_total", 1.0)?;
+    let last = wait_for("weir_records_processed_total", n as f64)?;
+    let out = worker.metric("weir_records_out_total").unwrap_or(0.0);
+    anyhow::ensure!(out >= n as f64, "{}: only {out} outputs", cluster.group);
+    anyhow::ensure!(worker.stop().success(), "{} failed", cluster.group);
+    Ok(measured(first, last))
+}
+
+/// Runs the passthrough (this executable again) until it has forwarded `n` records. It
+/// prints `first` when it receives its first record and `done` after its last delivery.
+fn run_passthrough(broker: &KafkaBroker, cluster: &Cluster, n: usize) -> anyhow::Result<Measured> {
+    let args = format!(
+        "{} {} {} {} {n}",
+        cluster.bootstrap, cluster.group, cluster.input, cluster.output
+    );
+    let mut child = Command::new(std::env::current_exe()?)
+        .env(PASSTHROUGH, args)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("piped");
+    let mut first = None;
+    let mut last = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let at = (Instant::now(), cpu_now(pid, broker)?);
+        match line?.as_str() {
+            "first" => first = Some(at),
+            "done" => last = Some(at),
+            other => eprintln!("passthrough: {other}"),
+        }
+    }
+    anyhow::ensure!(child.wait()?.success(), "the passthrough failed");
+    match (first, last) {
+        (Some(first), Some(last)) => Ok(measured(first, last)),
+        _ => anyhow::bail!("the passthrough stopped before it forwarded {n} records"),
+    }
+}
+
+/// The passthrough process: `bootstrap group input output n` in the environment.
+async fn passthrough(args: &str) -> anyhow::Result<()> {
+    let [bootstrap, group, input, output, n] = args.split(' ').collect::<Vec<_>>()[..] else {
+        anyhow::bail!("{PASSTHROUGH}: expected `bootstrap group input output n`, got {args}");
+    };
+    let n: usize = n.parse()?;
+    // The worker's own defaults (host/src/source/kafka.rs, host/src/sink/kafka.rs).
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .create()?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()?;
+    consumer.subscribe(&[input])?;
+    let mut forwarded = 0;
+    while forwarded < n {
+        let mut batch = vec![consumer.recv().await?.detach()];
+        if forwarded == 0 {
+            println!("first");
+        }
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while batch.len() < BATCH {
+            tokio::select! {
+                m = consumer.recv() => batch.push(m?.detach()),
+                () = &mut linger => break,
+            }
+        }
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let mut record = FutureRecord::to(output).payload(m.payload().unwrap_or_default());
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => break deliveries.push(delivery),
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        }
+        for delivery in deliveries {
+            delivery
+                .await?
+                .map_err(|(e, _)| anyhow::anyhow!("deliver: {e}"))?;
+        }
+        for m in &batch {
+            consumer.store_offset(m.topic(), m.partition(), m.offset())?;
+        }
+        forwarded += batch.len();
+    }
+    println!("done");
+    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
+    Ok(())
+}
