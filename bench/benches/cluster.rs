@@ -234,6 +234,16 @@ fn run_weir(
     let last = wait_for("weir_records_processed_total", n as f64)?;
     let out = worker.metric("weir_records_out_total").unwrap_or(0.0);
     anyhow::ensure!(out >= n as f64, "{}: only {out} outputs", cluster.group);
+    let log = worker.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    if !warnings.is_empty() {
+        eprintln!(
+            "{}: {} warnings, e.g.\n{}",
+            cluster.group,
+            warnings.len(),
+            warnings[..warnings.len().min(5)].join("\n")
+        );
+    }
     anyhow::ensure!(worker.stop().success(), "{} failed", cluster.group);
     Ok(measured(first, last))
 }

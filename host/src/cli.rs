@@ -709,6 +709,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             progress: (config.pipeline.progress_secs > 0)
                 .then(|| Duration::from_secs(config.pipeline.progress_secs)),
             lease_renewal,
+            max_in_flight_batches: config.pipeline.max_in_flight_batches,
         },
     };
     ready.store(true, Ordering::Relaxed);
@@ -913,6 +914,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             bypass_done: true,
             progress: None,
             lease_renewal: None,
+            max_in_flight_batches: config.pipeline.max_in_flight_batches,
         },
     };
     let summary = pipeline.run(std::future::pending()).await?;

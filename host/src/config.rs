@@ -168,6 +168,10 @@ pub struct PipelineConfig {
     pub id: Option<String>,
     /// Seconds between progress lines on stderr; 0 turns them off.
     pub progress_secs: u64,
+    /// Batches whose writes are confirmed while the next ones are transformed. More hide
+    /// more sink latency; each one adds a batch to what a crashed worker's successor may
+    /// process again.
+    pub max_in_flight_batches: usize,
 }
 
 impl Default for PipelineConfig {
@@ -177,6 +181,7 @@ impl Default for PipelineConfig {
             batch_size: 128,
             id: None,
             progress_secs: 2,
+            max_in_flight_batches: 4,
         }
     }
 }
@@ -297,6 +302,15 @@ impl Config {
         }
         for name in self.sink.destinations.keys() {
             check_name("sink.destinations", name)?;
+        }
+        if !(1..=1024).contains(&self.pipeline.max_in_flight_batches) {
+            return Err(invalid(
+                "pipeline.max_in_flight_batches",
+                format!(
+                    "must be between 1 and 1024, got {}",
+                    self.pipeline.max_in_flight_batches
+                ),
+            ));
         }
         if self.pipeline.batch_size == 0 || self.pipeline.batch_size > 65_536 {
             return Err(invalid(

@@ -1,7 +1,13 @@
-//! The record lifecycle of DESIGN §3, one batch at a time:
+//! The record lifecycle of DESIGN §3, batch by batch:
 //!
 //! consume → id → claim (dedup + lease) → invoke the plugin (with retries) → check outputs →
-//! write outputs and dead letters → flush (durable) → mark done → commit the source.
+//! write outputs and dead letters → durable → mark done → acknowledge to the source.
+//!
+//! The steps up to the writes run in order, one batch at a time; from "durable" on, each
+//! batch completes in a task of its own ([`InFlight`]), so the next batch is claimed and
+//! transformed while the last one's writes are confirmed. At most
+//! `Settings::max_in_flight_batches` batches complete at once, and a batch that shares an id
+//! with one still completing waits for it, so its claim sees that id's done mark.
 //!
 //! Every consumed record ends in exactly one fate — processed, dead-lettered or
 //! deduplicated — and the counters in [`Metrics`] say which.
@@ -10,7 +16,7 @@ pub mod dead_letter;
 mod id;
 mod retry;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,8 +28,8 @@ use self::dead_letter::{DeadLetter, ErrorInfo};
 use crate::errors::ErrorClass;
 use crate::metrics::{Metrics, Summary};
 use crate::runtime::{Failure, LoadError, Outcome, Output, Plugin, Record, SourceMeta};
-use crate::sink::{DeadLetterSink, Sink, SinkError};
-use crate::source::{Incoming, Source, SourceError};
+use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
+use crate::source::{Ack, Incoming, Source, SourceError};
 use crate::state::{Claim, StateError, StateStore};
 
 /// Header names the host adds to every output (DESIGN §3.7).
@@ -63,6 +69,8 @@ pub struct Settings {
     /// Renew the leases of a batch this often while the plugin runs (stores whose leases
     /// expire; a third of the lease TTL).
     pub lease_renewal: Option<Duration>,
+    /// Batches whose writes may be awaited at once (at least 1).
+    pub max_in_flight_batches: usize,
 }
 
 /// A source, a plugin, a sink, a DLQ and a state store, wired together.
@@ -121,14 +129,16 @@ impl Pipeline {
         self.metrics.set_active_plugin(self.plugin.meta());
         tokio::pin!(shutdown);
         let mut last_progress = Instant::now();
+        let mut in_flight = InFlight::default();
         loop {
             let batch = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                failed = in_flight.failure() => return Err(failed),
                 batch = self.source.next_batch(self.settings.batch_size) => batch?,
             };
             let Some(batch) = batch else { break };
-            self.process(batch).await?;
+            self.process(batch, &mut in_flight).await?;
             if let Some(every) = self.settings.progress
                 && last_progress.elapsed() >= every
             {
@@ -136,13 +146,18 @@ impl Pipeline {
                 eprintln!("weir: {}", self.metrics.summary(started.elapsed()));
             }
         }
+        in_flight.drain().await?;
         self.source.close().await?;
         Ok(self.metrics.summary(started.elapsed()))
     }
 
-    /// One batch, from claim to commit.
+    /// One batch, from claim to the writes; its completion joins `in_flight`.
     #[tracing::instrument(level = "debug", skip_all, fields(records = batch.len()))]
-    async fn process(&mut self, batch: Vec<Incoming>) -> Result<(), PipelineError> {
+    async fn process(
+        &mut self,
+        batch: Vec<Incoming>,
+        in_flight: &mut InFlight,
+    ) -> Result<(), PipelineError> {
         let n = batch.len();
         self.metrics.records_in.inc_by(n as u64);
         let ids: Vec<String> = batch
@@ -153,6 +168,7 @@ impl Pipeline {
                     .unwrap_or_else(|| record_id(self.settings.id.as_ref(), &inc.record))
             })
             .collect();
+        in_flight.settle(&ids).await?;
         let claims = self.claim(&ids).await?;
 
         // Decide what the plugin sees: not done, not a repeat within this batch, readable.
@@ -255,35 +271,22 @@ impl Pipeline {
         let dead: Vec<ErrorClass> = letters.iter().map(|l| l.error.class).collect();
         self.sink.send(outputs).await?;
         self.dlq.send(letters).await?;
-        self.sink.flush().await?;
-        self.dlq.flush().await?;
-        let mut unfinished = Vec::new();
-        if !finished.is_empty() {
-            let held = self.state.finish(&finished).await?;
-            for ((id, fence), (&i, held)) in finished.iter().zip(finished_at.iter().zip(held)) {
-                if !held {
-                    tracing::warn!(
-                        record_id = %id,
-                        fence,
-                        "lease lost: another worker took this record over; its offset is left for that worker"
-                    );
-                    unfinished.push(i);
-                }
-            }
-            self.metrics.lease_lost.inc_by(unfinished.len() as u64);
-        }
-        self.source.commit(&unfinished).await?;
-
-        self.metrics.records_deduplicated.inc_by(deduplicated);
-        self.metrics.records_processed.inc_by(processed);
-        self.metrics.records_out.inc_by(records_out);
-        for class in dead {
-            self.metrics
-                .records_dead_lettered
-                .with_label_values(&[class.as_str()])
-                .inc();
-        }
-        Ok(())
+        let completion = Completion {
+            writes: [self.sink.seal().await?, self.dlq.seal().await?],
+            finished,
+            finished_at,
+            ack: self.source.ack_last_batch(),
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+            counts: Counts {
+                deduplicated,
+                processed,
+                records_out,
+                dead,
+            },
+        };
+        in_flight.push(ids, completion.run());
+        in_flight.limit(self.settings.max_in_flight_batches).await
     }
 
     /// Claims ids; records whose lease another worker holds are re-claimed until they are
@@ -490,5 +493,145 @@ impl Pipeline {
             record_id: id.to_owned(),
         };
         DeadLetter { record, error }
+    }
+}
+
+/// What one batch counts towards the metrics once it is complete.
+struct Counts {
+    deduplicated: u64,
+    processed: u64,
+    records_out: u64,
+    dead: Vec<ErrorClass>,
+}
+
+/// The rest of a batch's lifecycle once its writes are sent: durable, marked done,
+/// acknowledged, counted.
+struct Completion {
+    writes: [Durable; 2],
+    /// (id, fence) of every record that has a fate, and where it sits in the batch.
+    finished: Vec<(String, u64)>,
+    finished_at: Vec<usize>,
+    ack: Box<dyn Ack>,
+    state: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    counts: Counts,
+}
+
+impl Completion {
+    async fn run(self) -> Result<(), PipelineError> {
+        for writes in self.writes {
+            writes.await?;
+        }
+        let mut unfinished = Vec::new();
+        if !self.finished.is_empty() {
+            let held = self.state.finish(&self.finished).await?;
+            for ((id, fence), (&i, held)) in self
+                .finished
+                .iter()
+                .zip(self.finished_at.iter().zip(held))
+            {
+                if !held {
+                    tracing::warn!(
+                        record_id = %id,
+                        fence,
+                        "lease lost: another worker took this record over; its offset is left for that worker"
+                    );
+                    unfinished.push(i);
+                }
+            }
+            self.metrics.lease_lost.inc_by(unfinished.len() as u64);
+        }
+        self.ack.ack(&unfinished);
+
+        let (metrics, counts) = (&self.metrics, self.counts);
+        metrics.records_deduplicated.inc_by(counts.deduplicated);
+        metrics.records_processed.inc_by(counts.processed);
+        metrics.records_out.inc_by(counts.records_out);
+        for class in counts.dead {
+            metrics
+                .records_dead_lettered
+                .with_label_values(&[class.as_str()])
+                .inc();
+        }
+        Ok(())
+    }
+}
+
+/// Batches completing in tasks of their own, oldest first, with the ids each one holds.
+#[derive(Default)]
+struct InFlight {
+    batches: VecDeque<(HashSet<String>, tokio::task::JoinHandle<Result<(), PipelineError>>)>,
+}
+
+impl InFlight {
+    fn push(
+        &mut self,
+        ids: Vec<String>,
+        completion: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
+    ) {
+        self.batches
+            .push_back((ids.into_iter().collect(), tokio::spawn(completion)));
+    }
+
+    /// Waits for the oldest batch.
+    async fn complete_oldest(&mut self) -> Result<(), PipelineError> {
+        match self.batches.pop_front() {
+            Some((_, task)) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Leaves at most `max` batches (at least 1) completing; also reaps finished ones, so a
+    /// failure surfaces at once.
+    async fn limit(&mut self, max: usize) -> Result<(), PipelineError> {
+        while self.batches.len() > max.max(1)
+            || self.batches.front().is_some_and(|(_, task)| task.is_finished())
+        {
+            self.complete_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until no batch still completing holds any of `ids`.
+    async fn settle(&mut self, ids: &[String]) -> Result<(), PipelineError> {
+        while let Some(last) = self
+            .batches
+            .iter()
+            .rposition(|(held, _)| ids.iter().any(|id| held.contains(id)))
+        {
+            for _ in 0..=last {
+                self.complete_oldest().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes when some batch has failed, with its error; never while all go well.
+    async fn failure(&mut self) -> PipelineError {
+        loop {
+            let failed = self
+                .batches
+                .iter()
+                .position(|(_, task)| task.is_finished());
+            match failed {
+                Some(i) => {
+                    let (_, task) = self.batches.remove(i).expect("an index of batches");
+                    match task.await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => return e,
+                        Err(e) => return e.into(),
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Waits for every batch.
+    async fn drain(&mut self) -> Result<(), PipelineError> {
+        while !self.batches.is_empty() {
+            self.complete_oldest().await?;
+        }
+        Ok(())
     }
 }

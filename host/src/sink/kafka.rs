@@ -2,7 +2,7 @@
 //! dead letters to the DLQ topic with the original key, value and headers plus the
 //! `weir.error.*` headers (DESIGN §7). One idempotent producer serves both.
 //!
-//! `send` only enqueues; `flush` waits for every delivery. A failed delivery (librdkafka has
+//! `send` only enqueues; `seal` hands over the deliveries so far as one future (`flush` awaits it). A failed delivery (librdkafka has
 //! already retried it within `message.timeout.ms`) is sent again up to [`DELIVERY_ATTEMPTS`]
 //! times in all; after that `flush` fails and the worker stops consuming rather than drop it.
 
@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use super::{DeadLetterSink, Sink, SinkError, check_destination};
+use super::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
 use crate::config::KafkaConfig;
 use crate::kafka::{LogContext, owned_headers};
 use crate::pipeline::dead_letter::DeadLetter;
@@ -53,10 +53,12 @@ struct Message {
     headers: Vec<(String, Vec<u8>)>,
 }
 
+type Pending = Vec<(Message, DeliveryFuture, u32)>;
+
 /// Messages sent and not yet confirmed.
 struct Deliveries {
     producer: FutureProducer<LogContext>,
-    pending: Vec<(Message, DeliveryFuture, u32)>,
+    pending: Pending,
 }
 
 impl Deliveries {
@@ -68,60 +70,75 @@ impl Deliveries {
     }
 
     /// Enqueues `message`; waits while librdkafka's queue is full.
-    async fn send(&mut self, message: Message, attempt: u32) -> Result<(), SinkError> {
-        loop {
-            let mut record = FutureRecord::to(&message.topic)
-                .payload(&message.value)
-                .headers(owned_headers(&message.headers));
-            if let Some(key) = &message.key {
-                record = record.key(key);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    self.pending.push((message, delivery, attempt));
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => {
-                    return Err(sink_error(
-                        format!("cannot produce to topic `{}`", message.topic),
-                        e,
-                    ));
-                }
-            }
-        }
-    }
-
-    /// Waits for every delivery; re-sends failed ones, up to [`DELIVERY_ATTEMPTS`] in all.
-    async fn flush(&mut self) -> Result<(), SinkError> {
-        while !self.pending.is_empty() {
-            let mut failed = Vec::new();
-            for (message, delivery, attempt) in std::mem::take(&mut self.pending) {
-                let error = match delivery.await {
-                    Ok(Ok(_)) => continue,
-                    Ok(Err((e, _))) => e,
-                    Err(_) => KafkaError::Canceled,
-                };
-                if attempt >= DELIVERY_ATTEMPTS {
-                    return Err(sink_error(
-                        format!(
-                            "delivery to topic `{}` failed {attempt} times; stopping rather than drop the record",
-                            message.topic
-                        ),
-                        error,
-                    ));
-                }
-                tracing::warn!(topic = %message.topic, attempt, "delivery failed, sending again: {error}");
-                failed.push((message, attempt + 1));
-            }
-            for (message, attempt) in failed {
-                self.send(message, attempt).await?;
-            }
-        }
+    async fn send(&mut self, message: Message) -> Result<(), SinkError> {
+        let delivery = enqueue(&self.producer, &message).await?;
+        self.pending.push((message, delivery, 1));
         Ok(())
     }
+
+    /// The deliveries so far, confirmed (or failed for good) when the future completes.
+    fn seal(&mut self) -> Durable {
+        let producer = self.producer.clone();
+        let pending = std::mem::take(&mut self.pending);
+        Box::pin(confirm(producer, pending))
+    }
+}
+
+/// Enqueues `message`; waits while librdkafka's queue is full.
+async fn enqueue(
+    producer: &FutureProducer<LogContext>,
+    message: &Message,
+) -> Result<DeliveryFuture, SinkError> {
+    loop {
+        let mut record = FutureRecord::to(&message.topic)
+            .payload(&message.value)
+            .headers(owned_headers(&message.headers));
+        if let Some(key) = &message.key {
+            record = record.key(key);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => {
+                return Err(sink_error(
+                    format!("cannot produce to topic `{}`", message.topic),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+/// Waits for every delivery; re-sends failed ones, up to [`DELIVERY_ATTEMPTS`] in all.
+async fn confirm(producer: FutureProducer<LogContext>, mut pending: Pending) -> Result<(), SinkError> {
+    while !pending.is_empty() {
+        let mut failed = Vec::new();
+        for (message, delivery, attempt) in std::mem::take(&mut pending) {
+            let error = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => e,
+                Err(_) => KafkaError::Canceled,
+            };
+            if attempt >= DELIVERY_ATTEMPTS {
+                return Err(sink_error(
+                    format!(
+                        "delivery to topic `{}` failed {attempt} times; stopping rather than drop the record",
+                        message.topic
+                    ),
+                    error,
+                ));
+            }
+            tracing::warn!(topic = %message.topic, attempt, "delivery failed, sending again: {error}");
+            failed.push((message, attempt + 1));
+        }
+        for (message, attempt) in failed {
+            let delivery = enqueue(&producer, &message).await?;
+            pending.push((message, delivery, attempt));
+        }
+    }
+    Ok(())
 }
 
 /// Outputs to the default topic or a named destination topic.
@@ -174,13 +191,17 @@ impl Sink for KafkaSink {
                 value: output.value,
                 headers: output.headers,
             };
-            self.deliveries.send(message, 1).await?;
+            self.deliveries.send(message).await?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
-        self.deliveries.flush().await
+        self.deliveries.seal().await
+    }
+
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        Ok(self.deliveries.seal())
     }
 }
 
@@ -223,12 +244,16 @@ impl DeadLetterSink for KafkaDeadLetters {
                 value: letter.record.value,
                 headers,
             };
-            self.deliveries.send(message, 1).await?;
+            self.deliveries.send(message).await?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
-        self.deliveries.flush().await
+        self.deliveries.seal().await
+    }
+
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        Ok(self.deliveries.seal())
     }
 }

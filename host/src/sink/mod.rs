@@ -10,6 +10,9 @@ pub use kafka::{
     DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink, dead_letter_headers,
 };
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
 
 use crate::pipeline::dead_letter::DeadLetter;
@@ -40,6 +43,15 @@ pub struct SinkError {
     pub source: std::io::Error,
 }
 
+/// Everything a sink was sent up to a point, as a future that completes once it is durable.
+/// It no longer borrows the sink, so later batches can be sent while it is awaited.
+pub type Durable = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>>;
+
+/// A [`Durable`] for writes that are already durable.
+fn already_durable() -> Durable {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 /// Receives output records.
 #[async_trait]
 pub trait Sink: Send {
@@ -52,6 +64,13 @@ pub trait Sink: Send {
 
     /// Returns once everything sent is durable.
     async fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// Everything sent so far, durable once the returned future completes. By default the
+    /// sink flushes now.
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        self.flush().await?;
+        Ok(already_durable())
+    }
 }
 
 /// Receives dead letters.
@@ -61,4 +80,10 @@ pub trait DeadLetterSink: Send {
 
     /// Returns once everything sent is durable.
     async fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// As [`Sink::seal`].
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        self.flush().await?;
+        Ok(already_durable())
+    }
 }

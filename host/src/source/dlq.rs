@@ -96,8 +96,4 @@ impl Source for DlqFileSource {
             }
         }
     }
-
-    async fn commit(&mut self, _unfinished: &[usize]) -> Result<(), SourceError> {
-        self.lines.commit(&[]).await
-    }
 }

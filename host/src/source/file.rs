@@ -185,11 +185,6 @@ impl Source for FileSource {
         }
         Ok((!batch.is_empty()).then_some(batch))
     }
-
-    async fn commit(&mut self, _unfinished: &[usize]) -> Result<(), SourceError> {
-        // Files are re-read from the start on every run; done marks skip what was finished.
-        Ok(())
-    }
 }
 
 #[cfg(test)]

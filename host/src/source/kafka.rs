@@ -22,7 +22,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::offsets::{Admission, OffsetTracker};
-use super::{Incoming, Source, SourceError};
+use super::{Ack, Incoming, Source, SourceError};
 use crate::config::KafkaConfig;
 use crate::kafka::{headers_of, offset_list};
 use crate::runtime::{Record, SourceMeta};
@@ -168,7 +168,7 @@ type Position = (i32, i64, u64);
 
 /// Consumes one topic in a consumer group.
 pub struct KafkaSource {
-    consumer: StreamConsumer<SourceContext>,
+    consumer: Arc<StreamConsumer<SourceContext>>,
     offsets: Arc<Mutex<OffsetTracker>>,
     topic: String,
     last_batch: Vec<Position>,
@@ -212,7 +212,7 @@ impl KafkaSource {
             .subscribe(&[topic])
             .map_err(|e| kafka_error(&format!("cannot subscribe to topic `{topic}`"), e))?;
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             offsets,
             topic: topic.to_owned(),
             last_batch: Vec::new(),
@@ -285,12 +285,31 @@ impl KafkaSource {
         Some((Incoming::new(record), (partition, offset, epoch)))
     }
 
-    fn store(&self, points: &[(i32, i64)]) {
+}
+
+/// Acknowledges one batch: its finished records move their partitions' commit points, which
+/// are stored for the next auto-commit.
+struct KafkaAck {
+    consumer: Arc<StreamConsumer<SourceContext>>,
+    offsets: Arc<Mutex<OffsetTracker>>,
+    topic: String,
+    positions: Vec<Position>,
+}
+
+impl Ack for KafkaAck {
+    fn ack(self: Box<Self>, unfinished: &[usize]) {
+        // Stored under the lock, so acknowledgements from several tasks store in order.
+        let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, &(partition, offset, epoch)) in self.positions.iter().enumerate() {
+            if !unfinished.contains(&i) {
+                offsets.finish(partition, offset, epoch);
+            }
+        }
+        let points = offsets.take_commit_points();
         if points.is_empty() {
             return;
         }
-        let tpl = offset_list(&self.topic, points.iter().copied());
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
+        if let Err(e) = self.consumer.store_offsets(&offset_list(&self.topic, points)) {
             // A partition revoked since: its next owner starts from the last commit.
             tracing::debug!(topic = %self.topic, "store offsets: {e}");
         }
@@ -330,19 +349,13 @@ impl Source for KafkaSource {
         }
     }
 
-    async fn commit(&mut self, unfinished: &[usize]) -> Result<(), SourceError> {
-        let points = {
-            let mut offsets = self.offsets();
-            for (i, &(partition, offset, epoch)) in self.last_batch.iter().enumerate() {
-                if !unfinished.contains(&i) {
-                    offsets.finish(partition, offset, epoch);
-                }
-            }
-            offsets.take_commit_points()
-        };
-        self.last_batch.clear();
-        self.store(&points);
-        Ok(())
+    fn ack_last_batch(&mut self) -> Box<dyn Ack> {
+        Box::new(KafkaAck {
+            consumer: self.consumer.clone(),
+            offsets: self.offsets.clone(),
+            topic: self.topic.clone(),
+            positions: std::mem::take(&mut self.last_batch),
+        })
     }
 
     async fn close(&mut self) -> Result<(), SourceError> {

@@ -45,16 +45,34 @@ pub struct SourceError {
     pub source: std::io::Error,
 }
 
+/// Acknowledges one batch once its records' fates are durable.
+pub trait Ack: Send {
+    /// The batch's records have a durable fate, except those at the positions `unfinished`
+    /// (their lease went to another worker): the source may advance past the others, but
+    /// never past an unfinished one.
+    fn ack(self: Box<Self>, unfinished: &[usize]);
+}
+
+/// The [`Ack`] of a source that re-reads its input on every run (done marks skip what was
+/// finished): nothing to advance.
+pub struct NoAck;
+
+impl Ack for NoAck {
+    fn ack(self: Box<Self>, _unfinished: &[usize]) {}
+}
+
 /// A stream of records, consumed in batches.
 #[async_trait]
 pub trait Source: Send {
     /// Up to `max` records; `None` once the input is exhausted.
     async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError>;
 
-    /// The records of the last batch have a durable fate, except those at the positions
-    /// `unfinished` (their lease went to another worker): the source may advance past the
-    /// others, but never past an unfinished one.
-    async fn commit(&mut self, unfinished: &[usize]) -> Result<(), SourceError>;
+    /// The [`Ack`] of the batch `next_batch` returned last. It may be used later, from
+    /// another task, after further batches were taken, and batches may be acknowledged in
+    /// any order.
+    fn ack_last_batch(&mut self) -> Box<dyn Ack> {
+        Box::new(NoAck)
+    }
 
     /// The run is over: make the last commit durable.
     async fn close(&mut self) -> Result<(), SourceError> {
