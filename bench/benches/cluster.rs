@@ -1,8 +1,9 @@
 //! Cluster mode, Kafka → Kafka, on a local `tansu` broker (issue 4's benchmark):
 //!
-//! - (a) a raw rdkafka consume → produce passthrough written here, with the same
-//!   at-least-once shape as a worker: batches of up to 128 records (20 ms linger), an
-//!   idempotent producer, offsets stored once a batch's deliveries are acknowledged;
+//! - (a) a raw rdkafka consume → produce passthrough written here, at-least-once the way
+//!   rdkafka's own example does it but without waiting on each record: every record is sent
+//!   as it is consumed (idempotent producer, the worker's consumer settings), and a second
+//!   task awaits the deliveries in order and stores each confirmed record's offset;
 //! - (b) a `weir` worker running an identity plugin (`faulty` with `faults=off`) with the
 //!   embedded state store, no Redis;
 //! - (c) a `weir` worker running `enrich` with Redis leases and done marks.
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use weir_tests::kafka_broker::{KafkaBroker, Storage};
 use weir_tests::redis_server::RedisServer;
 use weir_tests::worker::{Cluster, Worker};
@@ -36,8 +37,8 @@ const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
 /// Set in the environment of the passthrough child process (this same executable).
 const PASSTHROUGH: &str = "WEIR_BENCH_PASSTHROUGH";
 const PARTITIONS: i32 = 4;
-const BATCH: usize = 128;
-const LINGER: Duration = Duration::from_millis(20);
+/// Records the passthrough has sent and not yet seen confirmed, at most.
+const IN_FLIGHT: usize = 10_000;
 /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
 const USER_HZ: f64 = 100.0;
 
@@ -299,47 +300,53 @@ async fn passthrough(args: &str) -> anyhow::Result<()> {
         .set("enable.idempotence", "true")
         .create()?;
     consumer.subscribe(&[input])?;
-    let mut forwarded = 0;
-    while forwarded < n {
-        let mut batch = vec![consumer.recv().await?.detach()];
+    let consumer = std::sync::Arc::new(consumer);
+
+    // Deliveries are awaited in the order they were sent, by a task of their own; each
+    // confirmed record's offset is stored then (at-least-once), so consuming never waits
+    // for the broker's acknowledgements, only for the channel's bound.
+    let (sent, mut confirmations) =
+        tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(IN_FLIGHT);
+    let confirmer = {
+        let consumer = consumer.clone();
+        let input = input.to_owned();
+        tokio::spawn(async move {
+            let mut confirmed = 0;
+            while let Some((partition, offset, delivery)) = confirmations.recv().await {
+                delivery
+                    .await?
+                    .map_err(|(e, _)| anyhow::anyhow!("deliver: {e}"))?;
+                consumer.store_offset(&input, partition, offset)?;
+                confirmed += 1;
+                if confirmed == n {
+                    println!("done");
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    for forwarded in 0..n {
+        let m = consumer.recv().await?;
         if forwarded == 0 {
             println!("first");
         }
-        let linger = tokio::time::sleep(LINGER);
-        tokio::pin!(linger);
-        while batch.len() < BATCH {
-            tokio::select! {
-                m = consumer.recv() => batch.push(m?.detach()),
-                () = &mut linger => break,
-            }
+        let mut record = FutureRecord::to(output).payload(m.payload().unwrap_or_default());
+        if let Some(key) = m.key() {
+            record = record.key(key);
         }
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for m in &batch {
-            let mut record = FutureRecord::to(output).payload(m.payload().unwrap_or_default());
-            if let Some(key) = m.key() {
-                record = record.key(key);
-            }
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => break deliveries.push(delivery),
-                    Err((_, r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
-        }
-        for delivery in deliveries {
-            delivery
-                .await?
-                .map_err(|(e, _)| anyhow::anyhow!("deliver: {e}"))?;
-        }
-        for m in &batch {
-            consumer.store_offset(m.topic(), m.partition(), m.offset())?;
-        }
-        forwarded += batch.len();
+        };
+        sent.send((m.partition(), m.offset(), delivery)).await?;
     }
-    println!("done");
+    confirmer.await??;
     consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
     Ok(())
 }

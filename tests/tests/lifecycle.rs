@@ -42,6 +42,24 @@ fn running_the_same_input_twice_outputs_nothing_new() {
     );
 }
 
+/// Batches complete in the background; a batch repeating an id of one still completing must
+/// wait for it and see its done mark (batch size 1: every repeat is in a later batch).
+#[test]
+fn a_repeat_in_the_next_batches_is_deduplicated() {
+    let weir = Weir::new(WEIR);
+    let lines: Vec<String> = (0..200)
+        .map(|i| format!(r#"{{"id":"e{}","user_id":"u1","ts":1700000000}}"#, i / 2))
+        .collect();
+    let input = weir.write_lines("in.jsonl", &lines);
+    let run = weir.run_pipeline(
+        &plugin("enrich"),
+        &input,
+        &["--id", "/id", "--batch-size", "1"],
+    );
+    assert_eq!(run.outputs.len(), 100);
+    assert_eq!(run.count("deduplicated"), 100);
+}
+
 #[test]
 fn outputs_carry_record_id_version_and_fence() {
     let weir = Weir::new(WEIR);

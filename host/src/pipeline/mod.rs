@@ -525,10 +525,8 @@ impl Completion {
         let mut unfinished = Vec::new();
         if !self.finished.is_empty() {
             let held = self.state.finish(&self.finished).await?;
-            for ((id, fence), (&i, held)) in self
-                .finished
-                .iter()
-                .zip(self.finished_at.iter().zip(held))
+            for ((id, fence), (&i, held)) in
+                self.finished.iter().zip(self.finished_at.iter().zip(held))
             {
                 if !held {
                     tracing::warn!(
@@ -557,10 +555,13 @@ impl Completion {
     }
 }
 
+/// A batch's completion task.
+type CompletionTask = tokio::task::JoinHandle<Result<(), PipelineError>>;
+
 /// Batches completing in tasks of their own, oldest first, with the ids each one holds.
 #[derive(Default)]
 struct InFlight {
-    batches: VecDeque<(HashSet<String>, tokio::task::JoinHandle<Result<(), PipelineError>>)>,
+    batches: VecDeque<(HashSet<String>, CompletionTask)>,
 }
 
 impl InFlight {
@@ -585,7 +586,10 @@ impl InFlight {
     /// failure surfaces at once.
     async fn limit(&mut self, max: usize) -> Result<(), PipelineError> {
         while self.batches.len() > max.max(1)
-            || self.batches.front().is_some_and(|(_, task)| task.is_finished())
+            || self
+                .batches
+                .front()
+                .is_some_and(|(_, task)| task.is_finished())
         {
             self.complete_oldest().await?;
         }
@@ -609,10 +613,7 @@ impl InFlight {
     /// Completes when some batch has failed, with its error; never while all go well.
     async fn failure(&mut self) -> PipelineError {
         loop {
-            let failed = self
-                .batches
-                .iter()
-                .position(|(_, task)| task.is_finished());
+            let failed = self.batches.iter().position(|(_, task)| task.is_finished());
             match failed {
                 Some(i) => {
                     let (_, task) = self.batches.remove(i).expect("an index of batches");
@@ -633,5 +634,80 @@ impl InFlight {
             self.complete_oldest().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|&s| s.to_owned()).collect()
+    }
+
+    /// A completion that finishes when `release` is notified.
+    fn gated(
+        release: &Arc<tokio::sync::Notify>,
+    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
+        let release = release.clone();
+        async move {
+            release.notified().await;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_sharing_an_id_waits_for_the_one_completing() {
+        let mut in_flight = InFlight::default();
+        let (first, second) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        in_flight.push(ids(&["a", "b"]), gated(&first));
+        in_flight.push(ids(&["c"]), gated(&second));
+
+        // No shared id: nothing to wait for.
+        in_flight.settle(&ids(&["d"])).await.expect("settle");
+        assert_eq!(in_flight.batches.len(), 2);
+
+        // "b" is held by the oldest batch: settle returns once that batch completed.
+        let settle = tokio::spawn(async move {
+            in_flight.settle(&ids(&["b"])).await.expect("settle");
+            in_flight
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !settle.is_finished(),
+            "settled before the batch holding b completed"
+        );
+        first.notify_one();
+        let in_flight = settle.await.expect("join");
+        assert_eq!(
+            in_flight.batches.len(),
+            1,
+            "the batch holding c still completes"
+        );
+        second.notify_one();
+    }
+
+    #[tokio::test]
+    async fn limit_keeps_at_most_max_batches_and_a_failure_surfaces() {
+        let mut in_flight = InFlight::default();
+        for _ in 0..3 {
+            in_flight.push(ids(&[]), async { Ok(()) });
+        }
+        in_flight.limit(1).await.expect("limit");
+        assert!(in_flight.batches.len() <= 1);
+
+        in_flight.push(ids(&["x"]), async {
+            Err(PipelineError::Sink(SinkError {
+                what: "delivery to topic `out` failed 3 times".into(),
+                source: std::io::Error::other("broker gone"),
+            }))
+        });
+        let failed = tokio::time::timeout(Duration::from_secs(5), in_flight.failure())
+            .await
+            .expect("the failure surfaces");
+        assert!(failed.to_string().contains("failed 3 times"), "{failed}");
     }
 }

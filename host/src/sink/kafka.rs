@@ -112,7 +112,10 @@ async fn enqueue(
 }
 
 /// Waits for every delivery; re-sends failed ones, up to [`DELIVERY_ATTEMPTS`] in all.
-async fn confirm(producer: FutureProducer<LogContext>, mut pending: Pending) -> Result<(), SinkError> {
+async fn confirm(
+    producer: FutureProducer<LogContext>,
+    mut pending: Pending,
+) -> Result<(), SinkError> {
     while !pending.is_empty() {
         let mut failed = Vec::new();
         for (message, delivery, attempt) in std::mem::take(&mut pending) {

@@ -284,7 +284,6 @@ impl KafkaSource {
         };
         Some((Incoming::new(record), (partition, offset, epoch)))
     }
-
 }
 
 /// Acknowledges one batch: its finished records move their partitions' commit points, which
@@ -309,7 +308,10 @@ impl Ack for KafkaAck {
         if points.is_empty() {
             return;
         }
-        if let Err(e) = self.consumer.store_offsets(&offset_list(&self.topic, points)) {
+        if let Err(e) = self
+            .consumer
+            .store_offsets(&offset_list(&self.topic, points))
+        {
             // A partition revoked since: its next owner starts from the last commit.
             tracing::debug!(topic = %self.topic, "store offsets: {e}");
         }
