@@ -1,6 +1,7 @@
 //! The Redis state store for cluster mode: per-record leases with fencing tokens, and done
 //! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (the dedup
-//! check, `INCR` for the fence and `SET PX` for every id) and `finish` (compare-and-set:
+//! check and `SET PX` for every id, with one `INCR` for the fence all its new leases share)
+//! and `finish` (compare-and-set:
 //! mark done and release where the lease is still ours, or expired with nobody having taken
 //! the record since, so a worker that stalled unseen past its TTL completes its durable
 //! work). One more script renews or releases leases, again only where they are still ours.
@@ -28,6 +29,8 @@ use super::{Claim, StateError, StateStore};
 const CLAIM: &str = r"
 local ns, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
+-- One fencing token for every lease this call takes: still higher than any earlier one.
+local fence = nil
 for i = 4, #ARGV do
   local id = ARGV[i]
   if redis.call('EXISTS', ns .. ':done:' .. id) == 1 then
@@ -36,7 +39,7 @@ for i = 4, #ARGV do
     local key = ns .. ':lease:' .. id
     local held = redis.call('GET', key)
     if not held then
-      local fence = redis.call('INCR', ns .. ':fence')
+      fence = fence or redis.call('INCR', ns .. ':fence')
       redis.call('SET', key, owner .. '|' .. fence, 'PX', ttl)
       out[#out + 1] = fence
     else
