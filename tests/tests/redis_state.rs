@@ -54,9 +54,12 @@ async fn leases_fences_and_done_marks() {
     let a = store(&redis, "worker-a", 60_000).await;
     let b = store(&redis, "worker-b", 60_000).await;
 
+    // One claim call's new leases share one fence; a later call's fence is higher.
     let claims = a.claim(&ids(&["r1", "r2"])).await.expect("claim");
     let (f1, f2) = (fence(claims[0]), fence(claims[1]));
-    assert!(f2 > f1, "fences rise: {f1} then {f2}");
+    assert_eq!(f1, f2, "one fence per claim call");
+    let later = fence(a.claim(&ids(&["r3"])).await.expect("claim")[0]);
+    assert!(later > f1, "fences rise: {f1} then {later}");
 
     // Held by a: b is told so (it must park the record, never skip it).
     assert_eq!(
