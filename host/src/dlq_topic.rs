@@ -9,11 +9,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::kafka::{LogContext, client_config, headers_of};
+use crate::kafka::{LogContext, TopicRecord, client_config};
 use crate::pipeline::dead_letter::REPLAY_COUNT_HEADER;
 use crate::runtime::Output;
 use crate::sink::{KafkaProducer, KafkaSink, Sink};
@@ -21,28 +20,11 @@ use crate::sink::{KafkaProducer, KafkaSink, Sink};
 /// How long the topic must stay quiet before it counts as read to its end.
 const QUIET: Duration = Duration::from_secs(2);
 
-/// A dead letter as read from the topic.
-#[derive(Debug, Clone)]
-pub struct TopicLetter {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl TopicLetter {
+/// What a dead letter read from the topic carries besides the original record.
+impl TopicRecord {
     /// A `weir.error.<name>` header, as text.
     pub fn error(&self, name: &str) -> Option<String> {
         self.header(&format!("weir.error.{name}"))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 
     pub fn replay_count(&self) -> u32 {
@@ -53,7 +35,7 @@ impl TopicLetter {
 }
 
 /// Every record of `topic`, from the start until it stays quiet for two seconds.
-pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLetter>, String> {
+pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord>, String> {
     let kafka = kafka.clone();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || read_all_blocking(&kafka, &topic))
@@ -61,7 +43,7 @@ pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLette
         .map_err(|e| e.to_string())?
 }
 
-fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLetter>, String> {
+fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord>, String> {
     let consumer: BaseConsumer<LogContext> = client_config(
         kafka,
         &[
@@ -100,20 +82,14 @@ fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicLetter
         };
         let m = message.map_err(|e| format!("topic `{topic}`: {e}"))?;
         last = Instant::now();
-        letters.push(TopicLetter {
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().unwrap_or_default().to_vec(),
-            headers: headers_of(&m),
-        });
+        letters.push(TopicRecord::of(&m));
     }
     Ok(letters)
 }
 
 /// `weir dlq list` for a topic: counts by class and the first `show` letters of each.
-pub fn render_list(topic: &str, letters: &[TopicLetter], show: usize) -> String {
-    let mut by_class: BTreeMap<String, Vec<&TopicLetter>> = BTreeMap::new();
+pub fn render_list(topic: &str, letters: &[TopicRecord], show: usize) -> String {
+    let mut by_class: BTreeMap<String, Vec<&TopicRecord>> = BTreeMap::new();
     for letter in letters {
         let class = letter.error("class").unwrap_or_else(|| "?".into());
         by_class.entry(class).or_default().push(letter);
@@ -153,7 +129,7 @@ pub struct Replayed {
 /// `max_replays` times already.
 pub async fn replay(
     kafka: &KafkaConfig,
-    letters: Vec<TopicLetter>,
+    letters: Vec<TopicRecord>,
     to: &str,
     class: Option<&str>,
     max_replays: u32,

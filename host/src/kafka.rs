@@ -73,6 +73,41 @@ pub fn headers_of(message: &impl Message) -> Vec<(String, Vec<u8>)> {
         .unwrap_or_default()
 }
 
+/// A record as read back from a topic, owned.
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl TopicRecord {
+    pub fn of(message: &impl Message) -> Self {
+        Self {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().unwrap_or_default().to_vec(),
+            headers: headers_of(message),
+        }
+    }
+
+    /// The last header of that name, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn value_text(&self) -> String {
+        String::from_utf8_lossy(&self.value).into_owned()
+    }
+}
+
 /// `(name, bytes)` pairs as headers to produce.
 pub fn owned_headers<V: AsRef<[u8]>>(headers: &[(String, V)]) -> OwnedHeaders {
     headers.iter().fold(

@@ -13,7 +13,6 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -34,30 +33,7 @@ pub struct KafkaBroker {
     dir: Option<tempfile::TempDir>,
 }
 
-/// A record read back from a topic.
-#[derive(Debug, Clone)]
-pub struct TopicRecord {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl TopicRecord {
-    /// The last header of that name, as text.
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    }
-
-    pub fn value_text(&self) -> String {
-        String::from_utf8_lossy(&self.value).into_owned()
-    }
-}
+pub use weir::kafka::TopicRecord;
 
 /// The tansu binary: `WEIR_TANSU`, else `.tools/tansu/bin/tansu`.
 fn tansu() -> PathBuf {
@@ -261,14 +237,7 @@ impl KafkaBroker {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     last = Instant::now();
-                    let headers = weir::kafka::headers_of(&m);
-                    records.push(TopicRecord {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        value: m.payload().unwrap_or_default().to_vec(),
-                        headers,
-                    });
+                    records.push(TopicRecord::of(&m));
                     if records.len() % 1_000 == 0 && until(&records) {
                         break;
                     }
