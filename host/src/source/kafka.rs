@@ -255,7 +255,10 @@ impl KafkaSource {
         let admission = self.offsets().admit(partition, offset);
         let epoch = match admission {
             Admission::Take(epoch) => epoch,
-            Admission::Seen => return None,
+            Admission::Seen => {
+                tracing::debug!(topic = %self.topic, partition, offset, "dropped: read before");
+                return None;
+            }
             Admission::ReadAgainFrom(expected) => {
                 tracing::warn!(topic = %self.topic, partition, expected, offset, "records skipped by the consumer: reading again from the expected offset");
                 if let Err(e) = self.consumer.seek(
