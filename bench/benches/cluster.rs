@@ -19,6 +19,8 @@
 //! bash scripts/build-plugins.sh && bash scripts/tools.sh   # plugins, tansu
 //! cargo bench -p weir-bench --bench cluster                # WEIR_BENCH_RECORDS=1000000
 //! ```
+//!
+//! `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to both weir runs.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -210,8 +212,10 @@ fn run_weir(
     extra: &[&str],
     n: usize,
 ) -> anyhow::Result<Measured> {
+    let tuning = std::env::var("WEIR_BENCH_ARGS").unwrap_or_default();
     let mut args = vec!["--quiet"];
     args.extend_from_slice(extra);
+    args.extend(tuning.split_whitespace());
     let plugin = weir_tests::plugin(plugin);
     let worker = Worker::start(WEIR, dir, &cluster.group, cluster, &plugin, &args);
     let pid = worker.pid();

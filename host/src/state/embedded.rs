@@ -3,9 +3,14 @@
 //! One process owns the directory (redb locks the file), so every claim is granted; the
 //! fencing token is a counter raised once per opening, so outputs of later runs carry higher
 //! fences.
+//!
+//! Done marks are written by one thread with group commit: every batch waiting to be marked
+//! when a write transaction starts goes into it, so a busy pipeline pays one commit (and one
+//! `fsync`) for several batches instead of queueing its batches behind redb's single writer.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -24,6 +29,66 @@ pub struct EmbeddedStore {
     fence: u64,
     done_ttl: Option<Duration>,
     namespace: String,
+    marker: Option<Marker>,
+}
+
+/// Keys to mark done with one expiry, and where to say that they are durable.
+struct Marks {
+    keys: Vec<String>,
+    expiry: u64,
+    durable: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The thread that writes done marks (see the module docs).
+struct Marker {
+    marks: mpsc::Sender<Marks>,
+    thread: JoinHandle<()>,
+}
+
+impl Marker {
+    fn start(db: Arc<Database>) -> Result<Self, StateError> {
+        let (marks, waiting) = mpsc::channel::<Marks>();
+        let thread = std::thread::Builder::new()
+            .name("weir-state".into())
+            .spawn(move || {
+                while let Ok(first) = waiting.recv() {
+                    let mut group = vec![first];
+                    group.extend(waiting.try_iter());
+                    let written = write_marks(&db, &group).map_err(|e| e.to_string());
+                    for marks in group {
+                        // A caller that gave up waiting needs no answer.
+                        let _ = marks.durable.send(written.clone());
+                    }
+                }
+            })
+            .map_err(|e| StateError(format!("cannot start the state writer thread: {e}")))?;
+        Ok(Self { marks, thread })
+    }
+}
+
+/// One write transaction for every key of `group`.
+fn write_marks(db: &Database, group: &[Marks]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(DONE)?;
+        for marks in group {
+            for key in &marks.keys {
+                table.insert(key.as_str(), marks.expiry)?;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+impl Drop for EmbeddedStore {
+    /// Waits for the marks already handed over, so the database is closed on return.
+    fn drop(&mut self) {
+        if let Some(Marker { marks, thread }) = self.marker.take() {
+            drop(marks);
+            let _ = thread.join();
+        }
+    }
 }
 
 fn err(context: &str) -> impl Fn(redb::Error) -> StateError + '_ {
@@ -74,8 +139,10 @@ impl EmbeddedStore {
             fence
         };
         txn.commit().map_err(|e| err("commit")(e.into()))?;
+        let db = Arc::new(db);
         Ok(Self {
-            db: Arc::new(db),
+            marker: Some(Marker::start(db.clone())?),
+            db,
             fence,
             done_ttl,
             namespace: format!("{namespace}\u{1f}"),
@@ -115,27 +182,23 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        let keys: Vec<String> = done.iter().map(|(id, _)| self.key(id)).collect();
         let expiry = self
             .done_ttl
             .map_or(0, |ttl| now_ms() + ttl.as_millis() as u64);
-        let db = self.db.clone();
-        run_blocking(move || {
-            let txn = db.begin_write().map_err(|e| err("begin write")(e.into()))?;
-            {
-                let mut table = txn
-                    .open_table(DONE)
-                    .map_err(|e| err("open done")(e.into()))?;
-                for key in &keys {
-                    table
-                        .insert(key.as_str(), expiry)
-                        .map_err(|e| err("mark done")(e.into()))?;
-                }
-            }
-            txn.commit().map_err(|e| err("commit")(e.into()))?;
-            Ok(vec![true; keys.len()])
-        })
-        .await
+        let (durable, written) = tokio::sync::oneshot::channel();
+        let marks = Marks {
+            keys: done.iter().map(|(id, _)| self.key(id)).collect(),
+            expiry,
+            durable,
+        };
+        let stopped = || StateError("the state writer thread has stopped".into());
+        let marker = self.marker.as_ref().ok_or_else(stopped)?;
+        marker.marks.send(marks).map_err(|_| stopped())?;
+        written
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|e| StateError(format!("mark done: {e}")))?;
+        Ok(vec![true; done.len()])
     }
 }
 
@@ -178,6 +241,32 @@ mod tests {
             other.claim(&ids).await.expect("claim")[0],
             Claim::Leased { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn marks_from_many_batches_at_once_are_all_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path(), "p", None).expect("open"));
+        let batches: Vec<Vec<(String, u64)>> = (0..20)
+            .map(|b| (0..50).map(|i| (format!("{b}-{i}"), 1)).collect())
+            .collect();
+        let writes: Vec<_> = batches
+            .iter()
+            .cloned()
+            .map(|batch| {
+                let store = store.clone();
+                tokio::spawn(async move { store.finish(&batch).await })
+            })
+            .collect();
+        for write in writes {
+            write.await.expect("join").expect("finish");
+        }
+        drop(Arc::into_inner(store).expect("one owner"));
+        // Reopened, every mark is there (the writer finished before the drop returned).
+        let store = EmbeddedStore::open(dir.path(), "p", None).expect("reopen");
+        let ids: Vec<String> = batches.concat().into_iter().map(|(id, _)| id).collect();
+        let claims = store.claim(&ids).await.expect("claim");
+        assert!(claims.iter().all(|c| *c == Claim::Done), "{claims:?}");
     }
 
     #[tokio::test]
