@@ -3,32 +3,39 @@
 //! consume → id → claim (dedup + lease) → invoke the plugin (with retries) → check outputs →
 //! write outputs and dead letters → durable → mark done → acknowledge to the source.
 //!
-//! The steps up to the writes run in order, one batch at a time; from "durable" on, each
-//! batch completes in a task of its own ([`InFlight`]), so the next batch is claimed and
-//! transformed while the last one's writes are confirmed. At most
-//! `Settings::max_in_flight_batches` batches complete at once, and a batch that shares an id
-//! with one still completing waits for it, so its claim sees that id's done mark.
+//! Four stages run at once, each in a task of its own, handing batches on in order through
+//! channels that hold one batch each: **take** (read a batch, compute its ids), **claim**
+//! (dedup and leases), **transform** (the plugin, with retries) and **write** (check
+//! outputs, send outputs and dead letters). From "durable" on, each batch completes in a
+//! task of its own ([`in_flight`]); at most `Settings::max_in_flight_batches` do at once.
+//! So while one batch is in the plugin, the next is being claimed and the one before written.
+//! A batch that shares an id with one still under way (claimed, not yet marked done) waits
+//! before its claim, so the claim sees that id's done mark.
 //!
 //! Every consumed record ends in exactly one fate — processed, dead-lettered or
 //! deduplicated — and the counters in [`Metrics`] say which.
 
 pub mod dead_letter;
 mod id;
+mod in_flight;
 mod retry;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
 
 pub use id::{IdSpec, record_id};
 pub use retry::Backoff;
 
 use self::dead_letter::{DeadLetter, ErrorInfo};
+use self::in_flight::{Completion, Counts, Hold, Holds, InFlight};
 use crate::errors::ErrorClass;
 use crate::metrics::{Metrics, Summary};
 use crate::runtime::{Failure, LoadError, Outcome, Output, Plugin, Record, SourceMeta};
-use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
+use crate::sink::{DeadLetterSink, Sink, SinkError};
 use crate::source::{Ack, Incoming, Source, SourceError};
 use crate::state::{Claim, StateError, StateStore};
 
@@ -40,7 +47,7 @@ pub const FENCE_HEADER: &str = "weir.fence";
 /// How long a record whose lease another worker holds waits before it is claimed again.
 const PARKED_RECHECK: Duration = Duration::from_millis(200);
 
-/// Why a run stopped early. Records of the batch in flight have no fate yet and are not
+/// Why a run stopped early. Records of the batches under way have no fate yet and are not
 /// marked done, so a rerun picks them up again.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -119,26 +126,171 @@ fn placeholder() -> Record {
 }
 
 impl Pipeline {
-    /// Runs until the source is exhausted or `shutdown` completes (the batch in flight is
-    /// finished first), and returns the summary.
-    pub async fn run(
-        mut self,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<Summary, PipelineError> {
+    /// Runs until the source is exhausted or `shutdown` completes (the batches already read
+    /// are finished first), and returns the summary.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, PipelineError> {
         let started = Instant::now();
         self.metrics.set_active_plugin(self.plugin.meta());
+        let Pipeline {
+            plugin,
+            source,
+            sink,
+            dlq,
+            state,
+            metrics,
+            settings,
+        } = self;
+        let shared = Arc::new(Shared {
+            plugin,
+            state,
+            metrics,
+            settings,
+            holds: Holds::default(),
+        });
+        let (taken, to_claim) = mpsc::channel(1);
+        let (claimed, to_transform) = mpsc::channel(1);
+        let (transformed, to_write) = mpsc::channel(1);
+        let claim = tokio::spawn(shared.clone().claim_stage(to_claim, claimed));
+        let transform = tokio::spawn(shared.clone().transform_stage(to_transform, transformed));
+        let write = tokio::spawn(shared.clone().write_stage(to_write, sink, dlq, started));
+        // A stage that stops closes its channels, and the stages next to it stop too; the
+        // one that failed says why.
+        let taken = shared.take_stage(source, taken, shutdown).await;
+        write.await??;
+        transform.await??;
+        claim.await??;
+        let mut source = taken?;
+        source.close().await?;
+        Ok(shared.metrics.summary(started.elapsed()))
+    }
+}
+
+/// What the stages share.
+struct Shared {
+    plugin: Arc<Plugin>,
+    state: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    holds: Holds,
+}
+
+/// A batch as read: its records, their ids and the token that acknowledges them.
+struct Taken {
+    batch: Vec<Incoming>,
+    ids: Vec<String>,
+    ack: Box<dyn Ack>,
+}
+
+/// What the claim decided for a batch. Records without a fate yet are in `work`.
+struct Claimed {
+    ids: Vec<String>,
+    hold: Hold,
+    ack: Box<dyn Ack>,
+    /// The records the plugin is to see, and (index in the batch, fence) of each.
+    work: Vec<Record>,
+    to_run: Vec<(usize, u64)>,
+    /// Dead letters decided before the plugin (records the source could not read).
+    letters: Vec<DeadLetter>,
+    /// (id, fence) of every record with a fate, and where it sits in the batch.
+    finished: Vec<(String, u64)>,
+    finished_at: Vec<usize>,
+    deduplicated: u64,
+}
+
+/// A claimed batch after the plugin: a verdict for each record of `work`.
+struct Transformed {
+    claimed: Claimed,
+    verdicts: Vec<Verdict>,
+}
+
+impl Shared {
+    /// Reads batches and computes their ids until the source is exhausted, `shutdown`
+    /// completes or the next stage stops. Returns the source, to be closed once the batches
+    /// taken are complete.
+    async fn take_stage(
+        &self,
+        mut source: Box<dyn Source>,
+        out: mpsc::Sender<Taken>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Box<dyn Source>, PipelineError> {
         tokio::pin!(shutdown);
-        let mut last_progress = Instant::now();
-        let mut in_flight = InFlight::default();
         loop {
             let batch = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                failed = in_flight.failure() => return Err(failed),
-                batch = self.source.next_batch(self.settings.batch_size) => batch?,
+                () = out.closed() => break,
+                batch = source.next_batch(self.settings.batch_size) => batch?,
             };
             let Some(batch) = batch else { break };
-            self.process(batch, &mut in_flight).await?;
+            self.metrics.records_in.inc_by(batch.len() as u64);
+            let ids = batch
+                .iter()
+                .map(|inc| {
+                    inc.known_id
+                        .clone()
+                        .unwrap_or_else(|| record_id(self.settings.id.as_ref(), &inc.record))
+                })
+                .collect();
+            let ack = source.ack_last_batch();
+            if out.send(Taken { batch, ids, ack }).await.is_err() {
+                break;
+            }
+        }
+        Ok(source)
+    }
+
+    async fn claim_stage(
+        self: Arc<Self>,
+        mut input: mpsc::Receiver<Taken>,
+        out: mpsc::Sender<Claimed>,
+    ) -> Result<(), PipelineError> {
+        while let Some(taken) = input.recv().await {
+            self.holds.wait_free(&taken.ids).await;
+            let claimed = self.decide(taken).await?;
+            if out.send(claimed).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn transform_stage(
+        self: Arc<Self>,
+        mut input: mpsc::Receiver<Claimed>,
+        out: mpsc::Sender<Transformed>,
+    ) -> Result<(), PipelineError> {
+        while let Some(mut claimed) = input.recv().await {
+            let work = std::mem::take(&mut claimed.work);
+            let (work, verdicts) = self
+                .renewing(&claimed.ids, &claimed.to_run, self.invoke(work))
+                .await??;
+            claimed.work = work;
+            if out.send(Transformed { claimed, verdicts }).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_stage(
+        self: Arc<Self>,
+        mut input: mpsc::Receiver<Transformed>,
+        mut sink: Box<dyn Sink>,
+        mut dlq: Box<dyn DeadLetterSink>,
+        started: Instant,
+    ) -> Result<(), PipelineError> {
+        let mut in_flight = InFlight::default();
+        let mut last_progress = Instant::now();
+        loop {
+            let batch = tokio::select! {
+                biased;
+                failed = in_flight.failure() => return Err(failed),
+                batch = input.recv() => batch,
+            };
+            let Some(batch) = batch else { break };
+            let completion = self.write(batch, sink.as_mut(), dlq.as_mut()).await?;
+            in_flight.push(completion.run());
+            in_flight.limit(self.settings.max_in_flight_batches).await?;
             if let Some(every) = self.settings.progress
                 && last_progress.elapsed() >= every
             {
@@ -146,43 +298,24 @@ impl Pipeline {
                 eprintln!("weir: {}", self.metrics.summary(started.elapsed()));
             }
         }
-        in_flight.drain().await?;
-        self.source.close().await?;
-        Ok(self.metrics.summary(started.elapsed()))
+        in_flight.drain().await
     }
 
-    /// One batch, from claim to the writes; its completion joins `in_flight`.
-    #[tracing::instrument(level = "debug", skip_all, fields(records = batch.len()))]
-    async fn process(
-        &mut self,
-        batch: Vec<Incoming>,
-        in_flight: &mut InFlight,
-    ) -> Result<(), PipelineError> {
-        let n = batch.len();
-        self.metrics.records_in.inc_by(n as u64);
-        let ids: Vec<String> = batch
-            .iter()
-            .map(|inc| {
-                inc.known_id
-                    .clone()
-                    .unwrap_or_else(|| record_id(self.settings.id.as_ref(), &inc.record))
-            })
-            .collect();
-        in_flight.settle(&ids).await?;
+    /// Claims a batch and decides what the plugin sees: not done, not a repeat within this
+    /// batch, readable.
+    async fn decide(&self, taken: Taken) -> Result<Claimed, PipelineError> {
+        let Taken { batch, ids, ack } = taken;
+        let hold = self.holds.hold(&ids);
         let claims = self.claim(&ids).await?;
-
-        // Decide what the plugin sees: not done, not a repeat within this batch, readable.
-        let mut records = Vec::with_capacity(n);
+        let n = batch.len();
+        let mut work = Vec::with_capacity(n);
+        let mut to_run = Vec::with_capacity(n);
         let mut letters = Vec::new();
-        // (id, fence) of every record the plugin saw or that was dead-lettered, and where it
-        // sits in the batch.
         let mut finished = Vec::with_capacity(n);
         let mut finished_at = Vec::with_capacity(n);
-        let mut to_run = Vec::with_capacity(n);
         let mut seen = HashSet::with_capacity(n);
         let mut deduplicated = 0;
         for (i, (incoming, claim)) in batch.into_iter().zip(&claims).enumerate() {
-            records.push(incoming.record);
             let fence = match claim {
                 Claim::Leased { fence } => *fence,
                 Claim::Done if self.settings.bypass_done => 0,
@@ -204,25 +337,49 @@ impl Pipeline {
                         first_failure_ms: now,
                         last_failure_ms: now,
                     };
-                    let record = std::mem::replace(&mut records[i], placeholder());
-                    letters.push(self.dead_letter(record, &ids[i], failed));
+                    letters.push(self.dead_letter(incoming.record, &ids[i], failed));
                     finished.push((ids[i].clone(), fence));
                     finished_at.push(i);
                 }
-                None => to_run.push((i, fence)),
+                None => {
+                    work.push(incoming.record);
+                    to_run.push((i, fence));
+                }
             }
         }
+        Ok(Claimed {
+            ids,
+            hold,
+            ack,
+            work,
+            to_run,
+            letters,
+            finished,
+            finished_at,
+            deduplicated,
+        })
+    }
 
-        let work: Vec<Record> = to_run
-            .iter()
-            .map(|&(i, _)| std::mem::replace(&mut records[i], placeholder()))
-            .collect();
-        let leases: Vec<(String, u64)> = to_run
-            .iter()
-            .map(|&(i, fence)| (ids[i].clone(), fence))
-            .collect();
-        let (work, verdicts) = self.renewing(&leases, self.invoke(work)).await??;
-
+    /// Checks a transformed batch's outputs, sends its outputs and dead letters, and returns
+    /// the rest of its lifecycle.
+    async fn write(
+        &self,
+        batch: Transformed,
+        sink: &mut dyn Sink,
+        dlq: &mut dyn DeadLetterSink,
+    ) -> Result<Completion, PipelineError> {
+        let Transformed { claimed, verdicts } = batch;
+        let Claimed {
+            ids,
+            hold,
+            ack,
+            work,
+            to_run,
+            mut letters,
+            mut finished,
+            mut finished_at,
+            deduplicated,
+        } = claimed;
         let version = self.plugin.meta().version.to_string();
         let mut outputs = Vec::new();
         let mut processed = 0u64;
@@ -231,20 +388,18 @@ impl Pipeline {
             finished.push((id.clone(), fence));
             finished_at.push(i);
             let verdict = match verdict {
-                Verdict::Outputs(outs) => {
-                    match outs.iter().find_map(|o| self.sink.check(o).err()) {
-                        None => Verdict::Outputs(outs),
-                        Some(reason) => {
-                            let now = now_ms();
-                            Verdict::Failed(Failed {
-                                failure: Failure::new(ErrorClass::BadOutput, reason),
-                                attempts: record.source.attempt,
-                                first_failure_ms: now,
-                                last_failure_ms: now,
-                            })
-                        }
+                Verdict::Outputs(outs) => match outs.iter().find_map(|o| sink.check(o).err()) {
+                    None => Verdict::Outputs(outs),
+                    Some(reason) => {
+                        let now = now_ms();
+                        Verdict::Failed(Failed {
+                            failure: Failure::new(ErrorClass::BadOutput, reason),
+                            attempts: record.source.attempt,
+                            first_failure_ms: now,
+                            last_failure_ms: now,
+                        })
                     }
-                }
+                },
                 failed => failed,
             };
             match verdict {
@@ -269,13 +424,14 @@ impl Pipeline {
         // Durable downstream first, then done marks, then the source.
         let records_out = outputs.len() as u64;
         let dead: Vec<ErrorClass> = letters.iter().map(|l| l.error.class).collect();
-        self.sink.send(outputs).await?;
-        self.dlq.send(letters).await?;
-        let completion = Completion {
-            writes: [self.sink.seal().await?, self.dlq.seal().await?],
+        sink.send(outputs).await?;
+        dlq.send(letters).await?;
+        Ok(Completion {
+            writes: [sink.seal().await?, dlq.seal().await?],
             finished,
             finished_at,
-            ack: self.source.ack_last_batch(),
+            ack,
+            hold,
             state: self.state.clone(),
             metrics: self.metrics.clone(),
             counts: Counts {
@@ -284,9 +440,7 @@ impl Pipeline {
                 records_out,
                 dead,
             },
-        };
-        in_flight.push(ids, completion.run());
-        in_flight.limit(self.settings.max_in_flight_batches).await
+        })
     }
 
     /// Claims ids; records whose lease another worker holds are re-claimed until they are
@@ -334,22 +488,28 @@ impl Pipeline {
         }
     }
 
-    /// Awaits `work`, renewing `leases` meanwhile so a slow batch keeps its records.
+    /// Awaits `work`, renewing the leases of the records at `to_run` (index in `ids`, fence)
+    /// meanwhile, so a slow batch keeps them.
     async fn renewing<T>(
         &self,
-        leases: &[(String, u64)],
+        ids: &[String],
+        to_run: &[(usize, u64)],
         work: impl Future<Output = T>,
     ) -> Result<T, PipelineError> {
-        let Some(every) = self.settings.lease_renewal.filter(|_| !leases.is_empty()) else {
+        let Some(every) = self.settings.lease_renewal.filter(|_| !to_run.is_empty()) else {
             return Ok(work.await);
         };
+        let leases: Vec<(String, u64)> = to_run
+            .iter()
+            .map(|&(i, fence)| (ids[i].clone(), fence))
+            .collect();
         tokio::pin!(work);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
                 out = &mut work => return Ok(out),
                 _ = tick.tick() => {
-                    let held = self.state.renew(leases).await?;
+                    let held = self.state.renew(&leases).await?;
                     let lost = held.iter().filter(|h| !**h).count();
                     if lost > 0 {
                         tracing::warn!(lost, "leases expired while the plugin ran; another worker may take those records over");
@@ -493,221 +653,5 @@ impl Pipeline {
             record_id: id.to_owned(),
         };
         DeadLetter { record, error }
-    }
-}
-
-/// What one batch counts towards the metrics once it is complete.
-struct Counts {
-    deduplicated: u64,
-    processed: u64,
-    records_out: u64,
-    dead: Vec<ErrorClass>,
-}
-
-/// The rest of a batch's lifecycle once its writes are sent: durable, marked done,
-/// acknowledged, counted.
-struct Completion {
-    writes: [Durable; 2],
-    /// (id, fence) of every record that has a fate, and where it sits in the batch.
-    finished: Vec<(String, u64)>,
-    finished_at: Vec<usize>,
-    ack: Box<dyn Ack>,
-    state: Arc<dyn StateStore>,
-    metrics: Arc<Metrics>,
-    counts: Counts,
-}
-
-impl Completion {
-    async fn run(self) -> Result<(), PipelineError> {
-        for writes in self.writes {
-            writes.await?;
-        }
-        let mut unfinished = Vec::new();
-        if !self.finished.is_empty() {
-            let held = self.state.finish(&self.finished).await?;
-            for ((id, fence), (&i, held)) in
-                self.finished.iter().zip(self.finished_at.iter().zip(held))
-            {
-                if !held {
-                    tracing::warn!(
-                        record_id = %id,
-                        fence,
-                        "lease lost: another worker took this record over; its offset is left for that worker"
-                    );
-                    unfinished.push(i);
-                }
-            }
-            self.metrics.lease_lost.inc_by(unfinished.len() as u64);
-        }
-        self.ack.ack(&unfinished);
-
-        let (metrics, counts) = (&self.metrics, self.counts);
-        metrics.records_deduplicated.inc_by(counts.deduplicated);
-        metrics.records_processed.inc_by(counts.processed);
-        metrics.records_out.inc_by(counts.records_out);
-        for class in counts.dead {
-            metrics
-                .records_dead_lettered
-                .with_label_values(&[class.as_str()])
-                .inc();
-        }
-        Ok(())
-    }
-}
-
-/// A batch's completion task.
-type CompletionTask = tokio::task::JoinHandle<Result<(), PipelineError>>;
-
-/// Batches completing in tasks of their own, oldest first, with the ids each one holds.
-#[derive(Default)]
-struct InFlight {
-    batches: VecDeque<(HashSet<String>, CompletionTask)>,
-}
-
-impl InFlight {
-    fn push(
-        &mut self,
-        ids: Vec<String>,
-        completion: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
-    ) {
-        self.batches
-            .push_back((ids.into_iter().collect(), tokio::spawn(completion)));
-    }
-
-    /// Waits for the oldest batch.
-    async fn complete_oldest(&mut self) -> Result<(), PipelineError> {
-        match self.batches.pop_front() {
-            Some((_, task)) => task.await?,
-            None => Ok(()),
-        }
-    }
-
-    /// Leaves at most `max` batches (at least 1) completing; also reaps finished ones, so a
-    /// failure surfaces at once.
-    async fn limit(&mut self, max: usize) -> Result<(), PipelineError> {
-        while self.batches.len() > max.max(1)
-            || self
-                .batches
-                .front()
-                .is_some_and(|(_, task)| task.is_finished())
-        {
-            self.complete_oldest().await?;
-        }
-        Ok(())
-    }
-
-    /// Waits until no batch still completing holds any of `ids`.
-    async fn settle(&mut self, ids: &[String]) -> Result<(), PipelineError> {
-        while let Some(last) = self
-            .batches
-            .iter()
-            .rposition(|(held, _)| ids.iter().any(|id| held.contains(id)))
-        {
-            for _ in 0..=last {
-                self.complete_oldest().await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Completes when some batch has failed, with its error; never while all go well.
-    async fn failure(&mut self) -> PipelineError {
-        loop {
-            let failed = self.batches.iter().position(|(_, task)| task.is_finished());
-            match failed {
-                Some(i) => {
-                    let (_, task) = self.batches.remove(i).expect("an index of batches");
-                    match task.await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(e)) => return e,
-                        Err(e) => return e.into(),
-                    }
-                }
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-
-    /// Waits for every batch.
-    async fn drain(&mut self) -> Result<(), PipelineError> {
-        while !self.batches.is_empty() {
-            self.complete_oldest().await?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ids(ids: &[&str]) -> Vec<String> {
-        ids.iter().map(|&s| s.to_owned()).collect()
-    }
-
-    /// A completion that finishes when `release` is notified.
-    fn gated(
-        release: &Arc<tokio::sync::Notify>,
-    ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static {
-        let release = release.clone();
-        async move {
-            release.notified().await;
-            Ok(())
-        }
-    }
-
-    #[tokio::test]
-    async fn a_batch_sharing_an_id_waits_for_the_one_completing() {
-        let mut in_flight = InFlight::default();
-        let (first, second) = (
-            Arc::new(tokio::sync::Notify::new()),
-            Arc::new(tokio::sync::Notify::new()),
-        );
-        in_flight.push(ids(&["a", "b"]), gated(&first));
-        in_flight.push(ids(&["c"]), gated(&second));
-
-        // No shared id: nothing to wait for.
-        in_flight.settle(&ids(&["d"])).await.expect("settle");
-        assert_eq!(in_flight.batches.len(), 2);
-
-        // "b" is held by the oldest batch: settle returns once that batch completed.
-        let settle = tokio::spawn(async move {
-            in_flight.settle(&ids(&["b"])).await.expect("settle");
-            in_flight
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !settle.is_finished(),
-            "settled before the batch holding b completed"
-        );
-        first.notify_one();
-        let in_flight = settle.await.expect("join");
-        assert_eq!(
-            in_flight.batches.len(),
-            1,
-            "the batch holding c still completes"
-        );
-        second.notify_one();
-    }
-
-    #[tokio::test]
-    async fn limit_keeps_at_most_max_batches_and_a_failure_surfaces() {
-        let mut in_flight = InFlight::default();
-        for _ in 0..3 {
-            in_flight.push(ids(&[]), async { Ok(()) });
-        }
-        in_flight.limit(1).await.expect("limit");
-        assert!(in_flight.batches.len() <= 1);
-
-        in_flight.push(ids(&["x"]), async {
-            Err(PipelineError::Sink(SinkError {
-                what: "delivery to topic `out` failed 3 times".into(),
-                source: std::io::Error::other("broker gone"),
-            }))
-        });
-        let failed = tokio::time::timeout(Duration::from_secs(5), in_flight.failure())
-            .await
-            .expect("the failure surfaces");
-        assert!(failed.to_string().contains("failed 3 times"), "{failed}");
     }
 }

@@ -1,0 +1,282 @@
+//! What happens to a batch after its writes are sent, and what keeps two batches with the
+//! same id apart while the first is still under way.
+//!
+//! - [`Holds`]: the ids of every batch between its claim and its done marks. A batch that
+//!   shares an id with one of them waits before it is claimed, so its claim sees that id's
+//!   done mark.
+//! - [`Completion`]: a batch's writes made durable, done marks, the source's `Ack`, counters.
+//! - [`InFlight`]: the completions running in tasks of their own, oldest first.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::PipelineError;
+use crate::errors::ErrorClass;
+use crate::metrics::Metrics;
+use crate::sink::Durable;
+use crate::source::Ack;
+use crate::state::StateStore;
+
+/// Ids held by the batches under way, each with how many times it is held.
+#[derive(Clone, Default)]
+pub(super) struct Holds {
+    inner: Arc<HoldsInner>,
+}
+
+#[derive(Default)]
+struct HoldsInner {
+    held: Mutex<HashMap<String, u32>>,
+    released: Notify,
+}
+
+impl Holds {
+    /// Returns once no batch under way holds any of `ids`.
+    pub(super) async fn wait_free(&self, ids: &[String]) {
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let released = self.inner.released.notified();
+            if !self.any_held(ids) {
+                return;
+            }
+            released.await;
+        }
+    }
+
+    fn any_held(&self, ids: &[String]) -> bool {
+        let held = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        !held.is_empty() && ids.iter().any(|id| held.contains_key(id))
+    }
+
+    /// Holds `ids` until the returned [`Hold`] is dropped.
+    pub(super) fn hold(&self, ids: &[String]) -> Hold {
+        let mut held = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            *held.entry(id.clone()).or_default() += 1;
+        }
+        Hold {
+            holds: self.clone(),
+            ids: ids.to_vec(),
+        }
+    }
+}
+
+/// A batch's hold on its ids; released on drop (the batch is complete, or the run stops).
+pub(super) struct Hold {
+    holds: Holds,
+    ids: Vec<String>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        {
+            let mut held = self
+                .holds
+                .inner
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for id in &self.ids {
+                if let Some(count) = held.get_mut(id) {
+                    *count -= 1;
+                    if *count == 0 {
+                        held.remove(id);
+                    }
+                }
+            }
+        }
+        self.holds.inner.released.notify_waiters();
+    }
+}
+
+/// What one batch counts towards the metrics once it is complete.
+pub(super) struct Counts {
+    pub deduplicated: u64,
+    pub processed: u64,
+    pub records_out: u64,
+    pub dead: Vec<ErrorClass>,
+}
+
+/// The rest of a batch's lifecycle once its writes are sent: durable, marked done,
+/// acknowledged, counted.
+pub(super) struct Completion {
+    pub writes: [Durable; 2],
+    /// (id, fence) of every record that has a fate, and where it sits in the batch.
+    pub finished: Vec<(String, u64)>,
+    pub finished_at: Vec<usize>,
+    pub ack: Box<dyn Ack>,
+    pub hold: Hold,
+    pub state: Arc<dyn StateStore>,
+    pub metrics: Arc<Metrics>,
+    pub counts: Counts,
+}
+
+impl Completion {
+    pub(super) async fn run(self) -> Result<(), PipelineError> {
+        for writes in self.writes {
+            writes.await?;
+        }
+        let mut unfinished = Vec::new();
+        if !self.finished.is_empty() {
+            let held = self.state.finish(&self.finished).await?;
+            for ((id, fence), (&i, held)) in
+                self.finished.iter().zip(self.finished_at.iter().zip(held))
+            {
+                if !held {
+                    tracing::warn!(
+                        record_id = %id,
+                        fence,
+                        "lease lost: another worker took this record over; its offset is left for that worker"
+                    );
+                    unfinished.push(i);
+                }
+            }
+            self.metrics.lease_lost.inc_by(unfinished.len() as u64);
+        }
+        self.ack.ack(&unfinished);
+        drop(self.hold);
+
+        let (metrics, counts) = (&self.metrics, self.counts);
+        metrics.records_deduplicated.inc_by(counts.deduplicated);
+        metrics.records_processed.inc_by(counts.processed);
+        metrics.records_out.inc_by(counts.records_out);
+        for class in counts.dead {
+            metrics
+                .records_dead_lettered
+                .with_label_values(&[class.as_str()])
+                .inc();
+        }
+        Ok(())
+    }
+}
+
+/// A batch's completion task.
+type CompletionTask = tokio::task::JoinHandle<Result<(), PipelineError>>;
+
+/// Batches completing in tasks of their own, oldest first.
+#[derive(Default)]
+pub(super) struct InFlight {
+    batches: VecDeque<CompletionTask>,
+}
+
+impl InFlight {
+    pub(super) fn push(
+        &mut self,
+        completion: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
+    ) {
+        self.batches.push_back(tokio::spawn(completion));
+    }
+
+    /// Waits for the oldest batch.
+    async fn complete_oldest(&mut self) -> Result<(), PipelineError> {
+        match self.batches.pop_front() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Leaves at most `max` batches (at least 1) completing; also reaps finished ones, so a
+    /// failure surfaces at once.
+    pub(super) async fn limit(&mut self, max: usize) -> Result<(), PipelineError> {
+        while self.batches.len() > max.max(1)
+            || self.batches.front().is_some_and(|task| task.is_finished())
+        {
+            self.complete_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Completes when some batch has failed, with its error; never while all go well.
+    pub(super) async fn failure(&mut self) -> PipelineError {
+        loop {
+            let failed = self.batches.iter().position(|task| task.is_finished());
+            match failed {
+                Some(i) => {
+                    let task = self.batches.remove(i).expect("an index of batches");
+                    match task.await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => return e,
+                        Err(e) => return e.into(),
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Waits for every batch.
+    pub(super) async fn drain(&mut self) -> Result<(), PipelineError> {
+        while !self.batches.is_empty() {
+            self.complete_oldest().await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::SinkError;
+
+    fn ids(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|&s| s.to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_sharing_an_id_waits_until_the_holder_is_released() {
+        let holds = Holds::default();
+        let first = holds.hold(&ids(&["a", "b"]));
+        let second = holds.hold(&ids(&["c", "b"]));
+
+        // No shared id: nothing to wait for.
+        holds.wait_free(&ids(&["d"])).await;
+
+        // "b" is held twice: free only once both holders are gone.
+        let waiting = tokio::spawn({
+            let holds = holds.clone();
+            async move { holds.wait_free(&ids(&["b"])).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "free while a batch still held b");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("free once released")
+            .expect("join");
+        assert!(holds.inner.held.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn limit_keeps_at_most_max_batches_and_a_failure_surfaces() {
+        let mut in_flight = InFlight::default();
+        for _ in 0..3 {
+            in_flight.push(async { Ok(()) });
+        }
+        in_flight.limit(1).await.expect("limit");
+        assert!(in_flight.batches.len() <= 1);
+
+        in_flight.push(async {
+            Err(PipelineError::Sink(SinkError {
+                what: "delivery to topic `out` failed 3 times".into(),
+                source: std::io::Error::other("broker gone"),
+            }))
+        });
+        let failed = tokio::time::timeout(Duration::from_secs(5), in_flight.failure())
+            .await
+            .expect("the failure surfaces");
+        assert!(failed.to_string().contains("failed 3 times"), "{failed}");
+    }
+}
