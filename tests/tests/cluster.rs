@@ -563,7 +563,7 @@ fn kill_nine_of_one_of_two_workers_loses_nothing() {
             let mut marks = Vec::new();
             for id in ["e776", "e777", "e795"] {
                 let mark: Option<String> = redis::cmd("GET")
-                    .arg(format!("weir:enrich:done:{id}"))
+                    .arg(format!("weir:enrich:id:{id}"))
                     .query_async(&mut conn)
                     .await
                     .expect("get");

@@ -46,7 +46,7 @@ impl Holds {
         }
     }
 
-    fn any_held(&self, ids: &[String]) -> bool {
+    pub(super) fn any_held(&self, ids: &[String]) -> bool {
         let held = self
             .inner
             .held

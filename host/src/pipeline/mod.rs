@@ -20,12 +20,13 @@ mod id;
 mod in_flight;
 mod retry;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 pub use id::{IdSpec, record_id};
 pub use retry::Backoff;
@@ -165,6 +166,21 @@ impl Pipeline {
     }
 }
 
+/// Batches whose claims may be under way at once.
+const CONCURRENT_CLAIMS: usize = 4;
+
+/// The result of the oldest task of `tasks`, once it has finished (never if there is none).
+async fn oldest<T>(tasks: &mut VecDeque<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match tasks.front_mut() {
+        Some(task) => {
+            let result = task.await;
+            tasks.pop_front();
+            result
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What the stages share.
 struct Shared {
     plugin: Arc<Plugin>,
@@ -239,16 +255,44 @@ impl Shared {
         Ok(source)
     }
 
+    /// Claims up to [`CONCURRENT_CLAIMS`] batches at once (a state store round trip each),
+    /// handing them on in the order they were taken.
     async fn claim_stage(
         self: Arc<Self>,
         mut input: mpsc::Receiver<Taken>,
         out: mpsc::Sender<Claimed>,
     ) -> Result<(), PipelineError> {
-        while let Some(taken) = input.recv().await {
-            self.holds.wait_free(&taken.ids).await;
-            let claimed = self.decide(taken).await?;
-            if out.send(claimed).await.is_err() {
-                break;
+        let mut claiming: VecDeque<JoinHandle<Result<Claimed, PipelineError>>> = VecDeque::new();
+        let mut open = true;
+        loop {
+            let busy = !claiming.is_empty();
+            let room = open && claiming.len() < CONCURRENT_CLAIMS;
+            tokio::select! {
+                biased;
+                claimed = oldest(&mut claiming), if busy => {
+                    if out.send(claimed??).await.is_err() {
+                        break;
+                    }
+                }
+                taken = input.recv(), if room => {
+                    let Some(taken) = taken else {
+                        open = false;
+                        continue;
+                    };
+                    if self.holds.any_held(&taken.ids) {
+                        // An earlier batch holds one of these ids: hand on the batches being
+                        // claimed (their completion releases the ids), then wait.
+                        while let Some(task) = claiming.pop_front() {
+                            if out.send(task.await??).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        self.holds.wait_free(&taken.ids).await;
+                    }
+                    let hold = self.holds.hold(&taken.ids);
+                    claiming.push_back(tokio::spawn(self.clone().decide(taken, hold)));
+                }
+                else => break,
             }
         }
         Ok(())
@@ -303,9 +347,8 @@ impl Shared {
 
     /// Claims a batch and decides what the plugin sees: not done, not a repeat within this
     /// batch, readable.
-    async fn decide(&self, taken: Taken) -> Result<Claimed, PipelineError> {
+    async fn decide(self: Arc<Self>, taken: Taken, hold: Hold) -> Result<Claimed, PipelineError> {
         let Taken { batch, ids, ack } = taken;
-        let hold = self.holds.hold(&ids);
         let claims = self.claim(&ids).await?;
         let n = batch.len();
         let mut work = Vec::with_capacity(n);

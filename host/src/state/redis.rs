@@ -6,10 +6,12 @@
 //! the record since, so a worker that stalled unseen past its TTL completes its durable
 //! work). One more script renews or releases leases, again only where they are still ours.
 //!
-//! Keys, under the pipeline's namespace `<ns>`: `<ns>:done:<id>` (the fence that finished
-//! it; optional TTL), `<ns>:lease:<id>` (`<owner>|<fence>`, with a TTL) and `<ns>:fence` (the
-//! counter). Run Redis with AOF on: without it a restart resets the counter and fences go
-//! backwards. The scripts build keys from their arguments, so Redis Cluster is not supported.
+//! Keys, under the pipeline's namespace `<ns>`: one per record, `<ns>:id:<id>`, holding
+//! `L|<owner>|<fence>` while leased (with the lease TTL) and `D|<fence>` once done (the fence
+//! that finished it; optional TTL), so a claim and a finish cost two commands per record
+//! each; and `<ns>:fence` (the counter). Run Redis with AOF on: without it a restart resets
+//! the counter and fences go backwards. The scripts build keys from their arguments, so
+//! Redis Cluster is not supported.
 //!
 //! A Redis outage pauses the worker instead of stopping it: every call has a response
 //! timeout and is retried with backoff until Redis answers (`weir_circuit_open{dependency=
@@ -28,29 +30,24 @@ use super::{Claim, StateError, StateStore};
 
 const CLAIM: &str = r"
 local ns, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
+local mine = 'L|' .. owner .. '|'
 local out = {}
 -- One fencing token for every lease this call takes: still higher than any earlier one.
 local fence = nil
 for i = 4, #ARGV do
-  local id = ARGV[i]
-  if redis.call('EXISTS', ns .. ':done:' .. id) == 1 then
+  local key = ns .. ':id:' .. ARGV[i]
+  local state = redis.call('GET', key)
+  if not state then
+    fence = fence or redis.call('INCR', ns .. ':fence')
+    redis.call('SET', key, mine .. fence, 'PX', ttl)
+    out[#out + 1] = fence
+  elseif string.sub(state, 1, 1) == 'D' then
     out[#out + 1] = -1
+  elseif string.sub(state, 1, #mine) == mine then
+    redis.call('PEXPIRE', key, ttl)
+    out[#out + 1] = tonumber(string.sub(state, #mine + 1))
   else
-    local key = ns .. ':lease:' .. id
-    local held = redis.call('GET', key)
-    if not held then
-      fence = fence or redis.call('INCR', ns .. ':fence')
-      redis.call('SET', key, owner .. '|' .. fence, 'PX', ttl)
-      out[#out + 1] = fence
-    else
-      local sep = string.find(held, '|', 1, true)
-      if sep and string.sub(held, 1, sep - 1) == owner then
-        redis.call('PEXPIRE', key, ttl)
-        out[#out + 1] = tonumber(string.sub(held, sep + 1))
-      else
-        out[#out + 1] = 0
-      end
-    end
+    out[#out + 1] = 0
   end
 end
 return out
@@ -60,20 +57,17 @@ const FINISH: &str = r"
 local ns, owner, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
 for i = 4, #ARGV, 2 do
-  local id, fence = ARGV[i], ARGV[i + 1]
-  local key = ns .. ':lease:' .. id
-  local held = redis.call('GET', key)
-  local done = redis.call('GET', ns .. ':done:' .. id)
+  local key, fence = ns .. ':id:' .. ARGV[i], ARGV[i + 1]
+  local state = redis.call('GET', key)
   -- Ours; or expired with nobody else on it since (not done, no other lease): still ours.
-  if held == owner .. '|' .. fence or (not held and not done) then
+  if not state or state == 'L|' .. owner .. '|' .. fence then
     if ttl > 0 then
-      redis.call('SET', ns .. ':done:' .. id, fence, 'PX', ttl)
+      redis.call('SET', key, 'D|' .. fence, 'PX', ttl)
     else
-      redis.call('SET', ns .. ':done:' .. id, fence)
+      redis.call('SET', key, 'D|' .. fence)
     end
-    redis.call('DEL', key)
     out[#out + 1] = 1
-  elseif done == fence then
+  elseif state == 'D|' .. fence then
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -82,13 +76,13 @@ end
 return out
 ";
 
-/// Renews (TTL > 0) or releases (TTL 0) leases, each only if still `<owner>|<fence>`.
+/// Renews (TTL > 0) or releases (TTL 0) leases, each only if still `L|<owner>|<fence>`.
 const KEEP_OR_RELEASE: &str = r"
 local ns, owner, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
 for i = 4, #ARGV, 2 do
-  local key = ns .. ':lease:' .. ARGV[i]
-  if redis.call('GET', key) == owner .. '|' .. ARGV[i + 1] then
+  local key = ns .. ':id:' .. ARGV[i]
+  if redis.call('GET', key) == 'L|' .. owner .. '|' .. ARGV[i + 1] then
     if ttl > 0 then
       redis.call('PEXPIRE', key, ttl)
     else
