@@ -181,7 +181,7 @@ impl Default for PipelineConfig {
             batch_size: 128,
             id: None,
             progress_secs: 2,
-            max_in_flight_batches: 8,
+            max_in_flight_batches: 32,
         }
     }
 }

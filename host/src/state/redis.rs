@@ -1,17 +1,17 @@
 //! The Redis state store for cluster mode: per-record leases with fencing tokens, and done
-//! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (the dedup
-//! check and `SET PX` for every id, with one `INCR` for the fence all its new leases share)
-//! and `finish` (compare-and-set:
-//! mark done and release where the lease is still ours, or expired with nobody having taken
-//! the record since, so a worker that stalled unseen past its TTL completes its durable
-//! work). One more script renews or releases leases, again only where they are still ours.
+//! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (one
+//! `SET NX PX GET` per id, which is the dedup check and the lease at once, with one `INCR`
+//! for the fence all its new leases share) and `finish` (compare-and-set: mark done and
+//! release where the lease is still ours, or expired with nobody having taken the record
+//! since, so a worker that stalled unseen past its TTL completes its durable work). One more
+//! script renews or releases leases, again only where they are still ours.
 //!
 //! Keys, under the pipeline's namespace `<ns>`: one per record, `<ns>:id:<id>`, holding
 //! `L|<owner>|<fence>` while leased (with the lease TTL) and `D|<fence>` once done (the fence
-//! that finished it; optional TTL), so a claim and a finish cost two commands per record
-//! each; and `<ns>:fence` (the counter). Run Redis with AOF on: without it a restart resets
-//! the counter and fences go backwards. The scripts build keys from their arguments, so
-//! Redis Cluster is not supported.
+//! that finished it; optional TTL), so a claim costs one command per record and a finish
+//! two; and `<ns>:fence` (the counter). Needs Redis 7.0 or later (`SET` with both `NX` and
+//! `GET`). Run Redis with AOF on: without it a restart resets the counter and fences go
+//! backwards. The scripts build keys from their arguments, so Redis Cluster is not supported.
 //!
 //! A Redis outage pauses the worker instead of stopping it: every call has a response
 //! timeout and is retried with backoff until Redis answers (`weir_circuit_open{dependency=
@@ -31,15 +31,14 @@ use super::{Claim, StateError, StateStore};
 const CLAIM: &str = r"
 local ns, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
 local mine = 'L|' .. owner .. '|'
-local out = {}
 -- One fencing token for every lease this call takes: still higher than any earlier one.
-local fence = nil
+local fence = redis.call('INCR', ns .. ':fence')
+local out = {}
 for i = 4, #ARGV do
   local key = ns .. ':id:' .. ARGV[i]
-  local state = redis.call('GET', key)
+  -- Lease it if nobody has; either way, learn what was there.
+  local state = redis.call('SET', key, mine .. fence, 'NX', 'PX', ttl, 'GET')
   if not state then
-    fence = fence or redis.call('INCR', ns .. ':fence')
-    redis.call('SET', key, mine .. fence, 'PX', ttl)
     out[#out + 1] = fence
   elseif string.sub(state, 1, 1) == 'D' then
     out[#out + 1] = -1
