@@ -329,12 +329,15 @@ impl Source for KafkaSource {
             let first = self.next_message().await;
             taken.extend(self.take(&first));
             drop(first);
+            let linger = tokio::time::sleep(BATCH_LINGER);
+            tokio::pin!(linger);
             while taken.len() < max {
-                let Ok(Ok(message)) =
-                    tokio::time::timeout(BATCH_LINGER, self.consumer.recv()).await
-                else {
-                    break;
+                let message = tokio::select! {
+                    biased;
+                    message = self.consumer.recv() => message,
+                    () = &mut linger => break,
                 };
+                let Ok(message) = message else { break };
                 taken.extend(self.take(&message));
             }
             // A rebalance while the batch filled: drop what is no longer ours.

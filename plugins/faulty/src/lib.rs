@@ -13,17 +13,26 @@
 //! | `invalid`       | `invalid`                                                     |
 //! | `slow`          | busy for `slow_ms` milliseconds (field; default 1000), then passes |
 //!
-//! Every other record passes through unchanged. Config `faults=off` makes every record pass
+//! Every other record passes through unchanged (key and value). Config `faults=off` makes every record pass
 //! (the "fixed" version used to test DLQ replay).
 
 use serde_json::Value;
 use weir_sdk::{Output, Record, TransformError};
 
+/// The record unchanged: its key and its value.
+fn pass(record: Record) -> Output {
+    let output = Output::new(record.value);
+    match record.key {
+        Some(key) => output.with_key(key),
+        None => output,
+    }
+}
+
 #[weir_sdk::transform]
 fn faulty(record: Record) -> Result<Output, TransformError> {
     let config = weir_sdk::config();
     if config.get("faults") == Some("off") {
-        return Ok(Output::new(record.value));
+        return Ok(pass(record));
     }
     let value: Value = serde_json::from_slice(&record.value).unwrap_or(Value::Null);
     let id = value
@@ -60,7 +69,7 @@ fn faulty(record: Record) -> Result<Output, TransformError> {
                     record.source.attempt
                 )))
             } else {
-                Ok(Output::new(record.value))
+                Ok(pass(record))
             }
         }
         Some("retry_forever") => Err(TransformError::Retryable(format!(
@@ -72,11 +81,11 @@ fn faulty(record: Record) -> Result<Output, TransformError> {
             while started.elapsed() < std::time::Duration::from_millis(ms) {
                 std::hint::spin_loop();
             }
-            Ok(Output::new(record.value))
+            Ok(pass(record))
         }
         Some("invalid") => Err(TransformError::Invalid(format!(
             "record {id} is marked invalid"
         ))),
-        _ => Ok(Output::new(record.value)),
+        _ => Ok(pass(record)),
     }
 }
