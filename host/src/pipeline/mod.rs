@@ -147,15 +147,17 @@ impl Pipeline {
             metrics,
             settings,
             holds: Holds::default(),
+            failed: tokio::sync::Notify::new(),
         });
         let (taken, to_claim) = mpsc::channel(1);
         let (claimed, to_transform) = mpsc::channel(1);
         let (transformed, to_write) = mpsc::channel(1);
-        let claim = tokio::spawn(shared.clone().claim_stage(to_claim, claimed));
-        let transform = tokio::spawn(shared.clone().transform_stage(to_transform, transformed));
-        let write = tokio::spawn(shared.clone().write_stage(to_write, sink, dlq, started));
-        // A stage that stops closes its channels, and the stages next to it stop too; the
-        // one that failed says why.
+        let claim = shared.spawn(shared.clone().claim_stage(to_claim, claimed));
+        let transform = shared.spawn(shared.clone().transform_stage(to_transform, transformed));
+        let write = shared.spawn(shared.clone().write_stage(to_write, sink, dlq, started));
+        // A stage that stops closes its channels, and the stages next to it stop too; one
+        // that fails also stops the take stage at once (the input may be idle). The one that
+        // failed says why.
         let taken = shared.take_stage(source, taken, shutdown).await;
         write.await??;
         transform.await??;
@@ -188,6 +190,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     settings: Settings,
     holds: Holds,
+    /// Notified when a stage fails: no more batches are read.
+    failed: tokio::sync::Notify,
 }
 
 /// A batch as read: its records, their ids and the token that acknowledges them.
@@ -220,6 +224,21 @@ struct Transformed {
 }
 
 impl Shared {
+    /// Spawns a stage; if it fails, the take stage stops.
+    fn spawn(
+        self: &Arc<Self>,
+        stage: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
+    ) -> JoinHandle<Result<(), PipelineError>> {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let result = stage.await;
+            if result.is_err() {
+                shared.failed.notify_one();
+            }
+            result
+        })
+    }
+
     /// Reads batches and computes their ids until the source is exhausted, `shutdown`
     /// completes or the next stage stops. Returns the source, to be closed once the batches
     /// taken are complete.
@@ -235,6 +254,7 @@ impl Shared {
                 biased;
                 () = &mut shutdown => break,
                 () = out.closed() => break,
+                () = self.failed.notified() => break,
                 batch = source.next_batch(self.settings.batch_size) => batch?,
             };
             let Some(batch) = batch else { break };

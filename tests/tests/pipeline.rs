@@ -1,0 +1,127 @@
+//! The pipeline as a library, with a source and a sink written here: how a run stops when
+//! a stage fails while the input is idle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use weir::config::{LimitsConfig, RetryConfig};
+use weir::metrics::Metrics;
+use weir::pipeline::dead_letter::DeadLetter;
+use weir::pipeline::{Backoff, Pipeline, Settings};
+use weir::runtime::{Output, Plugin, Record, Runtime, SourceMeta};
+use weir::sink::{DeadLetterSink, Durable, Sink, SinkError};
+use weir::source::{Incoming, Source, SourceError};
+use weir::state::EmbeddedStore;
+
+/// One record, then nothing more, ever (an idle topic).
+struct OneThenIdle {
+    sent: bool,
+}
+
+#[async_trait]
+impl Source for OneThenIdle {
+    async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+        if self.sent {
+            return std::future::pending().await;
+        }
+        self.sent = true;
+        Ok(Some(vec![Incoming::new(Record {
+            key: None,
+            value: br#"{"id":"a"}"#.to_vec(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+            source: SourceMeta {
+                stream: "idle".into(),
+                partition: 0,
+                offset: 0,
+                attempt: 1,
+            },
+        })]))
+    }
+}
+
+/// Takes outputs, but they never become durable.
+struct NeverDurable;
+
+fn broker_gone() -> SinkError {
+    SinkError {
+        what: "delivery to topic `out` failed".into(),
+        source: std::io::Error::other("broker gone"),
+    }
+}
+
+#[async_trait]
+impl Sink for NeverDurable {
+    fn check(&self, _output: &Output) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn send(&mut self, _outputs: Vec<Output>) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        Err(broker_gone())
+    }
+
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        Ok(Box::pin(async { Err(broker_gone()) }))
+    }
+}
+
+struct NoDeadLetters;
+
+#[async_trait]
+impl DeadLetterSink for NoDeadLetters {
+    async fn send(&mut self, _letters: Vec<DeadLetter>) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_write_that_fails_stops_the_run_while_the_input_is_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = Runtime::new(&LimitsConfig::default()).expect("runtime");
+    let plugin = Plugin::load_file(
+        &runtime,
+        &weir_tests::plugin("faulty"),
+        "faulty",
+        1,
+        vec![("faults".into(), "off".into())],
+    )
+    .expect("plugin");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let result = rt.block_on(async {
+        let pipeline = Pipeline {
+            plugin: Arc::new(plugin),
+            source: Box::new(OneThenIdle { sent: false }),
+            sink: Box::new(NeverDurable),
+            dlq: Box::new(NoDeadLetters),
+            state: Arc::new(EmbeddedStore::open(dir.path(), "idle", None).expect("state")),
+            metrics: Arc::new(Metrics::new()),
+            settings: Settings {
+                batch_size: 8,
+                id: None,
+                backoff: Backoff::new(RetryConfig::default()),
+                bypass_done: false,
+                progress: None,
+                lease_renewal: None,
+                max_in_flight_batches: 4,
+            },
+        };
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            pipeline.run(std::future::pending()),
+        )
+        .await
+    });
+    let error = result
+        .expect("the run stops although the source has nothing more to give")
+        .expect_err("the failed write is the run's error");
+    assert!(error.to_string().contains("broker gone"), "{error}");
+}
