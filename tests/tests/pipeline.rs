@@ -83,8 +83,27 @@ impl DeadLetterSink for NoDeadLetters {
     }
 }
 
-#[test]
-fn a_write_that_fails_stops_the_run_while_the_input_is_idle() {
+/// Panics when given outputs (a bug in a sink).
+struct Panicking;
+
+#[async_trait]
+impl Sink for Panicking {
+    fn check(&self, _output: &Output) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn send(&mut self, _outputs: Vec<Output>) -> Result<(), SinkError> {
+        panic!("a bug in the sink");
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Runs `sink` behind a source that gives one record and then idles; the run's result, or
+/// `None` if it did not stop within 30 s.
+fn run_until_stopped(sink: Box<dyn Sink>) -> Option<Result<(), String>> {
     let dir = tempfile::tempdir().expect("tempdir");
     let runtime = Runtime::new(&LimitsConfig::default()).expect("runtime");
     let plugin = Plugin::load_file(
@@ -100,7 +119,7 @@ fn a_write_that_fails_stops_the_run_while_the_input_is_idle() {
         let pipeline = Pipeline {
             plugin: Arc::new(plugin),
             source: Box::new(OneThenIdle { sent: false }),
-            sink: Box::new(NeverDurable),
+            sink,
             dlq: Box::new(NoDeadLetters),
             state: Arc::new(EmbeddedStore::open(dir.path(), "idle", None).expect("state")),
             metrics: Arc::new(Metrics::new()),
@@ -120,8 +139,23 @@ fn a_write_that_fails_stops_the_run_while_the_input_is_idle() {
         )
         .await
     });
-    let error = result
+    result
+        .ok()
+        .map(|run| run.map(|_summary| ()).map_err(|e| e.to_string()))
+}
+
+#[test]
+fn a_write_that_fails_stops_the_run_while_the_input_is_idle() {
+    let error = run_until_stopped(Box::new(NeverDurable))
         .expect("the run stops although the source has nothing more to give")
         .expect_err("the failed write is the run's error");
-    assert!(error.to_string().contains("broker gone"), "{error}");
+    assert!(error.contains("broker gone"), "{error}");
+}
+
+#[test]
+fn a_stage_that_panics_stops_the_run_while_the_input_is_idle() {
+    let error = run_until_stopped(Box::new(Panicking))
+        .expect("the run stops although the source has nothing more to give")
+        .expect_err("the panic is the run's error");
+    assert!(error.contains("a pipeline task failed"), "{error}");
 }

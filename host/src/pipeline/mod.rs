@@ -60,7 +60,7 @@ pub enum PipelineError {
     State(#[from] StateError),
     #[error("plugin: {0}")]
     Plugin(#[from] LoadError),
-    #[error("plugin worker thread failed: {0}")]
+    #[error("a pipeline task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
@@ -194,6 +194,23 @@ struct Shared {
     failed: tokio::sync::Notify,
 }
 
+/// Stops the take stage when dropped armed: a stage ended in an error or a panic.
+struct StopTaking(Option<Arc<Shared>>);
+
+impl StopTaking {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StopTaking {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.failed.notify_one();
+        }
+    }
+}
+
 /// A batch as read: its records, their ids and the token that acknowledges them.
 struct Taken {
     batch: Vec<Incoming>,
@@ -224,16 +241,16 @@ struct Transformed {
 }
 
 impl Shared {
-    /// Spawns a stage; if it fails, the take stage stops.
+    /// Spawns a stage; if it fails or panics, the take stage stops.
     fn spawn(
         self: &Arc<Self>,
         stage: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
     ) -> JoinHandle<Result<(), PipelineError>> {
-        let shared = self.clone();
+        let unless_ok = StopTaking(Some(self.clone()));
         tokio::spawn(async move {
             let result = stage.await;
-            if result.is_err() {
-                shared.failed.notify_one();
+            if result.is_ok() {
+                unless_ok.disarm();
             }
             result
         })
