@@ -298,6 +298,7 @@ async fn passthrough(args: &str) -> anyhow::Result<()> {
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
+        .set("fetch.queue.backoff.ms", "20")
         .create()?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)

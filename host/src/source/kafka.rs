@@ -193,6 +193,10 @@ impl KafkaSource {
                 ("enable.auto.commit", "true"),
                 ("auto.commit.interval.ms", "1000"),
                 ("statistics.interval.ms", "5000"),
+                // Once its prefetch queue is full, librdkafka stops fetching a partition for
+                // this long (default 1 s): a consumer slower than the broker then ran dry
+                // for part of every second (BENCHMARKS.md, cluster mode).
+                ("fetch.queue.backoff.ms", "20"),
             ],
         );
         let offsets = Arc::new(Mutex::new(OffsetTracker::default()));
