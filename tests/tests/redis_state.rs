@@ -117,9 +117,25 @@ async fn an_expired_lease_goes_to_the_next_worker_and_the_stale_one_learns_it() 
         vec![false],
         "a stale worker cannot finish"
     );
+    let c = store(&redis, "worker-c", 60_000).await;
+    assert_eq!(
+        c.claim(&ids(&["slow"])).await.expect("claim"),
+        vec![Claim::HeldElsewhere],
+        "the stale finish left b's lease in place"
+    );
     assert_eq!(
         b.finish(&[("slow".into(), fresh)]).await.expect("finish"),
         vec![true]
+    );
+    assert_eq!(
+        a.finish(&[("slow".into(), stale)]).await.expect("finish"),
+        vec![false],
+        "nor after b finished"
+    );
+    assert_eq!(
+        c.claim(&ids(&["slow"])).await.expect("claim"),
+        vec![Claim::Done],
+        "b's done mark is still there"
     );
 }
 

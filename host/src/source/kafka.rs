@@ -119,7 +119,8 @@ impl ConsumerContext for SourceContext {
                     offsets.assign(e.partition(), starts.get(&e.partition()).copied());
                     assigned.push(e.partition());
                 }
-                tracing::info!(topic = %self.topic, partitions = ?assigned, cooperative = matches!(consumer.rebalance_protocol(), rdkafka::consumer::RebalanceProtocol::Cooperative), "partitions assigned");
+                let starts: std::collections::BTreeMap<i32, i64> = starts.into_iter().collect();
+                tracing::info!(topic = %self.topic, partitions = ?assigned, ?starts, cooperative = matches!(consumer.rebalance_protocol(), rdkafka::consumer::RebalanceProtocol::Cooperative), "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();

@@ -1,17 +1,20 @@
 //! The Redis state store for cluster mode: per-record leases with fencing tokens, and done
 //! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (one
 //! `SET NX PX GET` per id, which is the dedup check and the lease at once, with one `INCR`
-//! for the fence all its new leases share) and `finish` (compare-and-set: mark done and
-//! release where the lease is still ours, or expired with nobody having taken the record
-//! since, so a worker that stalled unseen past its TTL completes its durable work). One more
-//! script renews or releases leases, again only where they are still ours.
+//! for the fence all its new leases share) and `finish` (one `SET ... GET` per id that marks
+//! it done and releases the lease, and counts where the lease was still ours, or expired with
+//! nobody having taken the record since, so a worker that stalled unseen past its TTL
+//! completes its durable work; where another worker's lease or done mark was there, it is
+//! put back, a lease with its TTL started again). One more script renews or releases
+//! leases, again only where they are still ours.
 //!
 //! Keys, under the pipeline's namespace `<ns>`: one per record, `<ns>:id:<id>`, holding
 //! `L|<owner>|<fence>` while leased (with the lease TTL) and `D|<fence>` once done (the fence
-//! that finished it; optional TTL), so a claim costs one command per record and a finish
-//! two; and `<ns>:fence` (the counter). Needs Redis 7.0 or later (`SET` with both `NX` and
-//! `GET`). Run Redis with AOF on: without it a restart resets the counter and fences go
-//! backwards. The scripts build keys from their arguments, so Redis Cluster is not supported.
+//! that finished it; optional TTL), so claim and finish cost one command per record each;
+//! and `<ns>:fence` (the counter). The scripts get their keys as `KEYS`. Needs Redis 7.0 or
+//! later (`SET` with both `NX` and `GET`). Run Redis with AOF on: without it a restart resets
+//! the counter and fences go backwards. One script touches keys of many hash slots, so Redis
+//! Cluster is not supported.
 //!
 //! A Redis outage pauses the worker instead of stopping it: every call has a response
 //! timeout and is retried with backoff until Redis answers (`weir_circuit_open{dependency=
@@ -28,48 +31,63 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Claim, StateError, StateStore};
 
+// Every script gets the record keys as `KEYS` and `ARGV` = owner, TTL in ms, the lease TTL
+// in ms, then (per-lease scripts) one fence per key.
+
+/// `KEYS[1]` is the fence counter, the record keys follow.
 const CLAIM: &str = r"
-local ns, owner, ttl = ARGV[1], ARGV[2], ARGV[3]
-local mine = 'L|' .. owner .. '|'
+local ttl = ARGV[2]
+local mine = 'L|' .. ARGV[1] .. '|'
 -- One fencing token for every lease this call takes: still higher than any earlier one.
-local fence = redis.call('INCR', ns .. ':fence')
+local fence = redis.call('INCR', KEYS[1])
+local lease = mine .. fence
 local out = {}
-for i = 4, #ARGV do
-  local key = ns .. ':id:' .. ARGV[i]
+for i = 2, #KEYS do
   -- Lease it if nobody has; either way, learn what was there.
-  local state = redis.call('SET', key, mine .. fence, 'NX', 'PX', ttl, 'GET')
+  local state = redis.call('SET', KEYS[i], lease, 'NX', 'PX', ttl, 'GET')
   if not state then
-    out[#out + 1] = fence
-  elseif string.sub(state, 1, 1) == 'D' then
-    out[#out + 1] = -1
+    out[i - 1] = fence
+  elseif string.byte(state) == 68 then -- 'D': done
+    out[i - 1] = -1
   elseif string.sub(state, 1, #mine) == mine then
-    redis.call('PEXPIRE', key, ttl)
-    out[#out + 1] = tonumber(string.sub(state, #mine + 1))
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    out[i - 1] = tonumber(string.sub(state, #mine + 1))
   else
-    out[#out + 1] = 0
+    out[i - 1] = 0
   end
 end
 return out
 ";
 
+/// Marks done with one `SET ... GET` per record; puts back what another worker had there.
 const FINISH: &str = r"
-local ns, owner, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl, lease_ttl = tonumber(ARGV[2]), ARGV[3]
+local mine = 'L|' .. ARGV[1] .. '|'
 local out = {}
-for i = 4, #ARGV, 2 do
-  local key, fence = ns .. ':id:' .. ARGV[i], ARGV[i + 1]
-  local state = redis.call('GET', key)
-  -- Ours; or expired with nobody else on it since (not done, no other lease): still ours.
-  if not state or state == 'L|' .. owner .. '|' .. fence then
-    if ttl > 0 then
-      redis.call('SET', key, 'D|' .. fence, 'PX', ttl)
-    else
-      redis.call('SET', key, 'D|' .. fence)
-    end
-    out[#out + 1] = 1
-  elseif state == 'D|' .. fence then
-    out[#out + 1] = 1
+for i = 1, #KEYS do
+  local fence = ARGV[i + 3]
+  local done = 'D|' .. fence
+  local was
+  if ttl > 0 then
+    was = redis.call('SET', KEYS[i], done, 'PX', ttl, 'GET')
   else
-    out[#out + 1] = 0
+    was = redis.call('SET', KEYS[i], done, 'GET')
+  end
+  -- Ours; or expired with nobody else on it since (no lease, not done): still ours.
+  if not was or was == mine .. fence or was == done then
+    out[i] = 1
+  else
+    -- Another worker's lease (its TTL starts again) or done mark.
+    if string.byte(was) == 68 then
+      if ttl > 0 then
+        redis.call('SET', KEYS[i], was, 'PX', ttl)
+      else
+        redis.call('SET', KEYS[i], was)
+      end
+    else
+      redis.call('SET', KEYS[i], was, 'PX', lease_ttl)
+    end
+    out[i] = 0
   end
 end
 return out
@@ -77,19 +95,19 @@ return out
 
 /// Renews (TTL > 0) or releases (TTL 0) leases, each only if still `L|<owner>|<fence>`.
 const KEEP_OR_RELEASE: &str = r"
-local ns, owner, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl = tonumber(ARGV[2])
+local mine = 'L|' .. ARGV[1] .. '|'
 local out = {}
-for i = 4, #ARGV, 2 do
-  local key = ns .. ':id:' .. ARGV[i]
-  if redis.call('GET', key) == 'L|' .. owner .. '|' .. ARGV[i + 1] then
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == mine .. ARGV[i + 3] then
     if ttl > 0 then
-      redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', KEYS[i], ttl)
     else
-      redis.call('DEL', key)
+      redis.call('DEL', KEYS[i])
     end
-    out[#out + 1] = 1
+    out[i] = 1
   else
-    out[#out + 1] = 0
+    out[i] = 0
   end
 end
 return out
@@ -176,17 +194,29 @@ impl RedisStore {
         d.as_millis().max(1) as u64
     }
 
-    /// Runs `script` with the common arguments, then `args`; while Redis is unavailable,
-    /// tries again with backoff until it answers.
+    /// The key of one record.
+    fn key(&self, id: &str) -> String {
+        format!("{}:id:{id}", self.namespace)
+    }
+
+    /// Runs `script` on `keys` with the common arguments (owner, `ttl_ms`, the lease TTL),
+    /// then `args`; while Redis is unavailable, tries again with backoff until it answers.
     async fn run(
         &self,
         script: &Script,
+        keys: &[String],
         ttl_ms: u64,
         args: &[String],
         what: &str,
     ) -> Result<Vec<i64>, StateError> {
         let mut invocation = script.prepare_invoke();
-        invocation.arg(&self.namespace).arg(&self.owner).arg(ttl_ms);
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(&self.owner)
+            .arg(ttl_ms)
+            .arg(Self::ms(self.lease_ttl));
         for a in args {
             invocation.arg(a);
         }
@@ -236,7 +266,9 @@ impl RedisStore {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let out = self.run(script, ttl_ms, &pairs(leases), what).await?;
+        let keys: Vec<String> = leases.iter().map(|(id, _)| self.key(id)).collect();
+        let fences: Vec<String> = leases.iter().map(|(_, fence)| fence.to_string()).collect();
+        let out = self.run(script, &keys, ttl_ms, &fences, what).await?;
         Ok(out.into_iter().map(|v| v == 1).collect())
     }
 
@@ -262,21 +294,17 @@ fn is_transient(e: &redis::RedisError) -> bool {
         )
 }
 
-fn pairs(items: &[(String, u64)]) -> Vec<String> {
-    items
-        .iter()
-        .flat_map(|(id, fence)| [id.clone(), fence.to_string()])
-        .collect()
-}
-
 #[async_trait]
 impl StateStore for RedisStore {
     async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, StateError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let keys: Vec<String> = std::iter::once(format!("{}:fence", self.namespace))
+            .chain(ids.iter().map(|id| self.key(id)))
+            .collect();
         let out = self
-            .run(&self.claim, Self::ms(self.lease_ttl), ids, "claim")
+            .run(&self.claim, &keys, Self::ms(self.lease_ttl), &[], "claim")
             .await?;
         if out.len() != ids.len() {
             return Err(StateError(format!(
