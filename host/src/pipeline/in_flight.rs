@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use crate::sink::Durable;
 use crate::source::Ack;
 use crate::state::StateStore;
 
-/// Ids held by the batches under way, each with how many times it is held.
+/// Ids held by the batches under way, each with how many times it is held. Ids are kept as
+/// 64-bit hashes: two ids that collide only make a batch wait for nothing.
 #[derive(Clone, Default)]
 pub(super) struct Holds {
     inner: Arc<HoldsInner>,
@@ -29,7 +31,8 @@ pub(super) struct Holds {
 
 #[derive(Default)]
 struct HoldsInner {
-    held: Mutex<HashMap<String, u32>>,
+    held: Mutex<HashMap<u64, u32>>,
+    hasher: RandomState,
     released: Notify,
 }
 
@@ -46,28 +49,36 @@ impl Holds {
         }
     }
 
+    fn hashes(&self, ids: &[String]) -> Vec<u64> {
+        ids.iter()
+            .map(|id| self.inner.hasher.hash_one(id))
+            .collect()
+    }
+
     pub(super) fn any_held(&self, ids: &[String]) -> bool {
+        let hashes = self.hashes(ids);
         let held = self
             .inner
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        !held.is_empty() && ids.iter().any(|id| held.contains_key(id))
+        !held.is_empty() && hashes.iter().any(|h| held.contains_key(h))
     }
 
     /// Holds `ids` until the returned [`Hold`] is dropped.
     pub(super) fn hold(&self, ids: &[String]) -> Hold {
+        let hashes = self.hashes(ids);
         let mut held = self
             .inner
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for id in ids {
-            *held.entry(id.clone()).or_default() += 1;
+        for &h in &hashes {
+            *held.entry(h).or_default() += 1;
         }
         Hold {
             holds: self.clone(),
-            ids: ids.to_vec(),
+            hashes,
         }
     }
 }
@@ -75,7 +86,7 @@ impl Holds {
 /// A batch's hold on its ids; released on drop (the batch is complete, or the run stops).
 pub(super) struct Hold {
     holds: Holds,
-    ids: Vec<String>,
+    hashes: Vec<u64>,
 }
 
 impl Drop for Hold {
@@ -87,11 +98,11 @@ impl Drop for Hold {
                 .held
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            for id in &self.ids {
-                if let Some(count) = held.get_mut(id) {
+            for h in &self.hashes {
+                if let Some(count) = held.get_mut(h) {
                     *count -= 1;
                     if *count == 0 {
-                        held.remove(id);
+                        held.remove(h);
                     }
                 }
             }

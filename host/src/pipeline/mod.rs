@@ -579,16 +579,20 @@ impl Shared {
         let Some(every) = self.settings.lease_renewal.filter(|_| !to_run.is_empty()) else {
             return Ok(work.await);
         };
-        let leases: Vec<(String, u64)> = to_run
-            .iter()
-            .map(|&(i, fence)| (ids[i].clone(), fence))
-            .collect();
         tokio::pin!(work);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // Built on the first renewal: most batches finish before one is due.
+        let mut leases: Vec<(String, u64)> = Vec::new();
         loop {
             tokio::select! {
                 out = &mut work => return Ok(out),
                 _ = tick.tick() => {
+                    if leases.is_empty() {
+                        leases = to_run
+                            .iter()
+                            .map(|&(i, fence)| (ids[i].clone(), fence))
+                            .collect();
+                    }
                     let held = self.state.renew(&leases).await?;
                     let lost = held.iter().filter(|h| !**h).count();
                     if lost > 0 {
