@@ -8,9 +8,11 @@
 //! (dedup and leases), **transform** (the plugin, with retries) and **write** (check
 //! outputs, send outputs and dead letters). From "durable" on, each batch completes in a
 //! task of its own ([`in_flight`]); at most `Settings::max_in_flight_batches` do at once.
-//! So while one batch is in the plugin, the next is being claimed and the one before written.
-//! A batch that shares an id with one still under way (claimed, not yet marked done) waits
-//! before its claim, so the claim sees that id's done mark.
+//! So while one batch is in the plugin, the next ones are being claimed (up to
+//! `CONCURRENT_CLAIMS` at once) and the one before written. A batch that shares an id with
+//! one still under way (claimed, not yet marked done) waits before its claim, so the claim
+//! sees that id's done mark. A stage that fails or panics stops the take stage; the others
+//! drain, and the run returns that stage's error.
 //!
 //! Every consumed record ends in exactly one fate — processed, dead-lettered or
 //! deduplicated — and the counters in [`Metrics`] say which.
