@@ -37,48 +37,47 @@ struct HoldsInner {
 }
 
 impl Holds {
-    /// Returns once no batch under way holds any of `ids`.
-    pub(super) async fn wait_free(&self, ids: &[String]) {
+    /// Returns once no batch under way holds any of `keys`.
+    pub(super) async fn wait_free(&self, keys: &[u64]) {
         loop {
             // Registered before the check, so a release between the two is not missed.
             let released = self.inner.released.notified();
-            if !self.any_held(ids) {
+            if !self.any_held(keys) {
                 return;
             }
             released.await;
         }
     }
 
-    fn hashes(&self, ids: &[String]) -> Vec<u64> {
+    /// The keys of `ids` in the holds (computed once per batch).
+    pub(super) fn keys(&self, ids: &[String]) -> Vec<u64> {
         ids.iter()
             .map(|id| self.inner.hasher.hash_one(id))
             .collect()
     }
 
-    pub(super) fn any_held(&self, ids: &[String]) -> bool {
-        let hashes = self.hashes(ids);
+    pub(super) fn any_held(&self, keys: &[u64]) -> bool {
         let held = self
             .inner
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        !held.is_empty() && hashes.iter().any(|h| held.contains_key(h))
+        !held.is_empty() && keys.iter().any(|k| held.contains_key(k))
     }
 
-    /// Holds `ids` until the returned [`Hold`] is dropped.
-    pub(super) fn hold(&self, ids: &[String]) -> Hold {
-        let hashes = self.hashes(ids);
+    /// Holds `keys` until the returned [`Hold`] is dropped.
+    pub(super) fn hold(&self, keys: Vec<u64>) -> Hold {
         let mut held = self
             .inner
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for &h in &hashes {
-            *held.entry(h).or_default() += 1;
+        for &k in &keys {
+            *held.entry(k).or_default() += 1;
         }
         Hold {
             holds: self.clone(),
-            hashes,
+            keys,
         }
     }
 }
@@ -86,7 +85,7 @@ impl Holds {
 /// A batch's hold on its ids; released on drop (the batch is complete, or the run stops).
 pub(super) struct Hold {
     holds: Holds,
-    hashes: Vec<u64>,
+    keys: Vec<u64>,
 }
 
 impl Drop for Hold {
@@ -98,11 +97,11 @@ impl Drop for Hold {
                 .held
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            for h in &self.hashes {
-                if let Some(count) = held.get_mut(h) {
+            for k in &self.keys {
+                if let Some(count) = held.get_mut(k) {
                     *count -= 1;
                     if *count == 0 {
-                        held.remove(h);
+                        held.remove(k);
                     }
                 }
             }
@@ -247,16 +246,17 @@ mod tests {
     #[tokio::test]
     async fn a_batch_sharing_an_id_waits_until_the_holder_is_released() {
         let holds = Holds::default();
-        let first = holds.hold(&ids(&["a", "b"]));
-        let second = holds.hold(&ids(&["c", "b"]));
+        let keys = |of: &[&str]| holds.keys(&ids(of));
+        let first = holds.hold(keys(&["a", "b"]));
+        let second = holds.hold(keys(&["c", "b"]));
 
         // No shared id: nothing to wait for.
-        holds.wait_free(&ids(&["d"])).await;
+        holds.wait_free(&keys(&["d"])).await;
 
         // "b" is held twice: free only once both holders are gone.
         let waiting = tokio::spawn({
-            let holds = holds.clone();
-            async move { holds.wait_free(&ids(&["b"])).await }
+            let (holds, b) = (holds.clone(), keys(&["b"]));
+            async move { holds.wait_free(&b).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(first);

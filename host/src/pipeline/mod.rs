@@ -318,7 +318,8 @@ impl Shared {
                         open = false;
                         continue;
                     };
-                    if self.holds.any_held(&taken.ids) {
+                    let keys = self.holds.keys(&taken.ids);
+                    if self.holds.any_held(&keys) {
                         // An earlier batch holds one of these ids: hand on the batches being
                         // claimed (their completion releases the ids), then wait.
                         while let Some(task) = claiming.pop_front() {
@@ -326,9 +327,9 @@ impl Shared {
                                 return Ok(());
                             }
                         }
-                        self.holds.wait_free(&taken.ids).await;
+                        self.holds.wait_free(&keys).await;
                     }
-                    let hold = self.holds.hold(&taken.ids);
+                    let hold = self.holds.hold(keys);
                     claiming.push_back(tokio::spawn(self.clone().decide(taken, hold)));
                 }
                 else => break,
