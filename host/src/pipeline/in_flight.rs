@@ -5,7 +5,8 @@
 //!   shares an id with one of them waits before it is claimed, so its claim sees that id's
 //!   done mark.
 //! - [`Completion`]: a batch's writes made durable, done marks, the source's `Ack`, counters.
-//! - [`InFlight`]: the completions running in tasks of their own, oldest first.
+//! - [`InFlight`]: batches being worked on in tasks of their own (claims, completions),
+//!   handed on oldest first.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use super::PipelineError;
 use crate::errors::ErrorClass;
@@ -171,38 +173,57 @@ impl Completion {
     }
 }
 
-/// A batch's completion task.
-type CompletionTask = tokio::task::JoinHandle<Result<(), PipelineError>>;
+/// Batches being worked on in tasks of their own (claims, completions), oldest first.
+pub(super) struct InFlight<T = ()> {
+    batches: VecDeque<JoinHandle<Result<T, PipelineError>>>,
+}
 
-/// Batches completing in tasks of their own, oldest first.
-#[derive(Default)]
-pub(super) struct InFlight {
-    batches: VecDeque<CompletionTask>,
+impl<T> Default for InFlight<T> {
+    fn default() -> Self {
+        Self {
+            batches: VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Send + 'static> InFlight<T> {
+    pub(super) fn push(
+        &mut self,
+        work: impl Future<Output = Result<T, PipelineError>> + Send + 'static,
+    ) {
+        self.batches.push_back(tokio::spawn(work));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// The oldest batch's result, once it is done; never if there is none. Cancel-safe: the
+    /// batch stays queued until its result is returned.
+    pub(super) async fn oldest(&mut self) -> Result<T, PipelineError> {
+        match self.batches.front_mut() {
+            Some(task) => {
+                let result = task.await;
+                self.batches.pop_front();
+                result?
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 impl InFlight {
-    pub(super) fn push(
-        &mut self,
-        completion: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
-    ) {
-        self.batches.push_back(tokio::spawn(completion));
-    }
-
-    /// Waits for the oldest batch.
-    async fn complete_oldest(&mut self) -> Result<(), PipelineError> {
-        match self.batches.pop_front() {
-            Some(task) => task.await?,
-            None => Ok(()),
-        }
-    }
-
     /// Leaves at most `max` batches (at least 1) completing; also reaps finished ones, so a
     /// failure surfaces at once.
     pub(super) async fn limit(&mut self, max: usize) -> Result<(), PipelineError> {
         while self.batches.len() > max.max(1)
             || self.batches.front().is_some_and(|task| task.is_finished())
         {
-            self.complete_oldest().await?;
+            self.oldest().await?;
         }
         Ok(())
     }
@@ -228,7 +249,7 @@ impl InFlight {
     /// Waits for every batch.
     pub(super) async fn drain(&mut self) -> Result<(), PipelineError> {
         while !self.batches.is_empty() {
-            self.complete_oldest().await?;
+            self.oldest().await?;
         }
         Ok(())
     }

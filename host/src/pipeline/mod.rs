@@ -22,7 +22,7 @@ mod id;
 mod in_flight;
 mod retry;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -173,18 +173,6 @@ impl Pipeline {
 /// Batches whose claims may be under way at once.
 const CONCURRENT_CLAIMS: usize = 4;
 
-/// The result of the oldest task of `tasks`, once it has finished (never if there is none).
-async fn oldest<T>(tasks: &mut VecDeque<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
-    match tasks.front_mut() {
-        Some(task) => {
-            let result = task.await;
-            tasks.pop_front();
-            result
-        }
-        None => std::future::pending().await,
-    }
-}
-
 /// What the stages share.
 struct Shared {
     plugin: Arc<Plugin>,
@@ -301,15 +289,15 @@ impl Shared {
         mut input: mpsc::Receiver<Taken>,
         out: mpsc::Sender<Claimed>,
     ) -> Result<(), PipelineError> {
-        let mut claiming: VecDeque<JoinHandle<Result<Claimed, PipelineError>>> = VecDeque::new();
+        let mut claiming: InFlight<Claimed> = InFlight::default();
         let mut open = true;
         loop {
             let busy = !claiming.is_empty();
             let room = open && claiming.len() < CONCURRENT_CLAIMS;
             tokio::select! {
                 biased;
-                claimed = oldest(&mut claiming), if busy => {
-                    if out.send(claimed??).await.is_err() {
+                claimed = claiming.oldest(), if busy => {
+                    if out.send(claimed?).await.is_err() {
                         break;
                     }
                 }
@@ -322,15 +310,15 @@ impl Shared {
                     if self.holds.any_held(&keys) {
                         // An earlier batch holds one of these ids: hand on the batches being
                         // claimed (their completion releases the ids), then wait.
-                        while let Some(task) = claiming.pop_front() {
-                            if out.send(task.await??).await.is_err() {
+                        while !claiming.is_empty() {
+                            if out.send(claiming.oldest().await?).await.is_err() {
                                 return Ok(());
                             }
                         }
                         self.holds.wait_free(&keys).await;
                     }
                     let hold = self.holds.hold(keys);
-                    claiming.push_back(tokio::spawn(self.clone().decide(taken, hold)));
+                    claiming.push(self.clone().decide(taken, hold));
                 }
                 else => break,
             }
