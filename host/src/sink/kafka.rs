@@ -2,15 +2,17 @@
 //! dead letters to the DLQ topic with the original key, value and headers plus the
 //! `weir.error.*` headers (DESIGN §7). One idempotent producer serves both.
 //!
-//! `send` only enqueues; `seal` hands over the deliveries so far as one future (`flush` awaits it). A failed delivery (librdkafka has
-//! already retried it within `message.timeout.ms`) is sent again up to [`DELIVERY_ATTEMPTS`]
-//! times in all; after that `flush` fails and the worker stops consuming rather than drop it.
+//! `send` only enqueues; `seal` hands over the deliveries so far as one future (`flush` awaits
+//! it). A failed delivery (librdkafka has already retried it within `message.timeout.ms`) is
+//! sent again, from the copy librdkafka hands back, up to [`DELIVERY_ATTEMPTS`] times in all;
+//! after that `flush` fails and the worker stops consuming rather than drop it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
@@ -45,15 +47,9 @@ impl KafkaProducer {
     }
 }
 
-/// A message to produce, kept until its delivery is confirmed.
-struct Message {
-    topic: String,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
-}
-
-type Pending = Vec<(Message, DeliveryFuture, u32)>;
+/// Deliveries not confirmed yet, each with the number of times its message has been sent.
+/// The messages themselves are not kept: librdkafka hands a failed one back for sending again.
+type Pending = Vec<(DeliveryFuture, u32)>;
 
 /// Messages sent and not yet confirmed.
 struct Deliveries {
@@ -69,10 +65,16 @@ impl Deliveries {
         }
     }
 
-    /// Enqueues `message`; waits while librdkafka's queue is full.
-    async fn send(&mut self, message: Message) -> Result<(), SinkError> {
-        let delivery = enqueue(&self.producer, &message).await?;
-        self.pending.push((message, delivery, 1));
+    /// Enqueues a message; waits while librdkafka's queue is full.
+    async fn send(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(), SinkError> {
+        let delivery = enqueue(&self.producer, record(topic, key, value, headers)).await?;
+        self.pending.push((delivery, 1));
         Ok(())
     }
 
@@ -84,26 +86,34 @@ impl Deliveries {
     }
 }
 
-/// Enqueues `message`; waits while librdkafka's queue is full.
+fn record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    headers: OwnedHeaders,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let record = FutureRecord::to(topic).payload(value).headers(headers);
+    match key {
+        Some(key) => record.key(key),
+        None => record,
+    }
+}
+
+/// Enqueues `record`; waits while librdkafka's queue is full.
 async fn enqueue(
     producer: &FutureProducer<LogContext>,
-    message: &Message,
+    mut record: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<DeliveryFuture, SinkError> {
     loop {
-        let mut record = FutureRecord::to(&message.topic)
-            .payload(&message.value)
-            .headers(owned_headers(&message.headers));
-        if let Some(key) = &message.key {
-            record = record.key(key);
-        }
         match producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((e, _)) => {
+            Err((e, back)) => {
                 return Err(sink_error(
-                    format!("cannot produce to topic `{}`", message.topic),
+                    format!("cannot produce to topic `{}`", back.topic),
                     e,
                 ));
             }
@@ -118,27 +128,42 @@ async fn confirm(
 ) -> Result<(), SinkError> {
     while !pending.is_empty() {
         let mut failed = Vec::new();
-        for (message, delivery, attempt) in std::mem::take(&mut pending) {
-            let error = match delivery.await {
+        for (delivery, attempt) in std::mem::take(&mut pending) {
+            let (error, message) = match delivery.await {
                 Ok(Ok(_)) => continue,
-                Ok(Err((e, _))) => e,
-                Err(_) => KafkaError::Canceled,
+                Ok(Err(failure)) => failure,
+                Err(_) => {
+                    return Err(sink_error(
+                        "the producer dropped a message without reporting its delivery; stopping rather than risk the record".into(),
+                        KafkaError::Canceled,
+                    ));
+                }
             };
             if attempt >= DELIVERY_ATTEMPTS {
                 return Err(sink_error(
                     format!(
                         "delivery to topic `{}` failed {attempt} times; stopping rather than drop the record",
-                        message.topic
+                        message.topic()
                     ),
                     error,
                 ));
             }
-            tracing::warn!(topic = %message.topic, attempt, "delivery failed, sending again: {error}");
+            tracing::warn!(topic = %message.topic(), attempt, "delivery failed, sending again: {error}");
             failed.push((message, attempt + 1));
         }
         for (message, attempt) in failed {
-            let delivery = enqueue(&producer, &message).await?;
-            pending.push((message, delivery, attempt));
+            let headers = message
+                .headers()
+                .cloned()
+                .unwrap_or_else(|| OwnedHeaders::new_with_capacity(0));
+            let again = record(
+                message.topic(),
+                message.key(),
+                message.payload().unwrap_or_default(),
+                headers,
+            );
+            let delivery = enqueue(&producer, again).await?;
+            pending.push((delivery, attempt));
         }
     }
     Ok(())
@@ -188,13 +213,10 @@ impl Sink for KafkaSink {
                 Some(dest) => self.destinations.get(dest).unwrap_or(&self.topic),
                 None => &self.topic,
             };
-            let message = Message {
-                topic: topic.clone(),
-                key: output.key,
-                value: output.value,
-                headers: output.headers,
-            };
-            self.deliveries.send(message).await?;
+            let headers = owned_headers(&output.headers);
+            self.deliveries
+                .send(topic, output.key.as_deref(), &output.value, headers)
+                .await?;
         }
         Ok(())
     }
@@ -240,14 +262,11 @@ pub fn dead_letter_headers(letter: &DeadLetter) -> Vec<(String, Vec<u8>)> {
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError> {
         for letter in letters {
-            let headers = dead_letter_headers(&letter);
-            let message = Message {
-                topic: self.topic.clone(),
-                key: letter.record.key,
-                value: letter.record.value,
-                headers,
-            };
-            self.deliveries.send(message).await?;
+            let headers = owned_headers(&dead_letter_headers(&letter));
+            let record = &letter.record;
+            self.deliveries
+                .send(&self.topic, record.key.as_deref(), &record.value, headers)
+                .await?;
         }
         Ok(())
     }
@@ -258,5 +277,41 @@ impl DeadLetterSink for KafkaDeadLetters {
 
     async fn seal(&mut self) -> Result<Durable, SinkError> {
         Ok(self.deliveries.seal())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing listens at the bootstrap address, so every delivery times out: the sink sends
+    /// each message again from librdkafka's copy, then fails closed naming the attempts.
+    #[tokio::test]
+    async fn failed_deliveries_are_sent_again_then_fail_closed() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let kafka = KafkaConfig {
+            bootstrap: Some(format!("127.0.0.1:{port}")),
+            options: [("message.timeout.ms".to_owned(), "200".to_owned())].into(),
+            ..KafkaConfig::default()
+        };
+        let producer = KafkaProducer::new(&kafka).expect("producer");
+        let mut sink = KafkaSink::new(&producer, "out", BTreeMap::new(), 1 << 20);
+        let output = Output {
+            destination: None,
+            key: Some(b"k".to_vec()),
+            value: b"v".to_vec(),
+            headers: vec![("h".into(), b"1".to_vec())],
+        };
+        sink.send(vec![output]).await.expect("enqueued");
+        let error = sink.flush().await.expect_err("no broker: delivery fails");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("failed {DELIVERY_ATTEMPTS} times")),
+            "{message}"
+        );
+        assert!(message.contains("`out`"), "{message}");
     }
 }

@@ -18,8 +18,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Claim, StateError, StateStore};
 
-/// id → expiry in ms since the epoch (0: never expires).
-const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
+/// The done marks of one pipeline: a table named `done:<pipeline>`, record id (its bytes:
+/// no UTF-8 check on every comparison) → expiry in ms since the epoch (0: never expires).
+type DoneTable<'a> = TableDefinition<'a, &'static [u8], u64>;
 /// Small counters (the fence).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -28,13 +29,14 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     fence: u64,
     done_ttl: Option<Duration>,
-    namespace: String,
+    /// The name of the pipeline's table of done marks.
+    table: Arc<str>,
     marker: Option<Marker>,
 }
 
-/// Keys to mark done with one expiry, and where to say that they are durable.
+/// Ids to mark done with one expiry, and where to say that they are durable.
 struct Marks {
-    keys: Vec<String>,
+    ids: Vec<String>,
     expiry: u64,
     durable: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
@@ -46,7 +48,7 @@ struct Marker {
 }
 
 impl Marker {
-    fn start(db: Arc<Database>) -> Result<Self, StateError> {
+    fn start(db: Arc<Database>, table: Arc<str>) -> Result<Self, StateError> {
         let (marks, waiting) = mpsc::channel::<Marks>();
         let thread = std::thread::Builder::new()
             .name("weir-state".into())
@@ -54,7 +56,8 @@ impl Marker {
                 while let Ok(first) = waiting.recv() {
                     let mut group = vec![first];
                     group.extend(waiting.try_iter());
-                    let written = write_marks(&db, &group).map_err(|e| e.to_string());
+                    let written =
+                        write_marks(&db, DoneTable::new(&table), &group).map_err(|e| e.to_string());
                     for marks in group {
                         // A caller that gave up waiting needs no answer.
                         let _ = marks.durable.send(written.clone());
@@ -66,14 +69,14 @@ impl Marker {
     }
 }
 
-/// One write transaction for every key of `group`.
-fn write_marks(db: &Database, group: &[Marks]) -> Result<(), redb::Error> {
+/// One write transaction for every id of `group`.
+fn write_marks(db: &Database, done: DoneTable<'_>, group: &[Marks]) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
-        let mut table = txn.open_table(DONE)?;
+        let mut table = txn.open_table(done)?;
         for marks in group {
-            for key in &marks.keys {
-                table.insert(key.as_str(), marks.expiry)?;
+            for id in &marks.ids {
+                table.insert(id.as_bytes(), marks.expiry)?;
             }
         }
     }
@@ -103,7 +106,7 @@ fn now_ms() -> u64 {
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`. Marks are kept per `namespace` (the pipeline
-    /// name); `done_ttl` of `None` keeps them forever.
+    /// name), in a table of its own; `done_ttl` of `None` keeps them forever.
     pub fn open(
         dir: &Path,
         namespace: &str,
@@ -122,12 +125,13 @@ impl EmbeddedStore {
                 file.display()
             ))
         })?;
+        let table: Arc<str> = format!("done:{namespace}").into();
         let txn = db.begin_write().map_err(|e| err("begin")(e.into()))?;
         let fence = {
             let mut meta = txn
                 .open_table(META)
                 .map_err(|e| err("open meta")(e.into()))?;
-            txn.open_table(DONE)
+            txn.open_table(DoneTable::new(&table))
                 .map_err(|e| err("open done")(e.into()))?;
             let fence = meta
                 .get("fence")
@@ -141,34 +145,30 @@ impl EmbeddedStore {
         txn.commit().map_err(|e| err("commit")(e.into()))?;
         let db = Arc::new(db);
         Ok(Self {
-            marker: Some(Marker::start(db.clone())?),
+            marker: Some(Marker::start(db.clone(), table.clone())?),
             db,
             fence,
             done_ttl,
-            namespace: format!("{namespace}\u{1f}"),
+            table,
         })
-    }
-
-    fn key(&self, id: &str) -> String {
-        format!("{}{id}", self.namespace)
     }
 }
 
 #[async_trait]
 impl StateStore for EmbeddedStore {
     async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, StateError> {
-        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
-        let (db, fence) = (self.db.clone(), self.fence);
+        let ids = ids.to_vec();
+        let (db, fence, table) = (self.db.clone(), self.fence, self.table.clone());
         run_blocking(move || {
             let txn = db.begin_read().map_err(|e| err("begin read")(e.into()))?;
             let done = txn
-                .open_table(DONE)
+                .open_table(DoneTable::new(&table))
                 .map_err(|e| err("open done")(e.into()))?;
             let now = now_ms();
-            keys.iter()
-                .map(|key| {
+            ids.iter()
+                .map(|id| {
                     let expiry = done
-                        .get(key.as_str())
+                        .get(id.as_bytes())
                         .map_err(|e| err("read done")(e.into()))?;
                     Ok(match expiry.map(|v| v.value()) {
                         Some(0) => Claim::Done,
@@ -187,7 +187,7 @@ impl StateStore for EmbeddedStore {
             .map_or(0, |ttl| now_ms() + ttl.as_millis() as u64);
         let (durable, written) = tokio::sync::oneshot::channel();
         let marks = Marks {
-            keys: done.iter().map(|(id, _)| self.key(id)).collect(),
+            ids: done.iter().map(|(id, _)| id.clone()).collect(),
             expiry,
             durable,
         };
