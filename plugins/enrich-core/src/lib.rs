@@ -5,8 +5,15 @@
 //! `segment` = `"seg-"` + FNV-1a-32(user_id) mod 10, `cohort` = the ISO-8601 week of `ts`
 //! in UTC as `YYYY-Www`, and `action_valid` = `action` is one of view, click, purchase,
 //! add_to_cart. Anything else is refused with a reason that names the field.
+//!
+//! The object is read as a list of members whose values stay raw JSON text: only `id`,
+//! `user_id`, `ts` and `action` are decoded, and every other member is copied to the output
+//! as it came (no tree of values is built and written out again).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// Earliest and latest `ts` accepted: 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z.
 pub const TS_MIN: i64 = -62_135_596_800;
@@ -14,59 +21,162 @@ pub const TS_MAX: i64 = 253_402_300_799;
 
 const VALID_ACTIONS: [&str; 4] = ["view", "click", "purchase", "add_to_cart"];
 
+/// The members `enrich` adds, replacing input members of the same name.
+const ADDED: [&str; 3] = ["segment", "cohort", "action_valid"];
+
 /// Enriches one JSON value; `Err` is the reason the input is invalid.
 pub fn enrich(input: &[u8]) -> Result<Vec<u8>, String> {
-    let value: Value = serde_json::from_slice(input).map_err(|e| format!("malformed JSON: {e}"))?;
-    let Value::Object(mut object) = value else {
+    let value: &RawValue =
+        serde_json::from_slice(input).map_err(|e| format!("malformed JSON: {e}"))?;
+    if type_name(value) != "an object" {
         return Err(format!(
             "the value must be a JSON object, got {}",
-            type_name(&value)
+            type_name(value)
         ));
+    }
+    let Members(members) =
+        serde_json::from_str(value.get()).map_err(|e| format!("malformed JSON: {e}"))?;
+    let get = |name: &str| {
+        // The last of repeated names counts, as when the object is parsed into a map.
+        members
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
     };
-    non_empty_string(&object, "id")?;
-    let user_id = non_empty_string(&object, "user_id")?.to_owned();
-    let ts = timestamp(&object)?;
-    let action_valid = matches!(object.get("action"), Some(Value::String(a)) if VALID_ACTIONS.contains(&a.as_str()));
-    object.insert(
-        "segment".into(),
-        Value::String(format!("seg-{}", fnv1a32(user_id.as_bytes()) % 10)),
-    );
-    object.insert("cohort".into(), Value::String(iso_week(ts)));
-    object.insert("action_valid".into(), Value::Bool(action_valid));
-    serde_json::to_vec(&object).map_err(|e| format!("cannot encode the output: {e}"))
+    non_empty_string(get("id"), "id")?;
+    let user_id = non_empty_string(get("user_id"), "user_id")?;
+    let ts = timestamp(get("ts"))?;
+    let action_valid = get("action")
+        .and_then(string)
+        .is_some_and(|a| VALID_ACTIONS.contains(&a.as_ref()));
+
+    let mut out = Vec::with_capacity(input.len() + 64);
+    out.push(b'{');
+    for ((name, value), keep) in members.iter().zip(kept(&members)) {
+        if !keep || ADDED.contains(&name.as_ref()) {
+            continue;
+        }
+        serde_json::to_writer(&mut out, name.as_ref()).map_err(|e| e.to_string())?;
+        out.push(b':');
+        out.extend_from_slice(value.get().as_bytes());
+        out.push(b',');
+    }
+    let segment = fnv1a32(user_id.as_bytes()) % 10;
+    out.extend_from_slice(format!("\"segment\":\"seg-{segment}\",").as_bytes());
+    out.extend_from_slice(format!("\"cohort\":\"{}\",", iso_week(ts)).as_bytes());
+    out.extend_from_slice(format!("\"action_valid\":{action_valid}}}").as_bytes());
+    Ok(out)
 }
 
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// An object's members in order, names decoded, values as raw JSON.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(Name(name)) = map.next_key()? {
+                    members.push((name, map.next_value()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        de.deserialize_map(MembersVisitor)
     }
 }
 
-fn non_empty_string<'a>(object: &'a Map<String, Value>, field: &str) -> Result<&'a str, String> {
-    match object.get(field) {
-        None => Err(format!("`{field}` is missing")),
-        Some(Value::String(s)) if s.is_empty() => Err(format!("`{field}` must not be empty")),
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!(
+/// A member name: borrowed from the input unless it had escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(name.to_owned())))
+            }
+        }
+        de.deserialize_str(NameVisitor)
+    }
+}
+
+/// Which members to keep: each name once, with its last value, as a map would hold them.
+fn kept(members: &[(Cow<'_, str>, &RawValue)]) -> Vec<bool> {
+    let mut keep = vec![true; members.len()];
+    if members.len() <= 32 {
+        for (i, (name, _)) in members.iter().enumerate() {
+            keep[i] = !members[i + 1..].iter().any(|(later, _)| later == name);
+        }
+    } else {
+        // Many members: sort rather than compare every pair (stable, so repeats stay in order).
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by(|&a, &b| members[a].0.cmp(&members[b].0));
+        for pair in order.windows(2) {
+            if members[pair[0]].0 == members[pair[1]].0 {
+                keep[pair[0]] = false;
+            }
+        }
+    }
+    keep
+}
+
+/// What kind of JSON value `value` is, for reasons.
+fn type_name(value: &RawValue) -> &'static str {
+    match value.get().as_bytes().first() {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'"') => "a string",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
+    }
+}
+
+/// The text of a JSON string, borrowed when it has no escapes; `None` for other values.
+fn string(value: &RawValue) -> Option<Cow<'_, str>> {
+    let raw = value.get();
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(inner))
+    }
+}
+
+fn non_empty_string<'a>(value: Option<&'a RawValue>, field: &str) -> Result<Cow<'a, str>, String> {
+    let value = value.ok_or_else(|| format!("`{field}` is missing"))?;
+    match string(value) {
+        Some(s) if s.is_empty() => Err(format!("`{field}` must not be empty")),
+        Some(s) => Ok(s),
+        None => Err(format!(
             "`{field}` must be a string, got {}",
-            type_name(other)
+            type_name(value)
         )),
     }
 }
 
-fn timestamp(object: &Map<String, Value>) -> Result<i64, String> {
-    let ts = match object.get("ts") {
-        None => return Err("`ts` is missing".into()),
-        Some(Value::Number(n)) => n,
-        Some(other) => {
+fn timestamp(value: Option<&RawValue>) -> Result<i64, String> {
+    let value = value.ok_or("`ts` is missing")?;
+    let ts = match type_name(value) {
+        "a number" => serde_json::from_str::<serde_json::Number>(value.get())
+            .map_err(|e| format!("`ts` is not a number JSON can hold: {e}"))?,
+        other => {
             return Err(format!(
-                "`ts` must be an integer number of seconds, got {}",
-                type_name(other)
+                "`ts` must be an integer number of seconds, got {other}"
             ));
         }
     };
@@ -130,6 +240,7 @@ pub fn iso_week(ts: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Map, Value};
 
     fn ts(year: i64, month: i64, day: i64) -> i64 {
         days_from_civil(year, month, day) * 86_400
@@ -178,5 +289,35 @@ mod tests {
         assert_eq!(v["cohort"], "2024-W01");
         assert_eq!(v["action_valid"], true);
         assert_eq!(v["metadata"]["k"][0], 1);
+    }
+
+    /// Members pass through as a map parsed from the input holds them: repeated names (the
+    /// last wins), escaped names and values, nested values, replaced members, many members.
+    #[test]
+    fn members_pass_through_as_a_map_holds_them() {
+        let many: String = (0..40).map(|i| format!(r#""m{}":{i},"#, i % 25)).collect();
+        let inputs = [
+            r#"{"id":"a","user_id":"u","ts":1}"#.to_owned(),
+            r#" { "id" : "a" , "user_id":"u\u00e9\n", "ts":1, "id":"b", "x":{"y":[1,2.50,"\n",null]}, "a\"b":1, "segment":"old", "ts":1700000000.0, "action":"vi\u0065w" } "#.to_owned(),
+            format!(r#"{{{many}"id":"a","user_id":"ünï","ts":-1,"action":"click","cohort":[]}}"#),
+        ];
+        for input in &inputs {
+            let bytes = enrich(input.as_bytes()).expect(input);
+            let Members(members) = serde_json::from_slice(&bytes).expect("output is an object");
+            let mut names: Vec<&str> = members.iter().map(|(n, _)| n.as_ref()).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), members.len(), "repeated names: {input}");
+            let out: Value = serde_json::from_slice(&bytes).expect("output is JSON");
+            let mut expected: Map<String, Value> = serde_json::from_str(input).expect("input");
+            let user_id = expected["user_id"].as_str().expect("user_id").to_owned();
+            let ts = expected["ts"].as_f64().expect("ts") as i64;
+            let action_valid = matches!(expected.get("action"), Some(Value::String(a)) if VALID_ACTIONS.contains(&a.as_str()));
+            let segment = format!("seg-{}", fnv1a32(user_id.as_bytes()) % 10);
+            expected.insert("segment".into(), segment.into());
+            expected.insert("cohort".into(), iso_week(ts).into());
+            expected.insert("action_valid".into(), action_valid.into());
+            assert_eq!(out, Value::Object(expected), "{input}");
+        }
     }
 }
