@@ -35,6 +35,10 @@ use weir_tests::kafka_broker::{KafkaBroker, Storage};
 use weir_tests::redis_server::RedisServer;
 use weir_tests::worker::{Cluster, Worker};
 
+/// The passthrough (a child process running this executable) allocates as weir does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
 /// Set in the environment of the passthrough child process (this same executable).
 const PASSTHROUGH: &str = "WEIR_BENCH_PASSTHROUGH";
