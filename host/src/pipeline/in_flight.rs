@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ pub(super) struct Holds {
 
 #[derive(Default)]
 struct HoldsInner {
-    held: Mutex<HashMap<u64, u32>>,
+    held: Mutex<HashMap<u64, u32, BuildHasherDefault<AlreadyHashed>>>,
     hasher: RandomState,
     released: Notify,
 }
@@ -81,6 +81,27 @@ impl Holds {
             holds: self.clone(),
             keys,
         }
+    }
+}
+
+/// The hasher of a map whose keys are hashes already: it keeps them as they are.
+#[derive(Default)]
+struct AlreadyHashed(u64);
+
+impl Hasher for AlreadyHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // The holds only put `u64`s in (`write_u64`); this is here to be a whole `Hasher`.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
     }
 }
 

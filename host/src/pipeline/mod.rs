@@ -441,7 +441,7 @@ impl Shared {
     ) -> Result<Completion, PipelineError> {
         let Transformed { claimed, verdicts } = batch;
         let Claimed {
-            ids,
+            mut ids,
             hold,
             ack,
             work,
@@ -456,7 +456,6 @@ impl Shared {
         let mut processed = 0u64;
         for ((record, verdict), &(i, fence)) in work.into_iter().zip(verdicts).zip(&to_run) {
             let id = &ids[i];
-            finished.push((id.clone(), fence));
             finished_at.push(i);
             let verdict = match verdict {
                 Verdict::Outputs(outs) => match outs.iter().find_map(|o| sink.check(o).err()) {
@@ -490,6 +489,8 @@ impl Shared {
                 }
                 Verdict::Failed(failed) => letters.push(self.dead_letter(record, id, failed)),
             }
+            // The id is not needed here any more: it moves on to its done mark.
+            finished.push((std::mem::take(&mut ids[i]), fence));
         }
 
         // Durable downstream first, then done marks, then the source.

@@ -284,7 +284,8 @@ impl KafkaSource {
             headers,
             timestamp_ms: message.timestamp().to_millis(),
             source: SourceMeta {
-                stream: message.topic().to_owned(),
+                // The one topic subscribed to (cheaper than reading the message's C string).
+                stream: self.topic.clone(),
                 partition,
                 offset,
                 attempt: 1,
