@@ -12,8 +12,8 @@
 //! one process at a time, and is timed from its first consumed record to its last record
 //! done (weir: `weir_records_processed_total` = N, read every 20 ms; passthrough: its last
 //! delivery). CPU is the process's user + system time over the same span, from
-//! `/proc/<pid>/stat`. Prints records/s, CPU-seconds per million records and the ratios
-//! b/a and c/a.
+//! `/proc/<pid>/stat`, for the worker, the broker and Redis alike. Prints records/s,
+//! CPU-seconds per million records and the ratios b/a and c/a.
 //!
 //! ```sh
 //! bash scripts/build-plugins.sh && bash scripts/tools.sh   # plugins, tansu
@@ -86,9 +86,13 @@ fn main() -> anyhow::Result<()> {
         output: format!("bench-out-{name}"),
         dlq: "bench-dlq".into(),
     };
-    let a = run_passthrough(&broker, &cluster("a", None), n)?;
+    let services = Services {
+        broker: broker.pid(),
+        redis: redis.is_local().then(|| redis.pid()),
+    };
+    let a = run_passthrough(&services, &cluster("a", None), n)?;
     let b = run_weir(
-        &broker,
+        &services,
         &cluster("b", None),
         dir.path(),
         "faulty",
@@ -96,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         n,
     )?;
     let c = run_weir(
-        &broker,
+        &services,
         &cluster("c", Some(&redis.url)),
         dir.path(),
         "enrich",
@@ -105,18 +109,21 @@ fn main() -> anyhow::Result<()> {
     )?;
 
     println!("\nKafka → Kafka, {n} records, {PARTITIONS} partitions, one worker process:\n");
-    println!("| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | ratio to (a) |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | Redis CPU-s per 1M | ratio to (a) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for (name, run) in [
         ("(a) rdkafka passthrough", &a),
         ("(b) weir, identity, no Redis", &b),
         ("(c) weir, enrich + Redis", &c),
     ] {
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             run.rate(n),
-            run.cpu_per_million(n),
-            run.broker_cpu * 1e6 / n as f64,
+            run.cpu[0] * 1e6 / n as f64,
+            run.cpu[1] * 1e6 / n as f64,
+            run.cpu[2] * 1e6 / n as f64,
             run.rate(n) / a.rate(n)
         );
     }
@@ -128,20 +135,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One measured run: wall time and CPU-seconds from first record to last.
+/// One measured run: wall time and CPU-seconds (worker, broker, Redis) from first record
+/// to last.
 struct Measured {
     seconds: f64,
-    cpu: f64,
-    broker_cpu: f64,
+    cpu: [f64; 3],
 }
 
 impl Measured {
     fn rate(&self, n: usize) -> f64 {
         n as f64 / self.seconds
-    }
-
-    fn cpu_per_million(&self, n: usize) -> f64 {
-        self.cpu * 1e6 / n as f64
     }
 }
 
@@ -158,17 +161,30 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / USER_HZ)
 }
 
-/// CPU of the worker and of the broker at one instant.
-fn cpu_now(worker: u32, broker: &KafkaBroker) -> anyhow::Result<(f64, f64)> {
-    let broker = broker.pid().map(cpu_seconds).transpose()?.unwrap_or(0.0);
-    Ok((cpu_seconds(worker)?, broker))
+/// The local broker's and Redis's processes (none when they are external).
+struct Services {
+    broker: Option<u32>,
+    redis: Option<u32>,
 }
 
-fn measured(start: (Instant, (f64, f64)), end: (Instant, (f64, f64))) -> Measured {
+/// CPU-seconds of the worker, the broker and Redis at one instant.
+fn cpu_now(worker: u32, services: &Services) -> anyhow::Result<[f64; 3]> {
+    let of = |pid: Option<u32>| {
+        pid.map(cpu_seconds)
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    Ok([
+        cpu_seconds(worker)?,
+        of(services.broker)?,
+        of(services.redis)?,
+    ])
+}
+
+fn measured(start: (Instant, [f64; 3]), end: (Instant, [f64; 3])) -> Measured {
     Measured {
         seconds: (end.0 - start.0).as_secs_f64(),
-        cpu: end.1.0 - start.1.0,
-        broker_cpu: end.1.1 - start.1.1,
+        cpu: std::array::from_fn(|i| end.1[i] - start.1[i]),
     }
 }
 
@@ -209,7 +225,7 @@ async fn produce(bootstrap: &str, n: usize) -> anyhow::Result<()> {
 
 /// Runs a weir worker until it has processed `n` records.
 fn run_weir(
-    broker: &KafkaBroker,
+    services: &Services,
     cluster: &Cluster,
     dir: &Path,
     plugin: &str,
@@ -225,10 +241,10 @@ fn run_weir(
     let pid = worker.pid();
     let poll = Duration::from_millis(20);
     let deadline = Instant::now() + Duration::from_secs(1800);
-    let wait_for = |metric: &str, at_least: f64| -> anyhow::Result<(Instant, (f64, f64))> {
+    let wait_for = |metric: &str, at_least: f64| -> anyhow::Result<(Instant, [f64; 3])> {
         loop {
             if worker.metric(metric).is_some_and(|v| v >= at_least) {
-                return Ok((Instant::now(), cpu_now(pid, broker)?));
+                return Ok((Instant::now(), cpu_now(pid, services)?));
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -259,7 +275,7 @@ fn run_weir(
 
 /// Runs the passthrough (this executable again) until it has forwarded `n` records. It
 /// prints `first` when it receives its first record and `done` after its last delivery.
-fn run_passthrough(broker: &KafkaBroker, cluster: &Cluster, n: usize) -> anyhow::Result<Measured> {
+fn run_passthrough(services: &Services, cluster: &Cluster, n: usize) -> anyhow::Result<Measured> {
     let args = format!(
         "{} {} {} {} {n}",
         cluster.bootstrap, cluster.group, cluster.input, cluster.output
@@ -273,7 +289,7 @@ fn run_passthrough(broker: &KafkaBroker, cluster: &Cluster, n: usize) -> anyhow:
     let mut first = None;
     let mut last = None;
     for line in std::io::BufReader::new(stdout).lines() {
-        let at = (Instant::now(), cpu_now(pid, broker)?);
+        let at = (Instant::now(), cpu_now(pid, services)?);
         match line?.as_str() {
             "first" => first = Some(at),
             "done" => last = Some(at),
