@@ -432,6 +432,7 @@ async fn start_metrics_server(
             AppState {
                 metrics: metrics.clone(),
                 ready: ready.clone(),
+                control: None,
             },
         )
         .await

@@ -10,7 +10,8 @@
 //! - [`metrics`]: every metric, and the run summary read from them.
 //! - [`cluster`]: worker heartbeats in Redis and `weir cluster status`.
 //! - [`dlq_topic`]: `weir dlq list|replay` for a DLQ topic.
-//! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! - [`registry`]: uploaded plugin versions (content-addressed) and the audit log.
+//! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`, the `/v1` plugin API).
 //! - [`plugin_test`]: `weir test`, trying a plugin on a sample file.
 //! - [`cli`]: the `weir` command line.
 
@@ -25,6 +26,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin_test;
+pub mod registry;
 pub mod runtime;
 pub mod sink;
 pub mod source;

@@ -1,16 +1,21 @@
-//! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
-//! [`router`] builds it from shared state, so tests drive it in-process with `oneshot`;
-//! the plugin-management API will join it under `/v1`.
+//! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
+//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry. [`router`]
+//! builds it from shared state, so tests drive it in-process with `oneshot`.
+
+mod plugins;
+
+pub use plugins::{ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
+use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::metrics::Metrics;
 
@@ -20,10 +25,31 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// True once the plugin is loaded and the pipeline runs.
     pub ready: Arc<AtomicBool>,
+    /// The plugin registry and who may change it; `None`: no `/v1` plugin routes.
+    pub control: Option<Arc<Control>>,
 }
 
 pub fn router(state: AppState) -> Router {
+    let max_upload = state
+        .control
+        .as_ref()
+        .map_or(DEFAULT_MAX_UPLOAD_BYTES, |c| c.max_upload_bytes);
+    let v1 = Router::new()
+        .route("/plugins", get(plugins::list))
+        .route("/plugins/{name}", post(plugins::upload).get(plugins::show))
+        .route(
+            "/plugins/{name}/versions/{version}",
+            get(plugins::version).delete(plugins::delete),
+        )
+        .route(
+            "/plugins/{name}/versions/{version}/wasm",
+            get(plugins::download),
+        )
+        // One limit for uploads, tower-http's (413), instead of axum's 2 MiB default.
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(max_upload));
     Router::new()
+        .nest("/v1", v1)
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -74,6 +100,7 @@ mod tests {
         AppState {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(ready)),
+            control: None,
         }
     }
 

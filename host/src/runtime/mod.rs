@@ -26,7 +26,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use bindings::{Level, Output, Record, SourceMeta, TransformError, WIT_VERSION};
-pub use plugin::{Failure, LoadError, Outcome, Plugin, PluginMeta, World};
+pub use plugin::{Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
 
 use crate::config::LimitsConfig;
 

@@ -30,7 +30,7 @@ type BatchResults = Vec<Result<Vec<Output>, TransformError>>;
 type RecordResult = Result<Vec<Output>, TransformError>;
 
 /// Which world a component implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum World {
     Batch,
@@ -156,21 +156,11 @@ impl Plugin {
         version: u64,
         config: Vec<(String, String)>,
     ) -> Result<Self, LoadError> {
-        check_header(bytes)?;
-        let digest = hex::encode(Sha256::digest(bytes));
-        let component = runtime
-            .compile(bytes, &digest)
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        check_imports(runtime, &component)?;
-        let entry = find_entry(runtime, &component)?;
-        let pre = runtime
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        let (inspection, entry, pre) = validate(runtime, bytes)?;
         let meta = Arc::new(PluginMeta {
             name: name.to_owned(),
             version,
-            digest: format!("sha256:{digest}"),
+            digest: inspection.digest,
             world: entry.world,
             size_bytes: bytes.len(),
         });
@@ -187,6 +177,13 @@ impl Plugin {
         let warm = plugin.instantiate()?;
         plugin.check_in(warm);
         Ok(plugin)
+    }
+
+    /// Validates and compiles component bytes without running them (the checks of an
+    /// upload): a component, of a supported world and WIT version, importing only what the
+    /// host provides, that links.
+    pub fn inspect(runtime: &Runtime, bytes: &[u8]) -> Result<Inspection, LoadError> {
+        validate(runtime, bytes).map(|(inspection, _, _)| inspection)
     }
 
     pub fn meta(&self) -> &PluginMeta {
@@ -526,6 +523,54 @@ fn truncate(mut s: String, max: usize) -> String {
         s.truncate(end);
     }
     s
+}
+
+/// What a component is, found by [`Plugin::inspect`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Inspection {
+    /// `sha256:<hex>` of the component bytes.
+    pub digest: String,
+    pub world: World,
+    pub size_bytes: usize,
+    /// The WIT version of the contract it was built against (the one this host supports).
+    pub wit_version: &'static str,
+    /// Names of the component's exports and imports.
+    pub exports: Vec<String>,
+    pub imports: Vec<String>,
+}
+
+/// The checks every component passes before it runs, and what they found.
+fn validate(
+    runtime: &Runtime,
+    bytes: &[u8],
+) -> Result<(Inspection, Entry, InstancePre<StoreState>), LoadError> {
+    check_header(bytes)?;
+    let digest = hex::encode(Sha256::digest(bytes));
+    let component = runtime
+        .compile(bytes, &digest)
+        .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+    check_imports(runtime, &component)?;
+    let entry = find_entry(runtime, &component)?;
+    let pre = runtime
+        .linker
+        .instantiate_pre(&component)
+        .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+    let ty = component.component_type();
+    let inspection = Inspection {
+        digest: format!("sha256:{digest}"),
+        world: entry.world,
+        size_bytes: bytes.len(),
+        wit_version: WIT_VERSION,
+        exports: ty
+            .exports(&runtime.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect(),
+        imports: ty
+            .imports(&runtime.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect(),
+    };
+    Ok((inspection, entry, pre))
 }
 
 fn check_header(bytes: &[u8]) -> Result<(), LoadError> {

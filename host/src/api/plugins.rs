@@ -1,0 +1,267 @@
+//! The `/v1` plugin routes: upload (validated, content-addressed), list, show, download
+//! and delete versions. Mutating routes need the admin bearer token and are closed while
+//! none is configured; every upload and deletion, refused ones too, goes to the audit log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
+use crate::runtime::{LoadError, Plugin, Runtime};
+
+/// Uploads larger than this are refused with 413 unless configured otherwise (Python
+/// components are tens of MiB).
+pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
+/// How long validating (compiling) an upload may take before it is refused.
+pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the admin token can come from, besides the config file.
+pub const ADMIN_TOKEN_ENV: &str = "WEIR_ADMIN_TOKEN";
+
+/// What the plugin routes need.
+pub struct Control {
+    pub registry: Registry,
+    pub runtime: Arc<Runtime>,
+    /// The bearer token of mutating routes; `None` closes them.
+    pub admin_token: Option<String>,
+    /// Whether reading routes answer without the token.
+    pub open_reads: bool,
+    pub compile_timeout: Duration,
+    /// Larger upload bodies are refused with 413.
+    pub max_upload_bytes: usize,
+}
+
+/// A refusal, answered as `{"error": "..."}` with its status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match e {
+            RegistryError::BadName(_) => StatusCode::BAD_REQUEST,
+            RegistryError::NoPlugin(_) | RegistryError::NoVersion(..) => StatusCode::NOT_FOUND,
+            RegistryError::Active(..) => StatusCode::CONFLICT,
+            RegistryError::Io(_) | RegistryError::Corrupt(..) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+/// 400 for bytes that are not a component at all, 422 for a component this host cannot run.
+fn refused_upload(e: &LoadError) -> ApiError {
+    let status = match e {
+        LoadError::NotWasm | LoadError::CoreModule => StatusCode::BAD_REQUEST,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    ApiError(status, format!("the upload {e}"))
+}
+
+impl Control {
+    fn check_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let unauthorized = |why: String| ApiError(StatusCode::UNAUTHORIZED, why);
+        let Some(expected) = &self.admin_token else {
+            return Err(unauthorized(format!(
+                "this route is closed: no admin token is configured (set `api.admin_token` in the \
+                 config or the {ADMIN_TOKEN_ENV} environment variable)"
+            )));
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("send `Authorization: Bearer <admin token>`".into()))?;
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(unauthorized(
+                "the bearer token is not the admin token".into(),
+            ))
+        }
+    }
+
+    fn check_read(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.open_reads {
+            Ok(())
+        } else {
+            self.check_token(headers)
+        }
+    }
+
+    /// Writes an audit line; a failure to write it fails the request.
+    fn audit(&self, entry: AuditEntry) -> Result<(), ApiError> {
+        self.registry.audit(&entry).map_err(ApiError::from)
+    }
+}
+
+/// Compares without stopping at the first difference (the length is not secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn control(state: &AppState) -> Result<&Control, ApiError> {
+    state.control.as_deref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this server has no plugin registry (start the worker with --api)".into(),
+        )
+    })
+}
+
+/// `POST /v1/plugins/{name}`: the body is the component; 201 with the new version, or 200
+/// with the existing one when these bytes were uploaded under this name before.
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<VersionInfo>), ApiError> {
+    let control = control(&state)?;
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+    let mut entry = AuditEntry::new("admin", "upload", &name);
+    entry.digest = Some(digest);
+    let refuse = |mut entry: AuditEntry, error: ApiError| {
+        entry.decision = format!("refused: {}", error.1);
+        control.audit(entry)?;
+        Err(error)
+    };
+    if let Err(e) = control.check_token(&headers) {
+        entry.who = "anonymous".into();
+        return refuse(entry, e);
+    }
+    if let Err(e) = registry::check_name(&name) {
+        return refuse(entry, e.into());
+    }
+    let runtime = control.runtime.clone();
+    let bytes = body.clone();
+    let inspecting = tokio::task::spawn_blocking(move || Plugin::inspect(&runtime, &bytes));
+    let inspection = match tokio::time::timeout(control.compile_timeout, inspecting).await {
+        Ok(Ok(Ok(inspection))) => inspection,
+        Ok(Ok(Err(e))) => return refuse(entry, refused_upload(&e)),
+        Ok(Err(e)) => {
+            let error = ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("validation failed: {e}"),
+            );
+            return refuse(entry, error);
+        }
+        Err(_) => {
+            let error = ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the upload did not compile within {} s",
+                    control.compile_timeout.as_secs()
+                ),
+            );
+            return refuse(entry, error);
+        }
+    };
+    let (info, created) = control
+        .registry
+        .upload(&name, &body, inspection, "admin")
+        .await?;
+    entry.version = Some(info.version);
+    if !created {
+        entry.decision = "accepted: already stored".into();
+    }
+    control.audit(entry)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(info)))
+}
+
+/// `GET /v1/plugins`.
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<PluginInfo>>, ApiError> {
+    let control = control(&state)?;
+    control.check_read(&headers)?;
+    Ok(Json(control.registry.plugins()?))
+}
+
+/// `GET /v1/plugins/{name}`.
+pub async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<PluginInfo>, ApiError> {
+    let control = control(&state)?;
+    control.check_read(&headers)?;
+    let plugin = control
+        .registry
+        .plugin(&name)?
+        .ok_or(RegistryError::NoPlugin(name))?;
+    Ok(Json(plugin))
+}
+
+/// `GET /v1/plugins/{name}/versions/{version}`.
+pub async fn version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, u64)>,
+    headers: HeaderMap,
+) -> Result<Json<VersionInfo>, ApiError> {
+    let control = control(&state)?;
+    control.check_read(&headers)?;
+    Ok(Json(control.registry.version(&name, version)?))
+}
+
+/// `GET /v1/plugins/{name}/versions/{version}/wasm`: the component bytes.
+pub async fn download(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, u64)>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let control = control(&state)?;
+    control.check_read(&headers)?;
+    let bytes = control.registry.wasm(&name, version)?;
+    Ok(([(header::CONTENT_TYPE, "application/wasm")], bytes))
+}
+
+/// `DELETE /v1/plugins/{name}/versions/{version}`: only a version that is not active.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, u64)>,
+    headers: HeaderMap,
+) -> Result<Json<VersionInfo>, ApiError> {
+    let control = control(&state)?;
+    let mut entry = AuditEntry::new("admin", "delete", &name);
+    entry.version = Some(version);
+    let outcome = match control.check_token(&headers) {
+        Err(e) => {
+            entry.who = "anonymous".into();
+            Err(e)
+        }
+        Ok(()) => control
+            .registry
+            .delete(&name, version)
+            .await
+            .map_err(ApiError::from),
+    };
+    match outcome {
+        Ok(removed) => {
+            entry.digest = Some(removed.digest.clone());
+            control.audit(entry)?;
+            Ok(Json(removed))
+        }
+        Err(error) => {
+            entry.decision = format!("refused: {}", error.1);
+            control.audit(entry)?;
+            Err(error)
+        }
+    }
+}

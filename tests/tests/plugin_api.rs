@@ -1,0 +1,352 @@
+//! The `/v1` plugin API in-process (`router` + `oneshot`) over a registry in a temporary
+//! directory and real plugin components: auth (closed by default), upload validation
+//! (400, 413, 422), content addressing, reads, deletion and the audit log.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use serde_json::Value;
+use tower::ServiceExt;
+use weir::api::{self, AppState, Control};
+use weir::config::LimitsConfig;
+use weir::metrics::Metrics;
+use weir::registry::Registry;
+use weir::runtime::Runtime;
+
+const TOKEN: &str = "s3cret-token";
+
+struct Api {
+    state: AppState,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    fn new(token: Option<&str>, open_reads: bool, max_upload_bytes: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control {
+            registry: Registry::open(dir.path()).expect("registry"),
+            runtime: Arc::new(Runtime::new(&LimitsConfig::default()).expect("runtime")),
+            admin_token: token.map(str::to_owned),
+            open_reads,
+            compile_timeout: api::DEFAULT_COMPILE_TIMEOUT,
+            max_upload_bytes,
+        };
+        let state = AppState {
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(true)),
+            control: Some(Arc::new(control)),
+        };
+        Self { state, _dir: dir }
+    }
+
+    fn control(&self) -> &Control {
+        self.state.control.as_deref().expect("control")
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let response = api::router(self.state.clone())
+            .oneshot(request.body(Body::from(body)).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, bytes.to_vec())
+    }
+
+    /// Status and JSON body.
+    async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let (status, bytes) = self.call(method, path, token, body).await;
+        let json = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: {status}, not JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        (status, json)
+    }
+}
+
+fn component(name: &str) -> Vec<u8> {
+    std::fs::read(weir_tests::plugin(name)).expect("plugin built by scripts/build-plugins.sh")
+}
+
+fn error(body: &Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {body}"))
+}
+
+#[tokio::test]
+async fn mutating_routes_are_closed_without_a_configured_token() {
+    let api = Api::new(None, true, api::DEFAULT_MAX_UPLOAD_BYTES);
+    let (status, body) = api
+        .json(
+            "POST",
+            "/v1/plugins/enrich",
+            Some("anything"),
+            component("enrich"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(error(&body).contains(api::ADMIN_TOKEN_ENV), "{body}");
+    let (status, body) = api
+        .json("DELETE", "/v1/plugins/enrich/versions/1", None, vec![])
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    // Nothing was stored; both refusals are in the audit log.
+    assert_eq!(
+        api.json("GET", "/v1/plugins", None, vec![]).await.1,
+        serde_json::json!([])
+    );
+    let audit = api.control().registry.audit_log().expect("audit");
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert!(
+        audit
+            .iter()
+            .all(|e| e.decision.starts_with("refused") && e.who == "anonymous"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn uploads_are_authorised_validated_and_content_addressed() {
+    let api = Api::new(Some(TOKEN), true, api::DEFAULT_MAX_UPLOAD_BYTES);
+    let enrich = component("enrich");
+
+    let (status, body) = api
+        .json("POST", "/v1/plugins/enrich", None, enrich.clone())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = api
+        .json("POST", "/v1/plugins/enrich", Some("wrong"), enrich.clone())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    let (status, v1) = api
+        .json("POST", "/v1/plugins/enrich", Some(TOKEN), enrich.clone())
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v1}");
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["world"], "batch");
+    assert_eq!(v1["wit_version"], "0.1.0");
+    assert_eq!(v1["size_bytes"], enrich.len());
+    let digest = v1["digest"].as_str().expect("digest");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 7 + 64,
+        "{digest}"
+    );
+    assert!(
+        v1["exports"]
+            .as_array()
+            .expect("exports")
+            .iter()
+            .any(|e| e == "weir:transform/batch-transform@0.1.0"),
+        "{v1}"
+    );
+
+    // The same bytes again: the same version, nothing new.
+    let (status, again) = api
+        .json("POST", "/v1/plugins/enrich", Some(TOKEN), enrich.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["version"], 1);
+    // Other bytes under the same name: the next version.
+    let (status, v2) = api
+        .json(
+            "POST",
+            "/v1/plugins/enrich",
+            Some(TOKEN),
+            component("filter"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v2}");
+    assert_eq!(v2["version"], 2);
+
+    // Not wasm, a core module, a component without the contract, a bad name.
+    let (status, body) = api
+        .json("POST", "/v1/plugins/bad", Some(TOKEN), b"hello".to_vec())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error(&body).contains("not a WebAssembly file"), "{body}");
+    let core = wat::parse_str("(module)").expect("wat");
+    let (status, body) = api.json("POST", "/v1/plugins/bad", Some(TOKEN), core).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error(&body).contains("core WebAssembly module"), "{body}");
+    let empty = wat::parse_str("(component)").expect("wat");
+    let (status, body) = api
+        .json("POST", "/v1/plugins/bad", Some(TOKEN), empty)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(error(&body).contains("weir:transform@0.1.0"), "{body}");
+    let (status, body) = api
+        .json(
+            "POST",
+            "/v1/plugins/Bad%20Name",
+            Some(TOKEN),
+            enrich.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error(&body).contains("not a plugin name"), "{body}");
+
+    // The audit log has every decision, in order.
+    let audit = api.control().registry.audit_log().expect("audit");
+    let decisions: Vec<(&str, Option<u64>, bool)> = audit
+        .iter()
+        .map(|e| {
+            (
+                e.who.as_str(),
+                e.version,
+                e.decision.starts_with("accepted"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("anonymous", None, false),
+            ("anonymous", None, false),
+            ("admin", Some(1), true),
+            ("admin", Some(1), true),
+            ("admin", Some(2), true),
+            ("admin", None, false),
+            ("admin", None, false),
+            ("admin", None, false),
+            ("admin", None, false),
+        ]
+    );
+    assert_eq!(audit[2].digest.as_deref(), Some(digest));
+}
+
+#[tokio::test]
+async fn uploads_over_the_size_cap_get_413() {
+    let api = Api::new(Some(TOKEN), true, 1024);
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/plugins/enrich",
+            Some(TOKEN),
+            component("enrich"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        api.json("GET", "/v1/plugins", None, vec![]).await.1,
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn versions_are_listed_downloaded_and_deleted() {
+    let api = Api::new(Some(TOKEN), false, api::DEFAULT_MAX_UPLOAD_BYTES);
+    let enrich = component("enrich");
+    let filter = component("filter");
+    assert_eq!(
+        api.json("POST", "/v1/plugins/p", Some(TOKEN), enrich.clone())
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.json("POST", "/v1/plugins/p", Some(TOKEN), filter.clone())
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.json("POST", "/v1/plugins/q", Some(TOKEN), enrich.clone())
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+
+    // Reads need the token here (open_reads = false).
+    assert_eq!(
+        api.call("GET", "/v1/plugins", None, vec![]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, list) = api.json("GET", "/v1/plugins", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|p| p["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["p", "q"]);
+    let (_, p) = api.json("GET", "/v1/plugins/p", Some(TOKEN), vec![]).await;
+    assert_eq!(p["versions"].as_array().expect("versions").len(), 2);
+    assert_eq!(p["active"], Value::Null);
+    let (status, v2) = api
+        .json("GET", "/v1/plugins/p/versions/2", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v2["size_bytes"], filter.len());
+    let (status, bytes) = api
+        .call("GET", "/v1/plugins/p/versions/2/wasm", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(bytes, filter);
+    let (status, body) = api
+        .json("GET", "/v1/plugins/p/versions/9", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = api
+        .json("GET", "/v1/plugins/nope", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // Deleting p's version 1 keeps the bytes q still uses; q's copy downloads.
+    let (status, removed) = api
+        .json("DELETE", "/v1/plugins/p/versions/1", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{removed}");
+    assert_eq!(
+        api.call("GET", "/v1/plugins/p/versions/1", Some(TOKEN), vec![])
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.call("GET", "/v1/plugins/q/versions/1/wasm", Some(TOKEN), vec![])
+            .await
+            .1,
+        enrich
+    );
+    // Deleting the newest version does not free its number for the next upload.
+    let (status, _) = api
+        .json("DELETE", "/v1/plugins/p/versions/2", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, v3) = api
+        .json("POST", "/v1/plugins/p", Some(TOKEN), enrich.clone())
+        .await;
+    assert_eq!(v3["version"], 3);
+    let audit = api.control().registry.audit_log().expect("audit");
+    let deletions: Vec<_> = audit
+        .iter()
+        .filter(|e| e.action == "delete")
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(deletions, [Some(1), Some(2)]);
+}
