@@ -129,6 +129,10 @@ struct RunArgs {
     /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9090).
     #[arg(long)]
     metrics: Option<String>,
+    /// Serve the plugin API (/v1) with /metrics, /healthz and /readyz on this address
+    /// (loopback only unless the config allows more, e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    api: Option<String>,
     /// Records per plugin call [default: 128].
     #[arg(long)]
     batch_size: Option<usize>,
@@ -342,6 +346,7 @@ impl RunArgs {
         set!(self.state => c.state.path);
         set!(self.id => c.pipeline.id);
         set!(self.metrics => c.metrics.addr);
+        set!(self.api => c.api.addr);
         set!(self.batch_size => c.pipeline.batch_size);
         set!(self.input_format => c.source.format);
         set!(self.output_format => c.sink.format);
@@ -417,29 +422,72 @@ fn load_plugin(
         .with_context(|| format!("plugin {}", path.display()))
 }
 
-/// Serves metrics when an address is configured; returns the flag `/readyz` reads.
-async fn start_metrics_server(
-    addr: Option<&str>,
+/// Serves metrics, and the plugin API, where addresses are configured; returns the flag
+/// `/readyz` reads.
+async fn start_http_servers(
+    config: &Config,
     metrics: &Arc<Metrics>,
+    runtime: &Arc<Runtime>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some(addr) = addr {
-        let addr: SocketAddr = addr
-            .parse()
-            .with_context(|| format!("--metrics `{addr}`"))?;
-        let bound = api::serve(
-            addr,
-            AppState {
-                metrics: metrics.clone(),
-                ready: ready.clone(),
-                control: None,
-            },
-        )
-        .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    let state = |control| AppState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        control,
+    };
+    if let Some(addr) = &config.metrics.addr {
+        let bound = serve_http(addr, state(None)).await?;
         eprintln!("weir: serving /metrics, /healthz, /readyz on http://{bound}");
     }
+    if let Some(addr) = &config.api.addr {
+        let control = api_control(config, runtime.clone())?;
+        let bound = serve_http(addr, state(Some(Arc::new(control)))).await?;
+        eprintln!(
+            "weir: serving the plugin API on http://{bound}/v1 (and /metrics, /healthz, /readyz)"
+        );
+    }
     Ok(ready)
+}
+
+async fn serve_http(addr: &str, state: AppState) -> anyhow::Result<SocketAddr> {
+    let parsed: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("`{addr}` is not a socket address"))?;
+    api::serve(parsed, state)
+        .await
+        .with_context(|| format!("cannot serve on {addr}"))
+}
+
+/// The plugin API's registry, token and limits from the config.
+fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Control> {
+    let dir = config
+        .api
+        .registry_path
+        .clone()
+        .unwrap_or_else(|| config.state.path.join("registry"));
+    let registry = crate::registry::Registry::open(&dir)
+        .with_context(|| format!("plugin registry in {}", dir.display()))?;
+    let admin_token = config
+        .api
+        .admin_token
+        .clone()
+        .or_else(|| std::env::var(api::ADMIN_TOKEN_ENV).ok())
+        .filter(|t| !t.is_empty());
+    if admin_token.is_none() {
+        eprintln!(
+            "weir: no admin token (api.admin_token or {}): the API's mutating routes answer 401",
+            api::ADMIN_TOKEN_ENV
+        );
+    }
+    Ok(api::Control {
+        registry,
+        runtime,
+        admin_token,
+        open_reads: config.api.open_reads,
+        compile_timeout: Duration::from_secs(config.api.compile_timeout_secs),
+        max_upload_bytes: usize::try_from(config.api.max_upload_mb.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX),
+    })
 }
 
 async fn shutdown_signal() {
@@ -634,11 +682,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_plugin_name(&plugin_path));
 
-    let runtime = Runtime::new(&config.limits)?;
+    let runtime = Arc::new(Runtime::new(&config.limits)?);
     let plugin_config = config.plugin.config.clone().into_iter().collect();
     let plugin = Arc::new(load_plugin(&runtime, &plugin_path, &name, plugin_config)?);
     let metrics = Arc::new(Metrics::new());
-    let ready = start_metrics_server(config.metrics.addr.as_deref(), &metrics).await?;
+    let ready = start_http_servers(&config, &metrics, &runtime).await?;
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);

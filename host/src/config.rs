@@ -46,6 +46,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
+    pub api: ApiConfig,
     pub kafka: KafkaConfig,
 }
 
@@ -266,6 +267,42 @@ pub struct MetricsConfig {
     pub addr: Option<String>,
 }
 
+/// The plugin API (`/v1`), served together with `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address to serve on (`--api`), e.g. `127.0.0.1:8080`; unset: no API.
+    pub addr: Option<String>,
+    /// Let `addr` be beyond loopback. The API has no TLS: put it behind a proxy that has.
+    pub allow_non_loopback: bool,
+    /// The bearer token of mutating routes (else the `WEIR_ADMIN_TOKEN` environment
+    /// variable); with neither, every mutating route answers 401. Never printed.
+    #[serde(skip_serializing)]
+    pub admin_token: Option<String>,
+    /// Whether reading routes answer without the token.
+    pub open_reads: bool,
+    /// Largest upload in MiB (larger ones get 413).
+    pub max_upload_mb: u64,
+    /// How long validating (compiling) an upload may take, in seconds.
+    pub compile_timeout_secs: u64,
+    /// The registry's directory; default: `registry` under `state.path`.
+    pub registry_path: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            addr: None,
+            allow_non_loopback: false,
+            admin_token: None,
+            open_reads: true,
+            max_upload_mb: 64,
+            compile_timeout_secs: 60,
+            registry_path: None,
+        }
+    }
+}
+
 impl Config {
     /// Reads a TOML file; unknown fields are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -371,6 +408,29 @@ impl Config {
             return Err(invalid(
                 "state.redis_url",
                 format!("`{url}` is not a Redis URL like redis://127.0.0.1:6379"),
+            ));
+        }
+        if let Some(addr) = &self.api.addr {
+            let parsed = addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    "api.addr",
+                    format!("`{addr}` is not a socket address like 127.0.0.1:8080 ({e})"),
+                )
+            })?;
+            if !parsed.ip().is_loopback() && !self.api.allow_non_loopback {
+                return Err(invalid(
+                    "api.addr",
+                    format!(
+                        "`{addr}` is not a loopback address; the API has no TLS, so set \
+                         api.allow_non_loopback = true to serve it beyond this machine"
+                    ),
+                ));
+            }
+        }
+        if self.api.max_upload_mb == 0 || self.api.compile_timeout_secs == 0 {
+            return Err(invalid(
+                "api",
+                "max_upload_mb and compile_timeout_secs must be at least 1",
             ));
         }
         if let Some(addr) = &self.metrics.addr {

@@ -44,6 +44,9 @@ pub struct PluginInfo {
     /// The highest version number ever given, deleted ones included: numbers never repeat.
     #[serde(default)]
     pub last_version: u64,
+    /// Versions active before the current one, oldest first: where rollbacks go.
+    #[serde(default)]
+    pub history: Vec<u64>,
 }
 
 /// One line of the audit log.
@@ -73,6 +76,8 @@ pub enum RegistryError {
     NoVersion(String, u64),
     #[error("version {1} of `{0}` is active; activate another version before deleting it")]
     Active(String, u64),
+    #[error("plugin `{0}` has no earlier active version to roll back to")]
+    NoEarlierVersion(String),
     #[error("registry storage: {0}")]
     Io(#[from] std::io::Error),
     #[error("registry index {0} is not readable: {1}")]
@@ -243,6 +248,39 @@ impl Registry {
             std::fs::remove_file(self.blob_path(&removed.digest))?;
         }
         Ok(removed)
+    }
+
+    /// Makes `version` the active one; the one it replaces becomes the rollback target.
+    pub async fn activate(&self, name: &str, version: u64) -> Result<PluginInfo, RegistryError> {
+        let _writing = self.writing.lock().await;
+        let mut plugin = self
+            .plugin(name)?
+            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        if !plugin.versions.iter().any(|v| v.version == version) {
+            return Err(RegistryError::NoVersion(name.to_owned(), version));
+        }
+        if plugin.active != Some(version) {
+            plugin.history.extend(plugin.active);
+            plugin.active = Some(version);
+            self.write_index(&plugin)?;
+        }
+        Ok(plugin)
+    }
+
+    /// Activates the version that was active before the current one (skipping deleted ones).
+    pub async fn rollback(&self, name: &str) -> Result<PluginInfo, RegistryError> {
+        let _writing = self.writing.lock().await;
+        let mut plugin = self
+            .plugin(name)?
+            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        while let Some(previous) = plugin.history.pop() {
+            if plugin.versions.iter().any(|v| v.version == previous) {
+                plugin.active = Some(previous);
+                self.write_index(&plugin)?;
+                return Ok(plugin);
+            }
+        }
+        Err(RegistryError::NoEarlierVersion(name.to_owned()))
     }
 
     fn write_index(&self, plugin: &PluginInfo) -> Result<(), RegistryError> {

@@ -48,6 +48,30 @@ fn invalid_config_value_names_the_field() {
     with_config(&["--batch-size", "10", "--id", "id"]).fails_with(&["pipeline.id", "JSON pointer"]);
     with_config(&["--batch-size", "10", "--plugin-config", "novalue"])
         .fails_with(&["--plugin-config", "KEY=VALUE"]);
+    with_config(&["--batch-size", "10", "--api", "0.0.0.0:8080"]).fails_with(&[
+        "api.addr",
+        "not a loopback address",
+        "allow_non_loopback",
+    ]);
+}
+
+#[test]
+fn the_admin_token_is_never_printed() {
+    let weir = Weir::new(WEIR);
+    let enrich = plugin("enrich");
+    std::fs::write(
+        weir.path("weir.toml"),
+        format!(
+            "[plugin]\npath = {:?}\n[source]\npath = \"in.jsonl\"\n[sink]\npath = \"out.jsonl\"\n[api]\naddr = \"127.0.0.1:8080\"\nadmin_token = \"hunter2-token\"\n",
+            enrich.to_str().expect("utf-8")
+        ),
+    )
+    .expect("write");
+    let checked = weir.run(["run", "--config", "weir.toml", "--check"]);
+    assert!(checked.output.status.success(), "{}", checked.stderr());
+    let printed = checked.stdout() + &checked.stderr();
+    assert!(printed.contains("[api]"), "{printed}");
+    assert!(!printed.contains("hunter2"), "{printed}");
 }
 
 #[test]

@@ -52,7 +52,11 @@ impl Api {
         token: Option<&str>,
         body: Vec<u8>,
     ) -> (StatusCode, Vec<u8>) {
-        let mut request = Request::builder().method(method).uri(path);
+        // JSON bodies need the content type; component uploads do not mind it.
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json");
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -349,4 +353,97 @@ async fn versions_are_listed_downloaded_and_deleted() {
         .map(|e| e.version)
         .collect();
     assert_eq!(deletions, [Some(1), Some(2)]);
+}
+
+#[tokio::test]
+async fn activation_and_rollback_move_the_active_version() {
+    let api = Api::new(Some(TOKEN), true, api::DEFAULT_MAX_UPLOAD_BYTES);
+    for plugin in ["enrich", "filter", "split"] {
+        let (status, _) = api
+            .json("POST", "/v1/plugins/p", Some(TOKEN), component(plugin))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let activate = |version: u64| {
+        serde_json::to_vec(&serde_json::json!({ "version": version })).expect("json")
+    };
+    let post = |path: &'static str, body: Vec<u8>| api.json("POST", path, Some(TOKEN), body);
+
+    let (status, body) = post("/v1/plugins/p/activate", activate(1)).await;
+    assert_eq!(
+        (status, &body["active"]),
+        (StatusCode::OK, &serde_json::json!(1)),
+        "{body}"
+    );
+    let (status, body) = post("/v1/plugins/p/activate", activate(3)).await;
+    assert_eq!(
+        (status, &body["active"]),
+        (StatusCode::OK, &serde_json::json!(3)),
+        "{body}"
+    );
+    // The active version cannot be deleted.
+    let (status, body) = api
+        .json("DELETE", "/v1/plugins/p/versions/3", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = post("/v1/plugins/p/rollback", vec![]).await;
+    assert_eq!(
+        (status, &body["active"]),
+        (StatusCode::OK, &serde_json::json!(1)),
+        "{body}"
+    );
+    let (status, body) = post("/v1/plugins/p/rollback", vec![]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error(&body).contains("no earlier active version"), "{body}");
+    assert_eq!(
+        api.json("GET", "/v1/plugins/p", None, vec![]).await.1["active"],
+        1
+    );
+
+    // Unknown versions, canaries (not built yet) and missing tokens are refused.
+    let (status, body) = post("/v1/plugins/p/activate", activate(9)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let canary = serde_json::to_vec(&serde_json::json!({ "version": 2, "canary_percent": 10 }))
+        .expect("json");
+    let (status, body) = post("/v1/plugins/p/activate", canary).await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{body}");
+    let unauthenticated = Request::post("/v1/plugins/p/activate")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(activate(2)))
+        .expect("request");
+    let response = api::router(api.state.clone())
+        .oneshot(unauthenticated)
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.json("GET", "/v1/plugins/p", None, vec![]).await.1["active"],
+        1
+    );
+
+    let audit = api.control().registry.audit_log().expect("audit");
+    let changes: Vec<(&str, Option<u64>, bool)> = audit
+        .iter()
+        .filter(|e| e.action != "upload")
+        .map(|e| {
+            (
+                e.action.as_str(),
+                e.version,
+                e.decision.starts_with("accepted"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("activate", Some(1), true),
+            ("activate", Some(3), true),
+            ("delete", Some(3), false),
+            ("rollback", Some(1), true),
+            ("rollback", None, false),
+            ("activate", Some(9), false),
+            ("activate", Some(2), false),
+            ("activate", Some(2), false),
+        ]
+    );
 }

@@ -37,6 +37,8 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/plugins", get(plugins::list))
         .route("/plugins/{name}", post(plugins::upload).get(plugins::show))
+        .route("/plugins/{name}/activate", post(plugins::activate))
+        .route("/plugins/{name}/rollback", post(plugins::rollback))
         .route(
             "/plugins/{name}/versions/{version}",
             get(plugins::version).delete(plugins::delete),

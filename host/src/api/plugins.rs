@@ -1,6 +1,7 @@
-//! The `/v1` plugin routes: upload (validated, content-addressed), list, show, download
-//! and delete versions. Mutating routes need the admin bearer token and are closed while
-//! none is configured; every upload and deletion, refused ones too, goes to the audit log.
+//! The `/v1` plugin routes: upload (validated, content-addressed), list, show, download,
+//! activate, roll back and delete versions. Mutating routes need the admin bearer token and
+//! are closed while none is configured; every change, refused ones too, goes to the audit
+//! log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +53,7 @@ impl From<RegistryError> for ApiError {
         let status = match e {
             RegistryError::BadName(_) => StatusCode::BAD_REQUEST,
             RegistryError::NoPlugin(_) | RegistryError::NoVersion(..) => StatusCode::NOT_FOUND,
-            RegistryError::Active(..) => StatusCode::CONFLICT,
+            RegistryError::Active(..) | RegistryError::NoEarlierVersion(_) => StatusCode::CONFLICT,
             RegistryError::Io(_) | RegistryError::Corrupt(..) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())
@@ -241,27 +242,98 @@ pub async fn delete(
     let control = control(&state)?;
     let mut entry = AuditEntry::new("admin", "delete", &name);
     entry.version = Some(version);
-    let outcome = match control.check_token(&headers) {
-        Err(e) => {
-            entry.who = "anonymous".into();
-            Err(e)
+    let removed = control
+        .audited(entry, &headers, control.registry.delete(&name, version))
+        .await?;
+    Ok(Json(removed))
+}
+
+/// The body of `POST /v1/plugins/{name}/activate`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Activation {
+    pub version: u64,
+    pub canary_percent: Option<f64>,
+}
+
+/// `POST /v1/plugins/{name}/activate` with `{"version": N}`.
+pub async fn activate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(activation): Json<Activation>,
+) -> Result<Json<PluginInfo>, ApiError> {
+    let control = control(&state)?;
+    let mut entry = AuditEntry::new("admin", "activate", &name);
+    entry.version = Some(activation.version);
+    if activation.canary_percent.is_some() {
+        let error = ApiError(
+            StatusCode::NOT_IMPLEMENTED,
+            "canary_percent is not supported yet: activate without it".into(),
+        );
+        entry.decision = format!("refused: {}", error.1);
+        control.audit(entry)?;
+        return Err(error);
+    }
+    let activating = control.registry.activate(&name, activation.version);
+    Ok(Json(control.audited(entry, &headers, activating).await?))
+}
+
+/// `POST /v1/plugins/{name}/rollback`: back to the version active before the current one.
+pub async fn rollback(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<PluginInfo>, ApiError> {
+    let control = control(&state)?;
+    let entry = AuditEntry::new("admin", "rollback", &name);
+    let rolling_back = control.registry.rollback(&name);
+    Ok(Json(control.audited(entry, &headers, rolling_back).await?))
+}
+
+/// What a change reports to the audit log: the version and digest it ended on.
+trait Audited {
+    fn describe(&self, entry: &mut AuditEntry);
+}
+
+impl Audited for VersionInfo {
+    fn describe(&self, entry: &mut AuditEntry) {
+        entry.digest = Some(self.digest.clone());
+    }
+}
+
+impl Audited for PluginInfo {
+    fn describe(&self, entry: &mut AuditEntry) {
+        entry.version = self.active;
+        entry.digest = self
+            .versions
+            .iter()
+            .find(|v| Some(v.version) == self.active)
+            .map(|v| v.digest.clone());
+    }
+}
+
+impl Control {
+    /// Runs `change` if the request carries the admin token, and writes the outcome, either
+    /// way, to the audit log.
+    async fn audited<T: Audited>(
+        &self,
+        mut entry: AuditEntry,
+        headers: &HeaderMap,
+        change: impl Future<Output = Result<T, RegistryError>>,
+    ) -> Result<T, ApiError> {
+        let outcome = match self.check_token(headers) {
+            Err(e) => {
+                entry.who = "anonymous".into();
+                Err(e)
+            }
+            Ok(()) => change.await.map_err(ApiError::from),
+        };
+        match &outcome {
+            Ok(done) => done.describe(&mut entry),
+            Err(error) => entry.decision = format!("refused: {}", error.1),
         }
-        Ok(()) => control
-            .registry
-            .delete(&name, version)
-            .await
-            .map_err(ApiError::from),
-    };
-    match outcome {
-        Ok(removed) => {
-            entry.digest = Some(removed.digest.clone());
-            control.audit(entry)?;
-            Ok(Json(removed))
-        }
-        Err(error) => {
-            entry.decision = format!("refused: {}", error.1);
-            control.audit(entry)?;
-            Err(error)
-        }
+        self.audit(entry)?;
+        outcome
     }
 }
