@@ -20,7 +20,7 @@ use crate::config::{Config, LineFormat, Mode};
 use crate::metrics::{Metrics, Summary};
 use crate::pipeline::dead_letter::DeadLetterLine;
 use crate::pipeline::{Backoff, IdSpec, Pipeline, Settings};
-use crate::runtime::{Plugin, Runtime};
+use crate::runtime::{ActivePlugin, Plugin, Runtime};
 use crate::sink::{
     DeadLetterSink, FileDeadLetters, FileSink, KafkaDeadLetters, KafkaProducer, KafkaSink, Sink,
 };
@@ -129,6 +129,9 @@ struct RunArgs {
     /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9090).
     #[arg(long)]
     metrics: Option<String>,
+    /// Keep reading the input file as it grows (like tail -f), until stopped.
+    #[arg(long)]
+    follow: bool,
     /// Serve the plugin API (/v1) with /metrics, /healthz and /readyz on this address
     /// (loopback only unless the config allows more, e.g. 127.0.0.1:8080).
     #[arg(long)]
@@ -347,6 +350,9 @@ impl RunArgs {
         set!(self.id => c.pipeline.id);
         set!(self.metrics => c.metrics.addr);
         set!(self.api => c.api.addr);
+        if self.follow {
+            c.source.follow = true;
+        }
         set!(self.batch_size => c.pipeline.batch_size);
         set!(self.input_format => c.source.format);
         set!(self.output_format => c.sink.format);
@@ -427,7 +433,7 @@ fn load_plugin(
 async fn start_http_servers(
     config: &Config,
     metrics: &Arc<Metrics>,
-    runtime: &Arc<Runtime>,
+    control: Option<api::Control>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     let ready = Arc::new(AtomicBool::new(false));
     let state = |control| AppState {
@@ -439,8 +445,7 @@ async fn start_http_servers(
         let bound = serve_http(addr, state(None)).await?;
         eprintln!("weir: serving /metrics, /healthz, /readyz on http://{bound}");
     }
-    if let Some(addr) = &config.api.addr {
-        let control = api_control(config, runtime.clone())?;
+    if let (Some(addr), Some(control)) = (&config.api.addr, control) {
         let bound = serve_http(addr, state(Some(Arc::new(control)))).await?;
         eprintln!(
             "weir: serving the plugin API on http://{bound}/v1 (and /metrics, /healthz, /readyz)"
@@ -487,7 +492,47 @@ fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Co
         compile_timeout: Duration::from_secs(config.api.compile_timeout_secs),
         max_upload_bytes: usize::try_from(config.api.max_upload_mb.saturating_mul(1 << 20))
             .unwrap_or(usize::MAX),
+        running: None,
     })
+}
+
+/// The registry's active version of `name`, loaded; when it has none, the `--plugin` file is
+/// uploaded (if new) and activated first.
+async fn active_version(
+    control: &api::Control,
+    path: &Path,
+    name: &str,
+    config: Vec<(String, String)>,
+) -> anyhow::Result<Plugin> {
+    use crate::registry::AuditEntry;
+    let registry = &control.registry;
+    let active = registry.plugin(name)?.and_then(|p| p.active);
+    let version = match active {
+        Some(version) => version,
+        None => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("plugin {}", path.display()))?;
+            let inspection = Plugin::inspect(&control.runtime, &bytes)
+                .with_context(|| format!("plugin {}", path.display()))?;
+            let (info, _) = registry.upload(name, &bytes, inspection, "worker").await?;
+            registry.activate(name, info.version).await?;
+            for action in ["upload", "activate"] {
+                let mut entry = AuditEntry::new("worker", action, name);
+                entry.version = Some(info.version);
+                entry.digest = Some(info.digest.clone());
+                registry.audit(&entry)?;
+            }
+            eprintln!(
+                "weir: registry had no active version of `{name}`: {} is version {}",
+                path.display(),
+                info.version
+            );
+            info.version
+        }
+    };
+    let bytes = registry.wasm(name, version)?;
+    Plugin::load(&control.runtime, &bytes, name, version, config)
+        .with_context(|| format!("plugin `{name}` version {version} from the registry"))
 }
 
 async fn shutdown_signal() {
@@ -578,7 +623,9 @@ fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
         .clone()
         .unwrap_or_else(|| default_dlq_path(&output));
     Ok(Endpoints {
-        source: Box::new(FileSource::open(&input, config.source.format)?),
+        source: Box::new(
+            FileSource::open(&input, config.source.format)?.follow(config.source.follow),
+        ),
         partitions: None,
         sink: Box::new(FileSink::open(
             &output,
@@ -683,10 +730,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_plugin_name(&plugin_path));
 
     let runtime = Arc::new(Runtime::new(&config.limits)?);
-    let plugin_config = config.plugin.config.clone().into_iter().collect();
-    let plugin = Arc::new(load_plugin(&runtime, &plugin_path, &name, plugin_config)?);
+    let plugin_config: Vec<(String, String)> = config.plugin.config.clone().into_iter().collect();
     let metrics = Arc::new(Metrics::new());
-    let ready = start_http_servers(&config, &metrics, &runtime).await?;
+    let mut control = match &config.api.addr {
+        Some(_) => Some(api_control(&config, runtime.clone())?),
+        None => None,
+    };
+    let plugin = match &control {
+        // With the API, the worker runs the registry's active version of its plugin.
+        Some(control) => {
+            active_version(control, &plugin_path, &name, plugin_config.clone()).await?
+        }
+        None => load_plugin(&runtime, &plugin_path, &name, plugin_config.clone())?,
+    };
+    let plugin = Arc::new(ActivePlugin::new(plugin));
+    if let Some(control) = &mut control {
+        control.running = Some(api::Running {
+            name: name.clone(),
+            active: plugin.clone(),
+            config: plugin_config,
+            metrics: metrics.clone(),
+        });
+    }
+    let ready = start_http_servers(&config, &metrics, control).await?;
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -712,23 +778,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dlq_name = endpoints.dlq_name;
     let heartbeat = match (&config.state.redis_url, endpoints.partitions) {
         (Some(url), Some(partitions)) => {
-            let meta = plugin.meta();
             let info = WorkerInfo {
                 id: worker.clone(),
                 host: worker_host(),
                 pipeline: pipeline_name.clone(),
                 topic: config.source.topic.clone().unwrap_or_default(),
                 partitions: Vec::new(),
-                plugin: meta.name.clone(),
-                plugin_version: meta.version,
-                plugin_digest: meta.digest.clone(),
+                plugin: name.clone(),
+                plugin_version: 0,
+                plugin_digest: String::new(),
                 last_seen_ms: 0,
             };
             let url = url.clone();
+            let active = plugin.clone();
             Some(tokio::spawn(async move {
-                let beat = crate::cluster::heartbeat(url, move || WorkerInfo {
-                    partitions: partitions(),
-                    ..info.clone()
+                // Each beat reports the version running then (it changes with hot swaps).
+                let beat = crate::cluster::heartbeat(url, move || {
+                    let running = active.current();
+                    WorkerInfo {
+                        partitions: partitions(),
+                        plugin_version: running.meta().version,
+                        plugin_digest: running.meta().digest.clone(),
+                        ..info.clone()
+                    }
                 });
                 if let Err(e) = beat.await {
                     tracing::warn!("heartbeats stopped: {e}");
@@ -934,12 +1006,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let config = Config::default();
     let runtime = Runtime::new(&config.limits)?;
     let name = default_plugin_name(&plugin);
-    let plugin = Arc::new(load_plugin(
+    let plugin = Arc::new(ActivePlugin::new(load_plugin(
         &runtime,
         &plugin,
         &name,
         key_values("--plugin-config", &args.plugin_config)?,
-    )?);
+    )?));
     let source = DlqFileSource::open(&dlq, args.max_replays)?;
     let refused = source.refused();
     let metrics = Arc::new(Metrics::new());

@@ -79,6 +79,8 @@ pub struct SourceConfig {
     pub topic: Option<String>,
     /// How each line is read.
     pub format: LineFormat,
+    /// Keep reading the (last) input file as it grows, until the worker is stopped.
+    pub follow: bool,
 }
 
 /// How one line of a JSON-lines file maps to a record.

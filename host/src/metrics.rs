@@ -28,6 +28,7 @@ pub struct Metrics {
     pub plugin_traps: IntCounterVec,
     pub plugin_active_info: IntGaugeVec,
     pub dlq_replayed: IntCounter,
+    pub hot_swaps: IntCounter,
     pub lease_acquired: IntCounter,
     pub lease_contended: IntCounter,
     pub lease_lost: IntCounter,
@@ -146,6 +147,11 @@ impl Metrics {
                 &registry,
                 "weir_dlq_replayed_total",
                 "Dead-lettered records fed again by a replay",
+            ),
+            hot_swaps: counter(
+                &registry,
+                "weir_hot_swaps_total",
+                "Plugin versions swapped in while the pipeline ran (activations and rollbacks)",
             ),
             lease_acquired: counter(
                 &registry,

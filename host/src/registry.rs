@@ -267,20 +267,31 @@ impl Registry {
         Ok(plugin)
     }
 
+    /// The version a rollback would activate: the latest earlier active one not deleted.
+    pub fn rollback_target(&self, name: &str) -> Result<u64, RegistryError> {
+        let plugin = self
+            .plugin(name)?
+            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        rollback_target(&plugin).ok_or_else(|| RegistryError::NoEarlierVersion(name.to_owned()))
+    }
+
     /// Activates the version that was active before the current one (skipping deleted ones).
     pub async fn rollback(&self, name: &str) -> Result<PluginInfo, RegistryError> {
         let _writing = self.writing.lock().await;
         let mut plugin = self
             .plugin(name)?
             .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
-        while let Some(previous) = plugin.history.pop() {
-            if plugin.versions.iter().any(|v| v.version == previous) {
-                plugin.active = Some(previous);
-                self.write_index(&plugin)?;
-                return Ok(plugin);
-            }
-        }
-        Err(RegistryError::NoEarlierVersion(name.to_owned()))
+        let target = rollback_target(&plugin)
+            .ok_or_else(|| RegistryError::NoEarlierVersion(name.to_owned()))?;
+        let at = plugin
+            .history
+            .iter()
+            .rposition(|&v| v == target)
+            .unwrap_or(0);
+        plugin.history.truncate(at);
+        plugin.active = Some(target);
+        self.write_index(&plugin)?;
+        Ok(plugin)
     }
 
     fn write_index(&self, plugin: &PluginInfo) -> Result<(), RegistryError> {
@@ -334,6 +345,15 @@ impl AuditEntry {
             decision: "accepted".into(),
         }
     }
+}
+
+fn rollback_target(plugin: &PluginInfo) -> Option<u64> {
+    plugin
+        .history
+        .iter()
+        .rev()
+        .copied()
+        .find(|&previous| plugin.versions.iter().any(|v| v.version == previous))
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.

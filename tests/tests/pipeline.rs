@@ -9,7 +9,7 @@ use weir::config::{LimitsConfig, RetryConfig};
 use weir::metrics::Metrics;
 use weir::pipeline::dead_letter::DeadLetter;
 use weir::pipeline::{Backoff, Pipeline, Settings};
-use weir::runtime::{Output, Plugin, Record, Runtime, SourceMeta};
+use weir::runtime::{ActivePlugin, Output, Plugin, Record, Runtime, SourceMeta};
 use weir::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use weir::source::{Incoming, Source, SourceError};
 use weir::state::EmbeddedStore;
@@ -117,7 +117,7 @@ fn run_until_stopped(sink: Box<dyn Sink>) -> Option<Result<(), String>> {
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let result = rt.block_on(async {
         let pipeline = Pipeline {
-            plugin: Arc::new(plugin),
+            plugin: Arc::new(ActivePlugin::new(plugin)),
             source: Box::new(OneThenIdle { sent: false }),
             sink,
             dlq: Box::new(NoDeadLetters),

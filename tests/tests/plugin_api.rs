@@ -32,6 +32,7 @@ impl Api {
             open_reads,
             compile_timeout: api::DEFAULT_COMPILE_TIMEOUT,
             max_upload_bytes,
+            running: None,
         };
         let state = AppState {
             metrics: Arc::new(Metrics::new()),

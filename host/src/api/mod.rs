@@ -4,7 +4,9 @@
 
 mod plugins;
 
-pub use plugins::{ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES};
+pub use plugins::{
+    ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, Running,
+};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

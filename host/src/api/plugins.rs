@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
+use crate::metrics::Metrics;
 use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
-use crate::runtime::{LoadError, Plugin, Runtime};
+use crate::runtime::{ActivePlugin, LoadError, Plugin, Runtime};
 
 /// Uploads larger than this are refused with 413 unless configured otherwise (Python
 /// components are tens of MiB).
@@ -36,6 +37,17 @@ pub struct Control {
     pub compile_timeout: Duration,
     /// Larger upload bodies are refused with 413.
     pub max_upload_bytes: usize,
+    /// The plugin the worker runs; `None`: activations change the registry only.
+    pub running: Option<Running>,
+}
+
+/// The plugin this worker runs: activating or rolling back a version of its name loads that
+/// version with the worker's plugin configuration and swaps it in.
+pub struct Running {
+    pub name: String,
+    pub active: Arc<ActivePlugin>,
+    pub config: Vec<(String, String)>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A refusal, answered as `{"error": "..."}` with its status.
@@ -242,9 +254,8 @@ pub async fn delete(
     let control = control(&state)?;
     let mut entry = AuditEntry::new("admin", "delete", &name);
     entry.version = Some(version);
-    let removed = control
-        .audited(entry, &headers, control.registry.delete(&name, version))
-        .await?;
+    let deleting = async { Ok(control.registry.delete(&name, version).await?) };
+    let removed = control.audited(entry, &headers, deleting).await?;
     Ok(Json(removed))
 }
 
@@ -275,7 +286,13 @@ pub async fn activate(
         control.audit(entry)?;
         return Err(error);
     }
-    let activating = control.registry.activate(&name, activation.version);
+    let version = activation.version;
+    let activating = async {
+        let loaded = control.load_running(&name, version).await?;
+        let plugin = control.registry.activate(&name, version).await?;
+        control.swap_in(loaded);
+        Ok(plugin)
+    };
     Ok(Json(control.audited(entry, &headers, activating).await?))
 }
 
@@ -287,7 +304,13 @@ pub async fn rollback(
 ) -> Result<Json<PluginInfo>, ApiError> {
     let control = control(&state)?;
     let entry = AuditEntry::new("admin", "rollback", &name);
-    let rolling_back = control.registry.rollback(&name);
+    let rolling_back = async {
+        let target = control.registry.rollback_target(&name)?;
+        let loaded = control.load_running(&name, target).await?;
+        let plugin = control.registry.rollback(&name).await?;
+        control.swap_in(loaded);
+        Ok(plugin)
+    };
     Ok(Json(control.audited(entry, &headers, rolling_back).await?))
 }
 
@@ -314,20 +337,60 @@ impl Audited for PluginInfo {
 }
 
 impl Control {
+    /// Loads `version` of `name` with the worker's plugin configuration when the worker runs
+    /// that plugin (its `init` may refuse: 422); `None` for other plugins.
+    async fn load_running(&self, name: &str, version: u64) -> Result<Option<Plugin>, ApiError> {
+        let Some(running) = self.running.as_ref().filter(|r| r.name == name) else {
+            self.registry.version(name, version)?;
+            return Ok(None);
+        };
+        let bytes = self.registry.wasm(name, version)?;
+        let (runtime, name, config) = (
+            self.runtime.clone(),
+            name.to_owned(),
+            running.config.clone(),
+        );
+        let loading = tokio::task::spawn_blocking(move || {
+            Plugin::load(&runtime, &bytes, &name, version, config)
+        });
+        match loading.await {
+            Ok(Ok(plugin)) => Ok(Some(plugin)),
+            Ok(Err(e)) => Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("version {version} cannot run here: it {e}"),
+            )),
+            Err(e) => Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("loading version {version} failed: {e}"),
+            )),
+        }
+    }
+
+    /// Swaps a loaded version in: the next batch runs on it.
+    fn swap_in(&self, loaded: Option<Plugin>) {
+        if let (Some(running), Some(plugin)) = (&self.running, loaded) {
+            running.metrics.set_active_plugin(plugin.meta());
+            let meta = plugin.meta().clone();
+            let old = running.active.swap(plugin);
+            running.metrics.hot_swaps.inc();
+            tracing::info!(plugin = %meta.name, from = old.meta().version, to = meta.version, "plugin version swapped in; batches under way finish on the old one");
+        }
+    }
+
     /// Runs `change` if the request carries the admin token, and writes the outcome, either
     /// way, to the audit log.
     async fn audited<T: Audited>(
         &self,
         mut entry: AuditEntry,
         headers: &HeaderMap,
-        change: impl Future<Output = Result<T, RegistryError>>,
+        change: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
         let outcome = match self.check_token(headers) {
             Err(e) => {
                 entry.who = "anonymous".into();
                 Err(e)
             }
-            Ok(()) => change.await.map_err(ApiError::from),
+            Ok(()) => change.await,
         };
         match &outcome {
             Ok(done) => done.describe(&mut entry),

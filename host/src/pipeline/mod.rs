@@ -37,7 +37,9 @@ use self::dead_letter::{DeadLetter, ErrorInfo};
 use self::in_flight::{Completion, Counts, Hold, Holds, InFlight};
 use crate::errors::ErrorClass;
 use crate::metrics::{Metrics, Summary};
-use crate::runtime::{Failure, LoadError, Outcome, Output, Plugin, Record, SourceMeta};
+use crate::runtime::{
+    ActivePlugin, Failure, LoadError, Outcome, Output, Plugin, PluginMeta, Record, SourceMeta,
+};
 use crate::sink::{DeadLetterSink, Sink, SinkError};
 use crate::source::{Ack, Incoming, Source, SourceError};
 use crate::state::{Claim, StateError, StateStore};
@@ -85,7 +87,8 @@ pub struct Settings {
 
 /// A source, a plugin, a sink, a DLQ and a state store, wired together.
 pub struct Pipeline {
-    pub plugin: Arc<Plugin>,
+    /// The plugin version to run; it may be swapped while the pipeline runs.
+    pub plugin: Arc<ActivePlugin>,
     pub source: Box<dyn Source>,
     pub sink: Box<dyn Sink>,
     pub dlq: Box<dyn DeadLetterSink>,
@@ -133,7 +136,7 @@ impl Pipeline {
     /// are finished first), and returns the summary.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, PipelineError> {
         let started = Instant::now();
-        self.metrics.set_active_plugin(self.plugin.meta());
+        self.metrics.set_active_plugin(self.plugin.current().meta());
         let Pipeline {
             plugin,
             source,
@@ -175,7 +178,7 @@ const CONCURRENT_CLAIMS: usize = 4;
 
 /// What the stages share.
 struct Shared {
-    plugin: Arc<Plugin>,
+    plugin: Arc<ActivePlugin>,
     state: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
     settings: Settings,
@@ -228,6 +231,8 @@ struct Claimed {
 struct Transformed {
     claimed: Claimed,
     verdicts: Vec<Verdict>,
+    /// The version that transformed the batch (its outputs and dead letters name it).
+    plugin: Arc<Plugin>,
 }
 
 impl Shared {
@@ -333,11 +338,18 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         while let Some(mut claimed) = input.recv().await {
             let work = std::mem::take(&mut claimed.work);
+            // The batch runs on this version to the end, retries included.
+            let plugin = self.plugin.current();
             let (work, verdicts) = self
-                .renewing(&claimed.ids, &claimed.to_run, self.invoke(work))
+                .renewing(&claimed.ids, &claimed.to_run, self.invoke(&plugin, work))
                 .await??;
             claimed.work = work;
-            if out.send(Transformed { claimed, verdicts }).await.is_err() {
+            let transformed = Transformed {
+                claimed,
+                verdicts,
+                plugin,
+            };
+            if out.send(transformed).await.is_err() {
                 break;
             }
         }
@@ -408,7 +420,8 @@ impl Shared {
                         first_failure_ms: now,
                         last_failure_ms: now,
                     };
-                    letters.push(self.dead_letter(incoming.record, &ids[i], failed));
+                    let meta = self.plugin.current().meta().clone();
+                    letters.push(dead_letter(&meta, incoming.record, &ids[i], failed));
                     finished.push((ids[i].clone(), fence));
                     finished_at.push(i);
                 }
@@ -439,7 +452,11 @@ impl Shared {
         sink: &mut dyn Sink,
         dlq: &mut dyn DeadLetterSink,
     ) -> Result<Completion, PipelineError> {
-        let Transformed { claimed, verdicts } = batch;
+        let Transformed {
+            claimed,
+            verdicts,
+            plugin,
+        } = batch;
         let Claimed {
             mut ids,
             hold,
@@ -451,7 +468,8 @@ impl Shared {
             mut finished_at,
             deduplicated,
         } = claimed;
-        let version = self.plugin.meta().version.to_string();
+        let meta = plugin.meta();
+        let version = meta.version.to_string();
         let mut outputs = Vec::new();
         let mut processed = 0u64;
         for ((record, verdict), &(i, fence)) in work.into_iter().zip(verdicts).zip(&to_run) {
@@ -487,7 +505,7 @@ impl Shared {
                         outputs.push(out);
                     }
                 }
-                Verdict::Failed(failed) => letters.push(self.dead_letter(record, id, failed)),
+                Verdict::Failed(failed) => letters.push(dead_letter(meta, record, id, failed)),
             }
             // The id is not needed here any more: it moves on to its done mark.
             finished.push((std::mem::take(&mut ids[i]), fence));
@@ -598,12 +616,13 @@ impl Shared {
     /// One plugin call off the async reactor, timed and counted.
     async fn call(
         &self,
+        plugin: &Arc<Plugin>,
         records: Vec<Record>,
     ) -> Result<(Vec<Record>, Vec<Outcome>), PipelineError> {
         if records.is_empty() {
             return Ok((records, Vec::new()));
         }
-        let plugin = self.plugin.clone();
+        let plugin = plugin.clone();
         let started = Instant::now();
         let (records, outcomes) = tokio::task::spawn_blocking(move || {
             let outcomes = plugin.transform(&records);
@@ -631,9 +650,10 @@ impl Shared {
     /// has a verdict. Returns the records (in order) with their verdicts.
     async fn invoke(
         &self,
+        plugin: &Arc<Plugin>,
         records: Vec<Record>,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
-        let (mut records, outcomes) = self.call(records).await?;
+        let (mut records, outcomes) = self.call(plugin, records).await?;
         let first_failure_ms = now_ms();
         let mut last_failure_ms = first_failure_ms;
         let first_failure = Instant::now();
@@ -684,7 +704,7 @@ impl Shared {
                     record
                 })
                 .collect();
-            let (retry, outcomes) = self.call(retry).await?;
+            let (retry, outcomes) = self.call(plugin, retry).await?;
             last_failure_ms = now_ms();
             let mut still = Vec::new();
             for (((i, _), record), outcome) in pending.into_iter().zip(retry).zip(outcomes) {
@@ -710,24 +730,24 @@ impl Shared {
             .collect();
         Ok((records, verdicts))
     }
+}
 
-    fn dead_letter(&self, record: Record, id: &str, failed: Failed) -> DeadLetter {
-        let meta = self.plugin.meta();
-        let error = ErrorInfo {
-            class: failed.failure.class,
-            message: failed.failure.message,
-            plugin: meta.name.clone(),
-            plugin_version: meta.version,
-            plugin_digest: meta.digest.clone(),
-            attempts: failed.attempts,
-            first_failure_ms: failed.first_failure_ms,
-            last_failure_ms: failed.last_failure_ms,
-            source: record.source.stream.clone(),
-            partition: record.source.partition,
-            offset: record.source.offset,
-            backtrace: failed.failure.backtrace,
-            record_id: id.to_owned(),
-        };
-        DeadLetter { record, error }
-    }
+/// A dead letter of `record`, naming the plugin version that had it.
+fn dead_letter(meta: &PluginMeta, record: Record, id: &str, failed: Failed) -> DeadLetter {
+    let error = ErrorInfo {
+        class: failed.failure.class,
+        message: failed.failure.message,
+        plugin: meta.name.clone(),
+        plugin_version: meta.version,
+        plugin_digest: meta.digest.clone(),
+        attempts: failed.attempts,
+        first_failure_ms: failed.first_failure_ms,
+        last_failure_ms: failed.last_failure_ms,
+        source: record.source.stream.clone(),
+        partition: record.source.partition,
+        offset: record.source.offset,
+        backtrace: failed.failure.backtrace,
+        record_id: id.to_owned(),
+    };
+    DeadLetter { record, error }
 }

@@ -9,6 +9,7 @@
 //! - `bindings.rs`: the one `bindgen!` site; `limits.rs`: the memory cap; `stdio.rs`: the
 //!   bounded buffer that keeps the tail of guest stderr.
 
+mod active;
 mod bindings;
 mod limits;
 mod plugin;
@@ -25,6 +26,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use active::ActivePlugin;
 pub use bindings::{Level, Output, Record, SourceMeta, TransformError, WIT_VERSION};
 pub use plugin::{Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
 

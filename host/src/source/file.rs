@@ -4,6 +4,10 @@
 //!
 //! A batch is handed over when it is full, or — for a live stream such as stdin — when no
 //! further line arrives within a short linger, so records never wait for a batch to fill.
+//!
+//! Following (`--follow`), the last file is read as it grows, like `tail -f`: at its end the
+//! source waits for more lines instead of ending (a line is taken once its newline is
+//! there), until the worker is stopped.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -25,6 +29,8 @@ enum Input {
 
 /// How long a partly filled batch waits for the next line of a live stream.
 const LINGER: Duration = Duration::from_millis(20);
+/// How often a followed file is looked at again once its end is reached.
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
 struct OpenInput {
     stream: String,
@@ -38,6 +44,8 @@ pub struct FileSource {
     current: Option<OpenInput>,
     format: LineFormat,
     buf: Vec<u8>,
+    /// Keep reading the last file as it grows.
+    follow: bool,
 }
 
 impl FileSource {
@@ -68,7 +76,14 @@ impl FileSource {
             current: None,
             format,
             buf: Vec::new(),
+            follow: false,
         })
+    }
+
+    /// Reads the last file as it grows instead of ending at its end (see the module docs).
+    pub fn follow(mut self, follow: bool) -> Self {
+        self.follow = follow;
+        self
     }
 
     async fn open_next(&mut self) -> Result<bool, SourceError> {
@@ -168,6 +183,14 @@ impl Source for FileSource {
                 what: format!("cannot read input {}", input.stream),
                 source,
             })?;
+            // The end of a followed file, or a line still being written: wait for more.
+            if self.follow && self.pending.is_empty() && self.buf.last() != Some(&b'\n') {
+                if !batch.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(FOLLOW_POLL).await;
+                continue;
+            }
             if n == 0 && self.buf.is_empty() {
                 self.current = None;
                 continue;
@@ -190,6 +213,32 @@ impl Source for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_followed_file_is_read_as_it_grows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"a\":1}\n{\"a\":").expect("write");
+        let mut source = FileSource::open(&path, LineFormat::Value)
+            .expect("open")
+            .follow(true);
+        let batch = source.next_batch(10).await.expect("read").expect("some");
+        assert_eq!(batch.len(), 1, "the unfinished line waits");
+        // At the end, the source waits instead of ending.
+        let waiting = tokio::time::timeout(Duration::from_millis(300), source.next_batch(10));
+        assert!(waiting.await.is_err(), "a followed file does not end");
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("append");
+        file.write_all(b"2}\n{\"a\":3}\n").expect("append");
+        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let values: Vec<&[u8]> = batch.iter().map(|i| i.record.value.as_slice()).collect();
+        assert_eq!(values, [&b"{\"a\":2}"[..], b"{\"a\":3}"]);
+        let lines: Vec<i64> = batch.iter().map(|i| i.record.source.offset).collect();
+        assert_eq!(lines, [2, 3]);
+    }
 
     #[tokio::test]
     async fn reads_lines_with_line_numbers_and_skips_blanks() {

@@ -1,0 +1,179 @@
+//! Hot swap on a running worker: `weir run --api ... --follow` reads a growing file; a new
+//! version uploaded and activated over HTTP takes the next records without a restart, a
+//! rollback brings the old one back, and every output names exactly the version that made it.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weir_tests::{Weir, free_port, plugin};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
+const TOKEN: &str = "swap-test-token";
+
+/// One HTTP/1.1 request on a fresh connection; the status and the body.
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    stream.write_all(body).expect("body");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers end");
+    let head = String::from_utf8_lossy(&response[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, response[split + 4..].to_vec())
+}
+
+fn json(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let (status, bytes) = http(port, method, path, body);
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// The worker, stopped with SIGTERM when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        weir_tests::signal(self.0.id(), libc::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+fn events(from: usize, to: usize) -> Vec<String> {
+    (from..to)
+        .map(|i| format!(r#"{{"id":"e{i}","user_id":"u{i}","ts":1704067200,"action":"view"}}"#))
+        .collect()
+}
+
+fn append(weir: &Weir, lines: &[String]) {
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(weir.path("in.jsonl"))
+        .expect("input");
+    for line in lines {
+        writeln!(file, "{line}").expect("append");
+    }
+}
+
+/// The output envelopes once there are `n` of them.
+fn outputs(weir: &Weir, n: usize, log: &std::path::Path) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(weir.path("out.jsonl")).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("envelope"))
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} outputs after 60 s; log:\n{}",
+            lines.len(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every value of the `weir.plugin-version` header of one output.
+fn versions(output: &Value) -> Vec<String> {
+    output["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|h| h["name"] == "weir.plugin-version")
+        .map(|h| h["value"].as_str().expect("text").to_owned())
+        .collect()
+}
+
+#[test]
+fn activation_and_rollback_swap_the_running_plugin() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", events(0, 5));
+    let port = free_port();
+    let log = weir.path("worker.log");
+    let identity = plugin("faulty");
+    let child = Command::new(WEIR)
+        .current_dir(weir.path("."))
+        .args(["run", "--plugin"])
+        .arg(&identity)
+        .args(["--plugin-config", "faults=off", "--plugin-name", "p"])
+        .args(["--input", "in.jsonl", "--follow", "--output", "out.jsonl"])
+        .args(["--output-format", "envelope", "--state", "state", "--quiet"])
+        .args(["--api", &format!("127.0.0.1:{port}")])
+        .env("WEIR_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start weir");
+    let worker = Running(child);
+
+    // Version 1 is the --plugin file, uploaded and activated at start.
+    let first = outputs(&weir, 5, &log);
+    assert!(first.iter().all(|o| versions(o) == ["1"]), "{first:?}");
+    let (status, p) = json(port, "GET", "/v1/plugins/p", b"");
+    assert_eq!((status, &p["active"]), (200, &Value::from(1)), "{p}");
+
+    // Upload enrich as version 2 and activate it: the next records go through it.
+    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
+    let (status, v2) = json(port, "POST", "/v1/plugins/p", &enrich);
+    assert_eq!((status, &v2["version"]), (201, &Value::from(2)), "{v2}");
+    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", br#"{"version":2}"#);
+    assert_eq!((status, &body["active"]), (200, &Value::from(2)), "{body}");
+    append(&weir, &events(5, 10));
+    let second = outputs(&weir, 10, &log);
+    for output in &second[5..] {
+        assert_eq!(versions(output), ["2"], "{output}");
+        let value: Value =
+            serde_json::from_str(output["value"].as_str().expect("value")).expect("JSON value");
+        assert!(value.get("segment").is_some(), "not enriched: {value}");
+    }
+
+    // Roll back: version 1 (identity) again, no restart.
+    let (status, body) = json(port, "POST", "/v1/plugins/p/rollback", b"");
+    assert_eq!((status, &body["active"]), (200, &Value::from(1)), "{body}");
+    append(&weir, &events(10, 15));
+    let third = outputs(&weir, 15, &log);
+    for output in &third[10..] {
+        assert_eq!(versions(output), ["1"], "{output}");
+        assert!(!output["value"].as_str().expect("value").contains("segment"));
+    }
+    assert_eq!(third.len(), 15, "one output per record: {third:?}");
+
+    let (_, metrics) = http(port, "GET", "/metrics", b"");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains("weir_hot_swaps_total 2"), "{metrics}");
+    assert!(
+        metrics.contains(r#"weir_plugin_active_info{digest="#)
+            && metrics.contains(r#"version="1""#),
+        "{metrics}"
+    );
+    drop(worker);
+    // The same worker did all of it: the log shows both swaps.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        text.matches("plugin version swapped in").count(),
+        2,
+        "{text}"
+    );
+}
