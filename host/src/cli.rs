@@ -747,6 +747,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(control) = &mut control {
         control.running = Some(api::Running {
             name: name.clone(),
+            started: std::time::Instant::now(),
             active: plugin.clone(),
             config: plugin_config,
             metrics: metrics.clone(),

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub plugin_active_info: IntGaugeVec,
     pub dlq_replayed: IntCounter,
     pub hot_swaps: IntCounter,
+    /// Fates per plugin version, for `/v1/status` (and canary decisions).
+    by_version: std::sync::Mutex<BTreeMap<u64, VersionCounts>>,
     pub lease_acquired: IntCounter,
     pub lease_contended: IntCounter,
     pub lease_lost: IntCounter,
@@ -171,6 +173,7 @@ impl Metrics {
             ),
             circuit_open,
             consumer_lag,
+            by_version: std::sync::Mutex::default(),
             registry,
         };
         // Show every class from the start, so rates work before the first failure.
@@ -239,6 +242,49 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The fates of the records one plugin version had.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct VersionCounts {
+    pub processed: u64,
+    pub records_out: u64,
+    pub dead_lettered: u64,
+    pub dead_lettered_by_class: BTreeMap<String, u64>,
+}
+
+impl Metrics {
+    /// Counts a batch's fates against the version that transformed it.
+    pub fn count_version(
+        &self,
+        version: u64,
+        processed: u64,
+        records_out: u64,
+        dead: &[ErrorClass],
+    ) {
+        let mut by_version = self
+            .by_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let counts = by_version.entry(version).or_default();
+        counts.processed += processed;
+        counts.records_out += records_out;
+        counts.dead_lettered += dead.len() as u64;
+        for class in dead {
+            *counts
+                .dead_lettered_by_class
+                .entry(class.as_str().to_owned())
+                .or_default() += 1;
+        }
+    }
+
+    /// Fates per plugin version since the worker started.
+    pub fn by_version(&self) -> BTreeMap<u64, VersionCounts> {
+        self.by_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -160,6 +160,24 @@ fn activation_and_rollback_swap_the_running_plugin() {
     }
     assert_eq!(third.len(), 15, "one output per record: {third:?}");
 
+    // /v1/status counts each version's records (counted once their fates are durable).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (code, status) = json(port, "GET", "/v1/status", b"");
+        assert_eq!(code, 200, "{status}");
+        if status["totals"]["processed"] == 15 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["ready"], true, "{status}");
+    assert_eq!(status["plugin"]["version"], 1, "{status}");
+    assert_eq!(status["totals"]["records_in"], 15, "{status}");
+    assert_eq!(status["totals"]["processed"], 15, "{status}");
+    assert_eq!(status["by_version"]["1"]["processed"], 10, "{status}");
+    assert_eq!(status["by_version"]["2"]["processed"], 5, "{status}");
+    assert_eq!(status["by_version"]["2"]["dead_lettered"], 0, "{status}");
+
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(metrics.contains("weir_hot_swaps_total 2"), "{metrics}");

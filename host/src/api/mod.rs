@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .as_ref()
         .map_or(DEFAULT_MAX_UPLOAD_BYTES, |c| c.max_upload_bytes);
     let v1 = Router::new()
+        .route("/status", get(plugins::status))
         .route("/plugins", get(plugins::list))
         .route("/plugins/{name}", post(plugins::upload).get(plugins::show))
         .route("/plugins/{name}/activate", post(plugins::activate))

@@ -3,6 +3,7 @@
 //! are closed while none is configured; every change, refused ones too, goes to the audit
 //! log.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
 use crate::runtime::{ActivePlugin, LoadError, Plugin, Runtime};
 
@@ -45,6 +46,8 @@ pub struct Control {
 /// version with the worker's plugin configuration and swaps it in.
 pub struct Running {
     pub name: String,
+    /// When the worker started (for the rates of `/v1/status`).
+    pub started: std::time::Instant,
     pub active: Arc<ActivePlugin>,
     pub config: Vec<(String, String)>,
     pub metrics: Arc<Metrics>,
@@ -220,6 +223,52 @@ pub async fn show(
         .plugin(&name)?
         .ok_or(RegistryError::NoPlugin(name))?;
     Ok(Json(plugin))
+}
+
+/// What `GET /v1/status` answers.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    /// Whether the pipeline runs with its plugin loaded (as `/readyz`).
+    pub ready: bool,
+    /// The plugin version the worker runs now.
+    pub plugin: Option<RunningVersion>,
+    /// Fates of every record since the worker started.
+    pub totals: Summary,
+    /// The same per plugin version (the version that transformed each record).
+    pub by_version: BTreeMap<u64, VersionCounts>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RunningVersion {
+    pub name: String,
+    pub version: u64,
+    pub digest: String,
+}
+
+/// `GET /v1/status`: the pipeline's plugin version and record counts, per version too.
+pub async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Status>, ApiError> {
+    let control = control(&state)?;
+    control.check_read(&headers)?;
+    let running = control.running.as_ref();
+    let plugin = running.map(|r| {
+        let current = r.active.current();
+        let meta = current.meta();
+        RunningVersion {
+            name: meta.name.clone(),
+            version: meta.version,
+            digest: meta.digest.clone(),
+        }
+    });
+    let elapsed = running.map_or(Duration::ZERO, |r| r.started.elapsed());
+    Ok(Json(Status {
+        ready: state.ready.load(std::sync::atomic::Ordering::Relaxed),
+        plugin,
+        totals: state.metrics.summary(elapsed),
+        by_version: state.metrics.by_version(),
+    }))
 }
 
 /// `GET /v1/plugins/{name}/versions/{version}`.

@@ -135,6 +135,8 @@ impl Drop for Hold {
 
 /// What one batch counts towards the metrics once it is complete.
 pub(super) struct Counts {
+    /// The plugin version that transformed the batch.
+    pub version: u64,
     pub deduplicated: u64,
     pub processed: u64,
     pub records_out: u64,
@@ -184,6 +186,12 @@ impl Completion {
         metrics.records_deduplicated.inc_by(counts.deduplicated);
         metrics.records_processed.inc_by(counts.processed);
         metrics.records_out.inc_by(counts.records_out);
+        metrics.count_version(
+            counts.version,
+            counts.processed,
+            counts.records_out,
+            &counts.dead,
+        );
         for class in counts.dead {
             metrics
                 .records_dead_lettered

@@ -525,6 +525,7 @@ impl Shared {
             state: self.state.clone(),
             metrics: self.metrics.clone(),
             counts: Counts {
+                version: meta.version,
                 deduplicated,
                 processed,
                 records_out,
