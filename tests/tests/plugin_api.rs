@@ -448,3 +448,60 @@ async fn activation_and_rollback_move_the_active_version() {
         ]
     );
 }
+
+/// Every route the OpenAPI document lists answers (no 405, no bare 404 of an unknown
+/// route), and a version has exactly the fields the document requires.
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let api = Api::new(Some(TOKEN), true, api::DEFAULT_MAX_UPLOAD_BYTES);
+    let (status, doc) = api.json("GET", "/v1/openapi.json", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, version) = api
+        .json("POST", "/v1/plugins/p", Some(TOKEN), component("enrich"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut required: Vec<&str> = doc["components"]["schemas"]["Version"]["required"]
+        .as_array()
+        .expect("required")
+        .iter()
+        .map(|v| v.as_str().expect("name"))
+        .collect();
+    let mut fields: Vec<&str> = version
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    required.sort_unstable();
+    fields.sort_unstable();
+    assert_eq!(required, fields);
+
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 8, "{paths:?}");
+    for (path, item) in paths {
+        for method in ["get", "post", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let uri = format!("/v1{path}")
+                .replace("{name}", "p")
+                .replace("{version}", "1");
+            let body = if path.ends_with("/activate") {
+                br#"{"version":1}"#.to_vec()
+            } else if path == "/plugins/{name}" && method == "post" {
+                component("enrich")
+            } else {
+                Vec::new()
+            };
+            let (status, bytes) = api
+                .call(&method.to_uppercase(), &uri, Some(TOKEN), body)
+                .await;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+            if status == StatusCode::NOT_FOUND {
+                let json: Value = serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|_| panic!("{method} {uri}: no such route"));
+                assert!(json.get("error").is_some(), "{method} {uri}: {json}");
+            }
+        }
+    }
+}

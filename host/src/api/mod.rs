@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .as_ref()
         .map_or(DEFAULT_MAX_UPLOAD_BYTES, |c| c.max_upload_bytes);
     let v1 = Router::new()
+        .route("/openapi.json", get(openapi))
         .route("/status", get(plugins::status))
         .route("/plugins", get(plugins::list))
         .route("/plugins/{name}", post(plugins::upload).get(plugins::show))
@@ -68,6 +69,15 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render(),
+    )
+}
+
+/// The OpenAPI document of the `/v1` routes (`tests/tests/plugin_api.rs` calls every
+/// route it lists).
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
     )
 }
 
