@@ -493,6 +493,7 @@ fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Co
         max_upload_bytes: usize::try_from(config.api.max_upload_mb.saturating_mul(1 << 20))
             .unwrap_or(usize::MAX),
         running: None,
+        redis_url: config.state.redis_url.clone(),
     })
 }
 

@@ -24,8 +24,17 @@ struct Api {
 
 impl Api {
     fn new(token: Option<&str>, open_reads: bool, max_upload_bytes: usize) -> Self {
+        Self::with(token, open_reads, max_upload_bytes, |_| {})
+    }
+
+    fn with(
+        token: Option<&str>,
+        open_reads: bool,
+        max_upload_bytes: usize,
+        adjust: impl FnOnce(&mut Control),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let control = Control {
+        let mut control = Control {
             registry: Registry::open(dir.path()).expect("registry"),
             runtime: Arc::new(Runtime::new(&LimitsConfig::default()).expect("runtime")),
             admin_token: token.map(str::to_owned),
@@ -33,7 +42,9 @@ impl Api {
             compile_timeout: api::DEFAULT_COMPILE_TIMEOUT,
             max_upload_bytes,
             running: None,
+            redis_url: None,
         };
+        adjust(&mut control);
         let state = AppState {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(true)),
@@ -504,4 +515,50 @@ async fn the_openapi_document_matches_the_routes() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn the_cluster_route_lists_live_workers_from_redis() {
+    let embedded = Api::new(Some(TOKEN), true, api::DEFAULT_MAX_UPLOAD_BYTES);
+    let (status, body) = embedded.json("GET", "/v1/cluster", None, vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(error(&body).contains("embedded mode"), "{body}");
+
+    let redis = weir_tests::redis_server::RedisServer::start();
+    let api = Api::with(Some(TOKEN), true, api::DEFAULT_MAX_UPLOAD_BYTES, |c| {
+        c.redis_url = Some(redis.url.clone());
+    });
+    let info = weir::cluster::WorkerInfo {
+        id: "w1".into(),
+        host: "h".into(),
+        pipeline: "api-test".into(),
+        topic: "in".into(),
+        partitions: vec![0, 2],
+        plugin: "p".into(),
+        plugin_version: 3,
+        plugin_digest: "sha256:ab".into(),
+        last_seen_ms: 0,
+    };
+    let beating = tokio::spawn(weir::cluster::heartbeat(redis.url.clone(), move || {
+        info.clone()
+    }));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let workers = loop {
+        let (status, workers) = api.json("GET", "/v1/cluster", None, vec![]).await;
+        assert_eq!(status, StatusCode::OK, "{workers}");
+        if workers.as_array().is_some_and(|w| !w.is_empty()) || std::time::Instant::now() > deadline
+        {
+            break workers;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    beating.abort();
+    let worker = &workers[0];
+    assert_eq!(worker["id"], "w1", "{workers}");
+    assert_eq!(worker["partitions"], serde_json::json!([0, 2]), "{workers}");
+    assert_eq!(worker["plugin_version"], 3, "{workers}");
+    assert!(
+        worker["last_seen_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{workers}"
+    );
 }

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/openapi.json", get(openapi))
         .route("/status", get(plugins::status))
+        .route("/cluster", get(plugins::cluster))
         .route("/plugins", get(plugins::list))
         .route("/plugins/{name}", post(plugins::upload).get(plugins::show))
         .route("/plugins/{name}/activate", post(plugins::activate))

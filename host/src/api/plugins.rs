@@ -40,6 +40,8 @@ pub struct Control {
     pub max_upload_bytes: usize,
     /// The plugin the worker runs; `None`: activations change the registry only.
     pub running: Option<Running>,
+    /// The Redis of a cluster-mode worker, where every worker's heartbeat is.
+    pub redis_url: Option<String>,
 }
 
 /// The plugin this worker runs: activating or rolling back a version of its name loads that
@@ -269,6 +271,29 @@ pub async fn status(
         totals: state.metrics.summary(elapsed),
         by_version: state.metrics.by_version(),
     }))
+}
+
+/// `GET /v1/cluster`: the live workers of every pipeline, from their heartbeats in Redis
+/// (partitions, plugin version, last heartbeat).
+pub async fn cluster(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<crate::cluster::WorkerInfo>>, ApiError> {
+    let control = control(&state)?;
+    control.check_read(&headers)?;
+    let Some(url) = &control.redis_url else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this worker runs in embedded mode: there is no cluster (workers share one with --redis)".into(),
+        ));
+    };
+    let workers = crate::cluster::live_workers(url, None).await.map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the workers' heartbeats from Redis: {e}"),
+        )
+    })?;
+    Ok(Json(workers))
 }
 
 /// `GET /v1/plugins/{name}/versions/{version}`.
