@@ -51,6 +51,43 @@ enum Command {
     /// Inspect a cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Upload, list, activate and roll back plugin versions through a worker's API (--api).
+    Plugin(PluginArgs),
+}
+
+#[derive(Args)]
+struct PluginArgs {
+    /// The worker's API.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8080",
+        env = "WEIR_API"
+    )]
+    api: String,
+    /// The admin token [default: the WEIR_ADMIN_TOKEN environment variable].
+    #[arg(long, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: PluginCommand,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Upload a component as the next version of a plugin.
+    Push {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// The plugin's name [default: the file name without .wasm].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List every plugin and version.
+    List,
+    /// Make a version the active one (a worker running the plugin swaps it in).
+    Activate { name: String, version: u64 },
+    /// Make the previously active version active again.
+    Rollback { name: String },
 }
 
 #[derive(Subcommand)]
@@ -306,6 +343,7 @@ pub fn main() -> ExitCode {
                 pipeline,
                 json,
             }) => cluster_status(&redis, pipeline.as_deref(), json).await,
+            Command::Plugin(args) => plugin_command(args).await,
         }
     });
     match result {
@@ -315,6 +353,26 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `weir plugin ...`: blocking HTTP calls, off the async runtime.
+async fn plugin_command(args: PluginArgs) -> anyhow::Result<()> {
+    use crate::plugin_client::{self, Client};
+    tokio::task::spawn_blocking(move || {
+        let client = Client::new(&args.api, args.token)?;
+        match args.command {
+            PluginCommand::Push { file, name } => {
+                let name = name.unwrap_or_else(|| default_plugin_name(&file));
+                plugin_client::push(&client, &file, &name)
+            }
+            PluginCommand::List => plugin_client::list(&client),
+            PluginCommand::Activate { name, version } => {
+                plugin_client::activate(&client, &name, Some(version))
+            }
+            PluginCommand::Rollback { name } => plugin_client::activate(&client, &name, None),
+        }
+    })
+    .await?
 }
 
 fn key_values(flag: &str, pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {

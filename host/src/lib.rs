@@ -13,6 +13,7 @@
 //! - [`registry`]: uploaded plugin versions (content-addressed) and the audit log.
 //! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`, the `/v1` plugin API).
 //! - [`plugin_test`]: `weir test`, trying a plugin on a sample file.
+//! - [`plugin_client`]: `weir plugin push|list|activate|rollback`, through the API.
 //! - [`cli`]: the `weir` command line.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod jsonl;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod plugin_client;
 pub mod plugin_test;
 pub mod registry;
 pub mod runtime;

@@ -134,12 +134,39 @@ fn activation_and_rollback_swap_the_running_plugin() {
     let (status, p) = json(port, "GET", "/v1/plugins/p", b"");
     assert_eq!((status, &p["active"]), (200, &Value::from(1)), "{p}");
 
-    // Upload enrich as version 2 and activate it: the next records go through it.
-    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
-    let (status, v2) = json(port, "POST", "/v1/plugins/p", &enrich);
-    assert_eq!((status, &v2["version"]), (201, &Value::from(2)), "{v2}");
-    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", br#"{"version":2}"#);
-    assert_eq!((status, &body["active"]), (200, &Value::from(2)), "{body}");
+    // Upload enrich as version 2 and activate it, with `weir plugin`: the next records go
+    // through it.
+    let cli = |args: &[&str]| {
+        let api = format!("http://127.0.0.1:{port}");
+        let out = Command::new(WEIR)
+            .args(["plugin", "--api", &api])
+            .args(args)
+            .env("WEIR_ADMIN_TOKEN", TOKEN)
+            .output()
+            .expect("weir plugin");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let enrich = plugin("enrich");
+    let (ok, stdout, stderr) = cli(&["push", enrich.to_str().expect("utf-8"), "--name", "p"]);
+    assert!(ok && stdout.starts_with("p v2 "), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = cli(&["activate", "p", "9"]);
+    assert!(
+        !ok && stderr.contains("404") && stderr.contains("no version 9"),
+        "{stdout}{stderr}"
+    );
+    let (ok, stdout, stderr) = cli(&["activate", "p", "2"]);
+    assert!(
+        ok && stdout.contains("version 2 is active"),
+        "{stdout}{stderr}"
+    );
+    let (ok, stdout, _) = cli(&["list"]);
+    assert!(
+        ok && stdout
+            .lines()
+            .any(|l| l.starts_with("p v2 ") && l.ends_with("(active)")),
+        "{stdout}"
+    );
     append(&weir, &events(5, 10));
     let second = outputs(&weir, 10, &log);
     for output in &second[5..] {
