@@ -8,7 +8,7 @@
 //! - [`InFlight`]: batches being worked on in tasks of their own (claims, completions),
 //!   handed on oldest first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -135,9 +135,14 @@ impl Drop for Hold {
 
 /// What one batch counts towards the metrics once it is complete.
 pub(super) struct Counts {
-    /// The plugin version that transformed the batch.
-    pub version: u64,
     pub deduplicated: u64,
+    /// The fates of the batch's records, by the plugin version that had them.
+    pub by_version: BTreeMap<u64, Tally>,
+}
+
+/// What one plugin version did with some records.
+#[derive(Default)]
+pub(super) struct Tally {
     pub processed: u64,
     pub records_out: u64,
     pub dead: Vec<ErrorClass>,
@@ -184,19 +189,16 @@ impl Completion {
 
         let (metrics, counts) = (&self.metrics, self.counts);
         metrics.records_deduplicated.inc_by(counts.deduplicated);
-        metrics.records_processed.inc_by(counts.processed);
-        metrics.records_out.inc_by(counts.records_out);
-        metrics.count_version(
-            counts.version,
-            counts.processed,
-            counts.records_out,
-            &counts.dead,
-        );
-        for class in counts.dead {
-            metrics
-                .records_dead_lettered
-                .with_label_values(&[class.as_str()])
-                .inc();
+        for (version, tally) in counts.by_version {
+            metrics.records_processed.inc_by(tally.processed);
+            metrics.records_out.inc_by(tally.records_out);
+            metrics.count_version(version, tally.processed, tally.records_out, &tally.dead);
+            for class in tally.dead {
+                metrics
+                    .records_dead_lettered
+                    .with_label_values(&[class.as_str()])
+                    .inc();
+            }
         }
         Ok(())
     }

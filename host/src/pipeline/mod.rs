@@ -22,7 +22,7 @@ mod id;
 mod in_flight;
 mod retry;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,11 +34,12 @@ pub use id::{IdSpec, record_id};
 pub use retry::Backoff;
 
 use self::dead_letter::{DeadLetter, ErrorInfo};
-use self::in_flight::{Completion, Counts, Hold, Holds, InFlight};
+use self::in_flight::{Completion, Counts, Hold, Holds, InFlight, Tally};
 use crate::errors::ErrorClass;
 use crate::metrics::{Metrics, Summary};
 use crate::runtime::{
-    ActivePlugin, Failure, LoadError, Outcome, Output, Plugin, PluginMeta, Record, SourceMeta,
+    ActivePlugin, Failure, LoadError, Outcome, Output, Plugin, PluginMeta, Record, Routing,
+    SourceMeta,
 };
 use crate::sink::{DeadLetterSink, Sink, SinkError};
 use crate::source::{Ack, Incoming, Source, SourceError};
@@ -231,8 +232,10 @@ struct Claimed {
 struct Transformed {
     claimed: Claimed,
     verdicts: Vec<Verdict>,
-    /// The version that transformed the batch (its outputs and dead letters name it).
-    plugin: Arc<Plugin>,
+    /// The versions that transformed the batch (outputs and dead letters name theirs).
+    routing: Routing,
+    /// Per record of `work`: whether the canary transformed it (empty without a canary).
+    on_canary: Vec<bool>,
 }
 
 impl Shared {
@@ -338,16 +341,26 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         while let Some(mut claimed) = input.recv().await {
             let work = std::mem::take(&mut claimed.work);
-            // The batch runs on this version to the end, retries included.
-            let plugin = self.plugin.current();
+            // The batch runs on these versions to the end, retries included.
+            let routing = self.plugin.routing();
+            let on_canary: Vec<bool> = match &routing.canary {
+                Some(canary) => claimed
+                    .to_run
+                    .iter()
+                    .map(|&(i, _)| canary.takes(&claimed.ids[i]))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let invoking = self.invoke_routed(&routing, &on_canary, work);
             let (work, verdicts) = self
-                .renewing(&claimed.ids, &claimed.to_run, self.invoke(&plugin, work))
+                .renewing(&claimed.ids, &claimed.to_run, invoking)
                 .await??;
             claimed.work = work;
             let transformed = Transformed {
                 claimed,
                 verdicts,
-                plugin,
+                routing,
+                on_canary,
             };
             if out.send(transformed).await.is_err() {
                 break;
@@ -455,7 +468,8 @@ impl Shared {
         let Transformed {
             claimed,
             verdicts,
-            plugin,
+            routing,
+            on_canary,
         } = batch;
         let Claimed {
             mut ids,
@@ -468,11 +482,16 @@ impl Shared {
             mut finished_at,
             deduplicated,
         } = claimed;
-        let meta = plugin.meta();
-        let version = meta.version.to_string();
+        let stable = routing.stable.meta();
+        let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());
+        let versions = [stable, candidate.unwrap_or(stable)].map(|m| m.version.to_string());
         let mut outputs = Vec::new();
-        let mut processed = 0u64;
-        for ((record, verdict), &(i, fence)) in work.into_iter().zip(verdicts).zip(&to_run) {
+        let mut tallies: BTreeMap<u64, Tally> = BTreeMap::new();
+        let records = work.into_iter().zip(verdicts).zip(&to_run);
+        for (k, ((record, verdict), &(i, fence))) in records.enumerate() {
+            let on_canary = on_canary.get(k).copied().unwrap_or(false);
+            let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
+            let version = &versions[usize::from(on_canary)];
             let id = &ids[i];
             finished_at.push(i);
             let verdict = match verdict {
@@ -492,7 +511,9 @@ impl Shared {
             };
             match verdict {
                 Verdict::Outputs(outs) => {
-                    processed += 1;
+                    let tally = tallies.entry(meta.version).or_default();
+                    tally.processed += 1;
+                    tally.records_out += outs.len() as u64;
                     for mut out in outs {
                         out.headers.extend([
                             (RECORD_ID_HEADER.to_owned(), id.as_bytes().to_vec()),
@@ -512,8 +533,10 @@ impl Shared {
         }
 
         // Durable downstream first, then done marks, then the source.
-        let records_out = outputs.len() as u64;
-        let dead: Vec<ErrorClass> = letters.iter().map(|l| l.error.class).collect();
+        for letter in &letters {
+            let tally = tallies.entry(letter.error.plugin_version).or_default();
+            tally.dead.push(letter.error.class);
+        }
         sink.send(outputs).await?;
         dlq.send(letters).await?;
         Ok(Completion {
@@ -525,11 +548,8 @@ impl Shared {
             state: self.state.clone(),
             metrics: self.metrics.clone(),
             counts: Counts {
-                version: meta.version,
                 deduplicated,
-                processed,
-                records_out,
-                dead,
+                by_version: tallies,
             },
         })
     }
@@ -645,6 +665,35 @@ impl Shared {
             }
         }
         Ok((records, outcomes))
+    }
+
+    /// Runs the batch's records on their versions: the canary's share on the candidate, the
+    /// rest on the stable version; verdicts come back in the records' order.
+    async fn invoke_routed(
+        &self,
+        routing: &Routing,
+        on_canary: &[bool],
+        work: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let Some(canary) = routing.canary.as_ref().filter(|_| on_canary.contains(&true)) else {
+            return self.invoke(&routing.stable, work).await;
+        };
+        let (mut to_stable, mut to_canary) = (Vec::new(), Vec::new());
+        for (record, &on) in work.into_iter().zip(on_canary) {
+            if on {
+                to_canary.push(record);
+            } else {
+                to_stable.push(record);
+            }
+        }
+        let (records, verdicts) = self.invoke(&routing.stable, to_stable).await?;
+        let mut stable = records.into_iter().zip(verdicts);
+        let (records, verdicts) = self.invoke(&canary.plugin, to_canary).await?;
+        let mut candidate = records.into_iter().zip(verdicts);
+        Ok(on_canary
+            .iter()
+            .filter_map(|&on| if on { candidate.next() } else { stable.next() })
+            .unzip())
     }
 
     /// Runs the plugin over `records` and retries `retryable` ones with backoff, until each

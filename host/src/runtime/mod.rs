@@ -26,7 +26,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use active::ActivePlugin;
+pub use active::{ActivePlugin, Canary, Routing};
 pub use bindings::{Level, Output, Record, SourceMeta, TransformError, WIT_VERSION};
 pub use plugin::{Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
 
