@@ -552,6 +552,7 @@ fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Co
             .unwrap_or(usize::MAX),
         running: None,
         redis_url: config.state.redis_url.clone(),
+        canary: config.canary.clone(),
     })
 }
 

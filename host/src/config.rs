@@ -47,6 +47,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
+    pub canary: crate::canary::CanaryConfig,
     pub kafka: KafkaConfig,
 }
 
@@ -428,6 +429,15 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.canary.margin) {
+            return Err(invalid(
+                "canary.margin",
+                format!(
+                    "must be a fraction of records from 0 to 1, got {}",
+                    self.canary.margin
+                ),
+            ));
         }
         if self.api.max_upload_mb == 0 || self.api.compile_timeout_secs == 0 {
             return Err(invalid(

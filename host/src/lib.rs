@@ -11,12 +11,14 @@
 //! - [`cluster`]: worker heartbeats in Redis and `weir cluster status`.
 //! - [`dlq_topic`]: `weir dlq list|replay` for a DLQ topic.
 //! - [`registry`]: uploaded plugin versions (content-addressed) and the audit log.
+//! - [`canary`]: judging a canary version against the stable one.
 //! - [`api`]: the HTTP server (`/metrics`, `/healthz`, `/readyz`, the `/v1` plugin API).
 //! - [`plugin_test`]: `weir test`, trying a plugin on a sample file.
 //! - [`plugin_client`]: `weir plugin push|list|activate|rollback`, through the API.
 //! - [`cli`]: the `weir` command line.
 
 pub mod api;
+pub mod canary;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub plugin_active_info: IntGaugeVec,
     pub dlq_replayed: IntCounter,
     pub hot_swaps: IntCounter,
+    pub rollbacks: IntCounterVec,
     /// Fates per plugin version, for `/v1/status` (and canary decisions).
     by_version: std::sync::Mutex<BTreeMap<u64, VersionCounts>>,
     pub lease_acquired: IntCounter,
@@ -155,6 +156,12 @@ impl Metrics {
                 "weir_hot_swaps_total",
                 "Plugin versions swapped in while the pipeline ran (activations and rollbacks)",
             ),
+            rollbacks: counter_vec(
+                &registry,
+                "weir_rollbacks_total",
+                "Versions taken out of service by the host, by reason (canary: a failing canary)",
+                &["reason"],
+            ),
             lease_acquired: counter(
                 &registry,
                 "weir_lease_acquired_total",
@@ -252,6 +259,28 @@ pub struct VersionCounts {
     pub records_out: u64,
     pub dead_lettered: u64,
     pub dead_lettered_by_class: BTreeMap<String, u64>,
+}
+
+impl VersionCounts {
+    /// What happened between `before` and `now` (either may be missing: nothing yet).
+    pub fn since(now: Option<&Self>, before: Option<&Self>) -> Self {
+        let (now, before) = (
+            now.cloned().unwrap_or_default(),
+            before.cloned().unwrap_or_default(),
+        );
+        let mut by_class = now.dead_lettered_by_class;
+        for (class, n) in &before.dead_lettered_by_class {
+            if let Some(count) = by_class.get_mut(class) {
+                *count = count.saturating_sub(*n);
+            }
+        }
+        Self {
+            processed: now.processed.saturating_sub(before.processed),
+            records_out: now.records_out.saturating_sub(before.records_out),
+            dead_lettered: now.dead_lettered.saturating_sub(before.dead_lettered),
+            dead_lettered_by_class: by_class,
+        }
+    }
 }
 
 impl Metrics {

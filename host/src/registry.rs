@@ -47,6 +47,16 @@ pub struct PluginInfo {
     /// Versions active before the current one, oldest first: where rollbacks go.
     #[serde(default)]
     pub history: Vec<u64>,
+    /// A candidate version that gets a share of the records, while it is watched.
+    #[serde(default)]
+    pub canary: Option<CanaryInfo>,
+}
+
+/// A canary: the candidate version and its share of the records (0 to 100).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryInfo {
+    pub version: u64,
+    pub percent: f64,
 }
 
 /// One line of the audit log.
@@ -78,6 +88,10 @@ pub enum RegistryError {
     Active(String, u64),
     #[error("plugin `{0}` has no earlier active version to roll back to")]
     NoEarlierVersion(String),
+    #[error(
+        "version {1} of `{0}` cannot be a canary: a canary needs another version active (activate one first)"
+    )]
+    CanaryOfActive(String, u64),
     #[error("registry storage: {0}")]
     Io(#[from] std::io::Error),
     #[error("registry index {0} is not readable: {1}")]
@@ -259,11 +273,47 @@ impl Registry {
         if !plugin.versions.iter().any(|v| v.version == version) {
             return Err(RegistryError::NoVersion(name.to_owned(), version));
         }
-        if plugin.active != Some(version) {
-            plugin.history.extend(plugin.active);
-            plugin.active = Some(version);
+        if plugin.active != Some(version) || plugin.canary.is_some() {
+            if plugin.active != Some(version) {
+                plugin.history.extend(plugin.active);
+                plugin.active = Some(version);
+            }
+            plugin.canary = None;
             self.write_index(&plugin)?;
         }
+        Ok(plugin)
+    }
+
+    /// Starts (or changes) a canary of `version` with `percent` of the records.
+    pub async fn start_canary(
+        &self,
+        name: &str,
+        version: u64,
+        percent: f64,
+    ) -> Result<PluginInfo, RegistryError> {
+        let _writing = self.writing.lock().await;
+        let mut plugin = self
+            .plugin(name)?
+            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        if !plugin.versions.iter().any(|v| v.version == version) {
+            return Err(RegistryError::NoVersion(name.to_owned(), version));
+        }
+        if plugin.active == Some(version) || plugin.active.is_none() {
+            return Err(RegistryError::CanaryOfActive(name.to_owned(), version));
+        }
+        plugin.canary = Some(CanaryInfo { version, percent });
+        self.write_index(&plugin)?;
+        Ok(plugin)
+    }
+
+    /// Ends a canary without changing the active version.
+    pub async fn end_canary(&self, name: &str) -> Result<PluginInfo, RegistryError> {
+        let _writing = self.writing.lock().await;
+        let mut plugin = self
+            .plugin(name)?
+            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        plugin.canary = None;
+        self.write_index(&plugin)?;
         Ok(plugin)
     }
 

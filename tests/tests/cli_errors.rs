@@ -53,6 +53,10 @@ fn invalid_config_value_names_the_field() {
         "not a loopback address",
         "allow_non_loopback",
     ]);
+    let mut text = std::fs::read_to_string(weir.path("weir.toml")).expect("read");
+    text = text.replace("batch_size = 0", "batch_size = 10") + "[canary]\nmargin = 5\n";
+    std::fs::write(weir.path("weir.toml"), text).expect("write");
+    with_config(&[]).fails_with(&["canary.margin", "from 0 to 1"]);
 }
 
 #[test]

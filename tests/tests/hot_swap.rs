@@ -106,27 +106,189 @@ fn versions(output: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A worker running the identity plugin (`faulty` with `faults=off`) as version 1 of `p`,
+/// following `in.jsonl` into `out.jsonl` (envelopes, so headers show), with the API on
+/// `port`; its stderr goes to `worker.log`.
+fn start(weir: &Weir, port: u16, extra: &[&str]) -> Running {
+    let child = Command::new(WEIR)
+        .current_dir(weir.path("."))
+        .args(["run", "--plugin"])
+        .arg(plugin("faulty"))
+        .args(["--plugin-config", "faults=off", "--plugin-name", "p"])
+        .args(["--input", "in.jsonl", "--follow", "--output", "out.jsonl"])
+        .args(["--output-format", "envelope", "--state", "state", "--quiet"])
+        .args(["--api", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env("WEIR_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(weir.path("worker.log")).expect("log"))
+        .spawn()
+        .expect("start weir");
+    Running(child)
+}
+
+/// Polls `GET path` until `done` says yes (30 s at most); the last answer.
+fn poll(port: u16, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = json(port, "GET", path, b"");
+        assert_eq!(status, 200, "{path}: {body}");
+        if done(&body) || Instant::now() > deadline {
+            return body;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn canary_config(weir: &Weir, min_records: u64, promote_after: u64) -> String {
+    let path = weir.path("canary.toml");
+    std::fs::write(
+        &path,
+        format!("[canary]\nmin_records = {min_records}\npromote_after_records = {promote_after}\n"),
+    )
+    .expect("config");
+    path.display().to_string()
+}
+
+#[test]
+fn a_healthy_canary_takes_its_share_then_is_promoted() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", events(0, 5));
+    let port = free_port();
+    let log = weir.path("worker.log");
+    let config = canary_config(&weir, 5, 10);
+    let _worker = start(&weir, port, &["--config", &config]);
+    outputs(&weir, 5, &log);
+    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
+    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
+    let (status, body) = json(
+        port,
+        "POST",
+        "/v1/plugins/p/activate",
+        br#"{"version":2,"canary_percent":50}"#,
+    );
+    assert_eq!(
+        (status, &body["canary"]["version"]),
+        (200, &Value::from(2)),
+        "{body}"
+    );
+    append(&weir, &events(5, 45));
+    let split = outputs(&weir, 45, &log);
+    let mut by_version = [0, 0];
+    for output in &split[5..] {
+        let version = versions(output);
+        let enriched = output["value"].as_str().expect("value").contains("segment");
+        match version.as_slice() {
+            [v] if v == "1" && !enriched => by_version[0] += 1,
+            [v] if v == "2" && enriched => by_version[1] += 1,
+            _ => panic!("{output}"),
+        }
+    }
+    assert!(
+        by_version[0] > 0 && by_version[1] > 0,
+        "both versions had records: {by_version:?}"
+    );
+    // Healthy after 10 records: promoted, by the worker itself.
+    let p = poll(port, "/v1/plugins/p", |p| p["active"] == 2);
+    assert_eq!(
+        (&p["active"], &p["canary"]),
+        (&Value::from(2), &Value::Null),
+        "{p}"
+    );
+    append(&weir, &events(45, 55));
+    let after = outputs(&weir, 55, &log);
+    assert!(
+        after[45..].iter().all(|o| versions(o) == ["2"]),
+        "{:?}",
+        &after[45..]
+    );
+    let status = poll(port, "/v1/status", |s| s["totals"]["processed"] == 55);
+    assert_eq!(status["plugin"]["version"], 2, "{status}");
+    let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");
+    assert!(
+        audit.contains("automatic: canary healthy after 10 records"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_failing_canary_is_rolled_back_by_the_worker() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", events(0, 5));
+    let port = free_port();
+    let log = weir.path("worker.log");
+    let config = canary_config(&weir, 5, 0);
+    let _worker = start(&weir, port, &["--config", &config]);
+    outputs(&weir, 5, &log);
+    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
+    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
+    let (status, body) = json(
+        port,
+        "POST",
+        "/v1/plugins/p/activate",
+        br#"{"version":2,"canary_percent":50}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    // Events without `user_id`: the identity passes them, the candidate (enrich) refuses them.
+    let unenrichable: Vec<String> = (5..45)
+        .map(|i| format!(r#"{{"id":"e{i}","ts":1}}"#))
+        .collect();
+    append(&weir, &unenrichable);
+    let p = poll(port, "/v1/plugins/p", |p| p["canary"].is_null());
+    assert_eq!(
+        (&p["active"], &p["canary"]),
+        (&Value::from(1), &Value::Null),
+        "{p}"
+    );
+    let (_, metrics) = http(port, "GET", "/metrics", b"");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(r#"weir_rollbacks_total{reason="canary"} 1"#),
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");
+    assert!(
+        audit.contains("automatic: canary invalid rate 100.0 %"),
+        "{audit}"
+    );
+    // After the rollback every record runs on version 1 again.
+    append(
+        &weir,
+        &(45..55)
+            .map(|i| format!(r#"{{"id":"e{i}","ts":1}}"#))
+            .collect::<Vec<_>>(),
+    );
+    let status = poll(port, "/v1/status", |s| {
+        s["totals"]["records_in"] == 55
+            && s["totals"]["processed"].as_u64().unwrap_or(0)
+                + s["totals"]["dead_lettered"].as_u64().unwrap_or(0)
+                == 55
+    });
+    let v2 = &status["by_version"]["2"];
+    assert_eq!(v2["processed"], 0, "{status}");
+    assert!(
+        v2["dead_lettered_by_class"]["invalid"]
+            .as_u64()
+            .is_some_and(|n| n >= 5),
+        "{status}"
+    );
+    let text = std::fs::read_to_string(weir.path("out.jsonl")).expect("out");
+    let last: Vec<Value> = text
+        .lines()
+        .rev()
+        .take(10)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(last.iter().all(|o| versions(o) == ["1"]), "{last:?}");
+}
+
 #[test]
 fn activation_and_rollback_swap_the_running_plugin() {
     let weir = Weir::new(WEIR);
     weir.write_lines("in.jsonl", events(0, 5));
     let port = free_port();
     let log = weir.path("worker.log");
-    let identity = plugin("faulty");
-    let child = Command::new(WEIR)
-        .current_dir(weir.path("."))
-        .args(["run", "--plugin"])
-        .arg(&identity)
-        .args(["--plugin-config", "faults=off", "--plugin-name", "p"])
-        .args(["--input", "in.jsonl", "--follow", "--output", "out.jsonl"])
-        .args(["--output-format", "envelope", "--state", "state", "--quiet"])
-        .args(["--api", &format!("127.0.0.1:{port}")])
-        .env("WEIR_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start weir");
-    let worker = Running(child);
+    let worker = start(&weir, port, &[]);
 
     // Version 1 is the --plugin file, uploaded and activated at start.
     let first = outputs(&weir, 5, &log);

@@ -43,6 +43,7 @@ impl Api {
             max_upload_bytes,
             running: None,
             redis_url: None,
+            canary: Default::default(),
         };
         adjust(&mut control);
         let state = AppState {
@@ -412,13 +413,36 @@ async fn activation_and_rollback_move_the_active_version() {
         1
     );
 
-    // Unknown versions, canaries (not built yet) and missing tokens are refused.
+    // A canary is recorded beside the active version; a rollback ends it, not the active one.
+    let canary = |version: u64, percent: f64| {
+        serde_json::to_vec(&serde_json::json!({ "version": version, "canary_percent": percent }))
+            .expect("json")
+    };
+    let (status, body) = post("/v1/plugins/p/activate", canary(2, 10.0)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["canary"],
+        serde_json::json!({ "version": 2, "percent": 10.0 })
+    );
+    assert_eq!(body["active"], 1);
+    let (status, body) = post("/v1/plugins/p/activate", canary(1, 10.0)).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the active version is no canary: {body}"
+    );
+    let (status, body) = post("/v1/plugins/p/activate", canary(2, 0.0)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = post("/v1/plugins/p/rollback", vec![]).await;
+    assert_eq!(
+        (status, &body["canary"], &body["active"]),
+        (StatusCode::OK, &Value::Null, &serde_json::json!(1)),
+        "{body}"
+    );
+
+    // Unknown versions and missing tokens are refused.
     let (status, body) = post("/v1/plugins/p/activate", activate(9)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    let canary = serde_json::to_vec(&serde_json::json!({ "version": 2, "canary_percent": 10 }))
-        .expect("json");
-    let (status, body) = post("/v1/plugins/p/activate", canary).await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{body}");
     let unauthenticated = Request::post("/v1/plugins/p/activate")
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(activate(2)))
@@ -453,8 +477,11 @@ async fn activation_and_rollback_move_the_active_version() {
             ("delete", Some(3), false),
             ("rollback", Some(1), true),
             ("rollback", None, false),
+            ("canary", Some(2), true),
+            ("canary", Some(1), false),
+            ("canary", Some(2), false),
+            ("rollback", Some(1), true),
             ("activate", Some(9), false),
-            ("activate", Some(2), false),
             ("activate", Some(2), false),
         ]
     );

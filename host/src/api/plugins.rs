@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
+use crate::canary::{CanaryConfig, Judgement};
 use crate::metrics::{Metrics, Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
 use crate::runtime::{ActivePlugin, LoadError, Plugin, Runtime};
@@ -42,7 +43,12 @@ pub struct Control {
     pub running: Option<Running>,
     /// The Redis of a cluster-mode worker, where every worker's heartbeat is.
     pub redis_url: Option<String>,
+    /// When a canary is rolled back or promoted.
+    pub canary: CanaryConfig,
 }
+
+/// How often a running canary is judged.
+const CANARY_CHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// The plugin this worker runs: activating or rolling back a version of its name loads that
 /// version with the worker's plugin configuration and swaps it in.
@@ -70,7 +76,9 @@ impl From<RegistryError> for ApiError {
         let status = match e {
             RegistryError::BadName(_) => StatusCode::BAD_REQUEST,
             RegistryError::NoPlugin(_) | RegistryError::NoVersion(..) => StatusCode::NOT_FOUND,
-            RegistryError::Active(..) | RegistryError::NoEarlierVersion(_) => StatusCode::CONFLICT,
+            RegistryError::Active(..)
+            | RegistryError::NoEarlierVersion(_)
+            | RegistryError::CanaryOfActive(..) => StatusCode::CONFLICT,
             RegistryError::Io(_) | RegistryError::Corrupt(..) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())
@@ -351,16 +359,33 @@ pub async fn activate(
     let control = control(&state)?;
     let mut entry = AuditEntry::new("admin", "activate", &name);
     entry.version = Some(activation.version);
-    if activation.canary_percent.is_some() {
-        let error = ApiError(
-            StatusCode::NOT_IMPLEMENTED,
-            "canary_percent is not supported yet: activate without it".into(),
-        );
-        entry.decision = format!("refused: {}", error.1);
-        control.audit(entry)?;
-        return Err(error);
-    }
     let version = activation.version;
+    if let Some(percent) = activation.canary_percent {
+        entry.action = "canary".into();
+        let starting = async {
+            if !(percent > 0.0 && percent <= 100.0) {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("canary_percent must be more than 0 and at most 100, got {percent}"),
+                ));
+            }
+            let loaded = control.load_running(&name, version).await?;
+            let plugin = control
+                .registry
+                .start_canary(&name, version, percent)
+                .await?;
+            if let (Some(running), Some(candidate)) = (&control.running, loaded) {
+                let stable = running.active.current().meta().version;
+                running.active.start_canary(candidate, percent);
+                tracing::info!(plugin = %name, stable, candidate = version, percent, "canary started");
+                if let Some(control) = state.control.clone() {
+                    tokio::spawn(watch_canary(control, name.clone(), stable, version));
+                }
+            }
+            Ok(plugin)
+        };
+        return Ok(Json(control.audited(entry, &headers, starting).await?));
+    }
     let activating = async {
         let loaded = control.load_running(&name, version).await?;
         let plugin = control.registry.activate(&name, version).await?;
@@ -379,6 +404,18 @@ pub async fn rollback(
     let control = control(&state)?;
     let entry = AuditEntry::new("admin", "rollback", &name);
     let rolling_back = async {
+        // A canary is rolled back by ending it; the active version stays.
+        if control
+            .registry
+            .plugin(&name)?
+            .is_some_and(|p| p.canary.is_some())
+        {
+            let plugin = control.registry.end_canary(&name).await?;
+            if let Some(running) = control.running.as_ref().filter(|r| r.name == name) {
+                running.active.end_canary();
+            }
+            return Ok(plugin);
+        }
         let target = control.registry.rollback_target(&name)?;
         let loaded = control.load_running(&name, target).await?;
         let plugin = control.registry.rollback(&name).await?;
@@ -386,6 +423,64 @@ pub async fn rollback(
         Ok(plugin)
     };
     Ok(Json(control.audited(entry, &headers, rolling_back).await?))
+}
+
+/// Watches a canary until it ends: rolls it back when it fails more than the stable version
+/// does over the same records, promotes it after `canary.promote_after_records` records.
+/// Either way the audit log and the metrics say so.
+async fn watch_canary(control: Arc<Control>, name: String, stable: u64, candidate: u64) {
+    let Some(running) = control.running.as_ref() else {
+        return;
+    };
+    let before = running.metrics.by_version();
+    loop {
+        tokio::time::sleep(CANARY_CHECK_EVERY).await;
+        let routing = running.active.routing();
+        let canary = routing.canary.as_ref().map(|c| c.plugin.meta().version);
+        if canary != Some(candidate) || routing.stable.meta().version != stable {
+            return; // ended, replaced or promoted by a call
+        }
+        let now = running.metrics.by_version();
+        let since = |v: u64| VersionCounts::since(now.get(&v), before.get(&v));
+        let judgement = crate::canary::judge(&since(stable), &since(candidate), &control.canary);
+        let mut entry = AuditEntry::new("weir", "rollback", &name);
+        entry.version = Some(candidate);
+        let outcome = match judgement {
+            Judgement::Wait => continue,
+            Judgement::RollBack(reason) => {
+                running.active.end_canary();
+                running
+                    .metrics
+                    .rollbacks
+                    .with_label_values(&["canary"])
+                    .inc();
+                tracing::warn!(plugin = %name, candidate, "canary rolled back: {reason}");
+                entry.decision = format!("accepted: automatic: {reason}");
+                control.registry.end_canary(&name).await
+            }
+            Judgement::Promote => {
+                running.active.promote();
+                running
+                    .metrics
+                    .set_active_plugin(running.active.current().meta());
+                running.metrics.hot_swaps.inc();
+                tracing::info!(plugin = %name, candidate, "canary promoted");
+                entry.action = "activate".into();
+                entry.decision = format!(
+                    "accepted: automatic: canary healthy after {} records",
+                    control.canary.promote_after_records
+                );
+                control.registry.activate(&name, candidate).await
+            }
+        };
+        if let Err(e) = outcome
+            .map_err(ApiError::from)
+            .and_then(|_| control.audit(entry))
+        {
+            tracing::error!(plugin = %name, "recording the canary's end failed: {}", e.1);
+        }
+        return;
+    }
 }
 
 /// What a change reports to the audit log: the version and digest it ended on.
@@ -400,12 +495,16 @@ impl Audited for VersionInfo {
 }
 
 impl Audited for PluginInfo {
+    /// The version the change ended on: the candidate of a canary, else the active one.
     fn describe(&self, entry: &mut AuditEntry) {
-        entry.version = self.active;
+        entry.version = match &self.canary {
+            Some(canary) if entry.action == "canary" => Some(canary.version),
+            _ => self.active,
+        };
         entry.digest = self
             .versions
             .iter()
-            .find(|v| Some(v.version) == self.active)
+            .find(|v| Some(v.version) == entry.version)
             .map(|v| v.digest.clone());
     }
 }

@@ -675,7 +675,11 @@ impl Shared {
         on_canary: &[bool],
         work: Vec<Record>,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
-        let Some(canary) = routing.canary.as_ref().filter(|_| on_canary.contains(&true)) else {
+        let Some(canary) = routing
+            .canary
+            .as_ref()
+            .filter(|_| on_canary.contains(&true))
+        else {
             return self.invoke(&routing.stable, work).await;
         };
         let (mut to_stable, mut to_canary) = (Vec::new(), Vec::new());

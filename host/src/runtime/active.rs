@@ -83,6 +83,18 @@ impl ActivePlugin {
         });
     }
 
+    /// Makes the canary's candidate the stable version; false when there is no canary.
+    pub fn promote(&self) -> bool {
+        let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
+        match routing.canary.take() {
+            Some(canary) => {
+                routing.stable = canary.plugin;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ends the canary: every record runs on the stable version again.
     pub fn end_canary(&self) -> Option<Canary> {
         let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
@@ -106,7 +118,11 @@ mod tests {
         assert_eq!(share(0.0), 0);
         assert_eq!(share(100.0), 20_000);
         // A larger share keeps every id of a smaller one.
-        let at = |p| (0..2_000).filter(|i| in_share(&format!("id-{i}"), p)).collect::<Vec<_>>();
+        let at = |p| {
+            (0..2_000)
+                .filter(|i| in_share(&format!("id-{i}"), p))
+                .collect::<Vec<_>>()
+        };
         assert!(at(5.0).iter().all(|i| at(20.0).contains(i)));
     }
 }

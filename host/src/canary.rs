@@ -1,0 +1,159 @@
+//! Judging a canary: a candidate version's failure rates against the stable version's over
+//! the same period. Plugin faults (trap, timeout, oom, bad_output) and `invalid` are each
+//! compared as rates of the records each version had; the candidate fails when either rate
+//! exceeds the stable version's by more than the margin. `invalid` is compared against the
+//! stable version's own rate rather than against zero, since dirty input is not the
+//! candidate's fault.
+
+use serde::{Deserialize, Serialize};
+
+use crate::errors::ErrorClass;
+use crate::metrics::VersionCounts;
+
+/// `[canary]`: when a canary is rolled back or promoted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CanaryConfig {
+    /// How far (as a fraction of records, 0 to 1) the candidate's failure rates may exceed
+    /// the stable version's.
+    pub margin: f64,
+    /// Records the candidate must have had before it is judged.
+    pub min_records: u64,
+    /// Promote the candidate once it had this many records without failing; 0: only by a
+    /// call (activate its version).
+    pub promote_after_records: u64,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        Self {
+            margin: 0.05,
+            min_records: 100,
+            promote_after_records: 0,
+        }
+    }
+}
+
+/// What to do with a canary now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Judgement {
+    Wait,
+    /// Roll back, for this reason.
+    RollBack(String),
+    Promote,
+}
+
+/// Records a version had: processed or dead-lettered.
+fn records(counts: &VersionCounts) -> u64 {
+    counts.processed + counts.dead_lettered
+}
+
+/// The share of a version's records dead-lettered with one of `classes`.
+fn rate(counts: &VersionCounts, classes: &[ErrorClass]) -> f64 {
+    let total = records(counts);
+    if total == 0 {
+        return 0.0;
+    }
+    let failed: u64 = classes
+        .iter()
+        .filter_map(|c| counts.dead_lettered_by_class.get(c.as_str()))
+        .sum();
+    failed as f64 / total as f64
+}
+
+/// Judges a candidate on what both versions did since the canary started.
+pub fn judge(
+    stable: &VersionCounts,
+    candidate: &VersionCounts,
+    config: &CanaryConfig,
+) -> Judgement {
+    let had = records(candidate);
+    if had < config.min_records.max(1) {
+        return Judgement::Wait;
+    }
+    let faults = [
+        ErrorClass::Trap,
+        ErrorClass::Timeout,
+        ErrorClass::Oom,
+        ErrorClass::BadOutput,
+    ];
+    for (what, classes) in [
+        ("plugin-fault", &faults[..]),
+        ("invalid", &[ErrorClass::Invalid][..]),
+    ] {
+        let (theirs, ours) = (rate(candidate, classes), rate(stable, classes));
+        if theirs > ours + config.margin {
+            return Judgement::RollBack(format!(
+                "canary {what} rate {:.1} % over {had} records against {:.1} % for the stable version (margin {:.1} %)",
+                theirs * 100.0,
+                ours * 100.0,
+                config.margin * 100.0
+            ));
+        }
+    }
+    if config.promote_after_records > 0 && had >= config.promote_after_records {
+        return Judgement::Promote;
+    }
+    Judgement::Wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(processed: u64, dead: &[(ErrorClass, u64)]) -> VersionCounts {
+        VersionCounts {
+            processed,
+            records_out: processed,
+            dead_lettered: dead.iter().map(|(_, n)| n).sum(),
+            dead_lettered_by_class: dead
+                .iter()
+                .map(|(c, n)| (c.as_str().to_owned(), *n))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn faults_and_invalid_are_compared_with_the_stable_version() {
+        let config = CanaryConfig {
+            margin: 0.05,
+            min_records: 100,
+            promote_after_records: 500,
+        };
+        let clean = counts(1000, &[]);
+        // Too few records to judge.
+        assert_eq!(
+            judge(&clean, &counts(10, &[(ErrorClass::Trap, 50)]), &config),
+            Judgement::Wait
+        );
+        // 10 % traps against none: rolled back.
+        let trapping = counts(180, &[(ErrorClass::Trap, 20)]);
+        let Judgement::RollBack(reason) = judge(&clean, &trapping, &config) else {
+            panic!("a trapping canary is rolled back")
+        };
+        assert!(reason.contains("plugin-fault rate 10.0 %"), "{reason}");
+        // Within the margin: keeps waiting.
+        assert_eq!(
+            judge(&clean, &counts(196, &[(ErrorClass::Timeout, 4)]), &config),
+            Judgement::Wait
+        );
+        // Invalid input both versions see equally is not the candidate's fault ...
+        let dirty = counts(700, &[(ErrorClass::Invalid, 300)]);
+        assert_eq!(
+            judge(&dirty, &counts(140, &[(ErrorClass::Invalid, 60)]), &config),
+            Judgement::Wait
+        );
+        // ... but refusing more of it than the stable version does is.
+        let Judgement::RollBack(reason) =
+            judge(&dirty, &counts(100, &[(ErrorClass::Invalid, 100)]), &config)
+        else {
+            panic!("a canary refusing more input is rolled back")
+        };
+        assert!(reason.contains("invalid rate 50.0 %"), "{reason}");
+        // Healthy long enough: promoted.
+        assert_eq!(
+            judge(&clean, &counts(500, &[]), &config),
+            Judgement::Promote
+        );
+    }
+}
