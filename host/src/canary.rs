@@ -1,5 +1,7 @@
-//! Judging a canary: a candidate version's failure rates against the stable version's over
-//! the same period. Plugin faults (trap, timeout, oom, bad_output) and `invalid` are each
+//! Judging plugin versions: a canary against the active version ([`judge`]), and the active
+//! version against a fault threshold ([`quarantine`]).
+//!
+//! A canary's failure rates are compared with the stable version's over the same period. Plugin faults (trap, timeout, oom, bad_output) and `invalid` are each
 //! compared as rates of the records each version had; the candidate fails when either rate
 //! exceeds the stable version's by more than the margin. `invalid` is compared against the
 //! stable version's own rate rather than against zero, since dirty input is not the
@@ -32,6 +34,50 @@ impl Default for CanaryConfig {
             promote_after_records: 0,
         }
     }
+}
+
+/// `[quarantine]`: when the active version is taken out of service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    /// Quarantine the active version when this fraction of its records (0 to 1) end in a
+    /// plugin fault (trap, timeout, oom, bad_output); 0 turns the watch off.
+    pub fault_rate: f64,
+    /// Records per judgement: the rate is taken over windows of this many records.
+    pub min_records: u64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        Self {
+            fault_rate: 0.5,
+            min_records: 100,
+        }
+    }
+}
+
+const PLUGIN_FAULTS: [ErrorClass; 4] = [
+    ErrorClass::Trap,
+    ErrorClass::Timeout,
+    ErrorClass::Oom,
+    ErrorClass::BadOutput,
+];
+
+/// Why the active version should be quarantined, judging a window of its records; `None`
+/// while the window is too small or the version is healthy.
+pub fn quarantine(window: &VersionCounts, config: &QuarantineConfig) -> Option<String> {
+    let had = records(window);
+    if config.fault_rate <= 0.0 || had < config.min_records.max(1) {
+        return None;
+    }
+    let faults = rate(window, &PLUGIN_FAULTS);
+    (faults >= config.fault_rate).then(|| {
+        format!(
+            "quarantine: plugin-fault rate {:.1} % over {had} records (threshold {:.1} %)",
+            faults * 100.0,
+            config.fault_rate * 100.0
+        )
+    })
 }
 
 /// What to do with a canary now.
@@ -71,14 +117,8 @@ pub fn judge(
     if had < config.min_records.max(1) {
         return Judgement::Wait;
     }
-    let faults = [
-        ErrorClass::Trap,
-        ErrorClass::Timeout,
-        ErrorClass::Oom,
-        ErrorClass::BadOutput,
-    ];
     for (what, classes) in [
-        ("plugin-fault", &faults[..]),
+        ("plugin-fault", &PLUGIN_FAULTS[..]),
         ("invalid", &[ErrorClass::Invalid][..]),
     ] {
         let (theirs, ours) = (rate(candidate, classes), rate(stable, classes));
@@ -154,6 +194,41 @@ mod tests {
         assert_eq!(
             judge(&clean, &counts(500, &[]), &config),
             Judgement::Promote
+        );
+    }
+
+    #[test]
+    fn quarantine_needs_a_full_window_over_the_threshold() {
+        let config = QuarantineConfig {
+            fault_rate: 0.5,
+            min_records: 100,
+        };
+        assert_eq!(
+            quarantine(&counts(0, &[(ErrorClass::Trap, 99)]), &config),
+            None
+        );
+        assert_eq!(
+            quarantine(&counts(51, &[(ErrorClass::Oom, 49)]), &config),
+            None
+        );
+        // Invalid input is not a plugin fault.
+        assert_eq!(
+            quarantine(&counts(0, &[(ErrorClass::Invalid, 200)]), &config),
+            None
+        );
+        let window = counts(40, &[(ErrorClass::Trap, 30), (ErrorClass::Timeout, 30)]);
+        let reason = quarantine(&window, &config).expect("60 % faults");
+        assert!(
+            reason.contains("plugin-fault rate 60.0 % over 100 records"),
+            "{reason}"
+        );
+        let off = QuarantineConfig {
+            fault_rate: 0.0,
+            ..config
+        };
+        assert_eq!(
+            quarantine(&counts(0, &[(ErrorClass::Trap, 500)]), &off),
+            None
         );
     }
 }

@@ -504,7 +504,9 @@ async fn start_http_servers(
         eprintln!("weir: serving /metrics, /healthz, /readyz on http://{bound}");
     }
     if let (Some(addr), Some(control)) = (&config.api.addr, control) {
-        let bound = serve_http(addr, state(Some(Arc::new(control)))).await?;
+        let control = Arc::new(control);
+        tokio::spawn(api::watch_active(control.clone()));
+        let bound = serve_http(addr, state(Some(control))).await?;
         eprintln!(
             "weir: serving the plugin API on http://{bound}/v1 (and /metrics, /healthz, /readyz)"
         );
@@ -553,6 +555,7 @@ fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Co
         running: None,
         redis_url: config.state.redis_url.clone(),
         canary: config.canary.clone(),
+        quarantine: config.quarantine.clone(),
     })
 }
 

@@ -48,6 +48,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
     pub canary: crate::canary::CanaryConfig,
+    pub quarantine: crate::canary::QuarantineConfig,
     pub kafka: KafkaConfig,
 }
 
@@ -429,6 +430,15 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.quarantine.fault_rate) {
+            return Err(invalid(
+                "quarantine.fault_rate",
+                format!(
+                    "must be a fraction of records from 0 to 1 (0: off), got {}",
+                    self.quarantine.fault_rate
+                ),
+            ));
         }
         if !(0.0..=1.0).contains(&self.canary.margin) {
             return Err(invalid(

@@ -14,7 +14,15 @@ const TOKEN: &str = "swap-test-token";
 
 /// One HTTP/1.1 request on a fresh connection; the status and the body.
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // The worker may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("connect to 127.0.0.1:{port}: {e}"),
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
@@ -110,11 +118,18 @@ fn versions(output: &Value) -> Vec<String> {
 /// following `in.jsonl` into `out.jsonl` (envelopes, so headers show), with the API on
 /// `port`; its stderr goes to `worker.log`.
 fn start(weir: &Weir, port: u16, extra: &[&str]) -> Running {
+    let mut args = vec!["--plugin-config", "faults=off"];
+    args.extend(extra);
+    start_with(weir, port, "faulty", &args)
+}
+
+/// As [`start`], with `first` as version 1 and no plugin configuration but `extra`.
+fn start_with(weir: &Weir, port: u16, first: &str, extra: &[&str]) -> Running {
     let child = Command::new(WEIR)
         .current_dir(weir.path("."))
         .args(["run", "--plugin"])
-        .arg(plugin("faulty"))
-        .args(["--plugin-config", "faults=off", "--plugin-name", "p"])
+        .arg(plugin(first))
+        .args(["--plugin-name", "p"])
         .args(["--input", "in.jsonl", "--follow", "--output", "out.jsonl"])
         .args(["--output-format", "envelope", "--state", "state", "--quiet"])
         .args(["--api", &format!("127.0.0.1:{port}")])
@@ -138,6 +153,113 @@ fn poll(port: u16, path: &str, done: impl Fn(&Value) -> bool) -> Value {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Events `enrich` takes and `faulty` (faults on) traps on.
+fn trapping_events(from: usize, to: usize) -> Vec<String> {
+    (from..to)
+        .map(|i| format!(r#"{{"id":"e{i}","user_id":"u{i}","ts":1704067200,"fault":"trap"}}"#))
+        .collect()
+}
+
+/// Waits until every record read has a fate; the status then.
+fn all_accounted(port: u16, records_in: u64) -> Value {
+    poll(port, "/v1/status", |s| {
+        let t = &s["totals"];
+        t["records_in"] == records_in
+            && t["processed"].as_u64().unwrap_or(0) + t["dead_lettered"].as_u64().unwrap_or(0)
+                == records_in
+    })
+}
+
+fn quarantine_config(weir: &Weir) -> String {
+    let path = weir.path("quarantine.toml");
+    std::fs::write(&path, "[quarantine]\nmin_records = 5\n").expect("config");
+    path.display().to_string()
+}
+
+#[test]
+fn a_faulting_version_is_quarantined_back_to_the_previous_one() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", trapping_events(0, 5));
+    let port = free_port();
+    let log = weir.path("worker.log");
+    let config = quarantine_config(&weir);
+    let _worker = start_with(&weir, port, "enrich", &["--config", &config]);
+    outputs(&weir, 5, &log);
+    let faulty = std::fs::read(plugin("faulty")).expect("faulty");
+    assert_eq!(json(port, "POST", "/v1/plugins/p", &faulty).0, 201);
+    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", br#"{"version":2}"#);
+    assert_eq!(status, 200, "{body}");
+    append(&weir, &trapping_events(5, 25));
+    let p = poll(port, "/v1/plugins/p", |p| p["active"] == 1);
+    assert_eq!(p["active"], 1, "quarantined back to version 1: {p}");
+    append(&weir, &trapping_events(25, 35));
+    let status = all_accounted(port, 35);
+    assert!(
+        status["by_version"]["2"]["dead_lettered_by_class"]["trap"]
+            .as_u64()
+            .is_some_and(|n| n >= 5),
+        "{status}"
+    );
+    // Version 1 took everything after the quarantine.
+    let text = std::fs::read_to_string(weir.path("out.jsonl")).expect("out");
+    let last: Vec<Value> = text
+        .lines()
+        .rev()
+        .take(10)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(last.iter().all(|o| versions(o) == ["1"]), "{last:?}");
+    let (_, metrics) = http(port, "GET", "/metrics", b"");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(r#"weir_rollbacks_total{reason="quarantine"} 1"#),
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");
+    assert!(
+        audit.contains("accepted: automatic: quarantine: plugin-fault rate"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_faulting_version_with_nothing_to_fall_back_to_pauses_until_one_is_activated() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", trapping_events(0, 5));
+    let port = free_port();
+    let config = quarantine_config(&weir);
+    let _worker = start_with(&weir, port, "faulty", &["--config", &config]);
+    all_accounted(port, 5);
+    let audit_path = weir.path("state/registry/audit.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&audit_path)
+        .unwrap_or_default()
+        .contains("paused: automatic: quarantine")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Paused: new records are read but wait.
+    append(&weir, &trapping_events(5, 15));
+    let waiting = poll(port, "/v1/status", |s| s["totals"]["records_in"] == 15);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, waiting_now) = json(port, "GET", "/v1/status", b"");
+    assert_eq!(waiting["totals"]["records_in"], 15, "{waiting}");
+    assert_eq!(
+        waiting_now["totals"]["dead_lettered"], 5,
+        "nothing ran while paused: {waiting_now}"
+    );
+    assert_eq!(waiting_now["totals"]["processed"], 0, "{waiting_now}");
+    // An operator activates a version that works: the waiting records run on it.
+    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
+    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
+    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", br#"{"version":2}"#);
+    assert_eq!(status, 200, "{body}");
+    let status = all_accounted(port, 15);
+    assert_eq!(status["by_version"]["2"]["processed"], 10, "{status}");
+    assert_eq!(status["totals"]["dead_lettered"], 5, "{status}");
 }
 
 fn canary_config(weir: &Weir, min_records: u64, promote_after: u64) -> String {

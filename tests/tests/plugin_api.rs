@@ -44,6 +44,7 @@ impl Api {
             running: None,
             redis_url: None,
             canary: Default::default(),
+            quarantine: Default::default(),
         };
         adjust(&mut control);
         let state = AppState {

@@ -6,6 +6,7 @@ mod plugins;
 
 pub use plugins::{
     ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, Running,
+    watch_active,
 };
 
 use std::net::SocketAddr;

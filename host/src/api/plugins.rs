@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use crate::canary::{CanaryConfig, Judgement};
+use crate::canary::{CanaryConfig, Judgement, QuarantineConfig};
 use crate::metrics::{Metrics, Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
 use crate::runtime::{ActivePlugin, LoadError, Plugin, Runtime};
@@ -45,10 +45,12 @@ pub struct Control {
     pub redis_url: Option<String>,
     /// When a canary is rolled back or promoted.
     pub canary: CanaryConfig,
+    /// When the active version is quarantined.
+    pub quarantine: QuarantineConfig,
 }
 
-/// How often a running canary is judged.
-const CANARY_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// How often a canary, and the active version, are judged.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 /// The plugin this worker runs: activating or rolling back a version of its name loads that
 /// version with the worker's plugin configuration and swaps it in.
@@ -416,13 +418,76 @@ pub async fn rollback(
             }
             return Ok(plugin);
         }
-        let target = control.registry.rollback_target(&name)?;
-        let loaded = control.load_running(&name, target).await?;
-        let plugin = control.registry.rollback(&name).await?;
-        control.swap_in(loaded);
-        Ok(plugin)
+        control.roll_back(&name).await
     };
     Ok(Json(control.audited(entry, &headers, rolling_back).await?))
+}
+
+/// Guards the running plugin's active version for the worker's lifetime: over each window
+/// of `quarantine.min_records` records, a plugin-fault rate at or over
+/// `quarantine.fault_rate` quarantines it. It is rolled back to the previous version when
+/// there is one; otherwise records wait (none are lost) until an operator activates a
+/// version. The audit log and `weir_rollbacks_total{reason="quarantine"}` say why.
+pub async fn watch_active(control: Arc<Control>) {
+    let Some(running) = control.running.as_ref() else {
+        return;
+    };
+    // The window being judged: the version and its counts when the window started. A
+    // version's first window starts at zero, so records it had before the first look count;
+    // a version active again later starts from its counts then.
+    let mut window: Option<(u64, VersionCounts)> = None;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let version = running.active.current().meta().version;
+        let now = running.metrics.by_version();
+        if window.as_ref().is_some_and(|(v, _)| *v != version) {
+            window = None;
+        }
+        let (_, start) = window.get_or_insert_with(|| {
+            let start = if seen.insert(version) {
+                VersionCounts::default()
+            } else {
+                now.get(&version).cloned().unwrap_or_default()
+            };
+            (version, start)
+        });
+        if running.active.is_paused() {
+            continue;
+        }
+        let counts = VersionCounts::since(now.get(&version), Some(start));
+        let Some(reason) = crate::canary::quarantine(&counts, &control.quarantine) else {
+            if counts.processed + counts.dead_lettered >= control.quarantine.min_records {
+                window = None;
+            }
+            continue;
+        };
+        window = None;
+        running
+            .metrics
+            .rollbacks
+            .with_label_values(&["quarantine"])
+            .inc();
+        let mut entry = AuditEntry::new("weir", "rollback", &running.name);
+        entry.version = Some(version);
+        match control.roll_back(&running.name).await {
+            Ok(plugin) => {
+                tracing::warn!(plugin = %running.name, from = version, to = ?plugin.active, "{reason}: rolled back");
+                entry.decision = format!("accepted: automatic: {reason}");
+            }
+            Err(e) => {
+                running.active.pause();
+                tracing::error!(plugin = %running.name, version, "{reason}; no version to roll back to ({}): records wait until a version is activated", e.1);
+                entry.decision = format!(
+                    "paused: automatic: {reason}; no version to roll back to ({}); records wait until a version is activated",
+                    e.1
+                );
+            }
+        }
+        if let Err(e) = control.audit(entry) {
+            tracing::error!(plugin = %running.name, "recording the quarantine failed: {}", e.1);
+        }
+    }
 }
 
 /// Watches a canary until it ends: rolls it back when it fails more than the stable version
@@ -434,7 +499,7 @@ async fn watch_canary(control: Arc<Control>, name: String, stable: u64, candidat
     };
     let before = running.metrics.by_version();
     loop {
-        tokio::time::sleep(CANARY_CHECK_EVERY).await;
+        tokio::time::sleep(WATCH_EVERY).await;
         let routing = running.active.routing();
         let canary = routing.canary.as_ref().map(|c| c.plugin.meta().version);
         if canary != Some(candidate) || routing.stable.meta().version != stable {
@@ -510,6 +575,16 @@ impl Audited for PluginInfo {
 }
 
 impl Control {
+    /// Activates the version active before the current one, swapping it in when this
+    /// worker runs `name`.
+    async fn roll_back(&self, name: &str) -> Result<PluginInfo, ApiError> {
+        let target = self.registry.rollback_target(name)?;
+        let loaded = self.load_running(name, target).await?;
+        let plugin = self.registry.rollback(name).await?;
+        self.swap_in(loaded);
+        Ok(plugin)
+    }
+
     /// Loads `version` of `name` with the worker's plugin configuration when the worker runs
     /// that plugin (its `init` may refuse: 422); `None` for other plugins.
     async fn load_running(&self, name: &str, version: u64) -> Result<Option<Plugin>, ApiError> {

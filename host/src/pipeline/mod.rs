@@ -341,19 +341,25 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         while let Some(mut claimed) = input.recv().await {
             let work = std::mem::take(&mut claimed.work);
-            // The batch runs on these versions to the end, retries included.
-            let routing = self.plugin.routing();
-            let on_canary: Vec<bool> = match &routing.canary {
-                Some(canary) => claimed
-                    .to_run
-                    .iter()
-                    .map(|&(i, _)| canary.takes(&claimed.ids[i]))
-                    .collect(),
-                None => Vec::new(),
+            let running = async {
+                // A quarantined plugin with nothing to fall back to: the batch waits (its
+                // leases renewed) until an operator activates a version.
+                self.plugin.serving().await;
+                // The batch runs on these versions to the end, retries included.
+                let routing = self.plugin.routing();
+                let on_canary: Vec<bool> = match &routing.canary {
+                    Some(canary) => claimed
+                        .to_run
+                        .iter()
+                        .map(|&(i, _)| canary.takes(&claimed.ids[i]))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let (work, verdicts) = self.invoke_routed(&routing, &on_canary, work).await?;
+                Ok::<_, PipelineError>((work, verdicts, routing, on_canary))
             };
-            let invoking = self.invoke_routed(&routing, &on_canary, work);
-            let (work, verdicts) = self
-                .renewing(&claimed.ids, &claimed.to_run, invoking)
+            let (work, verdicts, routing, on_canary) = self
+                .renewing(&claimed.ids, &claimed.to_run, running)
                 .await??;
             claimed.work = work;
             let transformed = Transformed {

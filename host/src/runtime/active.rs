@@ -41,6 +41,9 @@ fn in_share(id: &str, percent: f64) -> bool {
 
 pub struct ActivePlugin {
     routing: RwLock<Routing>,
+    /// True while the stable version is quarantined with nothing to fall back to: batches
+    /// wait (none are lost) until another version is swapped in.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl ActivePlugin {
@@ -50,7 +53,24 @@ impl ActivePlugin {
                 stable: Arc::new(plugin),
                 canary: None,
             }),
+            paused: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Returns once records may run (at once, unless the plugin is paused).
+    pub async fn serving(&self) {
+        let mut paused = self.paused.subscribe();
+        // The sender lives as long as `self`, so this only ends when unpaused.
+        let _ = paused.wait_for(|paused| !paused).await;
+    }
+
+    /// Stops records from running until a version is swapped in.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
     }
 
     /// The versions to run the next batch on.
@@ -71,7 +91,9 @@ impl ActivePlugin {
     pub fn swap(&self, plugin: Plugin) -> Arc<Plugin> {
         let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
         routing.canary = None;
-        std::mem::replace(&mut routing.stable, Arc::new(plugin))
+        let old = std::mem::replace(&mut routing.stable, Arc::new(plugin));
+        self.paused.send_replace(false);
+        old
     }
 
     /// Sends `percent` of the records to `plugin` from the next batch on.
