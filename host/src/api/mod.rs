@@ -1,13 +1,15 @@
 //! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
-//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry. [`router`]
+//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, with the
+//! canary and quarantine watches (`watch.rs`). [`router`]
 //! builds it from shared state, so tests drive it in-process with `oneshot`.
 
 mod plugins;
+mod watch;
 
 pub use plugins::{
     ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, Running,
-    watch_active,
 };
+pub use watch::watch_active;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

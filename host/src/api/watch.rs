@@ -1,0 +1,139 @@
+//! The watches of a worker that serves the plugin API: a canary judged against the active
+//! version until it is rolled back or promoted, and the active version judged against the
+//! quarantine threshold for the worker's lifetime (`crate::canary` holds the judgements).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::plugins::{ApiError, Control};
+use crate::canary::Judgement;
+use crate::metrics::VersionCounts;
+use crate::registry::AuditEntry;
+
+/// How often a canary, and the active version, are judged.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// Guards the running plugin's active version for the worker's lifetime: over each window
+/// of `quarantine.min_records` records, a plugin-fault rate at or over
+/// `quarantine.fault_rate` quarantines it. It is rolled back to the previous version when
+/// there is one; otherwise records wait (none are lost) until an operator activates a
+/// version. The audit log and `weir_rollbacks_total{reason="quarantine"}` say why.
+pub async fn watch_active(control: Arc<Control>) {
+    let Some(running) = control.running.as_ref() else {
+        return;
+    };
+    // The window being judged: the version and its counts when the window started. A
+    // version's first window starts at zero, so records it had before the first look count;
+    // a version active again later starts from its counts then.
+    let mut window: Option<(u64, VersionCounts)> = None;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let version = running.active.current().meta().version;
+        let now = running.metrics.by_version();
+        if window.as_ref().is_some_and(|(v, _)| *v != version) {
+            window = None;
+        }
+        let (_, start) = window.get_or_insert_with(|| {
+            let start = if seen.insert(version) {
+                VersionCounts::default()
+            } else {
+                now.get(&version).cloned().unwrap_or_default()
+            };
+            (version, start)
+        });
+        if running.active.is_paused() {
+            continue;
+        }
+        let counts = VersionCounts::since(now.get(&version), Some(start));
+        let Some(reason) = crate::canary::quarantine(&counts, &control.quarantine) else {
+            if counts.processed + counts.dead_lettered >= control.quarantine.min_records {
+                window = None;
+            }
+            continue;
+        };
+        window = None;
+        running
+            .metrics
+            .rollbacks
+            .with_label_values(&["quarantine"])
+            .inc();
+        let mut entry = AuditEntry::new("weir", "rollback", &running.name);
+        entry.version = Some(version);
+        match control.roll_back(&running.name).await {
+            Ok(plugin) => {
+                tracing::warn!(plugin = %running.name, from = version, to = ?plugin.active, "{reason}: rolled back");
+                entry.decision = format!("accepted: automatic: {reason}");
+            }
+            Err(e) => {
+                running.active.pause();
+                tracing::error!(plugin = %running.name, version, "{reason}; no version to roll back to ({}): records wait until a version is activated", e.1);
+                entry.decision = format!(
+                    "paused: automatic: {reason}; no version to roll back to ({}); records wait until a version is activated",
+                    e.1
+                );
+            }
+        }
+        if let Err(e) = control.audit(entry) {
+            tracing::error!(plugin = %running.name, "recording the quarantine failed: {}", e.1);
+        }
+    }
+}
+
+/// Watches a canary until it ends: rolls it back when it fails more than the stable version
+/// does over the same records, promotes it after `canary.promote_after_records` records.
+/// Either way the audit log and the metrics say so.
+pub(super) async fn watch_canary(control: Arc<Control>, name: String, stable: u64, candidate: u64) {
+    let Some(running) = control.running.as_ref() else {
+        return;
+    };
+    let before = running.metrics.by_version();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let routing = running.active.routing();
+        let canary = routing.canary.as_ref().map(|c| c.plugin.meta().version);
+        if canary != Some(candidate) || routing.stable.meta().version != stable {
+            return; // ended, replaced or promoted by a call
+        }
+        let now = running.metrics.by_version();
+        let since = |v: u64| VersionCounts::since(now.get(&v), before.get(&v));
+        let judgement = crate::canary::judge(&since(stable), &since(candidate), &control.canary);
+        let mut entry = AuditEntry::new("weir", "rollback", &name);
+        entry.version = Some(candidate);
+        let outcome = match judgement {
+            Judgement::Wait => continue,
+            Judgement::RollBack(reason) => {
+                running.active.end_canary();
+                running
+                    .metrics
+                    .rollbacks
+                    .with_label_values(&["canary"])
+                    .inc();
+                tracing::warn!(plugin = %name, candidate, "canary rolled back: {reason}");
+                entry.decision = format!("accepted: automatic: {reason}");
+                control.registry.end_canary(&name).await
+            }
+            Judgement::Promote => {
+                running.active.promote();
+                running
+                    .metrics
+                    .set_active_plugin(running.active.current().meta());
+                running.metrics.hot_swaps.inc();
+                tracing::info!(plugin = %name, candidate, "canary promoted");
+                entry.action = "activate".into();
+                entry.decision = format!(
+                    "accepted: automatic: canary healthy after {} records",
+                    control.canary.promote_after_records
+                );
+                control.registry.activate(&name, candidate).await
+            }
+        };
+        if let Err(e) = outcome
+            .map_err(ApiError::from)
+            .and_then(|_| control.audit(entry))
+        {
+            tracing::error!(plugin = %name, "recording the canary's end failed: {}", e.1);
+        }
+        return;
+    }
+}
