@@ -158,6 +158,12 @@ impl Registry {
         }
     }
 
+    /// A plugin's index, which must exist.
+    pub fn existing(&self, name: &str) -> Result<PluginInfo, RegistryError> {
+        self.plugin(name)?
+            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))
+    }
+
     /// Every plugin, by name.
     pub fn plugins(&self) -> Result<Vec<PluginInfo>, RegistryError> {
         let mut names = Vec::new();
@@ -177,9 +183,7 @@ impl Registry {
 
     /// One version's metadata.
     pub fn version(&self, name: &str, version: u64) -> Result<VersionInfo, RegistryError> {
-        let plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let plugin = self.existing(name)?;
         plugin
             .versions
             .into_iter()
@@ -241,9 +245,7 @@ impl Registry {
     /// stores the same content.
     pub async fn delete(&self, name: &str, version: u64) -> Result<VersionInfo, RegistryError> {
         let _writing = self.writing.lock().await;
-        let mut plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let mut plugin = self.existing(name)?;
         if plugin.active == Some(version) {
             return Err(RegistryError::Active(name.to_owned(), version));
         }
@@ -267,9 +269,7 @@ impl Registry {
     /// Makes `version` the active one; the one it replaces becomes the rollback target.
     pub async fn activate(&self, name: &str, version: u64) -> Result<PluginInfo, RegistryError> {
         let _writing = self.writing.lock().await;
-        let mut plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let mut plugin = self.existing(name)?;
         if !plugin.versions.iter().any(|v| v.version == version) {
             return Err(RegistryError::NoVersion(name.to_owned(), version));
         }
@@ -292,9 +292,7 @@ impl Registry {
         percent: f64,
     ) -> Result<PluginInfo, RegistryError> {
         let _writing = self.writing.lock().await;
-        let mut plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let mut plugin = self.existing(name)?;
         if !plugin.versions.iter().any(|v| v.version == version) {
             return Err(RegistryError::NoVersion(name.to_owned(), version));
         }
@@ -309,9 +307,7 @@ impl Registry {
     /// Ends a canary without changing the active version.
     pub async fn end_canary(&self, name: &str) -> Result<PluginInfo, RegistryError> {
         let _writing = self.writing.lock().await;
-        let mut plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let mut plugin = self.existing(name)?;
         plugin.canary = None;
         self.write_index(&plugin)?;
         Ok(plugin)
@@ -319,18 +315,14 @@ impl Registry {
 
     /// The version a rollback would activate: the latest earlier active one not deleted.
     pub fn rollback_target(&self, name: &str) -> Result<u64, RegistryError> {
-        let plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let plugin = self.existing(name)?;
         rollback_target(&plugin).ok_or_else(|| RegistryError::NoEarlierVersion(name.to_owned()))
     }
 
     /// Activates the version that was active before the current one (skipping deleted ones).
     pub async fn rollback(&self, name: &str) -> Result<PluginInfo, RegistryError> {
         let _writing = self.writing.lock().await;
-        let mut plugin = self
-            .plugin(name)?
-            .ok_or_else(|| RegistryError::NoPlugin(name.to_owned()))?;
+        let mut plugin = self.existing(name)?;
         let target = rollback_target(&plugin)
             .ok_or_else(|| RegistryError::NoEarlierVersion(name.to_owned()))?;
         let at = plugin

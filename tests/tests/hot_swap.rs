@@ -155,6 +155,17 @@ fn poll(port: u16, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// Uploads the `plugin` component as a new version of `p` (201) and posts `activation` to
+/// its activate route (200); the plugin as the activation left it.
+fn push_and_activate(port: u16, plugin_name: &str, activation: &[u8]) -> Value {
+    let bytes = std::fs::read(plugin(plugin_name)).expect("plugin built");
+    let (status, version) = json(port, "POST", "/v1/plugins/p", &bytes);
+    assert_eq!(status, 201, "{version}");
+    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", activation);
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 /// Events `enrich` takes and `faulty` (faults on) traps on.
 fn trapping_events(from: usize, to: usize) -> Vec<String> {
     (from..to)
@@ -187,10 +198,7 @@ fn a_faulting_version_is_quarantined_back_to_the_previous_one() {
     let config = quarantine_config(&weir);
     let _worker = start_with(&weir, port, "enrich", &["--config", &config]);
     outputs(&weir, 5, &log);
-    let faulty = std::fs::read(plugin("faulty")).expect("faulty");
-    assert_eq!(json(port, "POST", "/v1/plugins/p", &faulty).0, 201);
-    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", br#"{"version":2}"#);
-    assert_eq!(status, 200, "{body}");
+    push_and_activate(port, "faulty", br#"{"version":2}"#);
     append(&weir, &trapping_events(5, 25));
     let p = poll(port, "/v1/plugins/p", |p| p["active"] == 1);
     assert_eq!(p["active"], 1, "quarantined back to version 1: {p}");
@@ -253,10 +261,7 @@ fn a_faulting_version_with_nothing_to_fall_back_to_pauses_until_one_is_activated
     );
     assert_eq!(waiting_now["totals"]["processed"], 0, "{waiting_now}");
     // An operator activates a version that works: the waiting records run on it.
-    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
-    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
-    let (status, body) = json(port, "POST", "/v1/plugins/p/activate", br#"{"version":2}"#);
-    assert_eq!(status, 200, "{body}");
+    push_and_activate(port, "enrich", br#"{"version":2}"#);
     let status = all_accounted(port, 15);
     assert_eq!(status["by_version"]["2"]["processed"], 10, "{status}");
     assert_eq!(status["totals"]["dead_lettered"], 5, "{status}");
@@ -281,19 +286,8 @@ fn a_healthy_canary_takes_its_share_then_is_promoted() {
     let config = canary_config(&weir, 5, 10);
     let _worker = start(&weir, port, &["--config", &config]);
     outputs(&weir, 5, &log);
-    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
-    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
-    let (status, body) = json(
-        port,
-        "POST",
-        "/v1/plugins/p/activate",
-        br#"{"version":2,"canary_percent":50}"#,
-    );
-    assert_eq!(
-        (status, &body["canary"]["version"]),
-        (200, &Value::from(2)),
-        "{body}"
-    );
+    let body = push_and_activate(port, "enrich", br#"{"version":2,"canary_percent":50}"#);
+    assert_eq!(body["canary"]["version"], 2, "{body}");
     append(&weir, &events(5, 45));
     let split = outputs(&weir, 45, &log);
     let mut by_version = [0, 0];
@@ -342,15 +336,7 @@ fn a_failing_canary_is_rolled_back_by_the_worker() {
     let config = canary_config(&weir, 5, 0);
     let _worker = start(&weir, port, &["--config", &config]);
     outputs(&weir, 5, &log);
-    let enrich = std::fs::read(plugin("enrich")).expect("enrich");
-    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
-    let (status, body) = json(
-        port,
-        "POST",
-        "/v1/plugins/p/activate",
-        br#"{"version":2,"canary_percent":50}"#,
-    );
-    assert_eq!(status, 200, "{body}");
+    push_and_activate(port, "enrich", br#"{"version":2,"canary_percent":50}"#);
     // Events without `user_id`: the identity passes them, the candidate (enrich) refuses them.
     let unenrichable: Vec<String> = (5..45)
         .map(|i| format!(r#"{{"id":"e{i}","ts":1}}"#))

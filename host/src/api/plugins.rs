@@ -227,11 +227,7 @@ pub async fn show(
 ) -> Result<Json<PluginInfo>, ApiError> {
     let control = control(&state)?;
     control.check_read(&headers)?;
-    let plugin = control
-        .registry
-        .plugin(&name)?
-        .ok_or(RegistryError::NoPlugin(name))?;
-    Ok(Json(plugin))
+    Ok(Json(control.registry.existing(&name)?))
 }
 
 /// What `GET /v1/status` answers.

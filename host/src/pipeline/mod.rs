@@ -439,8 +439,8 @@ impl Shared {
                         first_failure_ms: now,
                         last_failure_ms: now,
                     };
-                    let meta = self.plugin.current().meta().clone();
-                    letters.push(dead_letter(&meta, incoming.record, &ids[i], failed));
+                    let stable = self.plugin.current();
+                    letters.push(dead_letter(stable.meta(), incoming.record, &ids[i], failed));
                     finished.push((ids[i].clone(), fence));
                     finished_at.push(i);
                 }
