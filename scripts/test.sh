@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 stage() { echo "== $1 ($((SECONDS - start)) s elapsed)"; }
 
+# A CI run once ran out of disk while linking tests; say how much there is.
+echo "disk free where the build goes: $(df -h --output=avail . | tail -1 | tr -d ' ')"
+
 stage "toolchain components"
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
@@ -45,4 +48,5 @@ fi
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{ n += $1 } END { print n + 0 }'; }
 echo "tests: $(sum passed) passed, $(sum failed) failed"
 
+echo "target/ takes $(du -sh target | cut -f1)"
 stage "done"

@@ -505,6 +505,7 @@ async fn start_http_servers(
     }
     if let (Some(addr), Some(control)) = (&config.api.addr, control) {
         let control = Arc::new(control);
+        tokio::spawn(api::follow(control.clone()));
         tokio::spawn(api::watch_active(control.clone()));
         let bound = serve_http(addr, state(Some(control))).await?;
         eprintln!(
@@ -523,15 +524,23 @@ async fn serve_http(addr: &str, state: AppState) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("cannot serve on {addr}"))
 }
 
-/// The plugin API's registry, token and limits from the config.
-fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Control> {
-    let dir = config
-        .api
-        .registry_path
-        .clone()
-        .unwrap_or_else(|| config.state.path.join("registry"));
-    let registry = crate::registry::Registry::open(&dir)
-        .with_context(|| format!("plugin registry in {}", dir.display()))?;
+/// The plugin API's registry, token and limits from the config. A cluster's workers share
+/// one registry in their Redis; an embedded worker keeps its own in a directory.
+async fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Control> {
+    use crate::registry::Registry;
+    let registry = match &config.state.redis_url {
+        Some(url) => Registry::connect(url)
+            .await
+            .with_context(|| format!("plugin registry in the Redis at {url}"))?,
+        None => {
+            let dir = config
+                .api
+                .registry_path
+                .clone()
+                .unwrap_or_else(|| config.state.path.join("registry"));
+            Registry::open(&dir).with_context(|| format!("plugin registry in {}", dir.display()))?
+        }
+    };
     let admin_token = config
         .api
         .admin_token
@@ -559,43 +568,47 @@ fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Co
     })
 }
 
-/// The registry's active version of `name`, loaded; when it has none, the `--plugin` file is
-/// uploaded (if new) and activated first.
+/// The registry's active version of `name`, loaded, with the activation count it is from;
+/// when the registry has none, the `--plugin` file is uploaded (if new) and activated first.
 async fn active_version(
     control: &api::Control,
     path: &Path,
     name: &str,
     config: Vec<(String, String)>,
-) -> anyhow::Result<Plugin> {
+) -> anyhow::Result<(Plugin, u64)> {
     use crate::registry::AuditEntry;
     let registry = &control.registry;
-    let active = registry.plugin(name)?.and_then(|p| p.active);
-    let version = match active {
-        Some(version) => version,
+    let index = registry.plugin(name).await?;
+    let (version, activations) = match index
+        .as_ref()
+        .and_then(|p| Some((p.active?, p.activations)))
+    {
+        Some(active) => active,
         None => {
             let bytes =
                 std::fs::read(path).with_context(|| format!("plugin {}", path.display()))?;
             let inspection = Plugin::inspect(&control.runtime, &bytes)
                 .with_context(|| format!("plugin {}", path.display()))?;
             let (info, _) = registry.upload(name, &bytes, inspection, "worker").await?;
-            registry.activate(name, info.version).await?;
+            let index = registry.activate(name, info.version).await?;
             for action in ["upload", "activate"] {
                 let mut entry = AuditEntry::new("worker", action, name);
                 entry.version = Some(info.version);
                 entry.digest = Some(info.digest.clone());
-                registry.audit(&entry)?;
+                registry.audit(&entry).await?;
             }
             eprintln!(
                 "weir: registry had no active version of `{name}`: {} is version {}",
                 path.display(),
                 info.version
             );
-            info.version
+            (info.version, index.activations)
         }
     };
-    let bytes = registry.wasm(name, version)?;
-    Plugin::load(&control.runtime, &bytes, name, version, config)
-        .with_context(|| format!("plugin `{name}` version {version} from the registry"))
+    let bytes = registry.wasm(name, version).await?;
+    let plugin = Plugin::load(&control.runtime, &bytes, name, version, config)
+        .with_context(|| format!("plugin `{name}` version {version} from the registry"))?;
+    Ok((plugin, activations))
 }
 
 async fn shutdown_signal() {
@@ -796,16 +809,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let plugin_config: Vec<(String, String)> = config.plugin.config.clone().into_iter().collect();
     let metrics = Arc::new(Metrics::new());
     let mut control = match &config.api.addr {
-        Some(_) => Some(api_control(&config, runtime.clone())?),
+        Some(_) => Some(api_control(&config, runtime.clone()).await?),
         None => None,
     };
-    let plugin = match &control {
+    let (plugin, activations) = match &control {
         // With the API, the worker runs the registry's active version of its plugin.
         Some(control) => {
             active_version(control, &plugin_path, &name, plugin_config.clone()).await?
         }
-        None => load_plugin(&runtime, &plugin_path, &name, plugin_config.clone())?,
+        None => (
+            load_plugin(&runtime, &plugin_path, &name, plugin_config.clone())?,
+            0,
+        ),
     };
+    let version = plugin.meta().version;
     let plugin = Arc::new(ActivePlugin::new(plugin));
     if let Some(control) = &mut control {
         control.running = Some(api::Running {
@@ -814,6 +831,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             active: plugin.clone(),
             config: plugin_config,
             metrics: metrics.clone(),
+            applied: tokio::sync::Mutex::new((version, activations)),
         });
     }
     let ready = start_http_servers(&config, &metrics, control).await?;

@@ -136,7 +136,7 @@ async fn mutating_routes_are_closed_without_a_configured_token() {
         api.json("GET", "/v1/plugins", None, vec![]).await.1,
         serde_json::json!([])
     );
-    let audit = api.control().registry.audit_log().expect("audit");
+    let audit = api.control().registry.audit_log().await.expect("audit");
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert!(
         audit
@@ -228,7 +228,7 @@ async fn uploads_are_authorised_validated_and_content_addressed() {
     assert!(error(&body).contains("not a plugin name"), "{body}");
 
     // The audit log has every decision, in order.
-    let audit = api.control().registry.audit_log().expect("audit");
+    let audit = api.control().registry.audit_log().await.expect("audit");
     let decisions: Vec<(&str, Option<u64>, bool)> = audit
         .iter()
         .map(|e| {
@@ -360,7 +360,7 @@ async fn versions_are_listed_downloaded_and_deleted() {
         .json("POST", "/v1/plugins/p", Some(TOKEN), enrich.clone())
         .await;
     assert_eq!(v3["version"], 3);
-    let audit = api.control().registry.audit_log().expect("audit");
+    let audit = api.control().registry.audit_log().await.expect("audit");
     let deletions: Vec<_> = audit
         .iter()
         .filter(|e| e.action == "delete")
@@ -458,7 +458,7 @@ async fn activation_and_rollback_move_the_active_version() {
         1
     );
 
-    let audit = api.control().registry.audit_log().expect("audit");
+    let audit = api.control().registry.audit_log().await.expect("audit");
     let changes: Vec<(&str, Option<u64>, bool)> = audit
         .iter()
         .filter(|e| e.action != "upload")

@@ -1,11 +1,13 @@
 //! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
-//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, with the
-//! canary and quarantine watches (`watch.rs`). [`router`]
+//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, which the
+//! worker follows (`follow.rs`), with the canary and quarantine watches (`watch.rs`). [`router`]
 //! builds it from shared state, so tests drive it in-process with `oneshot`.
 
+mod follow;
 mod plugins;
 mod watch;
 
+pub use follow::follow;
 pub use plugins::{
     ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, Running,
 };

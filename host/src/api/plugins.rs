@@ -58,11 +58,13 @@ pub struct Running {
     pub active: Arc<ActivePlugin>,
     pub config: Vec<(String, String)>,
     pub metrics: Arc<Metrics>,
+    /// The registry's active version and activation count last swapped in.
+    pub applied: tokio::sync::Mutex<(u64, u64)>,
 }
 
 /// A refusal, answered as `{"error": "..."}` with its status.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, pub(super) String);
+pub struct ApiError(pub(super) StatusCode, pub(super) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -125,8 +127,8 @@ impl Control {
     }
 
     /// Writes an audit line; a failure to write it fails the request.
-    pub(super) fn audit(&self, entry: AuditEntry) -> Result<(), ApiError> {
-        self.registry.audit(&entry).map_err(ApiError::from)
+    pub(super) async fn audit(&self, entry: AuditEntry) -> Result<(), ApiError> {
+        self.registry.audit(&entry).await.map_err(ApiError::from)
     }
 }
 
@@ -135,8 +137,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn control(state: &AppState) -> Result<&Control, ApiError> {
-    state.control.as_deref().ok_or_else(|| {
+fn control(state: &AppState) -> Result<&Arc<Control>, ApiError> {
+    state.control.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             "this server has no plugin registry (start the worker with --api)".into(),
@@ -156,30 +158,30 @@ pub async fn upload(
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
     let mut entry = AuditEntry::new("admin", "upload", &name);
     entry.digest = Some(digest);
-    let refuse = |mut entry: AuditEntry, error: ApiError| {
+    let refuse = async |mut entry: AuditEntry, error: ApiError| {
         entry.decision = format!("refused: {}", error.1);
-        control.audit(entry)?;
+        control.audit(entry).await?;
         Err(error)
     };
     if let Err(e) = control.check_token(&headers) {
         entry.who = "anonymous".into();
-        return refuse(entry, e);
+        return refuse(entry, e).await;
     }
     if let Err(e) = registry::check_name(&name) {
-        return refuse(entry, e.into());
+        return refuse(entry, e.into()).await;
     }
     let runtime = control.runtime.clone();
     let bytes = body.clone();
     let inspecting = tokio::task::spawn_blocking(move || Plugin::inspect(&runtime, &bytes));
     let inspection = match tokio::time::timeout(control.compile_timeout, inspecting).await {
         Ok(Ok(Ok(inspection))) => inspection,
-        Ok(Ok(Err(e))) => return refuse(entry, refused_upload(&e)),
+        Ok(Ok(Err(e))) => return refuse(entry, refused_upload(&e)).await,
         Ok(Err(e)) => {
             let error = ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("validation failed: {e}"),
             );
-            return refuse(entry, error);
+            return refuse(entry, error).await;
         }
         Err(_) => {
             let error = ApiError(
@@ -189,7 +191,7 @@ pub async fn upload(
                     control.compile_timeout.as_secs()
                 ),
             );
-            return refuse(entry, error);
+            return refuse(entry, error).await;
         }
     };
     let (info, created) = control
@@ -200,7 +202,7 @@ pub async fn upload(
     if !created {
         entry.decision = "accepted: already stored".into();
     }
-    control.audit(entry)?;
+    control.audit(entry).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -216,7 +218,7 @@ pub async fn list(
 ) -> Result<Json<Vec<PluginInfo>>, ApiError> {
     let control = control(&state)?;
     control.check_read(&headers)?;
-    Ok(Json(control.registry.plugins()?))
+    Ok(Json(control.registry.plugins().await?))
 }
 
 /// `GET /v1/plugins/{name}`.
@@ -227,7 +229,7 @@ pub async fn show(
 ) -> Result<Json<PluginInfo>, ApiError> {
     let control = control(&state)?;
     control.check_read(&headers)?;
-    Ok(Json(control.registry.existing(&name)?))
+    Ok(Json(control.registry.existing(&name).await?))
 }
 
 /// What `GET /v1/status` answers.
@@ -307,7 +309,7 @@ pub async fn version(
 ) -> Result<Json<VersionInfo>, ApiError> {
     let control = control(&state)?;
     control.check_read(&headers)?;
-    Ok(Json(control.registry.version(&name, version)?))
+    Ok(Json(control.registry.version(&name, version).await?))
 }
 
 /// `GET /v1/plugins/{name}/versions/{version}/wasm`: the component bytes.
@@ -318,7 +320,7 @@ pub async fn download(
 ) -> Result<impl IntoResponse, ApiError> {
     let control = control(&state)?;
     control.check_read(&headers)?;
-    let bytes = control.registry.wasm(&name, version)?;
+    let bytes = control.registry.wasm(&name, version).await?;
     Ok(([(header::CONTENT_TYPE, "application/wasm")], bytes))
 }
 
@@ -369,27 +371,16 @@ pub async fn activate(
                 .registry
                 .start_canary(&name, version, percent)
                 .await?;
-            if let (Some(running), Some(candidate)) = (&control.running, loaded) {
-                let stable = running.active.current().meta().version;
-                running.active.start_canary(candidate, percent);
-                tracing::info!(plugin = %name, stable, candidate = version, percent, "canary started");
-                if let Some(control) = state.control.clone() {
-                    tokio::spawn(super::watch::watch_canary(
-                        control,
-                        name.clone(),
-                        stable,
-                        version,
-                    ));
-                }
-            }
+            control.apply(loaded).await?;
             Ok(plugin)
         };
         return Ok(Json(control.audited(entry, &headers, starting).await?));
     }
     let activating = async {
+        // Loaded first: a version this worker cannot run is refused before it is active.
         let loaded = control.load_running(&name, version).await?;
         let plugin = control.registry.activate(&name, version).await?;
-        control.swap_in(loaded);
+        control.apply(loaded).await?;
         Ok(plugin)
     };
     Ok(Json(control.audited(entry, &headers, activating).await?))
@@ -405,18 +396,17 @@ pub async fn rollback(
     let entry = AuditEntry::new("admin", "rollback", &name);
     let rolling_back = async {
         // A canary is rolled back by ending it; the active version stays.
-        if control
-            .registry
-            .plugin(&name)?
-            .is_some_and(|p| p.canary.is_some())
-        {
-            let plugin = control.registry.end_canary(&name).await?;
-            if let Some(running) = control.running.as_ref().filter(|r| r.name == name) {
-                running.active.end_canary();
-            }
-            return Ok(plugin);
-        }
-        control.roll_back(&name).await
+        let plugin = if control.registry.existing(&name).await?.canary.is_some() {
+            control.registry.end_canary(&name, None).await?
+        } else {
+            control
+                .registry
+                .rollback(&name, None)
+                .await?
+                .ok_or_else(|| RegistryError::NoEarlierVersion(name.clone()))?
+        };
+        control.apply(None).await?;
+        Ok(plugin)
     };
     Ok(Json(control.audited(entry, &headers, rolling_back).await?))
 }
@@ -448,56 +438,6 @@ impl Audited for PluginInfo {
 }
 
 impl Control {
-    /// Activates the version active before the current one, swapping it in when this
-    /// worker runs `name`.
-    pub(super) async fn roll_back(&self, name: &str) -> Result<PluginInfo, ApiError> {
-        let target = self.registry.rollback_target(name)?;
-        let loaded = self.load_running(name, target).await?;
-        let plugin = self.registry.rollback(name).await?;
-        self.swap_in(loaded);
-        Ok(plugin)
-    }
-
-    /// Loads `version` of `name` with the worker's plugin configuration when the worker runs
-    /// that plugin (its `init` may refuse: 422); `None` for other plugins.
-    async fn load_running(&self, name: &str, version: u64) -> Result<Option<Plugin>, ApiError> {
-        let Some(running) = self.running.as_ref().filter(|r| r.name == name) else {
-            self.registry.version(name, version)?;
-            return Ok(None);
-        };
-        let bytes = self.registry.wasm(name, version)?;
-        let (runtime, name, config) = (
-            self.runtime.clone(),
-            name.to_owned(),
-            running.config.clone(),
-        );
-        let loading = tokio::task::spawn_blocking(move || {
-            Plugin::load(&runtime, &bytes, &name, version, config)
-        });
-        match loading.await {
-            Ok(Ok(plugin)) => Ok(Some(plugin)),
-            Ok(Err(e)) => Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("version {version} cannot run here: it {e}"),
-            )),
-            Err(e) => Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("loading version {version} failed: {e}"),
-            )),
-        }
-    }
-
-    /// Swaps a loaded version in: the next batch runs on it.
-    fn swap_in(&self, loaded: Option<Plugin>) {
-        if let (Some(running), Some(plugin)) = (&self.running, loaded) {
-            running.metrics.set_active_plugin(plugin.meta());
-            let meta = plugin.meta().clone();
-            let old = running.active.swap(plugin);
-            running.metrics.hot_swaps.inc();
-            tracing::info!(plugin = %meta.name, from = old.meta().version, to = meta.version, "plugin version swapped in; batches under way finish on the old one");
-        }
-    }
-
     /// Runs `change` if the request carries the admin token, and writes the outcome, either
     /// way, to the audit log.
     async fn audited<T: Audited>(
@@ -517,7 +457,7 @@ impl Control {
             Ok(done) => done.describe(&mut entry),
             Err(error) => entry.decision = format!("refused: {}", error.1),
         }
-        self.audit(entry)?;
+        self.audit(entry).await?;
         outcome
     }
 }

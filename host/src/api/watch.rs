@@ -53,28 +53,37 @@ pub async fn watch_active(control: Arc<Control>) {
             continue;
         };
         window = None;
+        let mut entry = AuditEntry::new("weir", "rollback", &running.name);
+        entry.version = Some(version);
+        let rolled_back = control
+            .registry
+            .rollback(&running.name, Some(version))
+            .await
+            .map_err(ApiError::from);
+        if let Ok(None) = rolled_back {
+            continue; // another worker of the cluster rolled it back first
+        }
         running
             .metrics
             .rollbacks
             .with_label_values(&["quarantine"])
             .inc();
-        let mut entry = AuditEntry::new("weir", "rollback", &running.name);
-        entry.version = Some(version);
-        match control.roll_back(&running.name).await {
+        match rolled_back {
             Ok(plugin) => {
-                tracing::warn!(plugin = %running.name, from = version, to = ?plugin.active, "{reason}: rolled back");
+                let to = plugin.and_then(|p| p.active);
+                tracing::warn!(plugin = %running.name, from = version, ?to, "{reason}: rolled back");
                 entry.decision = format!("accepted: automatic: {reason}");
             }
             Err(e) => {
                 running.active.pause();
-                tracing::error!(plugin = %running.name, version, "{reason}; no version to roll back to ({}): records wait until a version is activated", e.1);
+                tracing::error!(plugin = %running.name, version, "{reason}; cannot roll back ({}): records wait until a version is activated", e.1);
                 entry.decision = format!(
-                    "paused: automatic: {reason}; no version to roll back to ({}); records wait until a version is activated",
+                    "paused: automatic: {reason}; cannot roll back ({}); records wait until a version is activated",
                     e.1
                 );
             }
         }
-        if let Err(e) = control.audit(entry) {
+        if let Err(e) = control.audit(entry).await {
             tracing::error!(plugin = %running.name, "recording the quarantine failed: {}", e.1);
         }
     }
@@ -82,28 +91,29 @@ pub async fn watch_active(control: Arc<Control>) {
 
 /// Watches a canary until it ends: rolls it back when it fails more than the stable version
 /// does over the same records, promotes it after `canary.promote_after_records` records.
-/// Either way the audit log and the metrics say so.
-pub(super) async fn watch_canary(control: Arc<Control>, name: String, stable: u64, candidate: u64) {
+/// Either way the registry (so every worker, `follow.rs`), the audit log and the metrics
+/// say so.
+pub(super) async fn watch_canary(control: Arc<Control>, stable: u64, candidate: u64) {
     let Some(running) = control.running.as_ref() else {
         return;
     };
+    let name = &running.name;
     let before = running.metrics.by_version();
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         let routing = running.active.routing();
         let canary = routing.canary.as_ref().map(|c| c.plugin.meta().version);
         if canary != Some(candidate) || routing.stable.meta().version != stable {
-            return; // ended, replaced or promoted by a call
+            return; // ended, replaced or promoted by a call or another worker
         }
         let now = running.metrics.by_version();
         let since = |v: u64| VersionCounts::since(now.get(&v), before.get(&v));
         let judgement = crate::canary::judge(&since(stable), &since(candidate), &control.canary);
-        let mut entry = AuditEntry::new("weir", "rollback", &name);
+        let mut entry = AuditEntry::new("weir", "rollback", name);
         entry.version = Some(candidate);
-        let outcome = match judgement {
+        let changed = match judgement {
             Judgement::Wait => continue,
             Judgement::RollBack(reason) => {
-                running.active.end_canary();
                 running
                     .metrics
                     .rollbacks
@@ -111,27 +121,32 @@ pub(super) async fn watch_canary(control: Arc<Control>, name: String, stable: u6
                     .inc();
                 tracing::warn!(plugin = %name, candidate, "canary rolled back: {reason}");
                 entry.decision = format!("accepted: automatic: {reason}");
-                control.registry.end_canary(&name).await
+                control
+                    .registry
+                    .end_canary(name, Some(candidate))
+                    .await
+                    .map(|_| true)
             }
             Judgement::Promote => {
-                running.active.promote();
-                running
-                    .metrics
-                    .set_active_plugin(running.active.current().meta());
-                running.metrics.hot_swaps.inc();
                 tracing::info!(plugin = %name, candidate, "canary promoted");
                 entry.action = "activate".into();
                 entry.decision = format!(
                     "accepted: automatic: canary healthy after {} records",
                     control.canary.promote_after_records
                 );
-                control.registry.activate(&name, candidate).await
+                control
+                    .registry
+                    .promote(name, candidate)
+                    .await
+                    .map(|p| p.is_some())
             }
         };
-        if let Err(e) = outcome
-            .map_err(ApiError::from)
-            .and_then(|_| control.audit(entry))
-        {
+        let recorded = match changed.map_err(ApiError::from) {
+            Ok(true) => control.audit(entry).await,
+            Ok(false) => Ok(()), // another worker decided first
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
             tracing::error!(plugin = %name, "recording the canary's end failed: {}", e.1);
         }
         return;

@@ -97,12 +97,9 @@ impl ActivePlugin {
     }
 
     /// Sends `percent` of the records to `plugin` from the next batch on.
-    pub fn start_canary(&self, plugin: Plugin, percent: f64) {
+    pub fn start_canary(&self, plugin: Arc<Plugin>, percent: f64) {
         let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
-        routing.canary = Some(Canary {
-            plugin: Arc::new(plugin),
-            percent,
-        });
+        routing.canary = Some(Canary { plugin, percent });
     }
 
     /// Makes the canary's candidate the stable version; false when there is no canary.

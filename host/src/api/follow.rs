@@ -1,0 +1,150 @@
+//! A worker following the registry: the plugin it runs is made to match the registry's
+//! index of its name (active version and canary) on every change, whether made through this
+//! worker's API or published by another worker of the cluster, and every few seconds in case
+//! a notification was lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+
+use super::plugins::{ApiError, Control};
+use super::watch::watch_canary;
+use crate::runtime::Plugin;
+
+/// How often the registry is read again without a notification.
+const RECHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Follows the registry for the worker's lifetime.
+pub async fn follow(control: Arc<Control>) {
+    let mut changes = control.registry.changes();
+    loop {
+        if let Err(e) = control.apply(None).await {
+            tracing::warn!("following the plugin registry: {}", e.1);
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RECHECK_EVERY) => {}
+        }
+    }
+}
+
+impl Control {
+    /// Makes the running plugin what the registry says: its active version, swapped in
+    /// when there was an activation (or rollback) since the last one applied, and its
+    /// canary. `loaded` is a version the caller loaded already.
+    pub(super) async fn apply(
+        self: &Arc<Self>,
+        mut loaded: Option<Plugin>,
+    ) -> Result<(), ApiError> {
+        let Some(running) = &self.running else {
+            return Ok(());
+        };
+        let mut applied = running.applied.lock().await;
+        let Some(index) = self.registry.plugin(&running.name).await? else {
+            return Ok(());
+        };
+        let Some(active) = index.active else {
+            return Ok(());
+        };
+        if *applied != (active, index.activations) {
+            let routing = running.active.routing();
+            let from = routing.stable.meta().version;
+            // A promoted canary is already loaded: its records keep the instance they had.
+            let promoted = index.canary.is_none()
+                && routing
+                    .canary
+                    .as_ref()
+                    .is_some_and(|c| c.plugin.meta().version == active)
+                && running.active.promote();
+            if !promoted {
+                let plugin = self.load(active, &mut loaded).await?;
+                running.active.swap(plugin);
+            }
+            running
+                .metrics
+                .set_active_plugin(running.active.current().meta());
+            running.metrics.hot_swaps.inc();
+            tracing::info!(plugin = %running.name, from, to = active, promoted, "plugin version swapped in; batches under way finish on the old one");
+            *applied = (active, index.activations);
+        }
+        let wanted = index.canary.as_ref().map(|c| (c.version, c.percent));
+        let routing = running.active.routing();
+        let had = routing.canary.as_ref();
+        if wanted == had.map(|c| (c.plugin.meta().version, c.percent)) {
+            return Ok(());
+        }
+        match wanted {
+            None => {
+                running.active.end_canary();
+                tracing::info!(plugin = %running.name, "canary ended");
+            }
+            // Only the share changed: the same instance, still watched.
+            Some((version, percent)) if had.is_some_and(|c| c.plugin.meta().version == version) => {
+                if let Some(had) = had {
+                    running.active.start_canary(had.plugin.clone(), percent);
+                }
+            }
+            Some((version, percent)) => {
+                let plugin = Arc::new(self.load(version, &mut loaded).await?);
+                running.active.start_canary(plugin, percent);
+                tracing::info!(plugin = %running.name, stable = active, candidate = version, percent, "canary started");
+                tokio::spawn(watch_canary(self.clone(), active, version));
+            }
+        }
+        Ok(())
+    }
+
+    /// `version` of the running plugin: `loaded` when it is that version, else loaded from
+    /// the registry with the worker's plugin configuration.
+    async fn load(&self, version: u64, loaded: &mut Option<Plugin>) -> Result<Plugin, ApiError> {
+        if let Some(plugin) = loaded.take_if(|p| p.meta().version == version) {
+            return Ok(plugin);
+        }
+        self.load_running(self.running_name(), version)
+            .await?
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no running plugin".into(),
+                )
+            })
+    }
+
+    /// Loads `version` of `name` with the worker's plugin configuration when the worker runs
+    /// that plugin (its `init` may refuse: 422); `None` for other plugins.
+    pub(super) async fn load_running(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<Plugin>, ApiError> {
+        let Some(running) = self.running.as_ref().filter(|r| r.name == name) else {
+            self.registry.version(name, version).await?;
+            return Ok(None);
+        };
+        let bytes = self.registry.wasm(name, version).await?;
+        let (runtime, name, config) = (
+            self.runtime.clone(),
+            name.to_owned(),
+            running.config.clone(),
+        );
+        let loading = tokio::task::spawn_blocking(move || {
+            Plugin::load(&runtime, &bytes, &name, version, config)
+        });
+        match loading.await {
+            Ok(Ok(plugin)) => Ok(Some(plugin)),
+            Ok(Err(e)) => Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("version {version} cannot run here: it {e}"),
+            )),
+            Err(e) => Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("loading version {version} failed: {e}"),
+            )),
+        }
+    }
+
+    fn running_name(&self) -> &str {
+        self.running.as_ref().map_or("", |r| r.name.as_str())
+    }
+}
