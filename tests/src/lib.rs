@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod http;
 pub mod kafka_broker;
 pub mod redis_server;
 pub mod worker;

@@ -890,3 +890,152 @@ fn dead_letters_are_listed_and_replayed_from_the_dlq_topic() {
     assert_eq!(w.metric("weir_records_dead_lettered_total"), Some(20.0));
     assert!(w.stop().success());
 }
+
+/// A version uploaded and activated through one worker's API reaches every worker of the
+/// group: the workers share the registry in Redis and follow its changes. A rollback
+/// through the other worker's API reaches the first, and a worker started later comes up on
+/// the active version.
+#[test]
+fn an_activation_through_one_workers_api_swaps_every_worker() {
+    const TOKEN: &str = "cluster-swap-token";
+    let s = Setup::new("swapall", 4);
+    let config = s.dir.path().join("api.toml");
+    std::fs::write(&config, format!("[api]\nadmin_token = \"{TOKEN}\"\n")).expect("config");
+    let start = |name: &str| {
+        let port = weir_tests::free_port();
+        let api = format!("127.0.0.1:{port}");
+        let config = config.to_str().expect("utf-8");
+        let flags = ["--plugin-name", "p", "--plugin-config", "faults=off"];
+        let worker = s.worker_of(
+            "faulty",
+            name,
+            &[&flags[..], &["--api", &api, "--config", config]].concat(),
+        );
+        (worker, port)
+    };
+    let call = |port, method, path: &str, body: &[u8]| {
+        weir_tests::http::json(port, TOKEN, method, path, body)
+    };
+    // The running version as a worker's `/v1/status` says, once it is `version`.
+    let wait_for_version = |port, version: u64, worker: &Worker| {
+        let started = Instant::now();
+        loop {
+            let (_, status) = call(port, "GET", "/v1/status", b"");
+            if status["plugin"]["version"] == version {
+                return (started.elapsed(), status);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} still runs {} after 30 s; log:\n{}",
+                worker.name,
+                status["plugin"],
+                worker.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let input = events(2_000, 0);
+    s.produce(&input[..1_000]);
+    let (a, port_a) = start("a");
+    let (b, port_b) = start("b");
+    let logs = || format!("a:\n{}\nb:\n{}", a.log(), b.log());
+    // Both consume: each has partitions in the heartbeats.
+    let started = Instant::now();
+    loop {
+        let (_, workers) = call(port_a, "GET", "/v1/cluster", b"");
+        let busy = workers.as_array().map_or(0, |w| {
+            w.iter()
+                .filter(|w| w["partitions"].as_array().is_some_and(|p| !p.is_empty()))
+                .count()
+        });
+        if busy == 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not both workers have partitions: {workers}; {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.wait_for_all_ids(1_000, Duration::from_secs(120), logs);
+
+    // Version 2 (enrich), uploaded and activated through a: b swaps to it too.
+    let enrich = std::fs::read(weir_tests::plugin("enrich")).expect("enrich built");
+    let (status, uploaded) = call(port_a, "POST", "/v1/plugins/p", &enrich);
+    assert_eq!(
+        (status, &uploaded["version"]),
+        (201, &json!(2)),
+        "{uploaded}"
+    );
+    let (status, body) = call(
+        port_a,
+        "POST",
+        "/v1/plugins/p/activate",
+        br#"{"version":2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (took, _) = wait_for_version(port_b, 2, &b);
+    println!("activation through a reached b in {} ms", took.as_millis());
+    wait_for_version(port_a, 2, &a);
+
+    s.produce(&input[1_000..]);
+    let out = s.wait_for_all_ids(2_000, Duration::from_secs(120), logs);
+    let version_of = |r: &TopicRecord| {
+        let versions: Vec<&[u8]> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "weir.plugin-version")
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        assert_eq!(versions.len(), 1, "one version per output: {r:?}");
+        String::from_utf8_lossy(versions[0]).into_owned()
+    };
+    let mut by_partition: BTreeMap<i32, Vec<&TopicRecord>> = BTreeMap::new();
+    for r in &out {
+        by_partition.entry(r.partition).or_default().push(r);
+        let id = id_of_output(r);
+        let n: usize = id[1..].parse().expect("e<n>");
+        let expected = if n < 1_000 { "1" } else { "2" };
+        assert_eq!(version_of(r), expected, "{id}: {r:?}");
+    }
+    for (partition, records) in &mut by_partition {
+        records.sort_by_key(|r| r.offset);
+        let versions: Vec<String> = records.iter().map(|r| version_of(r)).collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "partition {partition} went back a version: {versions:?}"
+        );
+    }
+    // Both workers ran version 2 on their own partitions.
+    for (worker, port) in [(&a, port_a), (&b, port_b)] {
+        let (_, status) = call(port, "GET", "/v1/status", b"");
+        let processed = status["by_version"]["2"]["processed"].as_u64().unwrap_or(0);
+        assert!(
+            processed > 0,
+            "{} ran nothing on version 2: {status}",
+            worker.name
+        );
+    }
+
+    // A rollback through b reaches a; a worker started now comes up on the active version.
+    let (status, body) = call(port_b, "POST", "/v1/plugins/p/rollback", b"");
+    assert_eq!((status, &body["active"]), (200, &json!(1)), "{body}");
+    let (took, _) = wait_for_version(port_a, 1, &a);
+    println!("rollback through b reached a in {} ms", took.as_millis());
+    let (status, body) = call(
+        port_b,
+        "POST",
+        "/v1/plugins/p/activate",
+        br#"{"version":2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (c, port_c) = start("c");
+    let (_, status) = wait_for_version(port_c, 2, &c);
+    assert_eq!(status["plugin"]["version"], 2, "{status}");
+    // It started on version 2: it did not swap to it.
+    assert_eq!(c.metric("weir_hot_swaps_total"), Some(0.0), "{}", c.log());
+    for worker in [a, b, c] {
+        assert!(worker.stop().success());
+    }
+}

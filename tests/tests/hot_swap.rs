@@ -2,7 +2,7 @@
 //! version uploaded and activated over HTTP takes the next records without a restart, a
 //! rollback brings the old one back, and every output names exactly the version that made it.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,47 +12,12 @@ use weir_tests::{Weir, free_port, plugin};
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 const TOKEN: &str = "swap-test-token";
 
-/// One HTTP/1.1 request on a fresh connection; the status and the body.
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    // The worker may still be starting.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut stream = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("connect to 127.0.0.1:{port}: {e}"),
-        }
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .expect("write");
-    stream.write_all(body).expect("body");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("read");
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("headers end");
-    let head = String::from_utf8_lossy(&response[..split]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, response[split + 4..].to_vec())
+    weir_tests::http::request(port, TOKEN, method, path, body)
 }
 
 fn json(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-    let (status, bytes) = http(port, method, path, body);
-    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, value)
+    weir_tests::http::json(port, TOKEN, method, path, body)
 }
 
 /// The worker, stopped with SIGTERM when dropped.

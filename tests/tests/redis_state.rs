@@ -1,6 +1,7 @@
 //! The Redis state store against a real Redis: fencing tokens rise, a held lease is never
 //! granted twice, only the holder can finish, done marks deduplicate, a batch costs one
-//! script call each way, and fences keep rising across a `kill -9` restart (AOF).
+//! script call each way, and fences keep rising across a `kill -9` restart (AOF). Also the
+//! plugin registry that a cluster's workers share in Redis.
 
 use std::time::Duration;
 
@@ -210,4 +211,54 @@ async fn fences_keep_rising_across_a_redis_crash() {
         after > before,
         "fence went from {before} to {after} across a restart"
     );
+}
+
+/// Two workers' plugin registries in one Redis: uploads racing under one name each get
+/// their own version (compare-and-swap, no lost update), both see the same index, and a
+/// change made through one is announced to the other.
+#[tokio::test]
+async fn two_workers_share_one_registry_in_redis() {
+    use weir::registry::Registry;
+    use weir::runtime::{Inspection, WIT_VERSION, World};
+    async fn upload(registry: &Registry, n: usize) -> Result<u64, weir::registry::RegistryError> {
+        let bytes = format!("component {n}").into_bytes();
+        let inspection = Inspection {
+            digest: format!("sha256:{n:064x}"),
+            world: World::Batch,
+            size_bytes: bytes.len(),
+            wit_version: WIT_VERSION,
+            exports: Vec::new(),
+            imports: Vec::new(),
+        };
+        let (info, _) = registry.upload("p", &bytes, inspection, "test").await?;
+        Ok(info.version)
+    }
+    let redis = RedisServer::start();
+    let (a, b) = (
+        Registry::connect(&redis.url).await.expect("a"),
+        Registry::connect(&redis.url).await.expect("b"),
+    );
+    let mut announced = b.changes();
+    announced.mark_unchanged();
+    let racing = (0..20).map(|n| upload(if n % 2 == 0 { &a } else { &b }, n));
+    let uploaded = futures_util::future::join_all(racing).await;
+    let mut versions: Vec<u64> = uploaded.into_iter().map(|r| r.expect("upload")).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=20).collect::<Vec<u64>>());
+    assert_eq!(
+        a.existing("p").await.expect("a"),
+        b.existing("p").await.expect("b")
+    );
+    for version in a.existing("p").await.expect("a").versions {
+        let n = usize::from_str_radix(&version.digest["sha256:".len()..], 16).expect("hex");
+        let bytes = b.wasm("p", version.version).await.expect("bytes");
+        assert_eq!(bytes, format!("component {n}").into_bytes(), "{version:?}");
+    }
+
+    a.activate("p", 3).await.expect("activate");
+    tokio::time::timeout(Duration::from_secs(5), announced.changed())
+        .await
+        .expect("b is told of a's activation")
+        .expect("registry alive");
+    assert_eq!(b.existing("p").await.expect("b").active, Some(3));
 }
