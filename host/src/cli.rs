@@ -53,10 +53,13 @@ enum Command {
     Cluster(ClusterCommand),
     /// Upload, list, activate and roll back plugin versions through a worker's API (--api).
     Plugin(PluginArgs),
+    /// A running pipeline, through a worker's API (--api).
+    Pipeline(PipelineArgs),
 }
 
+/// Where a worker's API is, and the token to send.
 #[derive(Args)]
-struct PluginArgs {
+struct ApiArgs {
     /// The worker's API.
     #[arg(
         long,
@@ -68,8 +71,32 @@ struct PluginArgs {
     /// The admin token [default: the WEIR_ADMIN_TOKEN environment variable].
     #[arg(long, global = true)]
     token: Option<String>,
+}
+
+#[derive(Args)]
+struct PluginArgs {
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: PluginCommand,
+}
+
+#[derive(Args)]
+struct PipelineArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(subcommand)]
+    command: PipelineCommand,
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// The running plugin version, any canary, and record fates per version.
+    Status {
+        /// Print the API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -84,8 +111,16 @@ enum PluginCommand {
     },
     /// List every plugin and version.
     List,
-    /// Make a version the active one (a worker running the plugin swaps it in).
-    Activate { name: String, version: u64 },
+    /// Make a version the active one (every worker running the plugin swaps it in), or with
+    /// --canary, give it a share of the records while it is watched.
+    Activate {
+        name: String,
+        version: u64,
+        /// Percent of the records (by a stable hash of their ids) for the version, as a
+        /// canary rolled back automatically when it fails more than the active one.
+        #[arg(long, value_name = "PERCENT")]
+        canary: Option<f64>,
+    },
     /// Make the previously active version active again.
     Rollback { name: String },
 }
@@ -344,6 +379,7 @@ pub fn main() -> ExitCode {
                 json,
             }) => cluster_status(&redis, pipeline.as_deref(), json).await,
             Command::Plugin(args) => plugin_command(args).await,
+            Command::Pipeline(args) => pipeline_command(args).await,
         }
     });
     match result {
@@ -359,17 +395,31 @@ pub fn main() -> ExitCode {
 async fn plugin_command(args: PluginArgs) -> anyhow::Result<()> {
     use crate::plugin_client::{self, Client};
     tokio::task::spawn_blocking(move || {
-        let client = Client::new(&args.api, args.token)?;
+        let client = Client::new(&args.api.api, args.api.token)?;
         match args.command {
             PluginCommand::Push { file, name } => {
                 let name = name.unwrap_or_else(|| default_plugin_name(&file));
                 plugin_client::push(&client, &file, &name)
             }
             PluginCommand::List => plugin_client::list(&client),
-            PluginCommand::Activate { name, version } => {
-                plugin_client::activate(&client, &name, Some(version))
-            }
-            PluginCommand::Rollback { name } => plugin_client::activate(&client, &name, None),
+            PluginCommand::Activate {
+                name,
+                version,
+                canary,
+            } => plugin_client::activate(&client, &name, version, canary),
+            PluginCommand::Rollback { name } => plugin_client::rollback(&client, &name),
+        }
+    })
+    .await?
+}
+
+/// `weir pipeline ...`: as `weir plugin`.
+async fn pipeline_command(args: PipelineArgs) -> anyhow::Result<()> {
+    use crate::plugin_client::{self, Client};
+    tokio::task::spawn_blocking(move || {
+        let client = Client::new(&args.api.api, args.api.token)?;
+        match args.command {
+            PipelineCommand::Status { json } => plugin_client::status(&client, json),
         }
     })
     .await?

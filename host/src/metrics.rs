@@ -15,6 +15,19 @@ use serde::Serialize;
 use crate::errors::ErrorClass;
 use crate::runtime::PluginMeta;
 
+/// The `result` label values of `weir_plugin_uploads_total`.
+pub const UPLOAD_RESULTS: [&str; 9] = [
+    "created",
+    "already_stored",
+    "unauthorized",
+    "bad_name",
+    "too_large",
+    "not_a_component",
+    "unsupported",
+    "compile_timeout",
+    "error",
+];
+
 /// The registry and every metric in it.
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +43,7 @@ pub struct Metrics {
     pub dlq_replayed: IntCounter,
     pub hot_swaps: IntCounter,
     pub rollbacks: IntCounterVec,
+    pub plugin_uploads: IntCounterVec,
     /// Fates per plugin version, for `/v1/status` (and canary decisions).
     by_version: std::sync::Mutex<BTreeMap<u64, VersionCounts>>,
     pub lease_acquired: IntCounter,
@@ -159,8 +173,16 @@ impl Metrics {
             rollbacks: counter_vec(
                 &registry,
                 "weir_rollbacks_total",
-                "Versions taken out of service by the host, by reason (canary: a failing canary)",
+                "Versions taken out of service by the host, by reason (canary: a failing canary; \
+                 quarantine: an active version over the plugin-fault threshold)",
                 &["reason"],
+            ),
+            plugin_uploads: counter_vec(
+                &registry,
+                "weir_plugin_uploads_total",
+                "Plugin uploads to this worker's API, by result: created, already_stored, or \
+                 the reason it was refused",
+                &["result"],
             ),
             lease_acquired: counter(
                 &registry,
@@ -183,11 +205,14 @@ impl Metrics {
             by_version: std::sync::Mutex::default(),
             registry,
         };
-        // Show every class from the start, so rates work before the first failure.
+        // Show every class and result from the start, so rates work before the first one.
         for class in ErrorClass::ALL {
             metrics
                 .records_dead_lettered
                 .with_label_values(&[class.as_str()]);
+        }
+        for result in UPLOAD_RESULTS {
+            metrics.plugin_uploads.with_label_values(&[result]);
         }
         metrics
     }

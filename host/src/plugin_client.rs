@@ -1,5 +1,5 @@
-//! `weir plugin push|list|activate|rollback`: the plugin API (`/v1`, docs/api.md) from the
-//! command line. Plain HTTP/1.1 over one connection per request; the API has no TLS.
+//! `weir plugin push|list|activate|rollback` and `weir pipeline status`: the plugin API
+//! (`/v1`, docs/api.md) from the command line. Plain HTTP/1.1 over one connection per request; the API has no TLS.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -121,18 +121,106 @@ pub fn list(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `weir plugin activate <name> <version>` and `weir plugin rollback <name>`.
-pub fn activate(client: &Client, name: &str, version: Option<u64>) -> anyhow::Result<()> {
-    let plugin = match version {
-        Some(version) => client.call(
-            "POST",
-            &format!("/plugins/{name}/activate"),
-            serde_json::json!({ "version": version })
-                .to_string()
-                .as_bytes(),
-        )?,
-        None => client.call("POST", &format!("/plugins/{name}/rollback"), b"")?,
-    };
-    println!("{name}: version {} is active", plugin["active"]);
+/// `weir plugin activate <name> <version> [--canary <percent>]`.
+pub fn activate(
+    client: &Client,
+    name: &str,
+    version: u64,
+    canary: Option<f64>,
+) -> anyhow::Result<()> {
+    let mut body = serde_json::json!({ "version": version });
+    if let Some(percent) = canary {
+        body["canary_percent"] = percent.into();
+    }
+    let plugin = client.call(
+        "POST",
+        &format!("/plugins/{name}/activate"),
+        body.to_string().as_bytes(),
+    )?;
+    print_active(name, &plugin);
     Ok(())
+}
+
+/// `weir plugin rollback <name>`.
+pub fn rollback(client: &Client, name: &str) -> anyhow::Result<()> {
+    let plugin = client.call("POST", &format!("/plugins/{name}/rollback"), b"")?;
+    print_active(name, &plugin);
+    Ok(())
+}
+
+fn print_active(name: &str, plugin: &Value) {
+    match plugin["canary"].as_object() {
+        Some(canary) => println!(
+            "{name}: version {} is active; version {} is a canary with {} % of the records",
+            plugin["active"], canary["version"], canary["percent"]
+        ),
+        None => println!("{name}: version {} is active", plugin["active"]),
+    }
+}
+
+/// `weir pipeline status [--json]`: the worker's `/v1/status`.
+pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
+    let status = client.call("GET", "/status", b"")?;
+    if json {
+        println!("{status:#}");
+        return Ok(());
+    }
+    let ready = if status["ready"] == true {
+        "ready"
+    } else {
+        "not ready"
+    };
+    let plugin = &status["plugin"];
+    let digest = plugin["digest"].as_str().unwrap_or("");
+    println!(
+        "{} v{}  {}  {ready}{}",
+        plugin["name"].as_str().unwrap_or("(no plugin)"),
+        plugin["version"],
+        &digest[..digest.len().min(19)],
+        if status["paused"] == true {
+            ", paused: the active version is quarantined; activate a version to resume"
+        } else {
+            ""
+        }
+    );
+    if let Some(canary) = status["canary"].as_object() {
+        println!(
+            "canary: v{} with {} % of the records",
+            canary["version"], canary["percent"]
+        );
+    }
+    let totals = &status["totals"];
+    println!(
+        "records: {} in, {} processed, {} dead-lettered, {} deduplicated, {} out",
+        totals["records_in"],
+        totals["processed"],
+        totals["dead_lettered"],
+        totals["deduplicated"],
+        totals["records_out"]
+    );
+    for (version, counts) in status["by_version"].as_object().into_iter().flatten() {
+        println!(
+            "  v{version}: {} processed, {} dead-lettered{}",
+            counts["processed"],
+            counts["dead_lettered"],
+            by_class(&counts["dead_lettered_by_class"])
+        );
+    }
+    Ok(())
+}
+
+/// ` (trap 3, invalid 1)` for the classes with records; empty when there are none.
+fn by_class(classes: &Value) -> String {
+    let listed: Vec<String> = classes
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(class, n)| format!("{class} {n}"))
+        .collect();
+    if listed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", listed.join(", "))
+    }
 }

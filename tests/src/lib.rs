@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod http;
 pub mod kafka_broker;
+pub mod live;
 pub mod redis_server;
 pub mod worker;
 

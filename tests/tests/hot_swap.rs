@@ -3,10 +3,11 @@
 //! rollback brings the old one back, and every output names exactly the version that made it.
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use weir_tests::live::{self, Feeder, Watcher};
 use weir_tests::{Weir, free_port, plugin};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
@@ -90,21 +91,15 @@ fn start(weir: &Weir, port: u16, extra: &[&str]) -> Running {
 
 /// As [`start`], with `first` as version 1 and no plugin configuration but `extra`.
 fn start_with(weir: &Weir, port: u16, first: &str, extra: &[&str]) -> Running {
-    let child = Command::new(WEIR)
-        .current_dir(weir.path("."))
-        .args(["run", "--plugin"])
-        .arg(plugin(first))
-        .args(["--plugin-name", "p"])
-        .args(["--input", "in.jsonl", "--follow", "--output", "out.jsonl"])
-        .args(["--output-format", "envelope", "--state", "state", "--quiet"])
-        .args(["--api", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env("WEIR_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(weir.path("worker.log")).expect("log"))
-        .spawn()
-        .expect("start weir");
-    Running(child)
+    let dir = weir.path(".");
+    Running(live::start_worker(
+        WEIR,
+        &dir,
+        port,
+        TOKEN,
+        &plugin(first),
+        extra,
+    ))
 }
 
 /// Polls `GET path` until `done` says yes (30 s at most); the last answer.
@@ -251,8 +246,31 @@ fn a_healthy_canary_takes_its_share_then_is_promoted() {
     let config = canary_config(&weir, 5, 10);
     let _worker = start(&weir, port, &["--config", &config]);
     outputs(&weir, 5, &log);
-    let body = push_and_activate(port, "enrich", br#"{"version":2,"canary_percent":50}"#);
-    assert_eq!(body["canary"]["version"], 2, "{body}");
+    // Started from the command line this time.
+    let bytes = std::fs::read(plugin("enrich")).expect("plugin built");
+    assert_eq!(json(port, "POST", "/v1/plugins/p", &bytes).0, 201);
+    let activate = Command::new(WEIR)
+        .args(["plugin", "activate", "p", "2", "--canary", "50"])
+        .args(["--api", &format!("http://127.0.0.1:{port}")])
+        .env("WEIR_ADMIN_TOKEN", TOKEN)
+        .output()
+        .expect("weir plugin activate");
+    let printed = String::from_utf8_lossy(&activate.stdout);
+    assert!(
+        printed.contains("version 1 is active; version 2 is a canary with 50.0 % of the records"),
+        "{printed}{}",
+        String::from_utf8_lossy(&activate.stderr)
+    );
+    let (_, status) = json(port, "GET", "/v1/status", b"");
+    assert_eq!(
+        (
+            &status["plugin"]["version"],
+            &status["canary"]["version"],
+            &status["canary"]["percent"]
+        ),
+        (&Value::from(1), &Value::from(2), &Value::from(50.0)),
+        "{status}"
+    );
     append(&weir, &events(5, 45));
     let split = outputs(&weir, 45, &log);
     let mut by_version = [0, 0];
@@ -440,12 +458,74 @@ fn activation_and_rollback_swap_the_running_plugin() {
     assert_eq!(status["by_version"]["2"]["processed"], 5, "{status}");
     assert_eq!(status["by_version"]["2"]["dead_lettered"], 0, "{status}");
 
+    // `weir pipeline status` prints the same.
+    let pipeline = Command::new(WEIR)
+        .args([
+            "pipeline",
+            "status",
+            "--api",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .env("WEIR_ADMIN_TOKEN", TOKEN)
+        .output()
+        .expect("weir pipeline status");
+    let printed = String::from_utf8_lossy(&pipeline.stdout);
+    assert!(pipeline.status.success(), "{printed}");
+    assert!(
+        printed.starts_with("p v1  sha256:") && printed.contains("ready"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("records: 15 in, 15 processed, 0 dead-lettered"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("  v2: 5 processed, 0 dead-lettered\n"),
+        "{printed}"
+    );
+
+    // `/metrics` parses as Prometheus text, with the control plane's counts.
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
-    assert!(metrics.contains("weir_hot_swaps_total 2"), "{metrics}");
-    assert!(
-        metrics.contains(r#"weir_plugin_active_info{digest="#)
-            && metrics.contains(r#"version="1""#),
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Gauge(n) => n,
+                _ => panic!("{name} is not a counter or gauge"),
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(value("weir_hot_swaps_total", None), 2.0, "{metrics}");
+    assert_eq!(
+        value("weir_plugin_uploads_total", Some(("result", "created"))),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value("weir_plugin_active_info", Some(("version", "1"))),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value("weir_plugin_active_info", None),
+        1.0,
+        "one active version: {metrics}"
+    );
+    assert_eq!(
+        value("weir_rollbacks_total", None),
+        0.0,
+        "none automatic: {metrics}"
+    );
+    assert_eq!(value("weir_records_in_total", None), 15.0, "{metrics}");
+    assert_eq!(
+        value("weir_records_processed_total", None),
+        15.0,
         "{metrics}"
     );
     drop(worker);
@@ -455,5 +535,90 @@ fn activation_and_rollback_swap_the_running_plugin() {
         text.matches("plugin version swapped in").count(),
         2,
         "{text}"
+    );
+}
+
+/// A live stream: a version activated, then rolled back, while records flow at a steady
+/// rate. No record is lost or repeated, every output names exactly one version, and in the
+/// output file the versions run 1, then 2, then 1 again, each switch once. Prints how long
+/// each switch took to show in the output and the longest gap between outputs.
+#[test]
+fn a_live_stream_swaps_and_rolls_back_without_losing_or_repeating_a_record() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", Vec::<String>::new());
+    let port = free_port();
+    let log = weir.path("worker.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let worker = start(&weir, port, &[]);
+    let watcher = Watcher::start(weir.path("out.jsonl"));
+    // 50 records every 10 ms: 5,000 records/s.
+    let feeder = Feeder::start(weir.path("in.jsonl"), 50, Duration::from_millis(10));
+    watcher.wait_for(2_000, Duration::from_secs(60), read_log);
+
+    let enrich = std::fs::read(plugin("enrich")).expect("plugin built");
+    assert_eq!(json(port, "POST", "/v1/plugins/p", &enrich).0, 201);
+    // Asks for a switch to version `to`; how long the answer took, and the first output of
+    // `to` (after the request) took to show.
+    let switch = |path: &str, body: &[u8], to: &str| {
+        let (asked, before) = (Instant::now(), watcher.count());
+        let (status, answer) = json(port, "POST", path, body);
+        assert_eq!(status, 200, "{answer}");
+        let answered = asked.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(first) = watcher.seen()[before..].iter().find(|s| s.versions == [to]) {
+                return (answered, first.at.saturating_duration_since(asked));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no version {to} output; log:\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (answered, shown) = switch("/v1/plugins/p/activate", br#"{"version":2}"#, "2");
+    println!(
+        "activation: answered in {} ms, first version-2 output {} ms after the request",
+        answered.as_millis(),
+        shown.as_millis()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (answered, shown) = switch("/v1/plugins/p/rollback", b"", "1");
+    println!(
+        "rollback: answered in {} ms, first version-1 output {} ms after the request",
+        answered.as_millis(),
+        shown.as_millis()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let fed = feeder.stop();
+    watcher.wait_for(fed, Duration::from_secs(60), read_log);
+    drop(worker);
+    let seen = watcher.stop();
+
+    assert_eq!(seen.len(), fed, "one output per record");
+    let ids: std::collections::BTreeSet<&str> = seen.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), fed, "no record repeated");
+    assert!(
+        (0..fed).all(|i| ids.contains(format!("e{i}").as_str())),
+        "none lost"
+    );
+    assert!(
+        seen.iter().all(|s| s.versions.len() == 1),
+        "one version each"
+    );
+    let mut runs: Vec<&str> = Vec::new();
+    for s in &seen {
+        if runs.last() != Some(&s.versions[0].as_str()) {
+            runs.push(&s.versions[0]);
+        }
+    }
+    assert_eq!(runs, ["1", "2", "1"], "versions in output order");
+    let mut latencies: Vec<u64> = seen.iter().map(|s| s.latency_us).collect();
+    println!(
+        "{fed} records at 5,000/s: longest gap between outputs {} ms; latency p50 {} ms, p99 {} ms",
+        live::longest_gap(&seen).as_millis(),
+        live::quantile(&mut latencies, 0.5) / 1000,
+        live::quantile(&mut latencies, 0.99) / 1000
     );
 }

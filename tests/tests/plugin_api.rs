@@ -55,6 +55,26 @@ impl Api {
         Self { state, _dir: dir }
     }
 
+    /// `weir_plugin_uploads_total` by result, from the `/metrics` text, sorted.
+    fn uploads(&self) -> Vec<(String, u64)> {
+        let text = self.state.metrics.render();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+        let mut uploads: Vec<(String, u64)> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "weir_plugin_uploads_total")
+            .map(|s| {
+                let prometheus_parse::Value::Counter(n) = s.value else {
+                    panic!("not a counter: {s:?}");
+                };
+                (s.labels["result"].to_owned(), n as u64)
+            })
+            .collect();
+        uploads.sort();
+        uploads
+    }
+
     fn control(&self) -> &Control {
         self.state.control.as_deref().expect("control")
     }
@@ -254,6 +274,23 @@ async fn uploads_are_authorised_validated_and_content_addressed() {
         ]
     );
     assert_eq!(audit[2].digest.as_deref(), Some(digest));
+    // And `weir_plugin_uploads_total` counts each result.
+    let uploads = api.uploads();
+    let uploads: Vec<(&str, u64)> = uploads.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    assert_eq!(
+        uploads,
+        [
+            ("already_stored", 1),
+            ("bad_name", 1),
+            ("compile_timeout", 0),
+            ("created", 2),
+            ("error", 0),
+            ("not_a_component", 2),
+            ("too_large", 0),
+            ("unauthorized", 2),
+            ("unsupported", 1),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -271,6 +308,21 @@ async fn uploads_over_the_size_cap_get_413() {
     assert_eq!(
         api.json("GET", "/v1/plugins", None, vec![]).await.1,
         serde_json::json!([])
+    );
+    // Refused before its handler, it is still counted and audited.
+    let too_large = api.uploads().into_iter().find(|(r, _)| r == "too_large");
+    assert_eq!(too_large, Some(("too_large".into(), 1)));
+    let audit = api.control().registry.audit_log().await.expect("audit");
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(
+        (audit[0].who.as_str(), audit[0].plugin.as_str()),
+        ("admin", "enrich")
+    );
+    assert!(
+        audit[0]
+            .decision
+            .contains("larger than the limit of 1024 bytes"),
+        "{audit:?}"
     );
 }
 

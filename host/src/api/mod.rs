@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::limit::RequestBodyLimitLayer;
 
@@ -59,13 +60,54 @@ pub fn router(state: AppState) -> Router {
         )
         // One limit for uploads, tower-http's (413), instead of axum's 2 MiB default.
         .layer(DefaultBodyLimit::disable())
-        .layer(RequestBodyLimitLayer::new(max_upload));
+        .layer(RequestBodyLimitLayer::new(max_upload))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_uploads_too_large,
+        ));
     Router::new()
         .nest("/v1", v1)
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// Uploads over the size cap never reach their handler (tower-http answers 413): they are
+/// recorded here, in the audit log and `weir_plugin_uploads_total{result="too_large"}`.
+async fn record_uploads_too_large(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let upload_of = (request.method() == axum::http::Method::POST)
+        .then(|| request.uri().path().strip_prefix("/plugins/"))
+        .flatten()
+        .filter(|name| !name.contains('/'))
+        .map(str::to_owned);
+    let who = match &state.control {
+        Some(control) if control.check_token(request.headers()).is_ok() => "admin",
+        _ => "anonymous",
+    };
+    let response = next.run(request).await;
+    if let (Some(name), Some(control)) = (upload_of, &state.control)
+        && response.status() == StatusCode::PAYLOAD_TOO_LARGE
+    {
+        state
+            .metrics
+            .plugin_uploads
+            .with_label_values(&["too_large"])
+            .inc();
+        let mut entry = crate::registry::AuditEntry::new(who, "upload", &name);
+        entry.decision = format!(
+            "refused: the upload is larger than the limit of {} bytes",
+            control.max_upload_bytes
+        );
+        if let Err(e) = control.audit(entry).await {
+            tracing::error!("recording a refused upload failed: {}", e.1);
+        }
+    }
+    response
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

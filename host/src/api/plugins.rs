@@ -86,17 +86,18 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-/// 400 for bytes that are not a component at all, 422 for a component this host cannot run.
-fn refused_upload(e: &LoadError) -> ApiError {
-    let status = match e {
-        LoadError::NotWasm | LoadError::CoreModule => StatusCode::BAD_REQUEST,
-        _ => StatusCode::UNPROCESSABLE_ENTITY,
+/// 400 for bytes that are not a component at all, 422 for a component this host cannot run;
+/// with the `weir_plugin_uploads_total` result.
+fn refused_upload(e: &LoadError) -> (&'static str, ApiError) {
+    let (result, status) = match e {
+        LoadError::NotWasm | LoadError::CoreModule => ("not_a_component", StatusCode::BAD_REQUEST),
+        _ => ("unsupported", StatusCode::UNPROCESSABLE_ENTITY),
     };
-    ApiError(status, format!("the upload {e}"))
+    (result, ApiError(status, format!("the upload {e}")))
 }
 
 impl Control {
-    fn check_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(super) fn check_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let unauthorized = |why: String| ApiError(StatusCode::UNAUTHORIZED, why);
         let Some(expected) = &self.admin_token else {
             return Err(unauthorized(format!(
@@ -147,7 +148,8 @@ fn control(state: &AppState) -> Result<&Arc<Control>, ApiError> {
 }
 
 /// `POST /v1/plugins/{name}`: the body is the component; 201 with the new version, or 200
-/// with the existing one when these bytes were uploaded under this name before.
+/// with the existing one when these bytes were uploaded under this name before. The audit log
+/// and `weir_plugin_uploads_total{result}` record every upload, refused ones too.
 pub async fn upload(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -155,33 +157,66 @@ pub async fn upload(
     body: Bytes,
 ) -> Result<(StatusCode, Json<VersionInfo>), ApiError> {
     let control = control(&state)?;
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
     let mut entry = AuditEntry::new("admin", "upload", &name);
-    entry.digest = Some(digest);
-    let refuse = async |mut entry: AuditEntry, error: ApiError| {
-        entry.decision = format!("refused: {}", error.1);
-        control.audit(entry).await?;
-        Err(error)
+    entry.digest = Some(format!("sha256:{}", hex::encode(Sha256::digest(&body))));
+    let outcome = store_upload(control, &name, &headers, &body).await;
+    let result = match &outcome {
+        Ok((info, created)) => {
+            entry.version = Some(info.version);
+            if *created {
+                "created"
+            } else {
+                entry.decision = "accepted: already stored".into();
+                "already_stored"
+            }
+        }
+        Err((result, error)) => {
+            if *result == "unauthorized" {
+                entry.who = "anonymous".into();
+            }
+            entry.decision = format!("refused: {}", error.1);
+            result
+        }
     };
-    if let Err(e) = control.check_token(&headers) {
-        entry.who = "anonymous".into();
-        return refuse(entry, e).await;
-    }
-    if let Err(e) = registry::check_name(&name) {
-        return refuse(entry, e.into()).await;
-    }
+    state
+        .metrics
+        .plugin_uploads
+        .with_label_values(&[result])
+        .inc();
+    control.audit(entry).await?;
+    let (info, created) = outcome.map_err(|(_, error)| error)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(info)))
+}
+
+/// Checks an upload and stores it; a refusal comes with its `weir_plugin_uploads_total`
+/// result.
+async fn store_upload(
+    control: &Control,
+    name: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(VersionInfo, bool), (&'static str, ApiError)> {
+    control
+        .check_token(headers)
+        .map_err(|e| ("unauthorized", e))?;
+    registry::check_name(name).map_err(|e| ("bad_name", e.into()))?;
     let runtime = control.runtime.clone();
     let bytes = body.clone();
     let inspecting = tokio::task::spawn_blocking(move || Plugin::inspect(&runtime, &bytes));
     let inspection = match tokio::time::timeout(control.compile_timeout, inspecting).await {
         Ok(Ok(Ok(inspection))) => inspection,
-        Ok(Ok(Err(e))) => return refuse(entry, refused_upload(&e)).await,
+        Ok(Ok(Err(e))) => return Err(refused_upload(&e)),
         Ok(Err(e)) => {
             let error = ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("validation failed: {e}"),
             );
-            return refuse(entry, error).await;
+            return Err(("error", error));
         }
         Err(_) => {
             let error = ApiError(
@@ -191,24 +226,14 @@ pub async fn upload(
                     control.compile_timeout.as_secs()
                 ),
             );
-            return refuse(entry, error).await;
+            return Err(("compile_timeout", error));
         }
     };
-    let (info, created) = control
+    control
         .registry
-        .upload(&name, &body, inspection, "admin")
-        .await?;
-    entry.version = Some(info.version);
-    if !created {
-        entry.decision = "accepted: already stored".into();
-    }
-    control.audit(entry).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(info)))
+        .upload(name, body, inspection, "admin")
+        .await
+        .map_err(|e| ("error", e.into()))
 }
 
 /// `GET /v1/plugins`.
@@ -239,6 +264,11 @@ pub struct Status {
     pub ready: bool,
     /// The plugin version the worker runs now.
     pub plugin: Option<RunningVersion>,
+    /// A candidate version that takes a share of the records, while it is watched.
+    pub canary: Option<CanaryVersion>,
+    /// True while the active version is quarantined with nothing to fall back to: records
+    /// wait until a version is activated.
+    pub paused: bool,
     /// Fates of every record since the worker started.
     pub totals: Summary,
     /// The same per plugin version (the version that transformed each record).
@@ -252,6 +282,14 @@ pub struct RunningVersion {
     pub digest: String,
 }
 
+#[derive(Debug, serde::Serialize)]
+pub struct CanaryVersion {
+    pub version: u64,
+    pub digest: String,
+    /// Its share of the records, 0 to 100.
+    pub percent: f64,
+}
+
 /// `GET /v1/status`: the pipeline's plugin version and record counts, per version too.
 pub async fn status(
     State(state): State<AppState>,
@@ -260,19 +298,29 @@ pub async fn status(
     let control = control(&state)?;
     control.check_read(&headers)?;
     let running = control.running.as_ref();
-    let plugin = running.map(|r| {
-        let current = r.active.current();
-        let meta = current.meta();
+    let routing = running.map(|r| r.active.routing());
+    let plugin = routing.as_ref().map(|r| {
+        let meta = r.stable.meta();
         RunningVersion {
             name: meta.name.clone(),
             version: meta.version,
             digest: meta.digest.clone(),
         }
     });
+    let canary = routing.as_ref().and_then(|r| r.canary.as_ref()).map(|c| {
+        let meta = c.plugin.meta();
+        CanaryVersion {
+            version: meta.version,
+            digest: meta.digest.clone(),
+            percent: c.percent,
+        }
+    });
     let elapsed = running.map_or(Duration::ZERO, |r| r.started.elapsed());
     Ok(Json(Status {
         ready: state.ready.load(std::sync::atomic::Ordering::Relaxed),
         plugin,
+        canary,
+        paused: running.is_some_and(|r| r.active.is_paused()),
         totals: state.metrics.summary(elapsed),
         by_version: state.metrics.by_version(),
     }))
