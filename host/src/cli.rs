@@ -55,6 +55,10 @@ enum Command {
     Plugin(PluginArgs),
     /// A running pipeline, through a worker's API (--api).
     Pipeline(PipelineArgs),
+    /// Inspect a component read from stdin and print the verdict as JSON: the child process
+    /// in which the API validates an upload, so its memory can be capped.
+    #[command(hide = true)]
+    ValidateUpload,
 }
 
 /// Where a worker's API is, and the token to send.
@@ -380,6 +384,9 @@ pub fn main() -> ExitCode {
             }) => cluster_status(&redis, pipeline.as_deref(), json).await,
             Command::Plugin(args) => plugin_command(args).await,
             Command::Pipeline(args) => pipeline_command(args).await,
+            Command::ValidateUpload => {
+                tokio::task::spawn_blocking(api::validate_upload_child).await?
+            }
         }
     });
     match result {
@@ -609,6 +616,8 @@ async fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<a
         admin_token,
         open_reads: config.api.open_reads,
         compile_timeout: Duration::from_secs(config.api.compile_timeout_secs),
+        compile_memory_bytes: (config.api.compile_memory_mb > 0)
+            .then(|| config.api.compile_memory_mb.saturating_mul(1 << 20)),
         max_upload_bytes: usize::try_from(config.api.max_upload_mb.saturating_mul(1 << 20))
             .unwrap_or(usize::MAX),
         running: None,

@@ -289,6 +289,9 @@ pub struct ApiConfig {
     pub max_upload_mb: u64,
     /// How long validating (compiling) an upload may take, in seconds.
     pub compile_timeout_secs: u64,
+    /// How much memory (resident, MiB) the process that validates an upload may use; 0 runs
+    /// the validation inside the worker, bounded in time only.
+    pub compile_memory_mb: u64,
     /// The registry's directory; default: `registry` under `state.path`.
     pub registry_path: Option<PathBuf>,
 }
@@ -302,6 +305,7 @@ impl Default for ApiConfig {
             open_reads: true,
             max_upload_mb: 64,
             compile_timeout_secs: 60,
+            compile_memory_mb: 2048,
             registry_path: None,
         }
     }

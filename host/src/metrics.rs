@@ -16,7 +16,7 @@ use crate::errors::ErrorClass;
 use crate::runtime::PluginMeta;
 
 /// The `result` label values of `weir_plugin_uploads_total`.
-pub const UPLOAD_RESULTS: [&str; 9] = [
+pub const UPLOAD_RESULTS: [&str; 10] = [
     "created",
     "already_stored",
     "unauthorized",
@@ -25,6 +25,7 @@ pub const UPLOAD_RESULTS: [&str; 9] = [
     "not_a_component",
     "unsupported",
     "compile_timeout",
+    "compile_memory",
     "error",
 ];
 

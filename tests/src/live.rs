@@ -19,6 +19,22 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// A worker process, stopped with SIGTERM (and waited for) when dropped.
+pub struct Running(Child);
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        crate::signal(self.0.id(), libc::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `bin run` as a worker with the API on `port` (`token` its admin token) following
 /// `in.jsonl` in `dir` into `out.jsonl` (envelopes), running `plugin` as version 1 of `p`;
 /// its stderr goes to `dir/worker.log`.
@@ -29,8 +45,8 @@ pub fn start_worker(
     token: &str,
     plugin: &Path,
     extra: &[&str],
-) -> Child {
-    Command::new(bin)
+) -> Running {
+    let child = Command::new(bin)
         .current_dir(dir)
         .args(["run", "--plugin"])
         .arg(plugin)
@@ -43,7 +59,8 @@ pub fn start_worker(
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("worker.log")).expect("log"))
         .spawn()
-        .expect("start weir")
+        .expect("start weir");
+    Running(child)
 }
 
 /// Appends events `e0, e1, ...` to a file, `per_tick` of them every `tick`, until stopped.

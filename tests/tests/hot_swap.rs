@@ -3,11 +3,11 @@
 //! rollback brings the old one back, and every output names exactly the version that made it.
 
 use std::io::Write;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weir_tests::live::{self, Feeder, Watcher};
+use weir_tests::live::{self, Feeder, Running, Watcher};
 use weir_tests::{Weir, free_port, plugin};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
@@ -19,16 +19,6 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
 
 fn json(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
     weir_tests::http::json(port, TOKEN, method, path, body)
-}
-
-/// The worker, stopped with SIGTERM when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        weir_tests::signal(self.0.id(), libc::SIGTERM);
-        let _ = self.0.wait();
-    }
 }
 
 fn events(from: usize, to: usize) -> Vec<String> {
@@ -92,14 +82,7 @@ fn start(weir: &Weir, port: u16, extra: &[&str]) -> Running {
 /// As [`start`], with `first` as version 1 and no plugin configuration but `extra`.
 fn start_with(weir: &Weir, port: u16, first: &str, extra: &[&str]) -> Running {
     let dir = weir.path(".");
-    Running(live::start_worker(
-        WEIR,
-        &dir,
-        port,
-        TOKEN,
-        &plugin(first),
-        extra,
-    ))
+    live::start_worker(WEIR, &dir, port, TOKEN, &plugin(first), extra)
 }
 
 /// Polls `GET path` until `done` says yes (30 s at most); the last answer.
@@ -620,5 +603,40 @@ fn a_live_stream_swaps_and_rolls_back_without_losing_or_repeating_a_record() {
         live::longest_gap(&seen).as_millis(),
         live::quantile(&mut latencies, 0.5) / 1000,
         live::quantile(&mut latencies, 0.99) / 1000
+    );
+}
+
+/// Uploads are compiled in a child process whose resident memory is capped: under a cap
+/// smaller than any compilation needs, an upload is refused (422), counted and audited, and
+/// nothing is stored.
+#[test]
+fn an_upload_compiling_over_the_memory_cap_is_refused() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines("in.jsonl", events(0, 1));
+    let port = free_port();
+    let config = weir.path("tight.toml");
+    std::fs::write(&config, "[api]\ncompile_memory_mb = 1\n").expect("config");
+    let _worker = start(&weir, port, &["--config", config.to_str().expect("utf-8")]);
+    let bytes = std::fs::read(plugin("enrich")).expect("plugin built");
+    let (status, body) = json(port, "POST", "/v1/plugins/p", &bytes);
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("more than api.compile_memory_mb = 1 MiB")),
+        "{body}"
+    );
+    let (_, p) = json(port, "GET", "/v1/plugins/p", b"");
+    assert_eq!(p["versions"].as_array().map(Vec::len), Some(1), "{p}");
+    let (_, metrics) = http(port, "GET", "/metrics", b"");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(r#"weir_plugin_uploads_total{result="compile_memory"} 1"#),
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");
+    assert!(
+        audit.contains("refused: compiling the upload took more than"),
+        "{audit}"
     );
 }

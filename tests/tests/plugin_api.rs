@@ -40,6 +40,8 @@ impl Api {
             admin_token: token.map(str::to_owned),
             open_reads,
             compile_timeout: api::DEFAULT_COMPILE_TIMEOUT,
+            // In this process: the test binary is not `weir`, so it cannot be the child.
+            compile_memory_bytes: None,
             max_upload_bytes,
             running: None,
             redis_url: None,
@@ -282,6 +284,7 @@ async fn uploads_are_authorised_validated_and_content_addressed() {
         [
             ("already_stored", 1),
             ("bad_name", 1),
+            ("compile_memory", 0),
             ("compile_timeout", 0),
             ("created", 2),
             ("error", 0),

@@ -1,16 +1,19 @@
 //! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
 //! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, which the
-//! worker follows (`follow.rs`), with the canary and quarantine watches (`watch.rs`). [`router`]
+//! worker follows (`follow.rs`), with the canary and quarantine watches (`watch.rs`) and
+//! the validation of uploads (`validate.rs`). [`router`]
 //! builds it from shared state, so tests drive it in-process with `oneshot`.
 
 mod follow;
 mod plugins;
+mod validate;
 mod watch;
 
 pub use follow::follow;
 pub use plugins::{
     ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, Running,
 };
+pub use validate::validate_upload_child;
 pub use watch::watch_active;
 
 use std::net::SocketAddr;

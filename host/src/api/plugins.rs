@@ -18,7 +18,7 @@ use super::AppState;
 use crate::canary::{CanaryConfig, QuarantineConfig};
 use crate::metrics::{Metrics, Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
-use crate::runtime::{ActivePlugin, LoadError, Plugin, Runtime};
+use crate::runtime::{ActivePlugin, Runtime};
 
 /// Uploads larger than this are refused with 413 unless configured otherwise (Python
 /// components are tens of MiB).
@@ -37,6 +37,9 @@ pub struct Control {
     /// Whether reading routes answer without the token.
     pub open_reads: bool,
     pub compile_timeout: Duration,
+    /// The memory cap of the child process that validates an upload; `None`: validate in
+    /// this process (bounded in time only).
+    pub compile_memory_bytes: Option<u64>,
     /// Larger upload bodies are refused with 413.
     pub max_upload_bytes: usize,
     /// The plugin the worker runs; `None`: activations change the registry only.
@@ -84,16 +87,6 @@ impl From<RegistryError> for ApiError {
         };
         Self(status, e.to_string())
     }
-}
-
-/// 400 for bytes that are not a component at all, 422 for a component this host cannot run;
-/// with the `weir_plugin_uploads_total` result.
-fn refused_upload(e: &LoadError) -> (&'static str, ApiError) {
-    let (result, status) = match e {
-        LoadError::NotWasm | LoadError::CoreModule => ("not_a_component", StatusCode::BAD_REQUEST),
-        _ => ("unsupported", StatusCode::UNPROCESSABLE_ENTITY),
-    };
-    (result, ApiError(status, format!("the upload {e}")))
 }
 
 impl Control {
@@ -205,30 +198,7 @@ async fn store_upload(
         .check_token(headers)
         .map_err(|e| ("unauthorized", e))?;
     registry::check_name(name).map_err(|e| ("bad_name", e.into()))?;
-    let runtime = control.runtime.clone();
-    let bytes = body.clone();
-    let inspecting = tokio::task::spawn_blocking(move || Plugin::inspect(&runtime, &bytes));
-    let inspection = match tokio::time::timeout(control.compile_timeout, inspecting).await {
-        Ok(Ok(Ok(inspection))) => inspection,
-        Ok(Ok(Err(e))) => return Err(refused_upload(&e)),
-        Ok(Err(e)) => {
-            let error = ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("validation failed: {e}"),
-            );
-            return Err(("error", error));
-        }
-        Err(_) => {
-            let error = ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "the upload did not compile within {} s",
-                    control.compile_timeout.as_secs()
-                ),
-            );
-            return Err(("compile_timeout", error));
-        }
-    };
+    let inspection = control.validate(body).await?;
     control
         .registry
         .upload(name, body, inspection, "admin")

@@ -1,0 +1,156 @@
+//! Hot swap under load (issue 5's benchmark): a release `weir` worker with the plugin API
+//! follows a file fed at a steady rate (embedded mode). After a steady phase, 100
+//! activations in a row alternate two versions (identity `faulty` as 1, `enrich` as 2),
+//! each waiting for the API's answer, then the stream runs steady again.
+//!
+//! Prints the longest gap between outputs, the p99 record latency (event written → its
+//! output read back, so it includes batching) during the swaps ÷ the p99 of the steady
+//! phase (target ≤ 2), the worker's RSS after 100 swaps vs after 1 (target ≤ +5 %), and
+//! checks that no record was lost or repeated.
+//!
+//! ```sh
+//! bash scripts/build-plugins.sh
+//! cargo bench -p weir-bench --bench hot_swap     # WEIR_BENCH_RATE=20000 records/s
+//! ```
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use weir_tests::live::{self, Feeder, Seen, Watcher};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
+const TOKEN: &str = "bench-token";
+const SWAPS: usize = 100;
+const STEADY: Duration = Duration::from_secs(5);
+
+fn main() -> anyhow::Result<()> {
+    let rate: usize = std::env::var("WEIR_BENCH_RATE")
+        .ok()
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(20_000);
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("in.jsonl"), "")?;
+    let port = weir_tests::free_port();
+    let identity = weir_tests::plugin("faulty");
+    let worker = live::start_worker(
+        WEIR,
+        dir.path(),
+        port,
+        TOKEN,
+        &identity,
+        &["--plugin-config", "faults=off"],
+    );
+    let log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    let watcher = Watcher::start(dir.path().join("out.jsonl"));
+    // A batch of records every 10 ms.
+    let feeder = Feeder::start(
+        dir.path().join("in.jsonl"),
+        rate / 100,
+        Duration::from_millis(10),
+    );
+    watcher.wait_for(rate, Duration::from_secs(60), log);
+    let enrich = std::fs::read(weir_tests::plugin("enrich"))?;
+    let (status, body) = weir_tests::http::json(port, TOKEN, "POST", "/v1/plugins/p", &enrich);
+    anyhow::ensure!(status == 201, "upload: {status} {body}");
+
+    let steady = (Instant::now(), {
+        std::thread::sleep(STEADY);
+        Instant::now()
+    });
+    let swaps_started = Instant::now();
+    let mut rss_after_one = 0;
+    let mut answers = Vec::with_capacity(SWAPS);
+    for i in 0..SWAPS {
+        let version = if i % 2 == 0 { 2 } else { 1 };
+        let body = format!("{{\"version\":{version}}}");
+        let asked = Instant::now();
+        let (status, answer) = weir_tests::http::json(
+            port,
+            TOKEN,
+            "POST",
+            "/v1/plugins/p/activate",
+            body.as_bytes(),
+        );
+        anyhow::ensure!(status == 200, "activation {i}: {status} {answer}");
+        answers.push(asked.elapsed().as_micros() as u64);
+        if i == 0 {
+            rss_after_one = rss_kib(worker.pid())?;
+        }
+    }
+    let swaps = (swaps_started, Instant::now());
+    let rss_after_all = rss_kib(worker.pid())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let fed = feeder.stop();
+    watcher.wait_for(fed, Duration::from_secs(120), log);
+    drop(worker);
+    let seen = watcher.stop();
+
+    let ids: BTreeSet<&str> = seen.iter().map(|s| s.id.as_str()).collect();
+    let lost = (0..fed)
+        .filter(|i| !ids.contains(format!("e{i}").as_str()))
+        .count();
+    let repeated = seen.len() - ids.len();
+    let during = |(from, to): (Instant, Instant)| -> Vec<Seen> {
+        seen.iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .cloned()
+            .collect()
+    };
+    let p99 = |outputs: &[Seen]| {
+        let mut latencies: Vec<u64> = outputs.iter().map(|s| s.latency_us).collect();
+        live::quantile(&mut latencies, 0.99)
+    };
+    let (steady_outputs, swap_outputs) = (during(steady), during(swaps));
+    let (steady_p99, swap_p99) = (p99(&steady_outputs), p99(&swap_outputs));
+    println!(
+        "\nHot swap under load: {fed} records at {rate}/s, {SWAPS} activations in a row \
+         ({:.2} s, answered in p50 {:.1} ms, max {:.1} ms)\n",
+        (swaps.1 - swaps.0).as_secs_f64(),
+        live::quantile(&mut answers.clone(), 0.5) as f64 / 1000.0,
+        answers.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| longest gap between outputs, whole run | {} ms |",
+        live::longest_gap(&seen).as_millis()
+    );
+    println!(
+        "| longest gap between outputs, during the swaps | {} ms |",
+        live::longest_gap(&swap_outputs).as_millis()
+    );
+    println!(
+        "| p99 record latency, steady ({} outputs) | {:.1} ms |",
+        steady_outputs.len(),
+        steady_p99 as f64 / 1000.0
+    );
+    println!(
+        "| p99 record latency, during the swaps ({} outputs) | {:.1} ms |",
+        swap_outputs.len(),
+        swap_p99 as f64 / 1000.0
+    );
+    println!(
+        "| worker RSS after 1 swap / after {SWAPS} | {:.1} / {:.1} MiB |",
+        rss_after_one as f64 / 1024.0,
+        rss_after_all as f64 / 1024.0
+    );
+    println!("| records lost / repeated | {lost} / {repeated} |");
+    println!(
+        "\np99 during swaps ÷ steady p99 = {:.2} (target ≤ 2); RSS after {SWAPS} swaps ÷ after 1 = {:.3} (target ≤ 1.05)",
+        swap_p99 as f64 / steady_p99.max(1) as f64,
+        rss_after_all as f64 / rss_after_one.max(1) as f64
+    );
+    anyhow::ensure!(lost == 0 && repeated == 0, "records lost or repeated");
+    Ok(())
+}
+
+/// The resident set of a process, in KiB (`VmRSS` of `/proc/<pid>/status`).
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))
+}
