@@ -20,15 +20,24 @@ use weir_tests::live::{self, Feeder, Seen, Watcher};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
 const TOKEN: &str = "bench-token";
+/// Activations in the measured run (`WEIR_BENCH_SWAPS` for more, to see whether memory
+/// levels off), one every `SWAP_EVERY`.
 const SWAPS: usize = 100;
+const SWAP_EVERY: Duration = Duration::from_millis(20);
 const STEADY: Duration = Duration::from_secs(5);
 
 fn main() -> anyhow::Result<()> {
-    let rate: usize = std::env::var("WEIR_BENCH_RATE")
-        .ok()
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(20_000);
+    let env = |name: &str, default: usize| -> anyhow::Result<usize> {
+        Ok(std::env::var(name)
+            .ok()
+            .map(|v| v.parse())
+            .transpose()?
+            .unwrap_or(default))
+    };
+    let (rate, swaps_wanted) = (
+        env("WEIR_BENCH_RATE", 20_000)?,
+        env("WEIR_BENCH_SWAPS", SWAPS)?,
+    );
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("in.jsonl"), "")?;
     let port = weir_tests::free_port();
@@ -59,9 +68,9 @@ fn main() -> anyhow::Result<()> {
         Instant::now()
     });
     let swaps_started = Instant::now();
-    let mut rss_after_one = 0;
-    let mut answers = Vec::with_capacity(SWAPS);
-    for i in 0..SWAPS {
+    let mut rss = Vec::new();
+    let mut answers = Vec::with_capacity(swaps_wanted);
+    for i in 0..swaps_wanted {
         let version = if i % 2 == 0 { 2 } else { 1 };
         let body = format!("{{\"version\":{version}}}");
         let asked = Instant::now();
@@ -74,12 +83,15 @@ fn main() -> anyhow::Result<()> {
         );
         anyhow::ensure!(status == 200, "activation {i}: {status} {answer}");
         answers.push(asked.elapsed().as_micros() as u64);
-        if i == 0 {
-            rss_after_one = rss_kib(worker.pid())?;
+        let done = i + 1;
+        if done == 1 || done % 10 == 0 {
+            rss.push((done, rss_kib(worker.pid())?));
         }
+        std::thread::sleep(SWAP_EVERY.saturating_sub(asked.elapsed()));
     }
     let swaps = (swaps_started, Instant::now());
-    let rss_after_all = rss_kib(worker.pid())?;
+    let rss_at = |n: usize| rss.iter().find(|(done, _)| *done == n).map_or(0, |r| r.1);
+    let (rss_after_one, rss_after_all) = (rss_at(1), rss_at(SWAPS.min(swaps_wanted)));
     std::thread::sleep(Duration::from_secs(2));
     let fed = feeder.stop();
     watcher.wait_for(fed, Duration::from_secs(120), log);
@@ -104,8 +116,9 @@ fn main() -> anyhow::Result<()> {
     let (steady_outputs, swap_outputs) = (during(steady), during(swaps));
     let (steady_p99, swap_p99) = (p99(&steady_outputs), p99(&swap_outputs));
     println!(
-        "\nHot swap under load: {fed} records at {rate}/s, {SWAPS} activations in a row \
-         ({:.2} s, answered in p50 {:.1} ms, max {:.1} ms)\n",
+        "\nHot swap under load: {fed} records at {rate}/s, {swaps_wanted} activations in a row, \
+         one every {} ms ({:.2} s, answered in p50 {:.1} ms, max {:.1} ms)\n",
+        SWAP_EVERY.as_millis(),
         (swaps.1 - swaps.0).as_secs_f64(),
         live::quantile(&mut answers.clone(), 0.5) as f64 / 1000.0,
         answers.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
@@ -136,6 +149,11 @@ fn main() -> anyhow::Result<()> {
         rss_after_all as f64 / 1024.0
     );
     println!("| records lost / repeated | {lost} / {repeated} |");
+    let series: Vec<String> = rss
+        .iter()
+        .map(|(n, kib)| format!("{n}: {:.1}", *kib as f64 / 1024.0))
+        .collect();
+    println!("\nworker RSS (MiB) after n swaps: {}", series.join(", "));
     println!(
         "\np99 during swaps ÷ steady p99 = {:.2} (target ≤ 2); RSS after {SWAPS} swaps ÷ after 1 = {:.3} (target ≤ 1.05)",
         swap_p99 as f64 / steady_p99.max(1) as f64,
