@@ -1007,6 +1007,40 @@ fn an_activation_through_one_workers_api_swaps_every_worker() {
             "partition {partition} went back a version: {versions:?}"
         );
     }
+    // `/metrics` shows the consumer lag of each partition a worker has, and lease contention.
+    let started = Instant::now();
+    loop {
+        let mut partitions = BTreeSet::new();
+        for port in [port_a, port_b] {
+            let (_, text) = weir_tests::http::request(port, TOKEN, "GET", "/metrics", b"");
+            let text = String::from_utf8_lossy(&text);
+            let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+                .expect("Prometheus text");
+            assert!(
+                scrape
+                    .samples
+                    .iter()
+                    .any(|m| m.metric == "weir_lease_contended_total"),
+                "{text}"
+            );
+            partitions.extend(
+                scrape
+                    .samples
+                    .iter()
+                    .filter(|m| m.metric == "weir_consumer_lag")
+                    .filter(|m| m.labels.get("topic") == Some(s.cluster.input.as_str()))
+                    .filter_map(|m| m.labels.get("partition").map(str::to_owned)),
+            );
+        }
+        if partitions.len() == 4 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "consumer lag shown for partitions {partitions:?} only"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // Both workers ran version 2 on their own partitions.
     for (worker, port) in [(&a, port_a), (&b, port_b)] {
         let (_, status) = call(port, "GET", "/v1/status", b"");
