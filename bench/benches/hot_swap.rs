@@ -5,13 +5,15 @@
 //!
 //! Prints the longest gap between outputs, the p99 record latency (event written → its
 //! output read back, so it includes batching) during the swaps ÷ the p99 of the steady
-//! phase (target ≤ 2), the worker's RSS after 100 swaps vs after 1 (target ≤ +5 %; both
-//! read after records flowed on the new version for a second, the first swap's second
-//! included in the swap phase), and checks that no record was lost or repeated.
+//! phase (target ≤ 2), the worker's RSS after 100 swaps vs after 1 (target ≤ +5 %; each the
+//! median of ten readings over the second after the swap, while records flow on the new
+//! version; that second after the first swap counts as swap phase), and checks that no
+//! record was lost or repeated.
 //!
 //! ```sh
 //! bash scripts/build-plugins.sh
 //! cargo bench -p weir-bench --bench hot_swap     # WEIR_BENCH_RATE=20000 records/s
+//! WEIR_BENCH_CONTROL=1 cargo bench -p weir-bench --bench hot_swap   # no swaps: a read instead
 //! ```
 
 use std::collections::BTreeSet;
@@ -25,9 +27,9 @@ const TOKEN: &str = "bench-token";
 /// levels off), one every `SWAP_EVERY`.
 const SWAPS: usize = 100;
 const SWAP_EVERY: Duration = Duration::from_millis(20);
-/// How long records flow on a version before the worker's RSS is read.
+/// How long the worker's RSS is read for (ten readings) once records flow on a version.
 const SETTLE: Duration = Duration::from_secs(1);
-const STEADY: Duration = Duration::from_secs(5);
+const STEADY: Duration = Duration::from_secs(15);
 
 fn main() -> anyhow::Result<()> {
     let env = |name: &str, default: usize| -> anyhow::Result<usize> {
@@ -41,6 +43,11 @@ fn main() -> anyhow::Result<()> {
         env("WEIR_BENCH_RATE", 20_000)?,
         env("WEIR_BENCH_SWAPS", SWAPS)?,
     );
+    // The control experiment: the same calls and readings, but reads instead of activations.
+    let control_run = env("WEIR_BENCH_CONTROL", 0)? == 1;
+    if control_run {
+        println!("control run: GET /v1/plugins/p instead of each activation");
+    }
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("in.jsonl"), "")?;
     let port = weir_tests::free_port();
@@ -67,9 +74,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(status == 201, "upload: {status} {body}");
 
     let steady = (Instant::now(), {
-        std::thread::sleep(STEADY);
+        std::thread::sleep(STEADY - SETTLE);
         Instant::now()
     });
+    let rss_steady = settled_rss_kib(worker.pid())?;
     let swaps_started = Instant::now();
     let mut rss = Vec::new();
     let mut answers = Vec::with_capacity(swaps_wanted);
@@ -77,13 +85,17 @@ fn main() -> anyhow::Result<()> {
         let version = if i % 2 == 0 { 2 } else { 1 };
         let body = format!("{{\"version\":{version}}}");
         let asked = Instant::now();
-        let (status, answer) = weir_tests::http::json(
-            port,
-            TOKEN,
-            "POST",
-            "/v1/plugins/p/activate",
-            body.as_bytes(),
-        );
+        let (status, answer) = if control_run {
+            weir_tests::http::json(port, TOKEN, "GET", "/v1/plugins/p", b"")
+        } else {
+            weir_tests::http::json(
+                port,
+                TOKEN,
+                "POST",
+                "/v1/plugins/p/activate",
+                body.as_bytes(),
+            )
+        };
         anyhow::ensure!(status == 200, "activation {i}: {status} {answer}");
         answers.push(asked.elapsed().as_micros() as u64);
         let done = i + 1;
@@ -92,14 +104,12 @@ fn main() -> anyhow::Result<()> {
         }
         if done == 1 {
             // Measured once the new version took records for a while, as after the last.
-            std::thread::sleep(SETTLE);
-            rss.push((done, rss_kib(worker.pid())?));
+            rss.push((done, settled_rss_kib(worker.pid())?));
         }
         std::thread::sleep(SWAP_EVERY.saturating_sub(asked.elapsed()));
     }
     let swaps = (swaps_started, Instant::now());
-    std::thread::sleep(SETTLE);
-    rss.push((swaps_wanted, rss_kib(worker.pid())?));
+    rss.push((swaps_wanted, settled_rss_kib(worker.pid())?));
     let rss_at = |n: usize| rss.iter().rfind(|(done, _)| *done == n).map_or(0, |r| r.1);
     let (rss_after_one, rss_after_all) = (rss_at(1), rss_at(SWAPS.min(swaps_wanted)));
     std::thread::sleep(Duration::from_secs(1));
@@ -154,7 +164,8 @@ fn main() -> anyhow::Result<()> {
         swap_p99 as f64 / 1000.0
     );
     println!(
-        "| worker RSS after 1 swap / after {SWAPS} | {:.1} / {:.1} MiB |",
+        "| worker RSS before swaps / after 1 swap / after {SWAPS} (medians of 10 readings) | {:.1} / {:.1} / {:.1} MiB |",
+        rss_steady as f64 / 1024.0,
         rss_after_one as f64 / 1024.0,
         rss_after_all as f64 / 1024.0
     );
@@ -171,6 +182,17 @@ fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(lost == 0 && repeated == 0, "records lost or repeated");
     Ok(())
+}
+
+/// The median of ten readings of a process's RSS, 100 ms apart (`SETTLE`): in-flight
+/// records alone move it by ±20 % from one reading to the next.
+fn settled_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let mut readings = Vec::new();
+    for _ in 0..10 {
+        std::thread::sleep(SETTLE / 10);
+        readings.push(rss_kib(pid)?);
+    }
+    Ok(live::quantile(&mut readings, 0.5))
 }
 
 /// The resident set of a process, in KiB (`VmRSS` of `/proc/<pid>/status`).
