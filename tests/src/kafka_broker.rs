@@ -53,15 +53,22 @@ impl KafkaBroker {
     /// Starts a fresh broker (or returns the external one of `WEIR_KAFKA_BOOTSTRAP`).
     pub fn start(storage: Storage) -> Self {
         if let Ok(bootstrap) = std::env::var("WEIR_KAFKA_BOOTSTRAP") {
-            return Self {
-                bootstrap,
-                process: None,
-                port: 0,
-                storage,
-                dir: None,
-            };
+            let mut broker = Self::external(&bootstrap);
+            broker.storage = storage;
+            return broker;
         }
         Self::start_on(crate::free_port(), storage)
+    }
+
+    /// A broker this harness did not start (to produce to and read from).
+    pub fn external(bootstrap: &str) -> Self {
+        Self {
+            bootstrap: bootstrap.to_owned(),
+            process: None,
+            port: 0,
+            storage: Storage::Memory,
+            dir: None,
+        }
     }
 
     /// Starts a fresh local broker on `port`.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub mod http;
 pub mod kafka_broker;
 pub mod live;
+pub mod mock_kafka;
 pub mod redis_server;
 pub mod worker;
 
