@@ -670,6 +670,22 @@ async fn active_version(
     Ok((plugin, activations))
 }
 
+/// The crash guard of an embedded-mode pipeline, in `<state.path>/crashes/<pipeline>`.
+/// Cluster mode has none yet: the crashes would have to be counted in Redis, where the
+/// worker that takes over a dead one's records can see them.
+fn crash_guard(
+    config: &Config,
+    pipeline: &str,
+) -> anyhow::Result<Option<Arc<crate::pipeline::CrashGuard>>> {
+    if config.mode() != Mode::Embedded || config.pipeline.crash_loop_limit == 0 {
+        return Ok(None);
+    }
+    let dir = config.state.path.join("crashes").join(pipeline);
+    let guard = crate::pipeline::CrashGuard::open(&dir, config.pipeline.crash_loop_limit)
+        .with_context(|| format!("crash guard in {}", dir.display()))?;
+    Ok(Some(Arc::new(guard)))
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -972,6 +988,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .then(|| Duration::from_secs(config.pipeline.progress_secs)),
             lease_renewal,
             max_in_flight_batches: config.pipeline.max_in_flight_batches,
+            crash_guard: crash_guard(&config, &pipeline_name)?,
         },
     };
     ready.store(true, Ordering::Relaxed);
@@ -1177,6 +1194,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             progress: None,
             lease_renewal: None,
             max_in_flight_batches: config.pipeline.max_in_flight_batches,
+            crash_guard: None,
         },
     };
     let summary = pipeline.run(std::future::pending()).await?;

@@ -177,6 +177,9 @@ pub struct PipelineConfig {
     /// more sink latency; each one adds a batch to what a crashed worker's successor may
     /// process again.
     pub max_in_flight_batches: usize,
+    /// A record in the plugin this many times when the worker died is dead-lettered as
+    /// `crash_loop` instead of run again (embedded mode); 0 turns the guard off.
+    pub crash_loop_limit: u32,
 }
 
 impl Default for PipelineConfig {
@@ -187,6 +190,7 @@ impl Default for PipelineConfig {
             id: None,
             progress_secs: 2,
             max_in_flight_batches: 32,
+            crash_loop_limit: 3,
         }
     }
 }

@@ -192,3 +192,74 @@ fn invalid_goes_straight_to_the_dlq_without_retries() {
     assert_eq!(run.count("retried"), 0);
     assert_eq!(error_field(&run.dead_letters[0], "attempts"), "1");
 }
+
+/// A record that takes the worker down is retried alone, and after
+/// `pipeline.crash_loop_limit` deaths (3) it is dead-lettered as `crash_loop`; every other
+/// record is output. The worker dies through the test hook `WEIR_TEST_ABORT_ON_ID`, which
+/// aborts the process when that record enters the plugin.
+#[test]
+fn a_record_that_crashes_the_worker_three_times_is_dead_lettered_as_crash_loop() {
+    let weir = Weir::new(WEIR);
+    weir.write_lines(
+        "in.jsonl",
+        (0..20).map(|i| {
+            let fields = json!({ "user_id": "u1", "ts": 1704067200, "action": "view" });
+            event(&format!("e{i}"), fields)
+        }),
+    );
+    let args = |weir: &Weir| {
+        let mut cmd = weir.command([
+            "run",
+            "--input",
+            "in.jsonl",
+            "--output",
+            "out.jsonl",
+            "--state",
+            "state",
+            "--id",
+            "/id",
+            "--quiet",
+            "--plugin",
+        ]);
+        cmd.arg(plugin("enrich"))
+            .env(weir::pipeline::ABORT_ON_ID_ENV, "e7");
+        cmd
+    };
+    let mut died = 0;
+    for run in 1..=4 {
+        let out = args(&weir).output().expect("weir run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if run <= 3 {
+            assert!(
+                !out.status.success(),
+                "run {run} should die on e7: {stderr}"
+            );
+            died += 1;
+            if run > 1 {
+                assert!(stderr.contains("the last run died with"), "{stderr}");
+            }
+        } else {
+            assert!(out.status.success(), "run {run}: {stderr}");
+        }
+    }
+    assert_eq!(died, 3);
+    let outputs = weir_tests::read_json_lines(&weir.path("out.jsonl"));
+    let output_ids: BTreeSet<String> = outputs
+        .iter()
+        .map(|o| o["id"].as_str().expect("id").to_owned())
+        .collect();
+    let expected: BTreeSet<String> = (0..20)
+        .filter(|&i| i != 7)
+        .map(|i| format!("e{i}"))
+        .collect();
+    assert_eq!(output_ids, expected, "every other record is output");
+    let dead = weir_tests::read_json_lines(&weir.path("out.dlq.jsonl"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(error_field(&dead[0], "class"), "crash_loop");
+    assert_eq!(error_field(&dead[0], "record_id"), "e7");
+    assert_eq!(error_field(&dead[0], "attempts"), "3");
+    assert!(
+        error_field(&dead[0], "message").contains("died 3 times"),
+        "{dead:?}"
+    );
+}

@@ -17,7 +17,10 @@
 //! Every consumed record ends in exactly one fate — processed, dead-lettered or
 //! deduplicated — and the counters in [`Metrics`] say which.
 
+mod crash;
 pub mod dead_letter;
+
+pub use crash::{ABORT_ON_ID_ENV, CrashGuard};
 mod id;
 mod in_flight;
 mod retry;
@@ -67,6 +70,8 @@ pub enum PipelineError {
     Plugin(#[from] LoadError),
     #[error("a pipeline task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("crash guard: {0}")]
+    CrashGuard(std::io::Error),
 }
 
 /// Knobs of the lifecycle.
@@ -84,6 +89,8 @@ pub struct Settings {
     pub lease_renewal: Option<Duration>,
     /// Batches whose writes may be awaited at once (at least 1).
     pub max_in_flight_batches: usize,
+    /// Crash-loop protection (embedded mode).
+    pub crash_guard: Option<Arc<CrashGuard>>,
 }
 
 /// A source, a plugin, a sink, a DLQ and a state store, wired together.
@@ -355,7 +362,8 @@ impl Shared {
                         .collect(),
                     None => Vec::new(),
                 };
-                let (work, verdicts) = self.invoke_routed(&routing, &on_canary, work).await?;
+                let ids = claimed.to_run.iter().map(|&(i, _)| claimed.ids[i].as_str());
+                let (work, verdicts) = self.invoke_guarded(&routing, &on_canary, work, ids).await?;
                 Ok::<_, PipelineError>((work, verdicts, routing, on_canary))
             };
             let (work, verdicts, routing, on_canary) = self
@@ -404,6 +412,38 @@ impl Shared {
         in_flight.drain().await
     }
 
+    /// Runs `work` (whose ids are `ids`) on `routing`, noting what is in the plugin for the
+    /// crash guard: the whole batch at once, or one record at a time when one of them was in
+    /// the plugin when the worker last died.
+    async fn invoke_guarded<'a>(
+        &self,
+        routing: &Routing,
+        on_canary: &[bool],
+        work: Vec<Record>,
+        ids: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let Some(guard) = &self.settings.crash_guard else {
+            return self.invoke_routed(routing, on_canary, work).await;
+        };
+        let noted = PipelineError::CrashGuard;
+        if !guard.any_suspect(ids.clone()) {
+            guard.enter(ids.clone()).map_err(noted)?;
+            let done = self.invoke_routed(routing, on_canary, work).await?;
+            guard.leave(std::iter::empty()).map_err(noted)?;
+            return Ok(done);
+        }
+        let (mut records, mut verdicts) = (Vec::new(), Vec::new());
+        for (k, (record, id)) in work.into_iter().zip(ids).enumerate() {
+            let canary = on_canary.get(k).map(|&c| vec![c]).unwrap_or_default();
+            guard.enter([id]).map_err(noted)?;
+            let (record, verdict) = self.invoke_routed(routing, &canary, vec![record]).await?;
+            guard.leave([id]).map_err(noted)?;
+            records.extend(record);
+            verdicts.extend(verdict);
+        }
+        Ok((records, verdicts))
+    }
+
     /// Claims a batch and decides what the plugin sees: not done, not a repeat within this
     /// batch, readable.
     async fn decide(self: Arc<Self>, taken: Taken, hold: Hold) -> Result<Claimed, PipelineError> {
@@ -430,12 +470,28 @@ impl Shared {
                 deduplicated += 1;
                 continue;
             }
-            match incoming.rejected {
-                Some(reason) => {
+            let crash_loop = self.settings.crash_guard.as_ref().and_then(|guard| {
+                let crashes = guard.looping(&ids[i])?;
+                let failure = Failure::new(
+                    ErrorClass::CrashLoop,
+                    format!(
+                        "the worker died {crashes} times while this record was in the plugin \
+                         (pipeline.crash_loop_limit = {}): it is not run again",
+                        guard.limit()
+                    ),
+                );
+                Some((failure, crashes))
+            });
+            let refused = match (incoming.rejected, crash_loop) {
+                (Some(reason), _) => Some((Failure::new(ErrorClass::Invalid, reason), 0)),
+                (None, crash_loop) => crash_loop,
+            };
+            match refused {
+                Some((failure, attempts)) => {
                     let now = now_ms();
                     let failed = Failed {
-                        failure: Failure::new(ErrorClass::Invalid, reason),
-                        attempts: 0,
+                        failure,
+                        attempts,
                         first_failure_ms: now,
                         last_failure_ms: now,
                     };
