@@ -16,6 +16,22 @@ use std::sync::{Mutex, PoisonError};
 /// enters the plugin, as a plugin that took the host down would.
 pub const ABORT_ON_ID_ENV: &str = "WEIR_TEST_ABORT_ON_ID";
 
+/// The note's length header when no record is in the plugin: the bytes of ids that follow.
+const EMPTY: &str = "0000000000\n";
+
+/// The ids of a note: as many bytes as its header says, one id per line.
+fn noted_ids(note: &str) -> Vec<&str> {
+    let Some((length, rest)) = note.split_once('\n') else {
+        return Vec::new();
+    };
+    let length = length.parse::<usize>().unwrap_or(0).min(rest.len());
+    rest.get(..length)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct CrashGuard {
     dir: PathBuf,
@@ -36,7 +52,7 @@ impl CrashGuard {
             Err(e) => return Err(e),
         };
         let died_with = std::fs::read_to_string(dir.join("in-plugin")).unwrap_or_default();
-        let died_with: Vec<&str> = died_with.lines().filter(|l| !l.is_empty()).collect();
+        let died_with = noted_ids(&died_with);
         if !died_with.is_empty() {
             for id in &died_with {
                 *crashes.entry((*id).to_owned()).or_default() += 1;
@@ -87,16 +103,22 @@ impl CrashGuard {
         self.limit
     }
 
-    /// Notes that these records are about to enter the plugin.
+    /// Notes that these records are about to enter the plugin: one write, of a length
+    /// header and the ids (what follows from an earlier, longer note is ignored).
     pub fn enter<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> std::io::Result<()> {
-        let mut text = String::new();
+        let mut text = String::from(EMPTY);
         let mut abort = false;
         for id in ids {
             abort |= self.abort_on.as_deref() == Some(id);
             text.push_str(id);
             text.push('\n');
         }
-        self.in_plugin.set_len(0)?;
+        let header = format!(
+            "{:0width$}\n",
+            text.len() - EMPTY.len(),
+            width = EMPTY.len() - 1
+        );
+        text.replace_range(..EMPTY.len(), &header);
         self.in_plugin.write_all_at(text.as_bytes(), 0)?;
         if abort {
             eprintln!("weir: {ABORT_ON_ID_ENV} names a record entering the plugin: aborting");
@@ -107,7 +129,7 @@ impl CrashGuard {
 
     /// Notes that the records left the plugin alive; those that had crashes are cleared.
     pub fn leave<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> std::io::Result<()> {
-        self.in_plugin.set_len(0)?;
+        self.in_plugin.write_all_at(EMPTY.as_bytes(), 0)?;
         let cleared = {
             let mut crashes = self.crashes();
             let before = crashes.len();
@@ -134,10 +156,13 @@ mod tests {
     fn a_record_in_the_plugin_at_a_crash_counts_until_the_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let guard = CrashGuard::open(dir.path(), 2).expect("open");
-        guard.enter(["a", "b"]).expect("enter");
+        guard.enter(["a-long-id", "b"]).expect("enter");
+        guard.leave(std::iter::empty()).expect("leave");
+        guard.enter(["a", "b"]).expect("enter"); // shorter than the note before
         drop(guard); // died with a and b in the plugin
         let guard = CrashGuard::open(dir.path(), 2).expect("open");
         assert_eq!((guard.crashes_of("a"), guard.crashes_of("b")), (1, 1));
+        assert_eq!(guard.crashes_of("a-long-id"), 0, "a note left the plugin alive");
         assert!(guard.any_suspect(["x", "b"].into_iter()));
         guard.enter(["b"]).expect("enter");
         guard.leave(["b"]).expect("leave"); // b ran alone and lived: cleared
