@@ -162,7 +162,11 @@ mod tests {
         drop(guard); // died with a and b in the plugin
         let guard = CrashGuard::open(dir.path(), 2).expect("open");
         assert_eq!((guard.crashes_of("a"), guard.crashes_of("b")), (1, 1));
-        assert_eq!(guard.crashes_of("a-long-id"), 0, "a note left the plugin alive");
+        assert_eq!(
+            guard.crashes_of("a-long-id"),
+            0,
+            "a note left the plugin alive"
+        );
         assert!(guard.any_suspect(["x", "b"].into_iter()));
         guard.enter(["b"]).expect("enter");
         guard.leave(["b"]).expect("leave"); // b ran alone and lived: cleared
