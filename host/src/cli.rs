@@ -825,8 +825,13 @@ async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<E
             &output,
             destinations,
             config.limits.max_output_bytes,
+            Some(metrics.circuit_open.with_label_values(&["sink"])),
         )),
-        dlq: Box::new(KafkaDeadLetters::new(&producer, &dlq)),
+        dlq: Box::new(KafkaDeadLetters::new(
+            &producer,
+            &dlq,
+            Some(metrics.circuit_open.with_label_values(&["dlq"])),
+        )),
         dlq_name: format!("topic {dlq}"),
     })
 }

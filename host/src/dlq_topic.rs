@@ -135,7 +135,7 @@ pub async fn replay(
     max_replays: u32,
 ) -> Result<Replayed, String> {
     let producer = KafkaProducer::new(kafka).map_err(|e| e.to_string())?;
-    let mut sink = KafkaSink::new(&producer, to, BTreeMap::new(), usize::MAX);
+    let mut sink = KafkaSink::new(&producer, to, BTreeMap::new(), usize::MAX, None);
     let mut done = Replayed::default();
     let mut outputs = Vec::new();
     for letter in letters {

@@ -1073,3 +1073,62 @@ fn an_activation_through_one_workers_api_swaps_every_worker() {
         assert!(worker.stop().success());
     }
 }
+
+/// The Kafka sink's circuit: while no broker answers, a delivery is sent again and again
+/// with `weir_circuit_open{dependency="sink"}` at 1, instead of the worker giving up; when a
+/// broker comes up on that address, the record is delivered and the circuit closes.
+#[test]
+fn the_sink_waits_for_a_broker_that_is_away_and_delivers_when_it_comes_back() {
+    use std::collections::BTreeMap;
+    use weir::config::KafkaConfig;
+    use weir::runtime::Output;
+    use weir::sink::{KafkaProducer, KafkaSink, Sink};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let port = weir_tests::free_port();
+    let kafka = KafkaConfig {
+        bootstrap: Some(format!("127.0.0.1:{port}")),
+        options: [("message.timeout.ms".to_owned(), "500".to_owned())].into(),
+        ..KafkaConfig::default()
+    };
+    let metrics = weir::metrics::Metrics::new();
+    let circuit = metrics.circuit_open.with_label_values(&["sink"]);
+    let flushed = {
+        let circuit = circuit.clone();
+        rt.spawn(async move {
+            let producer = KafkaProducer::new(&kafka).expect("producer");
+            let mut sink =
+                KafkaSink::new(&producer, "out", BTreeMap::new(), 1 << 20, Some(circuit));
+            let output = Output {
+                destination: None,
+                key: Some(b"k".to_vec()),
+                value: b"delivered after all".to_vec(),
+                headers: Vec::new(),
+            };
+            sink.send(vec![output]).await.expect("enqueued");
+            let started = Instant::now();
+            sink.flush().await.map(|()| started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        circuit.get(),
+        1,
+        "the circuit is open while no broker answers"
+    );
+    assert!(!flushed.is_finished(), "the sink keeps trying");
+    let broker = KafkaBroker::start_on(port, Storage::Memory);
+    rt.block_on(broker.create_topic("out", 1));
+    let took = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), flushed).await })
+        .expect("delivered within 60 s of the broker starting")
+        .expect("task")
+        .expect("delivered, not failed");
+    assert_eq!(circuit.get(), 0, "the circuit closed");
+    let out = broker.read_topic("out", Duration::from_secs(5), |r| !r.is_empty());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].value, b"delivered after all");
+    println!(
+        "the sink delivered {:.1} s after its first send, once the broker came up 3 s in",
+        took.as_secs_f64()
+    );
+}

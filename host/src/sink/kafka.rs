@@ -4,13 +4,20 @@
 //!
 //! `send` only enqueues; `seal` hands over the deliveries so far as one future (`flush` awaits
 //! it). A failed delivery (librdkafka has already retried it within `message.timeout.ms`) is
-//! sent again, from the copy librdkafka hands back, up to [`DELIVERY_ATTEMPTS`] times in all;
-//! after that `flush` fails and the worker stops consuming rather than drop it.
+//! sent again, from the copy librdkafka hands back:
+//!
+//! - while the broker is away or busy (timeouts, transport errors, no leader, too few
+//!   replicas) the circuit is open: `weir_circuit_open{dependency="sink"}` (or `"dlq"`) is 1,
+//!   the message is sent again with a growing backoff (up to 5 s) for as long as it takes,
+//!   and the worker takes no new records once its batches in flight are full;
+//! - any other failure is sent again up to [`DELIVERY_ATTEMPTS`] times in all; after that
+//!   `flush` fails and the worker stops consuming rather than drop the record.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prometheus::IntGauge;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -21,8 +28,32 @@ use crate::kafka::{LogContext, owned_headers};
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::runtime::Output;
 
-/// Sends of one message, in all, before the worker gives up and stops.
+/// Sends of one message, in all, before the worker gives up and stops (for failures that
+/// are not the broker being away).
 pub const DELIVERY_ATTEMPTS: u32 = 3;
+/// The longest wait between two sends while the circuit is open.
+const MAX_PROBE_DELAY: Duration = Duration::from_secs(5);
+
+/// Whether a delivery failure says the broker is away or busy, not that the record cannot
+/// be written: those are sent again for as long as it takes.
+fn broker_away(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageTimedOut
+                | BrokerTransportFailure
+                | AllBrokersDown
+                | RequestTimedOut
+                | NetworkException
+                | NotEnoughReplicas
+                | NotEnoughReplicasAfterAppend
+                | LeaderNotAvailable
+                | NotLeaderForPartition
+                | QueueFull
+        )
+    )
+}
 
 fn sink_error(what: String, e: KafkaError) -> SinkError {
     SinkError {
@@ -55,13 +86,16 @@ type Pending = Vec<(DeliveryFuture, u32)>;
 struct Deliveries {
     producer: FutureProducer<LogContext>,
     pending: Pending,
+    /// 1 while deliveries fail because the broker is away.
+    circuit: Option<IntGauge>,
 }
 
 impl Deliveries {
-    fn new(producer: &KafkaProducer) -> Self {
+    fn new(producer: &KafkaProducer, circuit: Option<IntGauge>) -> Self {
         Self {
             producer: producer.producer.clone(),
             pending: Vec::new(),
+            circuit,
         }
     }
 
@@ -82,7 +116,7 @@ impl Deliveries {
     fn seal(&mut self) -> Durable {
         let producer = self.producer.clone();
         let pending = std::mem::take(&mut self.pending);
-        Box::pin(confirm(producer, pending))
+        Box::pin(confirm(producer, pending, self.circuit.clone()))
     }
 }
 
@@ -121,13 +155,17 @@ async fn enqueue(
     }
 }
 
-/// Waits for every delivery; re-sends failed ones, up to [`DELIVERY_ATTEMPTS`] in all.
+/// Waits for every delivery; re-sends failed ones: while the broker is away for as long as
+/// it takes, with backoff; otherwise up to [`DELIVERY_ATTEMPTS`] in all.
 async fn confirm(
     producer: FutureProducer<LogContext>,
     mut pending: Pending,
+    circuit: Option<IntGauge>,
 ) -> Result<(), SinkError> {
+    let mut probe_delay = Duration::from_millis(100);
     while !pending.is_empty() {
         let mut failed = Vec::new();
+        let mut away = false;
         for (delivery, attempt) in std::mem::take(&mut pending) {
             let (error, message) = match delivery.await {
                 Ok(Ok(_)) => continue,
@@ -139,6 +177,14 @@ async fn confirm(
                     ));
                 }
             };
+            if broker_away(&error) {
+                if !away {
+                    tracing::warn!(topic = %message.topic(), "the broker does not take deliveries ({error}); sending again in {} ms, for as long as it takes", probe_delay.as_millis());
+                }
+                away = true;
+                failed.push((message, attempt));
+                continue;
+            }
             if attempt >= DELIVERY_ATTEMPTS {
                 return Err(sink_error(
                     format!(
@@ -150,6 +196,13 @@ async fn confirm(
             }
             tracing::warn!(topic = %message.topic(), attempt, "delivery failed, sending again: {error}");
             failed.push((message, attempt + 1));
+        }
+        if let Some(gauge) = &circuit {
+            gauge.set(i64::from(away));
+        }
+        if away {
+            tokio::time::sleep(probe_delay).await;
+            probe_delay = (probe_delay * 2).min(MAX_PROBE_DELAY);
         }
         for (message, attempt) in failed {
             let headers = message
@@ -178,14 +231,16 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
+    /// `circuit` is set to 1 while the broker does not take deliveries.
     pub fn new(
         producer: &KafkaProducer,
         topic: &str,
         destinations: BTreeMap<String, String>,
         max_value_bytes: usize,
+        circuit: Option<IntGauge>,
     ) -> Self {
         Self {
-            deliveries: Deliveries::new(producer),
+            deliveries: Deliveries::new(producer, circuit),
             topic: topic.to_owned(),
             destinations,
             max_value_bytes,
@@ -237,9 +292,10 @@ pub struct KafkaDeadLetters {
 }
 
 impl KafkaDeadLetters {
-    pub fn new(producer: &KafkaProducer, topic: &str) -> Self {
+    /// As [`KafkaSink::new`].
+    pub fn new(producer: &KafkaProducer, topic: &str, circuit: Option<IntGauge>) -> Self {
         Self {
-            deliveries: Deliveries::new(producer),
+            deliveries: Deliveries::new(producer, circuit),
             topic: topic.to_owned(),
         }
     }
@@ -284,10 +340,10 @@ impl DeadLetterSink for KafkaDeadLetters {
 mod tests {
     use super::*;
 
-    /// Nothing listens at the bootstrap address, so every delivery times out: the sink sends
-    /// each message again from librdkafka's copy, then fails closed naming the attempts.
+    /// Nothing listens at the bootstrap address, so every delivery times out: the broker is
+    /// away, so the sink keeps sending (the flush does not end) and its circuit is open.
     #[tokio::test]
-    async fn failed_deliveries_are_sent_again_then_fail_closed() {
+    async fn while_no_broker_answers_the_sink_keeps_probing_with_its_circuit_open() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -298,7 +354,14 @@ mod tests {
             ..KafkaConfig::default()
         };
         let producer = KafkaProducer::new(&kafka).expect("producer");
-        let mut sink = KafkaSink::new(&producer, "out", BTreeMap::new(), 1 << 20);
+        let circuit = IntGauge::new("circuit", "test").expect("gauge");
+        let mut sink = KafkaSink::new(
+            &producer,
+            "out",
+            BTreeMap::new(),
+            1 << 20,
+            Some(circuit.clone()),
+        );
         let output = Output {
             destination: None,
             key: Some(b"k".to_vec()),
@@ -306,12 +369,8 @@ mod tests {
             headers: vec![("h".into(), b"1".to_vec())],
         };
         sink.send(vec![output]).await.expect("enqueued");
-        let error = sink.flush().await.expect_err("no broker: delivery fails");
-        let message = error.to_string();
-        assert!(
-            message.contains(&format!("failed {DELIVERY_ATTEMPTS} times")),
-            "{message}"
-        );
-        assert!(message.contains("`out`"), "{message}");
+        let flushing = tokio::time::timeout(Duration::from_secs(2), sink.flush()).await;
+        assert!(flushing.is_err(), "no broker: still probing, not failed");
+        assert_eq!(circuit.get(), 1);
     }
 }
