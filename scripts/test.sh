@@ -35,7 +35,7 @@ cargo test --workspace --locked 2>&1 | tee -a "$log"
 # Run and reported, but not counted (see each test's doc comment):
 # - two worker processes, one killed with -9: tansu's group coordinator sometimes never
 #   reassigns the dead worker's partitions;
-# - a rebalance storm: in one of three runs a worker did not stop within 60 s of SIGTERM
+# - a rebalance storm: in one of seven runs a worker did not stop within 60 s of SIGTERM
 #   (cause not found yet).
 # Their results are printed either way; each log is kept in target/.
 informational() { # <name> <test filter> <line to print on success>
