@@ -187,9 +187,10 @@ impl Watcher {
         }
     }
 
-    /// A copy of what was seen so far, in file order.
-    pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().expect("outputs").clone()
+    /// A copy of what was seen from the `from`-th output on, in file order.
+    pub fn seen_from(&self, from: usize) -> Vec<Seen> {
+        let seen = self.seen.lock().expect("outputs");
+        seen.get(from..).unwrap_or_default().to_vec()
     }
 
     /// Stops after reading what is there; everything seen, in file order.

@@ -59,6 +59,16 @@ fn outputs(weir: &Weir, n: usize, log: &std::path::Path) -> Vec<Value> {
     }
 }
 
+/// The last `n` output envelopes, newest first.
+fn last_outputs(weir: &Weir, n: usize) -> Vec<Value> {
+    let text = std::fs::read_to_string(weir.path("out.jsonl")).expect("out");
+    text.lines()
+        .rev()
+        .take(n)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
 /// Every value of the `weir.plugin-version` header of one output.
 fn versions(output: &Value) -> Vec<String> {
     output["headers"]
@@ -154,13 +164,7 @@ fn a_faulting_version_is_quarantined_back_to_the_previous_one() {
         "{status}"
     );
     // Version 1 took everything after the quarantine.
-    let text = std::fs::read_to_string(weir.path("out.jsonl")).expect("out");
-    let last: Vec<Value> = text
-        .lines()
-        .rev()
-        .take(10)
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let last = last_outputs(&weir, 10);
     assert!(last.iter().all(|o| versions(o) == ["1"]), "{last:?}");
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
@@ -346,13 +350,7 @@ fn a_failing_canary_is_rolled_back_by_the_worker() {
             .is_some_and(|n| n >= 5),
         "{status}"
     );
-    let text = std::fs::read_to_string(weir.path("out.jsonl")).expect("out");
-    let last: Vec<Value> = text
-        .lines()
-        .rev()
-        .take(10)
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let last = last_outputs(&weir, 10);
     assert!(last.iter().all(|o| versions(o) == ["1"]), "{last:?}");
 }
 
@@ -549,7 +547,11 @@ fn a_live_stream_swaps_and_rolls_back_without_losing_or_repeating_a_record() {
         let answered = asked.elapsed();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(first) = watcher.seen()[before..].iter().find(|s| s.versions == [to]) {
+            if let Some(first) = watcher
+                .seen_from(before)
+                .iter()
+                .find(|s| s.versions == [to])
+            {
                 return (answered, first.at.saturating_duration_since(asked));
             }
             assert!(

@@ -58,7 +58,7 @@ impl Control {
                     .is_some_and(|c| c.plugin.meta().version == active)
                 && running.active.promote();
             if !promoted {
-                let plugin = self.load(active, &mut loaded).await?;
+                let plugin = self.load(&running.name, active, &mut loaded).await?;
                 running.active.swap(plugin);
             }
             running
@@ -86,7 +86,7 @@ impl Control {
                 }
             }
             Some((version, percent)) => {
-                let plugin = Arc::new(self.load(version, &mut loaded).await?);
+                let plugin = Arc::new(self.load(&running.name, version, &mut loaded).await?);
                 running.active.start_canary(plugin, percent);
                 tracing::info!(plugin = %running.name, stable = active, candidate = version, percent, "canary started");
                 tokio::spawn(watch_canary(self.clone(), active, version));
@@ -95,20 +95,23 @@ impl Control {
         Ok(())
     }
 
-    /// `version` of the running plugin: `loaded` when it is that version, else loaded from
-    /// the registry with the worker's plugin configuration.
-    async fn load(&self, version: u64, loaded: &mut Option<Plugin>) -> Result<Plugin, ApiError> {
+    /// `version` of the running plugin `name`: `loaded` when it is that version, else
+    /// loaded from the registry with the worker's plugin configuration.
+    async fn load(
+        &self,
+        name: &str,
+        version: u64,
+        loaded: &mut Option<Plugin>,
+    ) -> Result<Plugin, ApiError> {
         if let Some(plugin) = loaded.take_if(|p| p.meta().version == version) {
             return Ok(plugin);
         }
-        self.load_running(self.running_name(), version)
-            .await?
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "no running plugin".into(),
-                )
-            })
+        self.load_running(name, version).await?.ok_or_else(|| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("`{name}` is not the plugin this worker runs"),
+            )
+        })
     }
 
     /// Loads `version` of `name` with the worker's plugin configuration when the worker runs
@@ -142,9 +145,5 @@ impl Control {
                 format!("loading version {version} failed: {e}"),
             )),
         }
-    }
-
-    fn running_name(&self) -> &str {
-        self.running.as_ref().map_or("", |r| r.name.as_str())
     }
 }
