@@ -30,6 +30,7 @@ const SWAP_EVERY: Duration = Duration::from_millis(20);
 /// How long the worker's RSS is read for (ten readings) once records flow on a version.
 const SETTLE: Duration = Duration::from_secs(1);
 const STEADY: Duration = Duration::from_secs(15);
+const STATE_CACHE_MB: u64 = 8;
 
 fn main() -> anyhow::Result<()> {
     let env = |name: &str, default: usize| -> anyhow::Result<usize> {
@@ -50,6 +51,13 @@ fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("in.jsonl"), "")?;
+    // The embedded store caches its pages up to `state.cache_mb`: here 8 MiB, reached in the
+    // first seconds, so that the worker's memory stops growing with its done marks before
+    // the swaps (the control run shows it flat) and what moves is the swaps' doing.
+    std::fs::write(
+        dir.path().join("weir.toml"),
+        format!("[state]\ncache_mb = {STATE_CACHE_MB}\n"),
+    )?;
     let port = weir_tests::free_port();
     let identity = weir_tests::plugin("faulty");
     let worker = live::start_worker(
@@ -58,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         port,
         TOKEN,
         &identity,
-        &["--plugin-config", "faults=off"],
+        &["--plugin-config", "faults=off", "--config", "weir.toml"],
     );
     let log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
     let watcher = Watcher::start(dir.path().join("out.jsonl"));

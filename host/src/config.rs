@@ -134,6 +134,15 @@ pub struct StateConfig {
     pub lease_ttl_ms: u64,
     /// How long a done mark is kept, in seconds; 0 keeps it forever.
     pub done_ttl_secs: u64,
+    /// Memory the embedded database may use to cache its pages, in MiB. Its own default
+    /// (1 GiB) let a worker's memory grow with its done marks.
+    pub cache_mb: u64,
+}
+
+impl StateConfig {
+    pub fn cache_bytes(&self) -> usize {
+        usize::try_from(self.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for StateConfig {
@@ -143,6 +152,7 @@ impl Default for StateConfig {
             redis_url: None,
             lease_ttl_ms: 30_000,
             done_ttl_secs: 0,
+            cache_mb: 64,
         }
     }
 }
@@ -601,6 +611,13 @@ mod tests {
             err.to_string().contains("unknown field `deadline`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_state_cache_is_bounded_by_default_and_set_in_mib() {
+        assert_eq!(StateConfig::default().cache_bytes(), 64 << 20);
+        let c = toml::from_str::<Config>("[state]\ncache_mb = 8\n").expect("parses");
+        assert_eq!(c.state.cache_bytes(), 8 << 20);
     }
 
     #[test]

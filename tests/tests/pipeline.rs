@@ -121,7 +121,7 @@ fn run_until_stopped(sink: Box<dyn Sink>) -> Option<Result<(), String>> {
             source: Box::new(OneThenIdle { sent: false }),
             sink,
             dlq: Box::new(NoDeadLetters),
-            state: Arc::new(EmbeddedStore::open(dir.path(), "idle", None).expect("state")),
+            state: Arc::new(EmbeddedStore::open(dir.path(), "idle", None, 1 << 20).expect("state")),
             metrics: Arc::new(Metrics::new()),
             settings: Settings {
                 batch_size: 8,

@@ -111,6 +111,7 @@ impl EmbeddedStore {
         dir: &Path,
         namespace: &str,
         done_ttl: Option<Duration>,
+        cache_bytes: usize,
     ) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StateError(format!(
@@ -119,12 +120,15 @@ impl EmbeddedStore {
             ))
         })?;
         let file = dir.join("weir.redb");
-        let db = Database::create(&file).map_err(|e| {
-            StateError(format!(
-                "cannot open {} ({e}); is another weir process using this state directory?",
-                file.display()
-            ))
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&file)
+            .map_err(|e| {
+                StateError(format!(
+                    "cannot open {} ({e}); is another weir process using this state directory?",
+                    file.display()
+                ))
+            })?;
         let table: Arc<str> = format!("done:{namespace}").into();
         let txn = db.begin_write().map_err(|e| err("begin")(e.into()))?;
         let fence = {
@@ -214,12 +218,14 @@ async fn run_blocking<T: Send + 'static>(
 mod tests {
     use super::*;
 
+    const TEST_CACHE: usize = 1 << 20;
+
     #[tokio::test]
     async fn done_marks_survive_reopening_and_fences_rise() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ids = vec!["a".to_owned(), "b".to_owned()];
         let first_fence = {
-            let store = EmbeddedStore::open(dir.path(), "p", None).expect("open");
+            let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("open");
             let claims = store.claim(&ids).await.expect("claim");
             let Claim::Leased { fence } = claims[0] else {
                 panic!("{claims:?}")
@@ -227,7 +233,7 @@ mod tests {
             store.finish(&[("a".into(), fence)]).await.expect("finish");
             fence
         };
-        let store = EmbeddedStore::open(dir.path(), "p", None).expect("reopen");
+        let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("reopen");
         let claims = store.claim(&ids).await.expect("claim");
         assert_eq!(claims[0], Claim::Done);
         let Claim::Leased { fence } = claims[1] else {
@@ -236,7 +242,7 @@ mod tests {
         assert!(fence > first_fence);
         // Another pipeline name does not see these marks.
         drop(store);
-        let other = EmbeddedStore::open(dir.path(), "q", None).expect("open");
+        let other = EmbeddedStore::open(dir.path(), "q", None, TEST_CACHE).expect("open");
         assert!(matches!(
             other.claim(&ids).await.expect("claim")[0],
             Claim::Leased { .. }
@@ -246,7 +252,7 @@ mod tests {
     #[tokio::test]
     async fn marks_from_many_batches_at_once_are_all_written() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(EmbeddedStore::open(dir.path(), "p", None).expect("open"));
+        let store = Arc::new(EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("open"));
         let batches: Vec<Vec<(String, u64)>> = (0..20)
             .map(|b| (0..50).map(|i| (format!("{b}-{i}"), 1)).collect())
             .collect();
@@ -263,7 +269,7 @@ mod tests {
         }
         drop(Arc::into_inner(store).expect("one owner"));
         // Reopened, every mark is there (the writer finished before the drop returned).
-        let store = EmbeddedStore::open(dir.path(), "p", None).expect("reopen");
+        let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("reopen");
         let ids: Vec<String> = batches.concat().into_iter().map(|(id, _)| id).collect();
         let claims = store.claim(&ids).await.expect("claim");
         assert!(claims.iter().all(|c| *c == Claim::Done), "{claims:?}");
@@ -273,7 +279,8 @@ mod tests {
     async fn expired_marks_do_not_count() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store =
-            EmbeddedStore::open(dir.path(), "p", Some(Duration::from_millis(1))).expect("open");
+            EmbeddedStore::open(dir.path(), "p", Some(Duration::from_millis(1)), TEST_CACHE)
+                .expect("open");
         store.finish(&[("a".into(), 1)]).await.expect("finish");
         std::thread::sleep(Duration::from_millis(5));
         assert!(matches!(
