@@ -24,7 +24,7 @@ use crate::runtime::{ActivePlugin, Plugin, Runtime};
 use crate::sink::{
     DeadLetterSink, FileDeadLetters, FileSink, KafkaDeadLetters, KafkaProducer, KafkaSink, Sink,
 };
-use crate::source::{DlqFileSource, FileSource, KafkaSource, Source};
+use crate::source::{DlqFileSource, FileSource, KafkaSource, Source, Transactions};
 use crate::state::{EmbeddedStore, RedisStore, StateStore};
 
 #[derive(Parser)]
@@ -239,6 +239,14 @@ struct RunArgs {
     /// Cluster mode: the consumer group shared by the pipeline's workers.
     #[arg(long)]
     group: Option<String>,
+    /// Cluster mode: outputs, dead letters and consumer offsets of each batch in one Kafka
+    /// transaction (needs --transactional-id).
+    #[arg(long)]
+    exactly_once: bool,
+    /// Exactly-once mode: this worker slot's transactional.id; start a replacement of a
+    /// dead worker with the same one.
+    #[arg(long, value_name = "ID")]
+    transactional_id: Option<String>,
     /// Cluster mode: the topic to consume.
     #[arg(long)]
     input_topic: Option<String>,
@@ -489,6 +497,8 @@ impl RunArgs {
         set!(self.max_attempts => c.retry.max_attempts);
         set!(self.kafka => c.kafka.bootstrap);
         set!(self.group => c.kafka.group);
+        set!(self.transactional_id => c.kafka.transactional_id);
+        c.kafka.exactly_once |= self.exactly_once;
         set!(self.input_topic => c.source.topic);
         set!(self.output_topic => c.sink.topic);
         set!(self.dlq_topic => c.dlq.topic);
@@ -828,8 +838,24 @@ async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<E
     crate::kafka::wait_for_topics(&config.kafka, &topics)
         .await
         .map_err(anyhow::Error::msg)?;
-    let producer = KafkaProducer::new(&config.kafka)?;
-    let source = KafkaSource::subscribe(&config.kafka, &input, metrics.consumer_lag.clone())?;
+    let (producer, transactions) = match &config.kafka.transactional_id {
+        Some(id) if config.kafka.exactly_once => {
+            let (kafka, id) = (config.kafka.clone(), id.clone());
+            let producer =
+                tokio::task::spawn_blocking(move || KafkaProducer::transactional(&kafka, &id))
+                    .await??;
+            let transactions = Transactions::new(&producer, metrics.transactions.clone());
+            eprintln!("weir: exactly-once: one transaction per batch");
+            (producer, Some(transactions))
+        }
+        _ => (KafkaProducer::new(&config.kafka)?, None),
+    };
+    let source = KafkaSource::subscribe(
+        &config.kafka,
+        &input,
+        metrics.consumer_lag.clone(),
+        transactions,
+    )?;
     Ok(Endpoints {
         partitions: Some(Box::new(source.partitions())),
         source: Box::new(source),

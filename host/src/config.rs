@@ -168,6 +168,12 @@ pub struct KafkaConfig {
     /// librdkafka properties passed through as they are (consumer and producer alike),
     /// e.g. `"session.timeout.ms" = "10000"`.
     pub options: BTreeMap<String, String>,
+    /// Exactly-once: each batch's outputs, dead letters and consumer offsets in one Kafka
+    /// transaction (docs/exactly-once.md).
+    pub exactly_once: bool,
+    /// The worker slot's `transactional.id` (exactly-once mode): a worker started again
+    /// with the same one fences its predecessor's open transaction at once.
+    pub transactional_id: Option<String>,
 }
 
 /// The record lifecycle.
@@ -499,6 +505,7 @@ impl Config {
             ("sink.topic", self.sink.topic.is_some()),
             ("dlq.topic", self.dlq.topic.is_some()),
             ("kafka.group", self.kafka.group.is_some()),
+            ("kafka.exactly_once", self.kafka.exactly_once),
         ] {
             if set {
                 return Err(invalid(
@@ -546,6 +553,18 @@ impl Config {
                 "source.topic",
                 "must differ from sink.topic and dlq.topic (a worker would consume its own output)",
             ));
+        }
+        if self.kafka.exactly_once {
+            match self.kafka.transactional_id.as_deref() {
+                None => {
+                    return Err(invalid(
+                        "kafka.transactional_id",
+                        "is required in exactly-once mode (or pass --transactional-id): one per \
+                         worker slot, the same when that worker is started again",
+                    ));
+                }
+                Some(id) => check_name("kafka.transactional_id", id)?,
+            }
         }
         // Retries run inline: they must end well before the group gives up on this consumer.
         let max_poll_ms = match self.kafka.options.get("max.poll.interval.ms") {

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub lease_lost: IntCounter,
     pub circuit_open: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
+    /// Exactly-once mode: batch transactions by `result` (committed, aborted, fenced).
+    pub transactions: IntCounterVec,
 }
 
 impl Metrics {
@@ -203,6 +205,14 @@ impl Metrics {
             ),
             circuit_open,
             consumer_lag,
+            transactions: counter_vec(
+                &registry,
+                "weir_transactions_total",
+                "Exactly-once mode: batch transactions committed, aborted (the batch is read \
+                 again), or fenced (another producer took over this worker's transactional id, \
+                 or its consumer was no longer in the group)",
+                &["result"],
+            ),
             by_version: std::sync::Mutex::default(),
             registry,
         };

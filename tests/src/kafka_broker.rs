@@ -31,6 +31,8 @@ pub struct KafkaBroker {
     port: u16,
     storage: Storage,
     dir: Option<tempfile::TempDir>,
+    /// `isolation.level` of [`Self::read_topic`].
+    isolation: &'static str,
 }
 
 pub use weir::kafka::TopicRecord;
@@ -68,7 +70,14 @@ impl KafkaBroker {
             port: 0,
             storage: Storage::Memory,
             dir: None,
+            isolation: "read_committed",
         }
+    }
+
+    /// Makes [`Self::read_topic`] read uncommitted records too.
+    pub fn reading_uncommitted(mut self) -> Self {
+        self.isolation = "read_uncommitted";
+        self
     }
 
     /// Starts a fresh local broker on `port`.
@@ -79,6 +88,7 @@ impl KafkaBroker {
             port,
             storage,
             dir: Some(tempfile::tempdir().expect("tempdir")),
+            isolation: "read_committed",
         };
         broker.spawn();
         broker
@@ -244,6 +254,7 @@ impl KafkaBroker {
             .client_config()
             .set("group.id", "weir-tests-reader")
             .set("enable.auto.commit", "false")
+            .set("isolation.level", self.isolation)
             .create()
             .expect("consumer");
         let metadata = consumer

@@ -33,7 +33,10 @@ impl MockKafka {
             "weir-mock-kafka printed no bootstrap servers"
         );
         Self {
-            broker: KafkaBroker::external(line.trim()),
+            // The mock does not hide aborted records from read_committed readers anyway,
+            // and a killed producer's transaction stays open there: read_committed would
+            // stop at it.
+            broker: KafkaBroker::external(line.trim()).reading_uncommitted(),
             child,
         }
     }

@@ -87,6 +87,12 @@ impl Worker {
     /// A counter or gauge from `/metrics` (summed over its labels); `None` while the worker
     /// does not answer.
     pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_where(name, "")
+    }
+
+    /// As [`Self::metric`], summed over the series whose labels contain `labels` (e.g.
+    /// `result="committed"`).
+    pub fn metric_where(&self, name: &str, labels: &str) -> Option<f64> {
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         write!(
@@ -103,7 +109,7 @@ impl Worker {
                 continue;
             };
             let metric = series.split('{').next().unwrap_or(series);
-            if metric == name {
+            if metric == name && series.contains(labels) {
                 *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
             }
         }

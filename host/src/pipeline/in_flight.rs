@@ -167,6 +167,11 @@ impl Completion {
         for writes in self.writes {
             writes.await?;
         }
+        let mut ack = self.ack;
+        if !ack.commit().await? {
+            // Aborted: the source reads these records again; they have no fate yet.
+            return Ok(());
+        }
         let mut unfinished = Vec::new();
         if !self.finished.is_empty() {
             let held = self.state.finish(&self.finished).await?;
@@ -184,7 +189,7 @@ impl Completion {
             }
             self.metrics.lease_lost.inc_by(unfinished.len() as u64);
         }
-        self.ack.ack(&unfinished);
+        ack.ack(&unfinished);
         drop(self.hold);
 
         let (metrics, counts) = (&self.metrics, self.counts);

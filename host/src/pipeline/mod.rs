@@ -536,7 +536,7 @@ impl Shared {
         let Claimed {
             mut ids,
             hold,
-            ack,
+            mut ack,
             work,
             to_run,
             mut letters,
@@ -594,11 +594,13 @@ impl Shared {
             finished.push((std::mem::take(&mut ids[i]), fence));
         }
 
-        // Durable downstream first, then done marks, then the source.
+        // Durable downstream first (committed with the source's position, in exactly-once
+        // mode), then done marks, then the source.
         for letter in &letters {
             let tally = tallies.entry(letter.error.plugin_version).or_default();
             tally.dead.push(letter.error.class);
         }
+        ack.begin().await?;
         sink.send(outputs).await?;
         dlq.send(letters).await?;
         Ok(Completion {

@@ -76,6 +76,32 @@ impl KafkaProducer {
             .map_err(|e| sink_error("kafka producer".into(), e))?;
         Ok(Self { producer })
     }
+
+    /// A transactional producer (exactly-once mode) with the worker slot's `id`, ready for
+    /// its first transaction: registering the id fences any producer that had it before and
+    /// aborts that producer's open transaction. Blocks up to a minute.
+    pub fn transactional(kafka: &KafkaConfig, id: &str) -> Result<Self, SinkError> {
+        let config = crate::kafka::client_config(
+            kafka,
+            &[
+                ("transactional.id", id),
+                // A dead worker's open transaction holds back read_committed consumers of
+                // its outputs until this runs out, unless its slot starts again first.
+                ("transaction.timeout.ms", "10000"),
+            ],
+        );
+        let producer: FutureProducer<LogContext> = config
+            .create_with_context(LogContext)
+            .map_err(|e| sink_error("kafka transactional producer".into(), e))?;
+        rdkafka::producer::Producer::init_transactions(&producer, Duration::from_secs(60))
+            .map_err(|e| sink_error(format!("init_transactions for `{id}`"), e))?;
+        Ok(Self { producer })
+    }
+
+    /// The producer itself, for the source's transactions.
+    pub fn inner(&self) -> &FutureProducer<LogContext> {
+        &self.producer
+    }
 }
 
 /// Deliveries not confirmed yet, each with the number of times its message has been sent.

@@ -2,6 +2,9 @@
 //! default), offsets stored only over the contiguous prefix of records whose fate is durable
 //! (see `offsets.rs`) and committed by librdkafka's auto-commit from that store.
 //!
+//! In exactly-once mode (`transactions.rs`) the offsets go into each batch's transaction
+//! instead, and nothing is auto-committed.
+//!
 //! Rebalances: on a graceful revoke the revoked partitions' prefix is committed synchronously
 //! in the callback and their unfinished records are abandoned (dropped from the batch being
 //! built; the next owner reads them again); a *lost* partition commits nothing.
@@ -22,7 +25,8 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::offsets::{Admission, OffsetTracker};
-use super::{Ack, Incoming, Source, SourceError};
+use super::transactions::{BatchTransaction, Transactions};
+use super::{Ack, AckStep, Incoming, Source, SourceError};
 use crate::config::KafkaConfig;
 use crate::kafka::{headers_of, offset_list};
 use crate::runtime::{Record, SourceMeta};
@@ -38,13 +42,15 @@ fn kafka_error(what: &str, e: KafkaError) -> SourceError {
 }
 
 /// The consumer's callbacks: logs into `tracing`, rebalances into the offset tracker.
-struct SourceContext {
+pub(super) struct SourceContext {
     topic: String,
     /// Whether a partition without a committed offset starts at the earliest record.
     earliest: bool,
     offsets: Arc<Mutex<OffsetTracker>>,
     /// `weir_consumer_lag{topic,partition}`, from librdkafka's statistics.
     lag: IntGaugeVec,
+    /// Exactly-once mode.
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl SourceContext {
@@ -124,6 +130,13 @@ impl ConsumerContext for SourceContext {
             }
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
+                if let Some(transactions) = &self.transactions {
+                    // Offsets are committed in transactions: let the open one end, so the
+                    // next owner starts after it.
+                    if !transactions.wait_until_none_open(Duration::from_secs(30)) {
+                        tracing::warn!(topic = %self.topic, "a transaction still open 30 s into a revoke: it is aborted when it ends, and the next owner reads its records");
+                    }
+                }
                 let mut points = Vec::new();
                 let mut revoked = Vec::new();
                 {
@@ -142,7 +155,9 @@ impl ConsumerContext for SourceContext {
                     }
                 }
                 let commit = offset_list(&self.topic, points);
-                if lost {
+                if self.transactions.is_some() {
+                    tracing::info!(topic = %self.topic, partitions = ?revoked, lost, "partitions revoked (exactly-once: offsets are in the committed transactions)");
+                } else if lost {
                     tracing::warn!(topic = %self.topic, partitions = ?revoked, "partitions lost: nothing committed, their records go to the next owner");
                 } else if commit.count() == 0 {
                     tracing::info!(topic = %self.topic, partitions = ?revoked, "partitions revoked (nothing to commit)");
@@ -165,7 +180,7 @@ impl ConsumerContext for SourceContext {
 }
 
 /// Where each record of the last batch came from: partition, offset, assignment epoch.
-type Position = (i32, i64, u64);
+pub(super) type Position = (i32, i64, u64);
 
 /// Consumes one topic in a consumer group.
 pub struct KafkaSource {
@@ -173,25 +188,33 @@ pub struct KafkaSource {
     offsets: Arc<Mutex<OffsetTracker>>,
     topic: String,
     last_batch: Vec<Position>,
+    transactions: Option<Arc<Transactions>>,
 }
 
 impl KafkaSource {
-    /// Joins `kafka.group` and subscribes to `topic`; reports consumer lag on `lag`.
+    /// Joins `kafka.group` and subscribes to `topic`; reports consumer lag on `lag`. With
+    /// `transactions` (exactly-once mode) offsets are committed in each batch's transaction.
     pub fn subscribe(
         kafka: &KafkaConfig,
         topic: &str,
         lag: IntGaugeVec,
+        transactions: Option<Arc<Transactions>>,
     ) -> Result<Self, SourceError> {
         let group = kafka.group.as_deref().unwrap_or("weir");
+        let auto_commit = if transactions.is_some() {
+            "false"
+        } else {
+            "true"
+        };
         let config = crate::kafka::client_config(
             kafka,
             &[
+                ("enable.auto.commit", auto_commit),
                 ("group.id", group),
                 ("partition.assignment.strategy", "cooperative-sticky"),
                 ("auto.offset.reset", "earliest"),
                 // Offsets are stored by us once fates are durable, and committed from the store.
                 ("enable.auto.offset.store", "false"),
-                ("enable.auto.commit", "true"),
                 ("auto.commit.interval.ms", "1000"),
                 ("statistics.interval.ms", "5000"),
                 // Once its prefetch queue is full, librdkafka stops fetching a partition for
@@ -209,6 +232,7 @@ impl KafkaSource {
                 .is_none_or(|v| matches!(v.as_str(), "earliest" | "smallest" | "beginning")),
             offsets: offsets.clone(),
             lag,
+            transactions: transactions.clone(),
         };
         let consumer: StreamConsumer<SourceContext> = config
             .create_with_context(context)
@@ -221,6 +245,7 @@ impl KafkaSource {
             offsets,
             topic: topic.to_owned(),
             last_batch: Vec::new(),
+            transactions,
         })
     }
 
@@ -302,10 +327,33 @@ struct KafkaAck {
     offsets: Arc<Mutex<OffsetTracker>>,
     topic: String,
     positions: Vec<Position>,
+    /// Exactly-once mode: the batch's transaction, which commits its offsets.
+    transaction: Option<BatchTransaction>,
 }
 
 impl Ack for KafkaAck {
+    fn begin(&mut self) -> AckStep<'_, ()> {
+        Box::pin(async move {
+            match &mut self.transaction {
+                Some(transaction) => transaction.begin().await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn commit(&mut self) -> AckStep<'_, bool> {
+        Box::pin(async move {
+            match &mut self.transaction {
+                Some(transaction) => transaction.commit(&self.positions).await,
+                None => Ok(true),
+            }
+        })
+    }
+
     fn ack(self: Box<Self>, unfinished: &[usize]) {
+        if self.transaction.is_some() {
+            return; // the offsets went into the committed transaction
+        }
         // Stored under the lock, so acknowledgements from several tasks store in order.
         let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, &(partition, offset, epoch)) in self.positions.iter().enumerate() {
@@ -369,10 +417,21 @@ impl Source for KafkaSource {
             offsets: self.offsets.clone(),
             topic: self.topic.clone(),
             positions: std::mem::take(&mut self.last_batch),
+            transaction: self.transactions.as_ref().map(|transactions| {
+                BatchTransaction::new(
+                    transactions.clone(),
+                    self.consumer.clone(),
+                    self.offsets.clone(),
+                    self.topic.clone(),
+                )
+            }),
         })
     }
 
     async fn close(&mut self) -> Result<(), SourceError> {
+        if self.transactions.is_some() {
+            return Ok(()); // committed with each batch
+        }
         let points = self.offsets().commit_points();
         if points.is_empty() {
             return Ok(());

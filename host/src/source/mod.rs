@@ -7,10 +7,15 @@ mod dlq;
 mod file;
 mod kafka;
 mod offsets;
+mod transactions;
 
 pub use dlq::DlqFileSource;
 pub use file::FileSource;
 pub use kafka::KafkaSource;
+pub use transactions::Transactions;
+
+use std::future::Future;
+use std::pin::Pin;
 
 use async_trait::async_trait;
 
@@ -45,12 +50,32 @@ pub struct SourceError {
     pub source: std::io::Error,
 }
 
+/// A step of an [`Ack`] that may wait.
+pub type AckStep<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
+
 /// Acknowledges one batch once its records' fates are durable.
+///
+/// A source that commits its position atomically with the batch's outputs (exactly-once
+/// mode) also opens a transaction for the batch with `begin`, before the outputs and dead
+/// letters are sent, and commits it with `commit` once they are delivered, before any done
+/// mark is written.
 pub trait Ack: Send {
     /// The batch's records have a durable fate, except those at the positions `unfinished`
     /// (their lease went to another worker): the source may advance past the others, but
     /// never past an unfinished one.
     fn ack(self: Box<Self>, unfinished: &[usize]);
+
+    /// Opens the batch's transaction; waits while another batch's is open.
+    fn begin(&mut self) -> AckStep<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Commits what was sent since `begin` with the batch's position. `false`: the
+    /// transaction was aborted and the source reads the batch's records again, so they
+    /// have no fate yet.
+    fn commit(&mut self) -> AckStep<'_, bool> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
 }
 
 /// The [`Ack`] of a source that re-reads its input on every run (done marks skip what was
