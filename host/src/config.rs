@@ -667,6 +667,23 @@ mod tests {
     }
 
     #[test]
+    fn exactly_once_needs_a_valid_transactional_id() {
+        let mut c = cluster();
+        c.kafka.exactly_once = true;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.transactional_id"), "{err}");
+        c.kafka.transactional_id = Some("slot 1".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.transactional_id"), "{err}");
+        c.kafka.transactional_id = Some("enrich-1".into());
+        c.validate().expect("valid");
+        let mut embedded = minimal();
+        embedded.kafka.exactly_once = true;
+        let err = embedded.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.exactly_once"), "{err}");
+    }
+
+    #[test]
     fn cluster_config_is_valid() {
         let c = cluster();
         assert_eq!(c.mode(), Mode::Kafka);
