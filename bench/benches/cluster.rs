@@ -6,14 +6,17 @@
 //!   task awaits the deliveries in order and stores each confirmed record's offset;
 //! - (b) a `weir` worker running an identity plugin (`faulty` with `faults=off`) with the
 //!   embedded state store, no Redis;
-//! - (c) a `weir` worker running `enrich` with Redis leases and done marks.
+//! - (c) a `weir` worker running `enrich` with Redis leases and done marks;
+//! - on librdkafka's mock cluster (hosted in this process: tansu has no transactions), (c)
+//!   again and (d) the same worker in exactly-once mode (`--exactly-once`), for the ratio
+//!   d/c (issue 6). The mock's CPU is this process's.
 //!
 //! Each consumes the same input topic (in its own consumer group) into its own output topic,
 //! one process at a time, and is timed from its first consumed record to its last record
 //! done (weir: `weir_records_processed_total` = N, read every 20 ms; passthrough: its last
 //! delivery). CPU is the process's user + system time over the same span, from
 //! `/proc/<pid>/stat`, for the worker, the broker and Redis alike. Prints records/s,
-//! CPU-seconds per million records and the ratios b/a and c/a.
+//! CPU-seconds per million records and the ratios b/a, c/a and d/c.
 //!
 //! ```sh
 //! bash scripts/build-plugins.sh && bash scripts/tools.sh   # plugins, tansu
@@ -108,6 +111,53 @@ fn main() -> anyhow::Result<()> {
         n,
     )?;
 
+    // (c) and (d) on the mock: own outputs and own done marks (plugin names). The mock
+    // keeps at most 100,000 messages or 5 MB per partition (librdkafka's `rdkafka_mock.c`)
+    // and drops the oldest beyond that, so these runs take at most 200,000 records.
+    let n_mock = n.min(200_000);
+    let mock = rdkafka::mocking::MockCluster::new(3)?;
+    for topic in ["bench-in", "bench-out-c", "bench-out-d"] {
+        mock.create_topic(topic, PARTITIONS, 3)?;
+    }
+    mock.create_topic("bench-dlq", 1, 3)?;
+    let on_mock = |name: &str| Cluster {
+        bootstrap: mock.bootstrap_servers(),
+        redis: Some(redis.url.clone()),
+        group: format!("bench-mock-{name}"),
+        input: "bench-in".into(),
+        output: format!("bench-out-{name}"),
+        dlq: "bench-dlq".into(),
+    };
+    rt.block_on(produce(&mock.bootstrap_servers(), n_mock))?;
+    let mock_services = Services {
+        broker: Some(std::process::id()),
+        redis: services.redis,
+    };
+    let c_mock = run_weir(
+        &mock_services,
+        &on_mock("c"),
+        dir.path(),
+        "enrich",
+        &["--id", "/id", "--plugin-name", "enrich-mock-c"],
+        n_mock,
+    )?;
+    let d_mock = run_weir(
+        &mock_services,
+        &on_mock("d"),
+        dir.path(),
+        "enrich",
+        &[
+            "--id",
+            "/id",
+            "--plugin-name",
+            "enrich-mock-d",
+            "--exactly-once",
+            "--transactional-id",
+            "bench-d",
+        ],
+        n_mock,
+    )?;
+
     println!("\nKafka → Kafka, {n} records, {PARTITIONS} partitions, one worker process:\n");
     println!(
         "| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | Redis CPU-s per 1M | ratio to (a) |"
@@ -131,6 +181,29 @@ fn main() -> anyhow::Result<()> {
         "\nb/a = {:.2} (target ≥ 0.9), c/a = {:.2} (target ≥ 0.6)",
         b.rate(n) / a.rate(n),
         c.rate(n) / a.rate(n)
+    );
+    println!(
+        "\nOn librdkafka's mock cluster, {n_mock} records (hosted in the benchmark's process, whose CPU is the \"broker\" column):\n"
+    );
+    println!(
+        "| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | Redis CPU-s per 1M |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (name, run) in [
+        ("(c) weir, enrich + Redis", &c_mock),
+        ("(d) the same, exactly-once", &d_mock),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            run.rate(n_mock),
+            run.cpu[0] * 1e6 / n_mock as f64,
+            run.cpu[1] * 1e6 / n_mock as f64,
+            run.cpu[2] * 1e6 / n_mock as f64,
+        );
+    }
+    println!(
+        "\nd/c = {:.2} on the mock (target ≥ 0.9)",
+        d_mock.rate(n_mock) / c_mock.rate(n_mock)
     );
     Ok(())
 }
