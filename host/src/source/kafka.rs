@@ -351,15 +351,17 @@ impl Ack for KafkaAck {
     }
 
     fn ack(self: Box<Self>, unfinished: &[usize]) {
-        if self.transaction.is_some() {
-            return; // the offsets went into the committed transaction
-        }
         // Stored under the lock, so acknowledgements from several tasks store in order.
         let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, &(partition, offset, epoch)) in self.positions.iter().enumerate() {
             if !unfinished.contains(&i) {
                 offsets.finish(partition, offset, epoch);
             }
+        }
+        if self.transaction.is_some() {
+            // The offsets went into the committed transaction; finishing the records above
+            // only keeps the tracker from holding every offset ever read.
+            return;
         }
         let points = offsets.take_commit_points();
         if points.is_empty() {
