@@ -159,24 +159,15 @@ fn main() -> anyhow::Result<()> {
     )?;
 
     println!("\nKafka → Kafka, {n} records, {PARTITIONS} partitions, one worker process:\n");
-    println!(
-        "| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | Redis CPU-s per 1M | ratio to (a) |"
+    print_table(
+        n,
+        &[
+            ("(a) rdkafka passthrough", &a),
+            ("(b) weir, identity, no Redis", &b),
+            ("(c) weir, enrich + Redis", &c),
+        ],
+        "(a)",
     );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (name, run) in [
-        ("(a) rdkafka passthrough", &a),
-        ("(b) weir, identity, no Redis", &b),
-        ("(c) weir, enrich + Redis", &c),
-    ] {
-        println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            run.rate(n),
-            run.cpu[0] * 1e6 / n as f64,
-            run.cpu[1] * 1e6 / n as f64,
-            run.cpu[2] * 1e6 / n as f64,
-            run.rate(n) / a.rate(n)
-        );
-    }
     println!(
         "\nb/a = {:.2} (target ≥ 0.9), c/a = {:.2} (target ≥ 0.6)",
         b.rate(n) / a.rate(n),
@@ -185,27 +176,39 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\nOn librdkafka's mock cluster, {n_mock} records (hosted in the benchmark's process, whose CPU is the \"broker\" column):\n"
     );
-    println!(
-        "| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | Redis CPU-s per 1M |"
+    print_table(
+        n_mock,
+        &[
+            ("(c) weir, enrich + Redis", &c_mock),
+            ("(d) the same, exactly-once", &d_mock),
+        ],
+        "(c)",
     );
-    println!("|---|---:|---:|---:|---:|");
-    for (name, run) in [
-        ("(c) weir, enrich + Redis", &c_mock),
-        ("(d) the same, exactly-once", &d_mock),
-    ] {
-        println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} |",
-            run.rate(n_mock),
-            run.cpu[0] * 1e6 / n_mock as f64,
-            run.cpu[1] * 1e6 / n_mock as f64,
-            run.cpu[2] * 1e6 / n_mock as f64,
-        );
-    }
     println!(
         "\nd/c = {:.2} on the mock (target ≥ 0.9)",
         d_mock.rate(n_mock) / c_mock.rate(n_mock)
     );
     Ok(())
+}
+
+/// A Markdown table of runs over `n` records, each with its rate as a ratio to the first
+/// run's (named `first`).
+fn print_table(n: usize, runs: &[(&str, &Measured)], first: &str) {
+    println!(
+        "| run | records/s | worker CPU-s per 1M | broker CPU-s per 1M | Redis CPU-s per 1M | ratio to {first} |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let base = runs[0].1.rate(n);
+    for (name, run) in runs {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            run.rate(n),
+            run.cpu[0] * 1e6 / n as f64,
+            run.cpu[1] * 1e6 / n as f64,
+            run.cpu[2] * 1e6 / n as f64,
+            run.rate(n) / base
+        );
+    }
 }
 
 /// One measured run: wall time and CPU-seconds (worker, broker, Redis) from first record

@@ -34,13 +34,6 @@ use crate::runtime::{Record, SourceMeta};
 /// How long a batch waits for more records once its first record is in.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
 
-fn kafka_error(what: &str, e: KafkaError) -> SourceError {
-    SourceError {
-        what: what.to_owned(),
-        source: std::io::Error::other(e),
-    }
-}
-
 /// The consumer's callbacks: logs into `tracing`, rebalances into the offset tracker.
 pub(super) struct SourceContext {
     topic: String,
@@ -236,10 +229,10 @@ impl KafkaSource {
         };
         let consumer: StreamConsumer<SourceContext> = config
             .create_with_context(context)
-            .map_err(|e| kafka_error("kafka consumer", e))?;
+            .map_err(|e| SourceError::other("kafka consumer", e))?;
         consumer
             .subscribe(&[topic])
-            .map_err(|e| kafka_error(&format!("cannot subscribe to topic `{topic}`"), e))?;
+            .map_err(|e| SourceError::other(&format!("cannot subscribe to topic `{topic}`"), e))?;
         Ok(Self {
             consumer: Arc::new(consumer),
             offsets,
@@ -440,6 +433,6 @@ impl Source for KafkaSource {
         }
         self.consumer
             .commit(&offset_list(&self.topic, points), CommitMode::Sync)
-            .map_err(|e| kafka_error("final offset commit", e))
+            .map_err(|e| SourceError::other("final offset commit", e))
     }
 }

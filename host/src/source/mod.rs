@@ -50,6 +50,16 @@ pub struct SourceError {
     pub source: std::io::Error,
 }
 
+impl SourceError {
+    /// `what` failed because of `e` (a Kafka error, a task that did not finish, a reason).
+    pub fn other(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            what: what.to_owned(),
+            source: std::io::Error::other(e),
+        }
+    }
+}
+
 /// A step of an [`Ack`] that may wait.
 pub type AckStep<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
 

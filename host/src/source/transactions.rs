@@ -82,13 +82,6 @@ pub(super) struct BatchTransaction {
     permit: Option<OwnedSemaphorePermit>,
 }
 
-fn kafka_error(what: &str, e: KafkaError) -> SourceError {
-    SourceError {
-        what: what.to_owned(),
-        source: std::io::Error::other(e),
-    }
-}
-
 /// Whether a failed commit says another producer has this transactional id, or the
 /// consumer is no longer the partitions' owner in the group.
 fn fenced(e: &KafkaError) -> bool {
@@ -138,7 +131,7 @@ impl BatchTransaction {
         self.transactions
             .producer
             .begin_transaction()
-            .map_err(|e| kafka_error("begin a transaction", e))?;
+            .map_err(|e| SourceError::other("begin a transaction", e))?;
         self.permit = Some(permit);
         tracing::debug!(topic = %self.topic, "transaction begun");
         Ok(())
@@ -170,9 +163,8 @@ impl BatchTransaction {
             return Ok(false);
         }
         let points = offset_list(&self.topic, after);
-        let group = self.consumer.group_metadata().ok_or_else(|| SourceError {
-            what: "exactly-once commit".into(),
-            source: std::io::Error::other("the consumer has no group metadata"),
+        let group = self.consumer.group_metadata().ok_or_else(|| {
+            SourceError::other("exactly-once commit", "the consumer has no group metadata")
         })?;
         let producer = self.transactions.producer.clone();
         let committed = tokio::task::spawn_blocking(move || {
@@ -180,10 +172,7 @@ impl BatchTransaction {
             producer.commit_transaction(TXN_TIMEOUT)
         })
         .await
-        .map_err(|e| SourceError {
-            what: "exactly-once commit".into(),
-            source: std::io::Error::other(e),
-        })?;
+        .map_err(|e| SourceError::other("exactly-once commit", e))?;
         match committed {
             Ok(()) => {
                 tracing::debug!(topic = %self.topic, records = positions.len(), "transaction committed");
@@ -200,7 +189,7 @@ impl BatchTransaction {
             }
             Err(e) => {
                 self.transactions.count("fenced");
-                Err(kafka_error(
+                Err(SourceError::other(
                     "committing a transaction failed and the producer cannot go on (another \
                      worker with this transactional id fenced it, or a fatal error); stopping",
                     e,
@@ -214,11 +203,8 @@ impl BatchTransaction {
         let producer = self.transactions.producer.clone();
         tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT))
             .await
-            .map_err(|e| SourceError {
-                what: "aborting a transaction".into(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|e| kafka_error("aborting a transaction", e))?;
+            .map_err(|e| SourceError::other("aborting a transaction", e))?
+            .map_err(|e| SourceError::other("aborting a transaction", e))?;
         self.transactions.count("aborted");
         let again: Vec<(i32, i64)> = {
             let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -246,9 +232,6 @@ impl BatchTransaction {
             }
         })
         .await
-        .map_err(|e| SourceError {
-            what: "reading again after an abort".into(),
-            source: std::io::Error::other(e),
-        })
+        .map_err(|e| SourceError::other("reading again after an abort", e))
     }
 }
