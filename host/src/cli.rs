@@ -693,20 +693,28 @@ async fn active_version(
     Ok((plugin, activations))
 }
 
-/// The crash guard of an embedded-mode pipeline, in `<state.path>/crashes/<pipeline>`.
-/// Cluster mode has none yet: the crashes would have to be counted in Redis, where the
-/// worker that takes over a dead one's records can see them.
+/// The crash guard of a pipeline: its log is the Redis state store in cluster mode (where
+/// the worker that takes over a dead one's records sees its crashes), else files in
+/// `<state.path>/crashes/<pipeline>`.
 fn crash_guard(
     config: &Config,
     pipeline: &str,
+    redis: Option<Arc<RedisStore>>,
 ) -> anyhow::Result<Option<Arc<crate::pipeline::CrashGuard>>> {
-    if config.mode() != Mode::Embedded || config.pipeline.crash_loop_limit == 0 {
+    let limit = config.pipeline.crash_loop_limit;
+    if limit == 0 {
         return Ok(None);
     }
-    let dir = config.state.path.join("crashes").join(pipeline);
-    let guard = crate::pipeline::CrashGuard::open(&dir, config.pipeline.crash_loop_limit)
-        .with_context(|| format!("crash guard in {}", dir.display()))?;
-    Ok(Some(Arc::new(guard)))
+    let log: Arc<dyn crate::state::CrashLog> = match redis {
+        Some(store) => store,
+        None => {
+            let dir = config.state.path.join("crashes").join(pipeline);
+            let files = crate::pipeline::CrashFiles::open(&dir)
+                .with_context(|| format!("crash log in {}", dir.display()))?;
+            Arc::new(files)
+        }
+    };
+    Ok(Some(Arc::new(crate::pipeline::CrashGuard::new(log, limit))))
 }
 
 async fn shutdown_signal() {
@@ -880,7 +888,7 @@ async fn state_store(
     pipeline_name: &str,
     worker: &str,
     metrics: &Metrics,
-) -> anyhow::Result<Arc<dyn StateStore>> {
+) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<RedisStore>>)> {
     let done_ttl =
         (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
     Ok(match &config.state.redis_url {
@@ -895,14 +903,18 @@ async fn state_store(
             .await?
             .with_circuit_gauge(metrics.circuit_open.with_label_values(&["redis"]));
             eprintln!("weir: worker {worker}: leases and done marks in Redis at {url}");
-            Arc::new(store)
+            let store = Arc::new(store);
+            (store.clone(), Some(store))
         }
-        None => Arc::new(EmbeddedStore::open(
-            &config.state.path,
-            pipeline_name,
-            done_ttl,
-            config.state.cache_bytes(),
-        )?),
+        None => {
+            let store = EmbeddedStore::open(
+                &config.state.path,
+                pipeline_name,
+                done_ttl,
+                config.state.cache_bytes(),
+            )?;
+            (Arc::new(store), None)
+        }
     })
 }
 
@@ -968,7 +980,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let state = state_store(&config, &pipeline_name, &worker, &metrics).await?;
         anyhow::Ok((endpoints, state))
     };
-    let (endpoints, state) = tokio::select! {
+    let (endpoints, (state, redis)) = tokio::select! {
         connected = connect => connected?,
         () = &mut shutdown => return Ok(()),
     };
@@ -1033,7 +1045,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .then(|| Duration::from_secs(config.pipeline.progress_secs)),
             lease_renewal,
             max_in_flight_batches: config.pipeline.max_in_flight_batches,
-            crash_guard: crash_guard(&config, &pipeline_name)?,
+            crash_guard: crash_guard(&config, &pipeline_name, redis)?,
         },
     };
     ready.store(true, Ordering::Relaxed);

@@ -194,7 +194,7 @@ pub struct PipelineConfig {
     /// process again.
     pub max_in_flight_batches: usize,
     /// A record in the plugin this many times when the worker died is dead-lettered as
-    /// `crash_loop` instead of run again (embedded mode); 0 turns the guard off.
+    /// `crash_loop` instead of run again; 0 turns the guard off.
     pub crash_loop_limit: u32,
 }
 

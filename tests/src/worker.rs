@@ -38,6 +38,19 @@ impl Worker {
         plugin: &Path,
         extra: &[&str],
     ) -> Self {
+        Self::start_with_env(bin, dir, name, cluster, plugin, extra, &[])
+    }
+
+    /// As [`Self::start`], with these environment variables set.
+    pub fn start_with_env(
+        bin: &str,
+        dir: &Path,
+        name: &str,
+        cluster: &Cluster,
+        plugin: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let metrics_port = crate::free_port();
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("worker log");
@@ -59,6 +72,7 @@ impl Worker {
                 "RUST_LOG",
                 std::env::var("WEIR_WORKER_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
@@ -136,18 +150,22 @@ impl Worker {
 
     /// SIGTERM, then waits for the exit (the worker drains and commits first).
     pub fn stop(mut self) -> ExitStatus {
-        let pid = self.pid();
-        crate::signal(pid, libc::SIGTERM);
+        crate::signal(self.pid(), libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// Waits for the process to end, failing (with the log) after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > timeout {
                 let _ = child.kill();
                 panic!(
-                    "{} did not stop within 60 s of SIGTERM; log:\n{}",
+                    "{} did not end within {timeout:?}; log:\n{}",
                     self.name,
                     self.log()
                 );

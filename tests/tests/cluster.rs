@@ -94,10 +94,21 @@ impl Setup {
     }
 
     fn worker_of(&self, plugin: &str, name: &str, extra: &[&str]) -> Worker {
+        self.worker_with_env(plugin, name, extra, &[])
+    }
+
+    fn worker_with_env(
+        &self,
+        plugin: &str,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Worker {
         let plugin = weir_tests::plugin(plugin);
         let mut args = vec!["--id", "/id", "--quiet"];
         args.extend_from_slice(extra);
-        Worker::start(BIN, self.dir.path(), name, &self.cluster, &plugin, &args)
+        let (dir, cluster) = (self.dir.path(), &self.cluster);
+        Worker::start_with_env(BIN, dir, name, cluster, &plugin, &args, env)
     }
 
     /// Waits until the output topic holds every id of `0..n` (`e<i>`), failing after
@@ -889,6 +900,71 @@ fn dead_letters_are_listed_and_replayed_from_the_dlq_topic() {
     );
     assert_eq!(w.metric("weir_records_dead_lettered_total"), Some(20.0));
     assert!(w.stop().success());
+}
+
+/// Cluster mode's crash guard counts in Redis, so the next worker sees what killed the last
+/// one: a record that takes down each worker that runs it (the test hook
+/// `WEIR_TEST_ABORT_ON_ID` aborts the process as the record enters the plugin) runs alone
+/// after the first death, and after `pipeline.crash_loop_limit` (3) deaths, of three worker
+/// processes, the fourth dead-letters it as `crash_loop`; every other record is output.
+#[test]
+fn a_record_that_kills_three_workers_is_dead_lettered_as_crash_loop() {
+    let s = Setup::new("crash-loop", 2);
+    let n = 300;
+    s.produce(&events(n, 0));
+    let abort = [(weir::pipeline::ABORT_ON_ID_ENV, "e150")];
+    let flags = [
+        "--batch-size",
+        "16",
+        "--lease-ttl-ms",
+        "3000",
+        "--kafka-option",
+        "session.timeout.ms=6000",
+    ];
+    let started = Instant::now();
+    for run in 1..=3 {
+        let mut w = s.worker_with_env("enrich", &format!("w{run}"), &flags, &abort);
+        let status = w.wait_exit(Duration::from_secs(180));
+        assert!(!status.success(), "w{run} should die on e150: {}", w.log());
+        assert!(w.log().contains("aborting"), "{}", w.log());
+        if run > 1 {
+            assert!(w.log().contains("run one by one"), "{}", w.log());
+        }
+    }
+    let w = s.worker_with_env("enrich", "w4", &flags, &abort);
+    let letters = s
+        .broker
+        .read_topic(&s.cluster.dlq, Duration::from_secs(120), |r| !r.is_empty());
+    let took = started.elapsed();
+    assert_eq!(letters.len(), 1, "{letters:?}; log:\n{}", w.log());
+    let letter = &letters[0];
+    assert_eq!(id_of_dead_letter(letter), "e150");
+    assert_eq!(
+        letter.header("weir.error.class").as_deref(),
+        Some("crash_loop")
+    );
+    assert_eq!(letter.header("weir.error.attempts").as_deref(), Some("3"));
+    let out = s
+        .broker
+        .read_topic(&s.cluster.output, Duration::from_secs(10), |r| {
+            r.len() >= n - 1
+        });
+    let ids: BTreeSet<String> = out.iter().map(id_of_output).collect();
+    let expected: BTreeSet<String> = (0..n)
+        .filter(|&i| i != 150)
+        .map(|i| format!("e{i}"))
+        .collect();
+    assert_eq!(
+        ids,
+        expected,
+        "every other record is output; log:\n{}",
+        w.log()
+    );
+    assert!(w.stop().success());
+    println!(
+        "three workers died on e150; the fourth dead-lettered it {:.1} s after the first started",
+        took.as_secs_f64()
+    );
 }
 
 /// A version uploaded and activated through one worker's API reaches every worker of the

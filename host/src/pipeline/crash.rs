@@ -1,20 +1,89 @@
-//! Crash-loop protection (embedded mode): which records were in the plugin when the worker
-//! died, and how often. Before each plugin call the ids it runs are written to
-//! `<dir>/in-plugin`, and the file is emptied after the call; a `kill -9` or an abort does not
-//! lose that write (the kernel holds it). At start, each id found there counts one crash in
-//! `<dir>/crashes.json`. A record with a crash runs alone, so a next crash names it and not
-//! its batch; one with `pipeline.crash_loop_limit` crashes is dead-lettered as `crash_loop`
-//! instead of running again (its count stays, but its done mark keeps it from coming back).
+//! Crash-loop protection: which records were in the plugin when a worker died, and how often.
+//! Before each plugin call the ids it runs are noted in a [`CrashLog`], and the note is
+//! cleared after the call; a `kill -9` or an abort leaves it behind, and each id in it counts
+//! one crash. A record with a crash runs alone, so a next crash names it and not its batch;
+//! one with `pipeline.crash_loop_limit` crashes is dead-lettered as `crash_loop` instead of
+//! running again (its count stays, but its done mark keeps it from coming back).
+//!
+//! Two logs: [`CrashFiles`] in the state directory (embedded mode), and the Redis state store
+//! (cluster mode), where the worker that takes over a dead one's records sees its crashes.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+
+use crate::state::{CrashLog, StateError};
 
 /// The test hook: a worker started with this variable set to an id aborts when that record
 /// enters the plugin, as a plugin that took the host down would.
 pub const ABORT_ON_ID_ENV: &str = "WEIR_TEST_ABORT_ON_ID";
+
+/// A crash log and the limit of crashes after which a record is not run again.
+pub struct CrashGuard {
+    log: Arc<dyn CrashLog>,
+    limit: u32,
+    abort_on: Option<String>,
+}
+
+impl CrashGuard {
+    pub fn new(log: Arc<dyn CrashLog>, limit: u32) -> Self {
+        Self {
+            log,
+            limit,
+            abort_on: std::env::var(ABORT_ON_ID_ENV).ok(),
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Per id, how many times a worker died while it was in the plugin.
+    pub async fn crashes(&self, ids: &[&str]) -> Result<Vec<u32>, StateError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let crashes = self.log.crashes(ids).await?;
+        if crashes.len() != ids.len() {
+            return Err(StateError(format!(
+                "the crash log answered {} of {} ids",
+                crashes.len(),
+                ids.len()
+            )));
+        }
+        Ok(crashes)
+    }
+
+    /// Notes that these records enter the plugin (and aborts the process if the test hook
+    /// names one of them).
+    pub async fn enter(&self, ids: &[&str]) -> Result<(), StateError> {
+        self.log.enter(ids).await?;
+        if let Some(id) = &self.abort_on
+            && ids.contains(&id.as_str())
+        {
+            eprintln!("weir: {ABORT_ON_ID_ENV} names a record entering the plugin: aborting");
+            std::process::abort();
+        }
+        Ok(())
+    }
+
+    /// Notes that these records left the plugin alive.
+    pub async fn leave(&self, ids: &[&str]) -> Result<(), StateError> {
+        self.log.leave(ids).await
+    }
+}
+
+impl std::fmt::Debug for CrashGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrashGuard")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The note's length header when no record is in the plugin: the bytes of ids that follow.
 const EMPTY: &str = "0000000000\n";
@@ -32,19 +101,24 @@ fn noted_ids(note: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The crash log of embedded mode, in a directory: `in-plugin` holds the ids in the plugin
+/// (one write per call; the kernel keeps it through a `kill -9` or an abort) and
+/// `crashes.json` the counts. The note a dead run left is counted when the log is opened.
 #[derive(Debug)]
-pub struct CrashGuard {
+pub struct CrashFiles {
     dir: PathBuf,
     in_plugin: std::fs::File,
     crashes: Mutex<HashMap<String, u32>>,
-    limit: u32,
-    abort_on: Option<String>,
 }
 
-impl CrashGuard {
-    /// Opens the guard's files in `dir`, counting the crash of the last run if it died with
+fn io_error(e: std::io::Error) -> StateError {
+    StateError(format!("crash log: {e}"))
+}
+
+impl CrashFiles {
+    /// Opens the log's files in `dir`, counting the crash of the last run if it died with
     /// records in the plugin.
-    pub fn open(dir: &Path, limit: u32) -> std::io::Result<Self> {
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut crashes: HashMap<String, u32> = match std::fs::read(dir.join("crashes.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other)?,
@@ -59,57 +133,49 @@ impl CrashGuard {
             }
             eprintln!(
                 "weir: the last run died with {} record(s) in the plugin (e.g. {}); they run one \
-                 by one now, and a record the worker dies on {limit} times is dead-lettered as \
+                 by one now, and a record the worker dies on too often is dead-lettered as \
                  crash_loop",
                 died_with.len(),
                 died_with[0]
             );
         }
-        let guard = Self {
+        let log = Self {
             dir: dir.to_owned(),
             in_plugin: std::fs::File::create(dir.join("in-plugin"))?,
             crashes: Mutex::new(crashes),
-            limit,
-            abort_on: std::env::var(ABORT_ON_ID_ENV).ok(),
         };
-        guard.save()?;
-        Ok(guard)
+        log.save()?;
+        Ok(log)
     }
 
-    fn crashes(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.crashes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn save(&self) -> std::io::Result<()> {
-        let json = serde_json::to_vec(&*self.crashes()).map_err(std::io::Error::other)?;
+        let json = serde_json::to_vec(&*self.counts()).map_err(std::io::Error::other)?;
         let path = self.dir.join("crashes.json");
         let tmp = path.with_extension("tmp");
         std::fs::File::create(&tmp)?.write_all(&json)?;
         std::fs::rename(tmp, path)
     }
+}
 
-    /// Times the worker died while this record was in the plugin.
-    pub fn crashes_of(&self, id: &str) -> u32 {
-        self.crashes().get(id).copied().unwrap_or(0)
+#[async_trait]
+impl CrashLog for CrashFiles {
+    async fn crashes(&self, ids: &[&str]) -> Result<Vec<u32>, StateError> {
+        let counts = self.counts();
+        Ok(ids
+            .iter()
+            .map(|id| counts.get(*id).copied().unwrap_or(0))
+            .collect())
     }
 
-    /// Whether the record is to be dead-lettered instead of run.
-    pub fn looping(&self, id: &str) -> Option<u32> {
-        let n = self.crashes_of(id);
-        (n >= self.limit).then_some(n)
-    }
-
-    pub fn limit(&self) -> u32 {
-        self.limit
-    }
-
-    /// Notes that these records are about to enter the plugin: one write, of a length
-    /// header and the ids (what follows from an earlier, longer note is ignored).
-    pub fn enter<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> std::io::Result<()> {
+    /// One write, of a length header and the ids (what follows from an earlier, longer note
+    /// is ignored).
+    async fn enter(&self, ids: &[&str]) -> Result<(), StateError> {
         let mut text = String::from(EMPTY);
-        let mut abort = false;
         for id in ids {
-            abort |= self.abort_on.as_deref() == Some(id);
             text.push_str(id);
             text.push('\n');
         }
@@ -119,32 +185,30 @@ impl CrashGuard {
             width = EMPTY.len() - 1
         );
         text.replace_range(..EMPTY.len(), &header);
-        self.in_plugin.write_all_at(text.as_bytes(), 0)?;
-        if abort {
-            eprintln!("weir: {ABORT_ON_ID_ENV} names a record entering the plugin: aborting");
-            std::process::abort();
-        }
-        Ok(())
+        self.in_plugin
+            .write_all_at(text.as_bytes(), 0)
+            .map_err(io_error)
     }
 
-    /// Notes that the records left the plugin alive; those that had crashes are cleared.
-    pub fn leave<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> std::io::Result<()> {
-        self.in_plugin.write_all_at(EMPTY.as_bytes(), 0)?;
+    async fn leave(&self, ids: &[&str]) -> Result<(), StateError> {
+        self.in_plugin
+            .write_all_at(EMPTY.as_bytes(), 0)
+            .map_err(io_error)?;
         let cleared = {
-            let mut crashes = self.crashes();
-            let before = crashes.len();
-            for id in ids {
-                crashes.remove(id);
+            let mut counts = self.counts();
+            let before = counts.len();
+            if before > 0 {
+                for id in ids {
+                    counts.remove(*id);
+                }
             }
-            crashes.len() != before
+            counts.len() != before
         };
-        if cleared { self.save() } else { Ok(()) }
-    }
-
-    /// Whether any record has crashes (and so runs alone).
-    pub fn any_suspect<'a>(&self, mut ids: impl Iterator<Item = &'a str>) -> bool {
-        let crashes = self.crashes();
-        !crashes.is_empty() && ids.any(|id| crashes.contains_key(id))
+        if cleared {
+            self.save().map_err(io_error)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -152,29 +216,26 @@ impl CrashGuard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_record_in_the_plugin_at_a_crash_counts_until_the_limit() {
+    #[tokio::test]
+    async fn a_record_in_the_plugin_at_a_crash_counts_until_the_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let guard = CrashGuard::open(dir.path(), 2).expect("open");
-        guard.enter(["a-long-id", "b"]).expect("enter");
-        guard.leave(std::iter::empty()).expect("leave");
-        guard.enter(["a", "b"]).expect("enter"); // shorter than the note before
-        drop(guard); // died with a and b in the plugin
-        let guard = CrashGuard::open(dir.path(), 2).expect("open");
-        assert_eq!((guard.crashes_of("a"), guard.crashes_of("b")), (1, 1));
-        assert_eq!(
-            guard.crashes_of("a-long-id"),
-            0,
-            "a note left the plugin alive"
-        );
-        assert!(guard.any_suspect(["x", "b"].into_iter()));
-        guard.enter(["b"]).expect("enter");
-        guard.leave(["b"]).expect("leave"); // b ran alone and lived: cleared
-        guard.enter(["a"]).expect("enter");
-        drop(guard); // died on a again
-        let guard = CrashGuard::open(dir.path(), 2).expect("open");
-        assert_eq!((guard.crashes_of("a"), guard.crashes_of("b")), (2, 0));
-        assert_eq!(guard.looping("a"), Some(2));
-        assert_eq!(guard.looping("b"), None);
+        let counts = |log: &CrashFiles| {
+            let counts = log.counts();
+            ["a", "b", "a-long-id"].map(|id| counts.get(id).copied().unwrap_or(0))
+        };
+        let log = CrashFiles::open(dir.path()).expect("open");
+        log.enter(&["a-long-id", "b"]).await.expect("enter");
+        log.leave(&["a-long-id", "b"]).await.expect("leave");
+        log.enter(&["a", "b"]).await.expect("enter"); // shorter than the note before
+        drop(log); // died with a and b in the plugin
+        let log = CrashFiles::open(dir.path()).expect("open");
+        assert_eq!(counts(&log), [1, 1, 0], "a note left the plugin alive");
+        assert_eq!(log.crashes(&["x", "b"]).await.expect("crashes"), [0, 1]);
+        log.enter(&["b"]).await.expect("enter");
+        log.leave(&["b"]).await.expect("leave"); // b ran alone and lived: cleared
+        log.enter(&["a"]).await.expect("enter");
+        drop(log); // died on a again
+        let log = CrashFiles::open(dir.path()).expect("open");
+        assert_eq!(counts(&log), [2, 0, 0]);
     }
 }

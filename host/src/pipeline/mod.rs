@@ -20,7 +20,7 @@
 mod crash;
 pub mod dead_letter;
 
-pub use crash::{ABORT_ON_ID_ENV, CrashGuard};
+pub use crash::{ABORT_ON_ID_ENV, CrashFiles, CrashGuard};
 mod id;
 mod in_flight;
 mod retry;
@@ -70,8 +70,6 @@ pub enum PipelineError {
     Plugin(#[from] LoadError),
     #[error("a pipeline task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
-    #[error("crash guard: {0}")]
-    CrashGuard(std::io::Error),
 }
 
 /// Knobs of the lifecycle.
@@ -89,7 +87,7 @@ pub struct Settings {
     pub lease_renewal: Option<Duration>,
     /// Batches whose writes may be awaited at once (at least 1).
     pub max_in_flight_batches: usize,
-    /// Crash-loop protection (embedded mode).
+    /// Crash-loop protection.
     pub crash_guard: Option<Arc<CrashGuard>>,
 }
 
@@ -233,6 +231,8 @@ struct Claimed {
     finished: Vec<(String, u64)>,
     finished_at: Vec<usize>,
     deduplicated: u64,
+    /// Whether a record of `work` was in the plugin when a worker died (they run alone).
+    suspect: bool,
 }
 
 /// A claimed batch after the plugin: a verdict for each record of `work`.
@@ -362,8 +362,14 @@ impl Shared {
                         .collect(),
                     None => Vec::new(),
                 };
-                let ids = claimed.to_run.iter().map(|&(i, _)| claimed.ids[i].as_str());
-                let (work, verdicts) = self.invoke_guarded(&routing, &on_canary, work, ids).await?;
+                let ids: Vec<&str> = claimed
+                    .to_run
+                    .iter()
+                    .map(|&(i, _)| claimed.ids[i].as_str())
+                    .collect();
+                let (work, verdicts) = self
+                    .invoke_guarded(&routing, &on_canary, work, &ids, claimed.suspect)
+                    .await?;
                 Ok::<_, PipelineError>((work, verdicts, routing, on_canary))
             };
             let (work, verdicts, routing, on_canary) = self
@@ -414,30 +420,35 @@ impl Shared {
 
     /// Runs `work` (whose ids are `ids`) on `routing`, noting what is in the plugin for the
     /// crash guard: the whole batch at once, or one record at a time when one of them was in
-    /// the plugin when the worker last died.
-    async fn invoke_guarded<'a>(
+    /// the plugin when a worker died (`suspect`).
+    async fn invoke_guarded(
         &self,
         routing: &Routing,
         on_canary: &[bool],
         work: Vec<Record>,
-        ids: impl Iterator<Item = &'a str> + Clone,
+        ids: &[&str],
+        suspect: bool,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
         let Some(guard) = &self.settings.crash_guard else {
             return self.invoke_routed(routing, on_canary, work).await;
         };
-        let noted = PipelineError::CrashGuard;
-        if !guard.any_suspect(ids.clone()) {
-            guard.enter(ids.clone()).map_err(noted)?;
+        if !suspect {
+            guard.enter(ids).await?;
             let done = self.invoke_routed(routing, on_canary, work).await?;
-            guard.leave(std::iter::empty()).map_err(noted)?;
+            guard.leave(ids).await?;
             return Ok(done);
         }
+        tracing::warn!(
+            "a record of this batch was in the plugin when a worker died: its {} records run \
+             one by one",
+            ids.len()
+        );
         let (mut records, mut verdicts) = (Vec::new(), Vec::new());
         for (k, (record, id)) in work.into_iter().zip(ids).enumerate() {
             let canary = on_canary.get(k).map(|&c| vec![c]).unwrap_or_default();
-            guard.enter([id]).map_err(noted)?;
+            guard.enter(&[id]).await?;
             let (record, verdict) = self.invoke_routed(routing, &canary, vec![record]).await?;
-            guard.leave([id]).map_err(noted)?;
+            guard.leave(&[id]).await?;
             records.extend(record);
             verdicts.extend(verdict);
         }
@@ -449,6 +460,14 @@ impl Shared {
     async fn decide(self: Arc<Self>, taken: Taken, hold: Hold) -> Result<Claimed, PipelineError> {
         let Taken { batch, ids, ack } = taken;
         let claims = self.claim(&ids).await?;
+        let crashes = match &self.settings.crash_guard {
+            Some(guard) => {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                guard.crashes(&ids).await?
+            }
+            None => Vec::new(),
+        };
+        let mut suspect = false;
         let n = batch.len();
         let mut work = Vec::with_capacity(n);
         let mut to_run = Vec::with_capacity(n);
@@ -470,8 +489,11 @@ impl Shared {
                 deduplicated += 1;
                 continue;
             }
+            let crashes = crashes.get(i).copied().unwrap_or(0);
             let crash_loop = self.settings.crash_guard.as_ref().and_then(|guard| {
-                let crashes = guard.looping(&ids[i])?;
+                if crashes < guard.limit() {
+                    return None;
+                }
                 let failure = Failure::new(
                     ErrorClass::CrashLoop,
                     format!(
@@ -501,6 +523,7 @@ impl Shared {
                     finished_at.push(i);
                 }
                 None => {
+                    suspect |= crashes > 0;
                     work.push(incoming.record);
                     to_run.push((i, fence));
                 }
@@ -516,6 +539,7 @@ impl Shared {
             finished,
             finished_at,
             deduplicated,
+            suspect,
         })
     }
 
@@ -543,6 +567,7 @@ impl Shared {
             mut finished,
             mut finished_at,
             deduplicated,
+            suspect: _,
         } = claimed;
         let stable = routing.stable.meta();
         let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());

@@ -44,3 +44,18 @@ pub trait StateStore: Send + Sync {
         Ok(vec![true; leases.len()])
     }
 }
+
+/// Where the records in the plugin are noted, and their crashes counted (crash-loop
+/// protection, `pipeline/crash.rs`).
+#[async_trait]
+pub trait CrashLog: Send + Sync {
+    /// Per id, how many times a worker died while it was in the plugin.
+    async fn crashes(&self, ids: &[&str]) -> Result<Vec<u32>, StateError>;
+
+    /// Notes that these records are about to enter the plugin (a note that outlives a
+    /// `kill -9` of the process).
+    async fn enter(&self, ids: &[&str]) -> Result<(), StateError>;
+
+    /// Notes that these records left the plugin alive: their note and crashes are cleared.
+    async fn leave(&self, ids: &[&str]) -> Result<(), StateError>;
+}

@@ -1,5 +1,6 @@
 //! The Redis state store for cluster mode: per-record leases with fencing tokens, and done
-//! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (one
+//! marks. Each call is one Lua script, so a batch costs two round trips (five with the
+//! crash log, below): `claim` (one
 //! `SET NX PX GET` per id, which is the dedup check and the lease at once, with one `INCR`
 //! for the fence all its new leases share) and `finish` (one `SET ... GET` per id that marks
 //! it done and releases the lease, and counts where the lease was still ours, or expired with
@@ -11,7 +12,10 @@
 //! Keys, under the pipeline's namespace `<ns>`: one per record, `<ns>:id:<id>`, holding
 //! `L|<owner>|<fence>` while leased (with the lease TTL) and `D|<fence>` once done (the fence
 //! that finished it; optional TTL), so claim and finish cost one command per record each;
-//! and `<ns>:fence` (the counter). The scripts get their keys as `KEYS`. Needs Redis 7.0 or
+//! `<ns>:fence` (the counter); and `<ns>:crashes`, the hash of the crash log (crash-loop
+//! counts of the records a worker died with in the plugin: one script reads a batch's
+//! counts, one raises them as it enters the plugin, one deletes them as it leaves). The
+//! scripts get their keys as `KEYS`. Needs Redis 7.0 or
 //! later (`SET` with both `NX` and `GET`). Run Redis with AOF on: without it a restart resets
 //! the counter and fences go backwards. One script touches keys of many hash slots, so Redis
 //! Cluster is not supported.
@@ -29,7 +33,7 @@ use prometheus::IntGauge;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Claim, StateError, StateStore};
+use super::{Claim, CrashLog, StateError, StateStore};
 
 // Every script gets the record keys as `KEYS` and `ARGV` = owner, TTL in ms, the lease TTL
 // in ms, then (per-lease scripts) one fence per key.
@@ -113,7 +117,33 @@ end
 return out
 ";
 
-/// Leases and done marks in Redis.
+// The crash log (`CrashLog`): `KEYS[1]` is the hash of crash counts, `ARGV[4..]` the ids.
+// A record's count goes up as it enters the plugin and is deleted as it leaves, so what a
+// dead worker had in the plugin stays counted.
+
+const CRASHES: &str = r"
+local out = {}
+for i = 4, #ARGV do
+  out[i - 3] = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or 0)
+end
+return out
+";
+
+const ENTER: &str = r"
+for i = 4, #ARGV do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+end
+return {}
+";
+
+const LEAVE: &str = r"
+for i = 4, #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+end
+return {}
+";
+
+/// Leases, done marks and crash counts in Redis.
 pub struct RedisStore {
     conn: ConnectionManager,
     namespace: String,
@@ -123,6 +153,9 @@ pub struct RedisStore {
     claim: Script,
     finish: Script,
     keep_or_release: Script,
+    crashes: Script,
+    enter: Script,
+    leave: Script,
     circuit: Option<IntGauge>,
 }
 
@@ -180,6 +213,9 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             finish: Script::new(FINISH),
             keep_or_release: Script::new(KEEP_OR_RELEASE),
+            crashes: Script::new(CRASHES),
+            enter: Script::new(ENTER),
+            leave: Script::new(LEAVE),
             circuit: None,
         })
     }
@@ -338,5 +374,42 @@ impl StateStore for RedisStore {
             "renew",
         )
         .await
+    }
+}
+
+impl RedisStore {
+    /// Runs a crash-log script on the ids.
+    async fn crash_log(
+        &self,
+        script: &Script,
+        ids: &[&str],
+        what: &str,
+    ) -> Result<Vec<i64>, StateError> {
+        let key = format!("{}:crashes", self.namespace);
+        let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        self.run(script, &[key], 0, &ids, what).await
+    }
+}
+
+#[async_trait]
+impl CrashLog for RedisStore {
+    async fn crashes(&self, ids: &[&str]) -> Result<Vec<u32>, StateError> {
+        let out = self.crash_log(&self.crashes, ids, "crash counts").await?;
+        Ok(out
+            .into_iter()
+            .map(|n| u32::try_from(n).unwrap_or(0))
+            .collect())
+    }
+
+    async fn enter(&self, ids: &[&str]) -> Result<(), StateError> {
+        self.crash_log(&self.enter, ids, "crash log")
+            .await
+            .map(drop)
+    }
+
+    async fn leave(&self, ids: &[&str]) -> Result<(), StateError> {
+        self.crash_log(&self.leave, ids, "crash log")
+            .await
+            .map(drop)
     }
 }
