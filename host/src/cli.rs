@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -717,6 +717,39 @@ fn crash_guard(
     Ok(Some(Arc::new(crate::pipeline::CrashGuard::new(log, limit))))
 }
 
+/// In-process restarts of the Kafka clients after the transactional producer was fenced or
+/// failed (exactly-once mode): a fenced worker gives up the partitions it had, and joins
+/// the group again with a new producer. Its transactional id is `<id>.<restart>`, so it does
+/// not fence in turn the worker that fenced it (a worker started again with this slot's
+/// id, which now has the partitions). More than [`Restarts::MAX`] within
+/// [`Restarts::WINDOW`] stop the worker: something is wrong beyond one fencing.
+#[derive(Default)]
+struct Restarts {
+    total: u32,
+    recent: Vec<std::time::Instant>,
+}
+
+impl Restarts {
+    const MAX: usize = 5;
+    const WINDOW: Duration = Duration::from_secs(600);
+
+    /// The number of the next restart, or `None` when there were too many lately.
+    fn next(&mut self) -> Option<u32> {
+        self.recent.retain(|at| at.elapsed() < Self::WINDOW);
+        if self.recent.len() >= Self::MAX {
+            eprintln!(
+                "weir: {} restarts of the Kafka clients in {} s; stopping",
+                self.recent.len(),
+                Self::WINDOW.as_secs()
+            );
+            return None;
+        }
+        self.recent.push(std::time::Instant::now());
+        self.total += 1;
+        Some(self.total)
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -790,6 +823,8 @@ struct Endpoints {
     dlq: Box<dyn DeadLetterSink>,
     /// Where dead letters are, to say so at the end.
     dlq_name: String,
+    /// The transactional producer (exactly-once mode), whose fatal error ends the run.
+    transactional: Option<KafkaProducer>,
 }
 
 fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
@@ -816,11 +851,18 @@ fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
         )?),
         dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
         dlq_name: dlq_path.display().to_string(),
+        transactional: None,
     })
 }
 
 /// Waits for the brokers and the topics (saying what is missing), then joins the group.
-async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<Endpoints> {
+/// `restart` counts the clients made before in this process (exactly-once mode: the
+/// transactional id of a restart is `<id>.<restart>`, see `Restarts`).
+async fn kafka_endpoints(
+    config: &Config,
+    metrics: &Metrics,
+    restart: u32,
+) -> anyhow::Result<Endpoints> {
     let input = config
         .source
         .topic
@@ -848,16 +890,21 @@ async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<E
         .map_err(anyhow::Error::msg)?;
     let (producer, transactions) = match &config.kafka.transactional_id {
         Some(id) if config.kafka.exactly_once => {
-            let (kafka, id) = (config.kafka.clone(), id.clone());
+            let id = match restart {
+                0 => id.clone(),
+                n => format!("{id}.{n}"),
+            };
+            eprintln!("weir: exactly-once: one transaction per batch, transactional id {id}");
+            let kafka = config.kafka.clone();
             let producer =
                 tokio::task::spawn_blocking(move || KafkaProducer::transactional(&kafka, &id))
                     .await??;
             let transactions = Transactions::new(&producer, metrics.transactions.clone());
-            eprintln!("weir: exactly-once: one transaction per batch");
             (producer, Some(transactions))
         }
         _ => (KafkaProducer::new(&config.kafka)?, None),
     };
+    let transactional = transactions.is_some().then(|| producer.clone());
     let source = KafkaSource::subscribe(
         &config.kafka,
         &input,
@@ -880,6 +927,7 @@ async fn kafka_endpoints(config: &Config, metrics: &Metrics) -> anyhow::Result<E
             Some(metrics.circuit_open.with_label_values(&["dlq"])),
         )),
         dlq_name: format!("topic {dlq}"),
+        transactional,
     })
 }
 
@@ -975,12 +1023,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connect = async {
         let endpoints = match config.mode() {
             Mode::Embedded => embedded_endpoints(&config)?,
-            Mode::Kafka => kafka_endpoints(&config, &metrics).await?,
+            Mode::Kafka => kafka_endpoints(&config, &metrics, 0).await?,
         };
         let state = state_store(&config, &pipeline_name, &worker, &metrics).await?;
         anyhow::Ok((endpoints, state))
     };
-    let (endpoints, (state, redis)) = tokio::select! {
+    let (mut endpoints, (state, redis)) = tokio::select! {
         connected = connect => connected?,
         () = &mut shutdown => return Ok(()),
     };
@@ -989,9 +1037,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .redis_url
         .is_some()
         .then(|| Duration::from_millis(config.state.lease_ttl_ms / 3));
-    let dlq_name = endpoints.dlq_name;
-    let heartbeat = match (&config.state.redis_url, endpoints.partitions) {
-        (Some(url), Some(partitions)) => {
+    let dlq_name = endpoints.dlq_name.clone();
+    // The source's partitions, for heartbeats; a new source after a restart has its own.
+    let partitions = Arc::new(std::sync::Mutex::new(endpoints.partitions.take()));
+    let heartbeat = match (&config.state.redis_url, config.mode()) {
+        (Some(url), Mode::Kafka) => {
             let info = WorkerInfo {
                 id: worker.clone(),
                 host: worker_host(),
@@ -1005,12 +1055,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             let url = url.clone();
             let active = plugin.clone();
+            let partitions = partitions.clone();
             Some(tokio::spawn(async move {
                 // Each beat reports the version running then (it changes with hot swaps).
                 let beat = crate::cluster::heartbeat(url, move || {
                     let running = active.current();
+                    let partitions = partitions.lock().unwrap_or_else(PoisonError::into_inner);
                     WorkerInfo {
-                        partitions: partitions(),
+                        partitions: partitions.as_ref().map(|now| now()).unwrap_or_default(),
                         plugin_version: running.meta().version,
                         plugin_digest: running.meta().digest.clone(),
                         ..info.clone()
@@ -1023,34 +1075,60 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let pipeline = Pipeline {
-        plugin,
-        source: endpoints.source,
-        sink: endpoints.sink,
-        dlq: endpoints.dlq,
-        state,
-        metrics: metrics.clone(),
-        settings: Settings {
-            batch_size: config.pipeline.batch_size,
-            id: config
-                .pipeline
-                .id
-                .as_deref()
-                .map(IdSpec::parse)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
-            backoff: Backoff::new(config.retry.clone()),
-            bypass_done: false,
-            progress: (config.pipeline.progress_secs > 0)
-                .then(|| Duration::from_secs(config.pipeline.progress_secs)),
-            lease_renewal,
-            max_in_flight_batches: config.pipeline.max_in_flight_batches,
-            crash_guard: crash_guard(&config, &pipeline_name, redis)?,
-        },
+    let settings = Settings {
+        batch_size: config.pipeline.batch_size,
+        id: config
+            .pipeline
+            .id
+            .as_deref()
+            .map(IdSpec::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        backoff: Backoff::new(config.retry.clone()),
+        bypass_done: false,
+        progress: (config.pipeline.progress_secs > 0)
+            .then(|| Duration::from_secs(config.pipeline.progress_secs)),
+        lease_renewal,
+        max_in_flight_batches: config.pipeline.max_in_flight_batches,
+        crash_guard: crash_guard(&config, &pipeline_name, redis)?,
     };
-    ready.store(true, Ordering::Relaxed);
-    let summary = pipeline.run(&mut shutdown).await;
-    ready.store(false, Ordering::Relaxed);
+    let mut restarts = Restarts::default();
+    let summary = loop {
+        let transactional = endpoints.transactional.take();
+        let pipeline = Pipeline {
+            plugin: plugin.clone(),
+            source: endpoints.source,
+            sink: endpoints.sink,
+            dlq: endpoints.dlq,
+            state: state.clone(),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        };
+        ready.store(true, Ordering::Relaxed);
+        let summary = pipeline.run(&mut shutdown).await;
+        ready.store(false, Ordering::Relaxed);
+        let fatal = transactional.as_ref().and_then(KafkaProducer::fatal_error);
+        let (Err(error), Some((code, reason))) = (&summary, fatal) else {
+            break summary;
+        };
+        if code == rdkafka::types::RDKafkaErrorCode::Fenced {
+            metrics.transactions.with_label_values(&["fenced"]).inc();
+        }
+        let Some(restart) = restarts.next() else {
+            break summary;
+        };
+        eprintln!(
+            "weir: the transactional producer cannot go on ({reason}), so the batches in flight \
+             were not committed ({error}); starting the Kafka clients again (restart {restart}), \
+             which read on from the committed offsets"
+        );
+        drop(transactional);
+        endpoints = tokio::select! {
+            connected = kafka_endpoints(&config, &metrics, restart) => connected?,
+            () = &mut shutdown => break Ok(metrics.summary(Duration::ZERO)),
+        };
+        *partitions.lock().unwrap_or_else(PoisonError::into_inner) = endpoints.partitions.take();
+    };
     if let Some(beat) = heartbeat {
         beat.abort();
         if let Some(url) = &config.state.redis_url {

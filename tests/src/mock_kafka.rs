@@ -2,8 +2,8 @@
 //! processes connect to it as to a broker. Producing and reading go through
 //! [`KafkaBroker::external`].
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use crate::kafka_broker::KafkaBroker;
 
@@ -11,6 +11,8 @@ pub struct MockKafka {
     /// Produces to and reads from the mock.
     pub broker: KafkaBroker,
     child: Child,
+    commands: ChildStdin,
+    answers: BufReader<ChildStdout>,
 }
 
 impl MockKafka {
@@ -25,9 +27,8 @@ impl MockKafka {
             .spawn()
             .expect("start weir-mock-kafka");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("bootstrap servers");
+        let mut answers = BufReader::new(child.stdout.take().expect("stdout"));
+        answers.read_line(&mut line).expect("bootstrap servers");
         assert!(
             !line.trim().is_empty(),
             "weir-mock-kafka printed no bootstrap servers"
@@ -37,8 +38,27 @@ impl MockKafka {
             // and a killed producer's transaction stays open there: read_committed would
             // stop at it.
             broker: KafkaBroker::external(line.trim()).reading_uncommitted(),
+            commands: child.stdin.take().expect("stdin"),
             child,
+            answers,
         }
+    }
+
+    /// From now on, transactional requests fail as those of a fenced producer do (see
+    /// `weir-mock-kafka`), until [`Self::clear`].
+    pub fn fence(&mut self) {
+        self.command("fence");
+    }
+
+    pub fn clear(&mut self) {
+        self.command("clear");
+    }
+
+    fn command(&mut self, command: &str) {
+        writeln!(self.commands, "{command}").expect("command to weir-mock-kafka");
+        let mut answer = String::new();
+        self.answers.read_line(&mut answer).expect("answer");
+        assert_eq!(answer.trim(), "ok", "weir-mock-kafka on `{command}`");
     }
 }
 

@@ -40,8 +40,8 @@ fn cluster(mock: &MockKafka) -> Cluster {
     }
 }
 
-/// The flags of an exactly-once worker in slot `slot`.
-fn eos_flags(slot: &str) -> Vec<String> {
+/// The flags of an exactly-once worker `name` in slot `slot`.
+fn eos_flags(name: &str, slot: &str) -> Vec<String> {
     [
         "--plugin-config",
         "faults=off",
@@ -56,7 +56,7 @@ fn eos_flags(slot: &str) -> Vec<String> {
     .chain([
         format!("weir-test-{slot}"),
         "--state".into(),
-        format!("state-{slot}"),
+        format!("state-{name}"),
     ])
     .chain(
         [
@@ -69,13 +69,14 @@ fn eos_flags(slot: &str) -> Vec<String> {
     .collect()
 }
 
-fn start(dir: &std::path::Path, slot: &str, cluster: &Cluster) -> Worker {
-    let flags = eos_flags(slot);
+/// Starts worker `name` in slot `slot` (its transactional id).
+fn start(dir: &std::path::Path, name: &str, slot: &str, cluster: &Cluster) -> Worker {
+    let flags = eos_flags(name, slot);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Worker::start(
         BIN,
         dir,
-        slot,
+        name,
         cluster,
         &weir_tests::plugin("faulty"),
         &flags,
@@ -158,7 +159,7 @@ fn a_worker_writes_each_batch_in_one_committed_transaction() {
     produce_ids(&mock.broker, "in", n);
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = cluster(&mock);
-    let worker = start(dir.path(), "a", &cluster);
+    let worker = start(dir.path(), "a", "a", &cluster);
     let ids = wait_for_ids(&mock.broker, n, Duration::from_secs(120), || worker.log());
     let repeated: Vec<_> = ids.iter().filter(|&(_, &c)| c > 1).collect();
     assert_eq!(ids.len(), n, "ids in the output; log:\n{}", worker.log());
@@ -186,7 +187,8 @@ fn a_worker_writes_each_batch_in_one_committed_transaction() {
 /// In the style of Kafka's own transactions system test: 100,000 sequential ids over 6
 /// partitions, two worker slots, and slot a killed with `kill -9` three times (at ≥ 20 %,
 /// ≥ 45 % and ≥ 70 % of the ids in the output) and started again with the same
-/// transactional id, which fences its dead predecessor's open transaction.
+/// transactional id (on a real broker that fences its dead predecessor's open transaction;
+/// the mock does not fence).
 #[test]
 fn three_kill_nine_bounces_lose_nothing() {
     let partitions = 6;
@@ -202,8 +204,8 @@ fn three_kill_nine_bounces_lose_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = cluster(&mock);
     let started = Instant::now();
-    let mut a = start(dir.path(), "a", &cluster);
-    let b = start(dir.path(), "b", &cluster);
+    let mut a = start(dir.path(), "a", "a", &cluster);
+    let b = start(dir.path(), "b", "b", &cluster);
     let logs = |a: &Worker, b: &Worker| format!("a:\n{}\nb:\n{}", a.log(), b.log());
     for (bounce, share) in [(1, 20), (2, 45), (3, 70)] {
         let ids = wait_for_ids(
@@ -218,7 +220,7 @@ fn three_kill_nine_bounces_lose_nothing() {
             ids.len(),
             started.elapsed().as_secs_f64()
         );
-        a = start(dir.path(), "a", &cluster);
+        a = start(dir.path(), "a", "a", &cluster);
     }
     wait_for_ids(&mock.broker, n, Duration::from_secs(600), || logs(&a, &b));
     let elapsed = started.elapsed();
@@ -253,6 +255,69 @@ fn three_kill_nine_bounces_lose_nothing() {
         })
         .collect();
     assert!(unknown.is_empty(), "ids that were never input: {unknown:?}");
+    assert_eq!(ids.len(), n);
+    let (a_log, b_log) = (a.log(), b.log());
+    assert!(a.stop().success(), "{a_log}");
+    assert!(b.stop().success(), "{b_log}");
+}
+
+/// A worker frozen with SIGSTOP while another takes its partitions, resumed to find its
+/// producer fenced: none of its batches in flight commit, it counts the fencing in
+/// `weir_transactions_total{result="fenced"}`, and it joins the group again with a new
+/// producer (`<slot>.1`), in the same process; the two then share the rest, and nothing is
+/// lost. The mock does not fence a producer whose transactional id is registered again (it
+/// hands out a new producer id), so the fencing a real broker would answer is injected
+/// (`MockKafka::fence`) while only the resumed worker runs.
+#[test]
+fn a_paused_worker_resumed_after_a_takeover_is_fenced_and_joins_again() {
+    let mut mock = MockKafka::start(MOCK, 3, &[("in", 4), ("out", 4), ("dlq", 1)]);
+    let n = 40_000;
+    produce_ids(&mock.broker, "in", n);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = cluster(&mock);
+    let a = start(dir.path(), "a", "a", &cluster);
+    let logs = |a: &Worker, b: &Worker| format!("a:\n{}\nb:\n{}", a.log(), b.log());
+    let fenced = |w: &Worker| w.metric_where("weir_transactions_total", "result=\"fenced\"");
+    let before = wait_for_ids(&mock.broker, n / 10, Duration::from_secs(120), || a.log());
+    a.pause();
+    let b = start(dir.path(), "b", "b", &cluster);
+    let taken = wait_for_ids(
+        &mock.broker,
+        before.len() + n / 10,
+        Duration::from_secs(120),
+        || logs(&a, &b),
+    );
+    b.pause();
+    mock.fence();
+    a.resume();
+    let resumed = Instant::now();
+    while fenced(&a).unwrap_or(0.0) < 1.0 {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(120),
+            "a was not fenced after its resume; logs:\n{}",
+            logs(&a, &b)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fenced_after = resumed.elapsed();
+    mock.clear();
+    b.resume();
+    let ids = wait_for_ids(&mock.broker, n, Duration::from_secs(300), || logs(&a, &b));
+    let repeated = ids.values().filter(|&&c| c > 1).count();
+    assert!(
+        a.log().contains("starting the Kafka clients again"),
+        "{}",
+        a.log()
+    );
+    println!(
+        "a paused with {} ids out; b took over, {} out; a resumed and was fenced {:.1} s \
+         later ({} fencing(s) counted), and joined again; all {n} ids out, {repeated} more than \
+         once",
+        before.len(),
+        taken.len(),
+        fenced_after.as_secs_f64(),
+        fenced(&a).unwrap_or(0.0)
+    );
     assert_eq!(ids.len(), n);
     let (a_log, b_log) = (a.log(), b.log());
     assert!(a.stop().success(), "{a_log}");

@@ -164,10 +164,16 @@ pub(super) struct Completion {
 
 impl Completion {
     pub(super) async fn run(self) -> Result<(), PipelineError> {
-        for writes in self.writes {
-            writes.await?;
-        }
         let mut ack = self.ack;
+        for writes in self.writes {
+            if let Err(failed) = writes.await {
+                // Exactly-once: the transaction is aborted, the records are read again.
+                if ack.abort(&failed).await? {
+                    return Ok(());
+                }
+                return Err(failed.into());
+            }
+        }
         if !ack.commit().await? {
             // Aborted: the source reads these records again; they have no fate yet.
             return Ok(());

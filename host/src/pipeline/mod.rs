@@ -44,7 +44,7 @@ use crate::runtime::{
     ActivePlugin, Failure, LoadError, Outcome, Output, Plugin, PluginMeta, Record, Routing,
     SourceMeta,
 };
-use crate::sink::{DeadLetterSink, Sink, SinkError};
+use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use crate::source::{Ack, Incoming, Source, SourceError};
 use crate::state::{Claim, StateError, StateStore};
 
@@ -626,10 +626,18 @@ impl Shared {
             tally.dead.push(letter.error.class);
         }
         ack.begin().await?;
-        sink.send(outputs).await?;
-        dlq.send(letters).await?;
+        let sent = async {
+            sink.send(outputs).await?;
+            dlq.send(letters).await?;
+            Ok::<_, SinkError>([sink.seal().await?, dlq.seal().await?])
+        };
+        // A failure to send is handled as one to deliver (`Completion::run`).
+        let writes = sent.await.unwrap_or_else(|failed| {
+            let failed: Durable = Box::pin(std::future::ready(Err(failed)));
+            [failed, Box::pin(std::future::ready(Ok(())))]
+        });
         Ok(Completion {
-            writes: [sink.seal().await?, dlq.seal().await?],
+            writes,
             finished,
             finished_at,
             ack,

@@ -12,6 +12,9 @@
 //!   and the worker takes no new records once its batches in flight are full;
 //! - any other failure is sent again up to [`DELIVERY_ATTEMPTS`] times in all; after that
 //!   `flush` fails and the worker stops consuming rather than drop the record.
+//!
+//! A transactional producer (exactly-once mode) sends nothing again: a failed delivery
+//! fails its transaction, which the batch aborts, and its records are read again.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -66,6 +69,7 @@ fn sink_error(what: String, e: KafkaError) -> SinkError {
 #[derive(Clone)]
 pub struct KafkaProducer {
     producer: FutureProducer<LogContext>,
+    transactional: bool,
 }
 
 impl KafkaProducer {
@@ -74,7 +78,10 @@ impl KafkaProducer {
         let producer = config
             .create_with_context(LogContext)
             .map_err(|e| sink_error("kafka producer".into(), e))?;
-        Ok(Self { producer })
+        Ok(Self {
+            producer,
+            transactional: false,
+        })
     }
 
     /// A transactional producer (exactly-once mode) with the worker slot's `id`, ready for
@@ -95,12 +102,21 @@ impl KafkaProducer {
             .map_err(|e| sink_error("kafka transactional producer".into(), e))?;
         rdkafka::producer::Producer::init_transactions(&producer, Duration::from_secs(60))
             .map_err(|e| sink_error(format!("init_transactions for `{id}`"), e))?;
-        Ok(Self { producer })
+        Ok(Self {
+            producer,
+            transactional: true,
+        })
     }
 
     /// The producer itself, for the source's transactions.
     pub fn inner(&self) -> &FutureProducer<LogContext> {
         &self.producer
+    }
+
+    /// The error that ended the producer, if one did (a transactional producer that was
+    /// fenced, or failed fatally): it cannot be used again.
+    pub fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        rdkafka::producer::Producer::client(&self.producer).fatal_error()
     }
 }
 
@@ -114,6 +130,8 @@ struct Deliveries {
     pending: Pending,
     /// 1 while deliveries fail because the broker is away.
     circuit: Option<IntGauge>,
+    /// Whether a failed delivery is sent again (not in a transaction).
+    resend: bool,
 }
 
 impl Deliveries {
@@ -122,6 +140,7 @@ impl Deliveries {
             producer: producer.producer.clone(),
             pending: Vec::new(),
             circuit,
+            resend: !producer.transactional,
         }
     }
 
@@ -142,6 +161,9 @@ impl Deliveries {
     fn seal(&mut self) -> Durable {
         let producer = self.producer.clone();
         let pending = std::mem::take(&mut self.pending);
+        if !self.resend {
+            return Box::pin(confirm_once(pending));
+        }
         Box::pin(confirm(producer, pending, self.circuit.clone()))
     }
 }
@@ -179,6 +201,28 @@ async fn enqueue(
             }
         }
     }
+}
+
+/// Waits for every delivery; the first failure fails them all (a transaction's).
+async fn confirm_once(pending: Pending) -> Result<(), SinkError> {
+    for (delivery, _) in pending {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, message))) => {
+                return Err(sink_error(
+                    format!("delivery to topic `{}` failed", message.topic()),
+                    error,
+                ));
+            }
+            Err(_) => {
+                return Err(sink_error(
+                    "the producer dropped a message without reporting its delivery".into(),
+                    KafkaError::Canceled,
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits for every delivery; re-sends failed ones: while the broker is away for as long as

@@ -343,6 +343,15 @@ impl Ack for KafkaAck {
         })
     }
 
+    fn abort<'a>(&'a mut self, why: &'a crate::sink::SinkError) -> AckStep<'a, bool> {
+        Box::pin(async move {
+            match &mut self.transaction {
+                Some(transaction) => transaction.abort(&self.positions, why).await.map(|()| true),
+                None => Ok(false),
+            }
+        })
+    }
+
     fn ack(self: Box<Self>, unfinished: &[usize]) {
         // Stored under the lock, so acknowledgements from several tasks store in order.
         let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);

@@ -20,6 +20,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 
 use crate::runtime::Record;
+use crate::sink::SinkError;
 
 /// A record as the source read it.
 #[derive(Debug)]
@@ -85,6 +86,14 @@ pub trait Ack: Send {
     /// have no fate yet.
     fn commit(&mut self) -> AckStep<'_, bool> {
         Box::pin(std::future::ready(Ok(true)))
+    }
+
+    /// Sending or delivering the batch's outputs or dead letters failed with `why`. A source
+    /// whose transaction holds them aborts it and reads the records again (`true`: they have
+    /// no fate yet); any other cannot (`false`), and the failure stops the run.
+    fn abort<'a>(&'a mut self, why: &'a SinkError) -> AckStep<'a, bool> {
+        let _ = why;
+        Box::pin(std::future::ready(Ok(false)))
     }
 }
 

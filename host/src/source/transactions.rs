@@ -9,8 +9,10 @@
 //! - An abortable failure aborts the transaction, and the batch's partitions are read
 //!   again from the batch's first offset; later batches of those partitions, taken before,
 //!   are aborted in turn.
-//! - A fenced or fatal producer stops the worker: another worker now has this slot's
-//!   transactional id, or the producer cannot go on.
+//! - A fenced or fatal producer ends the pipeline's run: another worker now has this slot's
+//!   transactional id, or the producer cannot go on. The worker then starts its Kafka
+//!   clients again, in the same process (`Restarts` in `cli.rs`), where it counts
+//!   `weir_transactions_total{result="fenced"}`.
 //!
 //! On a revoke, the callback waits for the open transaction to end before the partitions
 //! go, so the next owner starts after every committed batch.
@@ -137,26 +139,44 @@ impl BatchTransaction {
         Ok(())
     }
 
+    /// Per partition of `positions` still assigned in the same epoch: the first offset and
+    /// the offset after the last; and whether any position was stale.
+    fn span(&self, positions: &[Position]) -> (BTreeMap<i32, i64>, BTreeMap<i32, i64>, bool) {
+        let (mut first, mut after) = (BTreeMap::new(), BTreeMap::new());
+        let mut stale = false;
+        let offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
+        for &(partition, offset, epoch) in positions {
+            if !offsets.is_current(partition, epoch) {
+                stale = true;
+                continue;
+            }
+            let next = after.entry(partition).or_insert(offset + 1);
+            *next = (*next).max(offset + 1);
+            let from = first.entry(partition).or_insert(offset);
+            *from = (*from).min(offset);
+        }
+        (first, after, stale)
+    }
+
+    /// Aborts the transaction because sending or delivering its records failed with `why`;
+    /// the batch's records are read again.
+    pub(super) async fn abort(
+        &mut self,
+        positions: &[Position],
+        why: &crate::sink::SinkError,
+    ) -> Result<(), SourceError> {
+        let _turn = self.permit.take();
+        tracing::warn!(topic = %self.topic, "sending the batch's records failed ({why}): its transaction is aborted and they are read again");
+        let (first, _, _) = self.span(positions);
+        self.abort_and_read_again(&first).await
+    }
+
     /// Commits what was sent since `begin` with the offsets after `positions`; `false` when
     /// the transaction was aborted (the records are read again, or by their next owner).
     pub(super) async fn commit(&mut self, positions: &[Position]) -> Result<bool, SourceError> {
         // The turn passes on when this returns, whatever the outcome.
         let _turn = self.permit.take();
-        let (mut after, mut first) = (BTreeMap::new(), BTreeMap::new());
-        let mut stale = false;
-        {
-            let offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
-            for &(partition, offset, epoch) in positions {
-                if !offsets.is_current(partition, epoch) {
-                    stale = true;
-                    continue;
-                }
-                let next = after.entry(partition).or_insert(offset + 1);
-                *next = (*next).max(offset + 1);
-                let from = first.entry(partition).or_insert(offset);
-                *from = (*from).min(offset);
-            }
-        }
+        let (first, after, stale) = self.span(positions);
         if stale {
             tracing::info!(topic = %self.topic, "batch taken before a revoke or a reading again: aborted, its records are read again");
             self.abort_and_read_again(&first).await?;
@@ -187,14 +207,11 @@ impl BatchTransaction {
                 self.abort_and_read_again(&first).await?;
                 Ok(false)
             }
-            Err(e) => {
-                self.transactions.count("fenced");
-                Err(SourceError::other(
-                    "committing a transaction failed and the producer cannot go on (another \
-                     worker with this transactional id fenced it, or a fatal error); stopping",
-                    e,
-                ))
-            }
+            Err(e) => Err(SourceError::other(
+                "committing a transaction failed and the producer cannot go on (another \
+                 worker with this transactional id fenced it, or a fatal error)",
+                e,
+            )),
         }
     }
 
