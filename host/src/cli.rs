@@ -19,7 +19,7 @@ use crate::cluster::WorkerInfo;
 use crate::config::{Config, LineFormat, Mode};
 use crate::metrics::{Metrics, Summary};
 use crate::pipeline::dead_letter::DeadLetterLine;
-use crate::pipeline::{Backoff, IdSpec, Pipeline, Settings};
+use crate::pipeline::{Backoff, IdSpec, ParkedSource, Pipeline, RETRY_DESTINATION, Settings};
 use crate::runtime::{ActivePlugin, Plugin, Runtime};
 use crate::sink::{
     DeadLetterSink, FileDeadLetters, FileSink, KafkaDeadLetters, KafkaProducer, KafkaSink, Sink,
@@ -230,6 +230,10 @@ struct RunArgs {
     /// Attempts in all for records the plugin calls retryable [default: 5].
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// Cluster mode: park records the plugin calls retryable in this topic until their next
+    /// attempt is due, so they do not hold up their partition (retry.topic).
+    #[arg(long, value_name = "TOPIC")]
+    retry_topic: Option<String>,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -495,6 +499,7 @@ impl RunArgs {
         set!(self.deadline_ms => c.limits.deadline_ms);
         set!(self.memory_mb => c.limits.memory_mb);
         set!(self.max_attempts => c.retry.max_attempts);
+        set!(self.retry_topic => c.retry.topic);
         set!(self.kafka => c.kafka.bootstrap);
         set!(self.group => c.kafka.group);
         set!(self.transactional_id => c.kafka.transactional_id);
@@ -717,6 +722,45 @@ fn crash_guard(
     Ok(Some(Arc::new(crate::pipeline::CrashGuard::new(log, limit))))
 }
 
+/// Runs the pipeline and, with a retry topic, the retry pipeline beside it, until the
+/// shutdown or until one of them ends, which stops the other.
+async fn run_pipelines(
+    main: Pipeline,
+    retry: Option<Pipeline>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, crate::pipeline::PipelineError> {
+    let Some(retry) = retry else {
+        return main.run(shutdown).await;
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&stop| stop).await;
+        }
+    };
+    let stopping = |summary| {
+        let _ = stop.send(true);
+        summary
+    };
+    let both = async {
+        tokio::join!(async { stopping(main.run(until_stopped()).await) }, async {
+            stopping(retry.run(until_stopped()).await)
+        },)
+    };
+    tokio::pin!(both);
+    let (main, retry) = tokio::select! {
+        both = &mut both => both,
+        () = shutdown => {
+            let _ = stop.send(true);
+            both.await
+        }
+    };
+    let summary = main?;
+    retry?;
+    Ok(summary)
+}
+
 /// In-process restarts of the Kafka clients after the transactional producer was fenced or
 /// failed (exactly-once mode): a fenced worker gives up the partitions it had, and joins
 /// the group again with a new producer. Its transactional id is `<id>.<restart>`, so it does
@@ -825,6 +869,16 @@ struct Endpoints {
     dlq_name: String,
     /// The transactional producer (exactly-once mode), whose fatal error ends the run.
     transactional: Option<KafkaProducer>,
+    /// The retry topic's source and sinks (`retry.topic`), for the retry pipeline.
+    retry: Option<RetryEndpoints>,
+}
+
+/// Where the retry pipeline reads (the retry topic, in the group `<group>.retry`) and
+/// writes (the same topics as the main pipeline, the retry topic included).
+struct RetryEndpoints {
+    source: Box<dyn Source>,
+    sink: Box<dyn Sink>,
+    dlq: Box<dyn DeadLetterSink>,
 }
 
 fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
@@ -852,6 +906,7 @@ fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
         dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
         dlq_name: dlq_path.display().to_string(),
         transactional: None,
+        retry: None,
     })
 }
 
@@ -874,12 +929,15 @@ async fn kafka_endpoints(
         .clone()
         .context("sink.topic is required")?;
     let dlq = config.dlq.topic.clone().context("dlq.topic is required")?;
-    let destinations: BTreeMap<String, String> = config
+    let mut destinations: BTreeMap<String, String> = config
         .sink
         .destinations
         .iter()
         .map(|(name, topic)| (name.clone(), topic.display().to_string()))
         .collect();
+    if let Some(retry) = &config.retry.topic {
+        destinations.insert(RETRY_DESTINATION.to_owned(), retry.clone());
+    }
     let topics: Vec<String> = [&input, &output, &dlq]
         .into_iter()
         .chain(destinations.values())
@@ -911,23 +969,43 @@ async fn kafka_endpoints(
         metrics.consumer_lag.clone(),
         transactions,
     )?;
-    Ok(Endpoints {
-        partitions: Some(Box::new(source.partitions())),
-        source: Box::new(source),
-        sink: Box::new(KafkaSink::new(
+    let sink = || {
+        Box::new(KafkaSink::new(
             &producer,
             &output,
-            destinations,
+            destinations.clone(),
             config.limits.max_output_bytes,
             Some(metrics.circuit_open.with_label_values(&["sink"])),
-        )),
-        dlq: Box::new(KafkaDeadLetters::new(
+        ))
+    };
+    let dead_letters = || {
+        Box::new(KafkaDeadLetters::new(
             &producer,
             &dlq,
             Some(metrics.circuit_open.with_label_values(&["dlq"])),
-        )),
+        ))
+    };
+    let retry = match &config.retry.topic {
+        Some(topic) => {
+            let mut kafka = config.kafka.clone();
+            kafka.group = kafka.group.map(|group| format!("{group}.retry"));
+            let parked = KafkaSource::subscribe(&kafka, topic, metrics.consumer_lag.clone(), None)?;
+            Some(RetryEndpoints {
+                source: Box::new(ParkedSource(Box::new(parked))),
+                sink: sink(),
+                dlq: dead_letters(),
+            })
+        }
+        None => None,
+    };
+    Ok(Endpoints {
+        partitions: Some(Box::new(source.partitions())),
+        source: Box::new(source),
+        sink: sink(),
+        dlq: dead_letters(),
         dlq_name: format!("topic {dlq}"),
         transactional,
+        retry,
     })
 }
 
@@ -1090,6 +1168,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(config.pipeline.progress_secs)),
         lease_renewal,
         max_in_flight_batches: config.pipeline.max_in_flight_batches,
+        park_retryable: config.retry.topic.is_some(),
         crash_guard: crash_guard(&config, &pipeline_name, redis)?,
     };
     let mut restarts = Restarts::default();
@@ -1104,8 +1183,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             settings: settings.clone(),
         };
+        let retry = endpoints.retry.take().map(|retry| Pipeline {
+            plugin: plugin.clone(),
+            source: retry.source,
+            sink: retry.sink,
+            dlq: retry.dlq,
+            state: state.clone(),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        });
         ready.store(true, Ordering::Relaxed);
-        let summary = pipeline.run(&mut shutdown).await;
+        let summary = run_pipelines(pipeline, retry, &mut shutdown).await;
         ready.store(false, Ordering::Relaxed);
         let fatal = transactional.as_ref().and_then(KafkaProducer::fatal_error);
         let (Err(error), Some((code, reason))) = (&summary, fatal) else {
@@ -1334,6 +1422,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             progress: None,
             lease_renewal: None,
             max_in_flight_batches: config.pipeline.max_in_flight_batches,
+            park_retryable: false,
             crash_guard: None,
         },
     };

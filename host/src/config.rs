@@ -223,6 +223,10 @@ pub struct RetryConfig {
     pub max_backoff_ms: u64,
     /// No retry starts later than this after the first failure.
     pub max_elapsed_ms: u64,
+    /// Non-blocking retries (cluster mode): a `retryable` record is parked in this topic
+    /// until its next attempt is due, instead of holding its batch (and partition) while it
+    /// waits.
+    pub topic: Option<String>,
 }
 
 impl Default for RetryConfig {
@@ -232,6 +236,7 @@ impl Default for RetryConfig {
             initial_backoff_ms: 50,
             max_backoff_ms: 5_000,
             max_elapsed_ms: 30_000,
+            topic: None,
         }
     }
 }
@@ -506,6 +511,7 @@ impl Config {
             ("dlq.topic", self.dlq.topic.is_some()),
             ("kafka.group", self.kafka.group.is_some()),
             ("kafka.exactly_once", self.kafka.exactly_once),
+            ("retry.topic", self.retry.topic.is_some()),
         ] {
             if set {
                 return Err(invalid(
@@ -565,6 +571,25 @@ impl Config {
                 }
                 Some(id) => check_name("kafka.transactional_id", id)?,
             }
+        }
+        if let Some(topic) = &self.retry.topic {
+            if [&self.source.topic, &self.sink.topic, &self.dlq.topic]
+                .contains(&&Some(topic.clone()))
+            {
+                return Err(invalid(
+                    "retry.topic",
+                    "must differ from source.topic, sink.topic and dlq.topic",
+                ));
+            }
+            if self.kafka.exactly_once {
+                return Err(invalid(
+                    "retry.topic",
+                    "is not supported in exactly-once mode yet: parked records would need the \
+                     retry consumer's offsets in the same transactions",
+                ));
+            }
+            // Retries do not run inline: nothing holds a batch while they wait.
+            return Ok(());
         }
         // Retries run inline: they must end well before the group gives up on this consumer.
         let max_poll_ms = match self.kafka.options.get("max.poll.interval.ms") {
@@ -681,6 +706,32 @@ mod tests {
         embedded.kafka.exactly_once = true;
         let err = embedded.validate().unwrap_err().to_string();
         assert!(err.contains("kafka.exactly_once"), "{err}");
+    }
+
+    #[test]
+    fn a_retry_topic_is_a_topic_of_its_own_in_cluster_mode() {
+        let mut c = cluster();
+        c.retry.topic = Some("in".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("retry.topic") && err.contains("differ"),
+            "{err}"
+        );
+        c.retry.topic = Some("in-retry".into());
+        // Retries do not run inline: their budget may pass max.poll.interval.ms.
+        c.retry.max_elapsed_ms = 3_600_000;
+        c.validate().expect("valid");
+        c.kafka.exactly_once = true;
+        c.kafka.transactional_id = Some("enrich-1".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("retry.topic") && err.contains("exactly-once"),
+            "{err}"
+        );
+        let mut embedded = minimal();
+        embedded.retry.topic = Some("in-retry".into());
+        let err = embedded.validate().unwrap_err().to_string();
+        assert!(err.contains("retry.topic"), "{err}");
     }
 
     #[test]

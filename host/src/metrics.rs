@@ -37,6 +37,7 @@ pub struct Metrics {
     pub records_processed: IntCounter,
     pub records_deduplicated: IntCounter,
     pub records_dead_lettered: IntCounterVec,
+    pub records_parked: IntCounter,
     pub retries: IntCounter,
     pub plugin_invocation_duration: Histogram,
     pub plugin_traps: IntCounterVec,
@@ -149,6 +150,12 @@ impl Metrics {
                 "weir_records_dead_lettered_total",
                 "Records written to the dead-letter queue, by error class (fate: dead_lettered)",
                 &["class"],
+            ),
+            records_parked: counter(
+                &registry,
+                "weir_records_parked_total",
+                "Records the plugin called retryable, parked in the retry topic until their next \
+                 attempt (each is read again from there and counted in again)",
             ),
             retries: counter(
                 &registry,
@@ -272,6 +279,7 @@ impl Metrics {
             retried: self.retries.get(),
             dead_lettered,
             dead_lettered_by_class: by_class,
+            parked: self.records_parked.get(),
             elapsed_ms: elapsed.as_millis() as u64,
             records_per_sec: if secs > 0.0 {
                 (records_in as f64 / secs).round()
@@ -363,8 +371,15 @@ pub struct Summary {
     pub retried: u64,
     pub dead_lettered: u64,
     pub dead_lettered_by_class: BTreeMap<String, u64>,
+    /// Parked in the retry topic (`retry.topic`); each comes back as one more record in.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parked: u64,
     pub elapsed_ms: u64,
     pub records_per_sec: f64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl std::fmt::Display for Summary {

@@ -967,6 +967,105 @@ fn a_record_that_kills_three_workers_is_dead_lettered_as_crash_loop() {
     );
 }
 
+/// With a retry topic, a record the plugin calls `retryable` for 30 s is parked there and
+/// does not hold up the records behind it in its partition: they are all output before it,
+/// and it is output once, under its own id, when it passes. Every record in (the parked
+/// record once per parking) has one fate, parked included.
+#[test]
+fn a_record_retryable_for_thirty_seconds_does_not_hold_up_its_partition() {
+    let s = Setup::new("retry-topic", 1);
+    let retry = format!("{}-retry", s.cluster.input);
+    s.rt.block_on(s.broker.create_topic(&retry, 1));
+    let n = 2_000;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64
+    };
+    let slow = "e10";
+    let until_ms = now_ms() + 30_000;
+    let events: Vec<String> = events(n, 0)
+        .into_iter()
+        .map(|e| {
+            let mut e: serde_json::Value = serde_json::from_str(&e).expect("json");
+            if e["id"] == slow {
+                e["fault"] = json!("retry_until");
+                e["until_ms"] = json!(until_ms);
+            }
+            e.to_string()
+        })
+        .collect();
+    let config = s.dir.path().join("retry.toml");
+    std::fs::write(
+        &config,
+        "[retry]\nmax_attempts = 1000\nmax_backoff_ms = 2000\nmax_elapsed_ms = 120000\n",
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let started = Instant::now();
+    s.produce(&events);
+    let w = s.worker_of(
+        "faulty",
+        "w",
+        &["--retry-topic", &retry, "--config", &config],
+    );
+    let others_out = s
+        .broker
+        .read_topic(&s.cluster.output, Duration::from_secs(60), |r| {
+            r.iter().filter(|r| id_of_output(r) != slow).count() >= n - 1
+        });
+    let others = started.elapsed();
+    let out = s.wait_for_all_ids(n, Duration::from_secs(180), || w.log());
+    let slow_out = started.elapsed();
+    assert!(
+        others_out.iter().all(|r| id_of_output(r) != slow),
+        "{slow} was not output before the records behind it"
+    );
+    let ids = counts(out.iter().map(id_of_output));
+    assert_eq!(ids.len(), n);
+    assert_eq!(ids[slow], 1, "{slow} is output once");
+    assert_eq!(
+        id_of_output(out.last().expect("outputs")),
+        slow,
+        "{slow} is the last output of the partition"
+    );
+    let metric = |name: &str| w.metric(name).unwrap_or(0.0);
+    let parked = metric("weir_records_parked_total");
+    assert!(parked >= 1.0, "parked {parked}");
+    let fates = metric("weir_records_processed_total")
+        + metric("weir_records_deduplicated_total")
+        + metric("weir_records_dead_lettered_total")
+        + parked;
+    assert_eq!(
+        metric("weir_records_in_total"),
+        fates,
+        "one fate per record in"
+    );
+    assert_eq!(metric("weir_records_dead_lettered_total"), 0.0);
+    let parked_copies = s
+        .broker
+        .read_topic(&retry, Duration::from_secs(3), |_| false);
+    assert_eq!(
+        parked_copies.len() as f64,
+        parked,
+        "one retry-topic record per parking"
+    );
+    assert!(
+        parked_copies
+            .iter()
+            .all(|r| r.header("weir.retry.id").as_deref() == Some(slow))
+    );
+    println!(
+        "{slow} retryable for 30 s with a retry topic: the other {} records were out {:.1} s \
+         after they were produced; {slow} was parked {parked} times and out after {:.1} s",
+        n - 1,
+        others.as_secs_f64(),
+        slow_out.as_secs_f64()
+    );
+    assert!(w.stop().success());
+}
+
 /// A version uploaded and activated through one worker's API reaches every worker of the
 /// group: the workers share the registry in Redis and follow its changes. A rollback
 /// through the other worker's API reaches the first, and a worker started later comes up on

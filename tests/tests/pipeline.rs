@@ -131,6 +131,7 @@ fn run_until_stopped(sink: Box<dyn Sink>) -> Option<Result<(), String>> {
                 progress: None,
                 lease_renewal: None,
                 max_in_flight_batches: 4,
+                park_retryable: false,
                 crash_guard: None,
             },
         };

@@ -146,6 +146,8 @@ pub(super) struct Tally {
     pub processed: u64,
     pub records_out: u64,
     pub dead: Vec<ErrorClass>,
+    /// Parked in the retry topic.
+    pub parked: u64,
 }
 
 /// The rest of a batch's lifecycle once its writes are sent: durable, marked done,
@@ -155,6 +157,8 @@ pub(super) struct Completion {
     /// (id, fence) of every record that has a fate, and where it sits in the batch.
     pub finished: Vec<(String, u64)>,
     pub finished_at: Vec<usize>,
+    /// (id, fence) of the records parked in the retry topic: their leases are released.
+    pub released: Vec<(String, u64)>,
     pub ack: Box<dyn Ack>,
     pub hold: Hold,
     pub state: Arc<dyn StateStore>,
@@ -195,6 +199,7 @@ impl Completion {
             }
             self.metrics.lease_lost.inc_by(unfinished.len() as u64);
         }
+        self.state.release(&self.released).await?;
         ack.ack(&unfinished);
         drop(self.hold);
 
@@ -202,6 +207,7 @@ impl Completion {
         metrics.records_deduplicated.inc_by(counts.deduplicated);
         for (version, tally) in counts.by_version {
             metrics.records_processed.inc_by(tally.processed);
+            metrics.records_parked.inc_by(tally.parked);
             metrics.records_out.inc_by(tally.records_out);
             metrics.count_version(version, tally.processed, tally.records_out, &tally.dead);
             for class in tally.dead {

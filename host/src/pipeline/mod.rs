@@ -19,8 +19,11 @@
 
 mod crash;
 pub mod dead_letter;
+mod parking;
 
 pub use crash::{ABORT_ON_ID_ENV, CrashFiles, CrashGuard};
+use parking::Parked;
+pub use parking::{ParkedSource, RETRY_DESTINATION};
 mod id;
 mod in_flight;
 mod retry;
@@ -87,6 +90,9 @@ pub struct Settings {
     pub lease_renewal: Option<Duration>,
     /// Batches whose writes may be awaited at once (at least 1).
     pub max_in_flight_batches: usize,
+    /// Park `retryable` records in the retry topic (the sink's [`RETRY_DESTINATION`])
+    /// instead of retrying them in the batch.
+    pub park_retryable: bool,
     /// Crash-loop protection.
     pub crash_guard: Option<Arc<CrashGuard>>,
 }
@@ -107,6 +113,13 @@ pub struct Pipeline {
 enum Verdict {
     Outputs(Vec<Output>),
     Failed(Failed),
+    /// Retryable, to be parked in the retry topic until `due_ms`.
+    Parked {
+        reason: String,
+        attempts: u32,
+        first_failure_ms: i64,
+        due_ms: i64,
+    },
 }
 
 struct Failed {
@@ -573,6 +586,7 @@ impl Shared {
         let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());
         let versions = [stable, candidate.unwrap_or(stable)].map(|m| m.version.to_string());
         let mut outputs = Vec::new();
+        let mut released = Vec::new();
         let mut tallies: BTreeMap<u64, Tally> = BTreeMap::new();
         let records = work.into_iter().zip(verdicts).zip(&to_run);
         for (k, ((record, verdict), &(i, fence))) in records.enumerate() {
@@ -580,7 +594,6 @@ impl Shared {
             let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
             let version = &versions[usize::from(on_canary)];
             let id = &ids[i];
-            finished_at.push(i);
             let verdict = match verdict {
                 Verdict::Outputs(outs) => match outs.iter().find_map(|o| sink.check(o).err()) {
                     None => Verdict::Outputs(outs),
@@ -614,9 +627,28 @@ impl Shared {
                     }
                 }
                 Verdict::Failed(failed) => letters.push(dead_letter(meta, record, id, failed)),
+                Verdict::Parked {
+                    reason,
+                    attempts,
+                    first_failure_ms,
+                    due_ms,
+                } => {
+                    let parked = Parked {
+                        id: id.clone(),
+                        attempts,
+                        first_failure_ms,
+                        due_ms,
+                    };
+                    outputs.push(parked.output(record, &reason));
+                    tallies.entry(meta.version).or_default().parked += 1;
+                    // No fate yet: no done mark, and the lease goes for the next attempt.
+                    released.push((parked.id, fence));
+                    continue;
+                }
             }
             // The id is not needed here any more: it moves on to its done mark.
             finished.push((std::mem::take(&mut ids[i]), fence));
+            finished_at.push(i);
         }
 
         // Durable downstream first (committed with the source's position, in exactly-once
@@ -640,6 +672,7 @@ impl Shared {
             writes,
             finished,
             finished_at,
+            released,
             ack,
             hold,
             state: self.state.clone(),
@@ -827,6 +860,34 @@ impl Shared {
         }
 
         let backoff = &self.settings.backoff;
+        if self.settings.park_retryable {
+            for (i, reason) in pending.drain(..) {
+                let attempts = records[i].source.attempt;
+                let first =
+                    Parked::of(&records[i]).map_or(first_failure_ms, |p| p.first_failure_ms);
+                let delay = backoff.delay(attempts);
+                let since_first =
+                    Duration::from_millis(last_failure_ms.saturating_sub(first).unsigned_abs());
+                verdicts[i] = Some(if backoff.allows(attempts, since_first, delay) {
+                    Verdict::Parked {
+                        reason,
+                        attempts,
+                        first_failure_ms: first,
+                        due_ms: last_failure_ms + delay.as_millis() as i64,
+                    }
+                } else {
+                    Verdict::Failed(Failed {
+                        failure: Failure::new(
+                            ErrorClass::RetriesExhausted,
+                            format!("still retryable after {attempts} attempts: {reason}"),
+                        ),
+                        attempts,
+                        first_failure_ms: first,
+                        last_failure_ms,
+                    })
+                });
+            }
+        }
         let mut attempts = 1u32;
         while !pending.is_empty() {
             let delay = backoff.delay(attempts);

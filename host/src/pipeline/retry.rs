@@ -57,6 +57,7 @@ mod tests {
             initial_backoff_ms: 100,
             max_backoff_ms: 350,
             max_elapsed_ms: 1_000,
+            topic: None,
         })
     }
 

@@ -24,6 +24,9 @@ fn check_destination<T>(
     destinations: &std::collections::BTreeMap<String, T>,
 ) -> Result<(), String> {
     match &output.destination {
+        Some(dest) if dest == crate::pipeline::RETRY_DESTINATION => Err(format!(
+            "output names the destination `{dest}`, which is reserved for the retry topic"
+        )),
         Some(dest) if !destinations.contains_key(dest) => {
             let known: Vec<&str> = destinations.keys().map(String::as_str).collect();
             Err(format!(

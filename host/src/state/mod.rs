@@ -43,6 +43,12 @@ pub trait StateStore: Send + Sync {
     async fn renew(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         Ok(vec![true; leases.len()])
     }
+
+    /// Gives leases up without marking the records done, so they may be claimed again at
+    /// once; says per id whether the lease was still ours.
+    async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        Ok(vec![true; leases.len()])
+    }
 }
 
 /// Where the records in the plugin are noted, and their crashes counted (crash-loop

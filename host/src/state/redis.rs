@@ -307,13 +307,6 @@ impl RedisStore {
         let out = self.run(script, &keys, ttl_ms, &fences, what).await?;
         Ok(out.into_iter().map(|v| v == 1).collect())
     }
-
-    /// Gives leases up without marking the records done (another worker may take them at
-    /// once); says per id whether the lease was still ours.
-    pub async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        self.per_lease(&self.keep_or_release, 0, leases, "release")
-            .await
-    }
 }
 
 /// Errors that go away when Redis comes back (as opposed to a script or data error).
@@ -374,6 +367,11 @@ impl StateStore for RedisStore {
             "renew",
         )
         .await
+    }
+
+    async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        self.per_lease(&self.keep_or_release, 0, leases, "release")
+            .await
     }
 }
 

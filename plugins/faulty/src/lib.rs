@@ -10,6 +10,7 @@
 //! | `oversize`      | outputs a 2 MiB value                                         |
 //! | `retry`         | `retryable` on attempts 1..=K (config `retry_attempts`, default 2), then passes |
 //! | `retry_forever` | always `retryable`                                            |
+//! | `retry_until`   | `retryable` until the wall-clock time `until_ms` (field, ms since the epoch), then passes |
 //! | `invalid`       | `invalid`                                                     |
 //! | `slow`          | busy for `slow_ms` milliseconds (field; default 1000), then passes |
 //!
@@ -75,6 +76,20 @@ fn faulty(record: Record) -> Result<Output, TransformError> {
         Some("retry_forever") => Err(TransformError::Retryable(format!(
             "record {id} is never ready"
         ))),
+        Some("retry_until") => {
+            let until = value.get("until_ms").and_then(Value::as_u64).unwrap_or(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if now < until {
+                Err(TransformError::Retryable(format!(
+                    "record {id} is not ready for another {} ms",
+                    until - now
+                )))
+            } else {
+                Ok(pass(record))
+            }
+        }
         Some("slow") => {
             let ms = value.get("slow_ms").and_then(Value::as_u64).unwrap_or(1000);
             let started = std::time::Instant::now();
