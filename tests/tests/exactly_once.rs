@@ -152,8 +152,10 @@ fn output_ids(broker: &KafkaBroker, n: usize) -> BTreeMap<String, usize> {
     ids
 }
 
+/// Every batch is written in a committed transaction (several batches share one when they
+/// are written while the one before commits), every output exactly once, nothing aborted.
 #[test]
-fn a_worker_writes_each_batch_in_one_committed_transaction() {
+fn a_worker_writes_every_batch_in_committed_transactions() {
     let mock = MockKafka::start(MOCK, 3, &[("in", 4), ("out", 4), ("dlq", 1)]);
     let n = 2_000;
     produce_ids(&mock.broker, "in", n);
@@ -172,15 +174,13 @@ fn a_worker_writes_each_batch_in_one_committed_transaction() {
             .metric_where("weir_transactions_total", &format!("result=\"{result}\""))
             .unwrap_or(-1.0)
     };
-    // Batches hold at most 128 records, and each is one transaction.
     let committed = transactions("committed");
-    assert!(
-        committed >= (n / 128) as f64,
-        "committed transactions: {committed}"
-    );
+    assert!(committed >= 1.0, "committed transactions: {committed}");
     assert_eq!(transactions("aborted"), 0.0);
     assert_eq!(transactions("fenced"), 0.0);
-    println!("{n} records in {committed} committed transactions");
+    println!(
+        "{n} records in batches of at most 128, in {committed} committed transactions"
+    );
     assert!(worker.stop().success());
 }
 

@@ -337,7 +337,7 @@ impl Ack for KafkaAck {
     fn commit(&mut self) -> AckStep<'_, bool> {
         Box::pin(async move {
             match &mut self.transaction {
-                Some(transaction) => transaction.commit(&self.positions).await,
+                Some(transaction) => transaction.commit(&self.positions, None).await,
                 None => Ok(true),
             }
         })
@@ -346,7 +346,11 @@ impl Ack for KafkaAck {
     fn abort<'a>(&'a mut self, why: &'a crate::sink::SinkError) -> AckStep<'a, bool> {
         Box::pin(async move {
             match &mut self.transaction {
-                Some(transaction) => transaction.abort(&self.positions, why).await.map(|()| true),
+                Some(transaction) => {
+                    let failed = format!("sending the batch's records failed ({why})");
+                    let committed = transaction.commit(&self.positions, Some(failed)).await?;
+                    Ok(!committed)
+                }
                 None => Ok(false),
             }
         })

@@ -1,14 +1,23 @@
-//! Exactly-once mode: each batch is one Kafka transaction of the worker's transactional
-//! producer, holding the batch's outputs, its dead letters and the consumer offsets after
-//! it (`send_offsets_to_transaction` with the consumer's group metadata). The batch's
-//! [`Ack`](super::Ack) opens it before the outputs are sent and commits it once they are
-//! delivered, before any done mark; one transaction is open at a time.
+//! Exactly-once mode: batches are written in Kafka transactions of the worker's
+//! transactional producer, each holding its batches' outputs, dead letters and the consumer
+//! offsets after them (`send_offsets_to_transaction` with the consumer's group metadata).
+//! A batch's [`Ack`](super::Ack) joins the open transaction before its outputs are sent, and
+//! says when they are delivered; done marks come only after the commit.
 //!
-//! - A batch with records of a partition that was revoked, or read again, since it was
-//!   taken is aborted: those records belong to the next owner, or to the reading again.
-//! - An abortable failure aborts the transaction, and the batch's partitions are read
-//!   again from the batch's first offset; later batches of those partitions, taken before,
-//!   are aborted in turn.
+//! **Group commit.** One transaction is open at a time, and batches written while it is
+//! open join it, until it starts to commit: that happens as soon as every member's records
+//! are delivered, and the last member to get there commits for all (the union of their
+//! offsets) while the others await the outcome. Under load, the batches written while one
+//! transaction commits form the next one, so the round trips of a commit are paid once per
+//! group, not once per batch; with a light load a transaction holds one batch.
+//!
+//! - A member with records of a partition that was revoked, or read again, since it was
+//!   taken makes the transaction abort: those records belong to the next owner, or to the
+//!   reading again.
+//! - A member whose sends or deliveries failed makes it abort too.
+//! - An abortable failure aborts the transaction, and its partitions are read again from
+//!   the members' first offset; batches of those partitions taken before are aborted in
+//!   turn.
 //! - A fenced or fatal producer ends the pipeline's run: another worker now has this slot's
 //!   transactional id, or the producer cannot go on. The worker then starts its Kafka
 //!   clients again, in the same process (`Restarts` in `cli.rs`), where it counts
@@ -18,7 +27,7 @@
 //! go, so the next owner starts after every committed batch.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
@@ -26,7 +35,7 @@ use rdkafka::Offset;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 use super::SourceError;
 use super::kafka::{Position, SourceContext};
@@ -37,11 +46,39 @@ use crate::sink::KafkaProducer;
 /// How long a commit or an abort may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The worker's transactional producer (shared with its sinks) and whose turn it is.
+/// The open transaction and its members.
+struct Group {
+    id: u64,
+    /// Batches that joined.
+    members: usize,
+    /// Members whose records are delivered (or failed): waiting for the outcome.
+    ready: usize,
+    /// Per partition: the offset to commit, and the first offset of the members (where to
+    /// read again after an abort).
+    after: BTreeMap<i32, i64>,
+    first: BTreeMap<i32, i64>,
+    /// Why the transaction must abort, when a member says so.
+    abort: Option<String>,
+    /// No more members: the commit (or abort) is under way.
+    closing: bool,
+}
+
+/// How a transaction ended, for its members.
+#[derive(Clone, Debug)]
+enum Outcome {
+    Committed,
+    Aborted,
+    /// The producer cannot go on.
+    Failed(String),
+}
+
+/// The worker's transactional producer (shared with its sinks) and its open transaction.
 pub struct Transactions {
     producer: FutureProducer<LogContext>,
-    /// One open transaction at a time.
-    turn: Arc<Semaphore>,
+    open: Mutex<Option<Group>>,
+    /// The last transaction to end: (its id, its outcome).
+    ended: watch::Sender<(u64, Option<Outcome>)>,
+    next_id: Mutex<u64>,
     /// `weir_transactions_total{result}`.
     results: IntCounterVec,
 }
@@ -53,15 +90,21 @@ impl Transactions {
         }
         Arc::new(Self {
             producer: producer.inner().clone(),
-            turn: Arc::new(Semaphore::new(1)),
+            open: Mutex::new(None),
+            ended: watch::Sender::new((0, None)),
+            next_id: Mutex::new(0),
             results,
         })
+    }
+
+    fn open(&self) -> MutexGuard<'_, Option<Group>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits, up to `limit`, until no transaction is open (a revoke lets the open one end).
     pub(super) fn wait_until_none_open(&self, limit: Duration) -> bool {
         let started = Instant::now();
-        while self.turn.available_permits() == 0 {
+        while self.open().is_some() {
             if started.elapsed() > limit {
                 return false;
             }
@@ -73,15 +116,22 @@ impl Transactions {
     fn count(&self, result: &str) {
         self.results.with_label_values(&[result]).inc();
     }
+
+    /// Ends transaction `id`: no transaction is open any more, and its members learn how.
+    fn end(&self, id: u64, outcome: Outcome) {
+        *self.open() = None;
+        self.ended.send_replace((id, Some(outcome)));
+    }
 }
 
-/// One batch's transaction.
+/// One batch's part in a transaction.
 pub(super) struct BatchTransaction {
     pub(super) transactions: Arc<Transactions>,
     pub(super) consumer: Arc<StreamConsumer<SourceContext>>,
     pub(super) offsets: Arc<Mutex<OffsetTracker>>,
     pub(super) topic: String,
-    permit: Option<OwnedSemaphorePermit>,
+    /// The transaction joined and not yet left.
+    joined: Option<u64>,
 }
 
 /// Whether a failed commit says another producer has this transactional id, or the
@@ -117,32 +167,136 @@ impl BatchTransaction {
             consumer,
             offsets,
             topic,
-            permit: None,
+            joined: None,
         }
     }
 
-    /// Waits for the previous batch's transaction to end, then opens this one's.
+    /// Joins the open transaction, or opens one; waits while one is committing.
     pub(super) async fn begin(&mut self) -> Result<(), SourceError> {
-        let permit = self
-            .transactions
-            .turn
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        self.transactions
-            .producer
-            .begin_transaction()
-            .map_err(|e| SourceError::other("begin a transaction", e))?;
-        self.permit = Some(permit);
-        tracing::debug!(topic = %self.topic, "transaction begun");
-        Ok(())
+        let transactions = &self.transactions;
+        loop {
+            let mut ended = transactions.ended.subscribe();
+            {
+                let mut open = transactions.open();
+                match open.as_mut() {
+                    Some(group) if !group.closing => {
+                        group.members += 1;
+                        self.joined = Some(group.id);
+                        return Ok(());
+                    }
+                    Some(_) => {}
+                    None => {
+                        transactions
+                            .producer
+                            .begin_transaction()
+                            .map_err(|e| SourceError::other("begin a transaction", e))?;
+                        let id = {
+                            let mut next = transactions
+                                .next_id
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner);
+                            *next += 1;
+                            *next
+                        };
+                        *open = Some(Group {
+                            id,
+                            members: 1,
+                            ready: 0,
+                            after: BTreeMap::new(),
+                            first: BTreeMap::new(),
+                            abort: None,
+                            closing: false,
+                        });
+                        self.joined = Some(id);
+                        tracing::debug!(topic = %self.topic, id, "transaction begun");
+                        return Ok(());
+                    }
+                }
+            }
+            // Committing: wait for it to end.
+            let _ = ended.changed().await;
+        }
     }
 
-    /// Per partition of `positions` still assigned in the same epoch: the first offset and
-    /// the offset after the last; and whether any position was stale.
-    fn span(&self, positions: &[Position]) -> (BTreeMap<i32, i64>, BTreeMap<i32, i64>, bool) {
-        let (mut first, mut after) = (BTreeMap::new(), BTreeMap::new());
+    /// This batch's records at `positions` are delivered (`failed`: they are not, and the
+    /// transaction must abort). Returns whether the transaction committed; `false` when it
+    /// was aborted (the records are read again, or by their next owner).
+    pub(super) async fn commit(
+        &mut self,
+        positions: &[Position],
+        failed: Option<String>,
+    ) -> Result<bool, SourceError> {
+        let Some(id) = self.joined.take() else {
+            return Err(SourceError::other(
+                "exactly-once commit",
+                "the batch is in no transaction",
+            ));
+        };
+        let mut ended = self.transactions.ended.subscribe();
+        let committing = {
+            let mut open = self.transactions.open();
+            // A joined transaction stays open until all its members are ready.
+            let Some(group) = open.as_mut().filter(|g| g.id == id) else {
+                return Err(SourceError::other(
+                    "exactly-once commit",
+                    "the batch's transaction ended without it",
+                ));
+            };
+            let stale = self.span(positions, &mut group.after, &mut group.first);
+            if stale && group.abort.is_none() {
+                group.abort = Some(
+                    "a batch was taken before a revoke or a reading again of its partition".into(),
+                );
+            }
+            if let Some(why) = failed {
+                group.abort.get_or_insert(why);
+            }
+            group.ready += 1;
+            if group.ready == group.members {
+                group.closing = true;
+                Some((
+                    std::mem::take(&mut group.after),
+                    std::mem::take(&mut group.first),
+                    group.abort.take(),
+                    group.members,
+                ))
+            } else {
+                None
+            }
+        };
+        let outcome = match committing {
+            // The last member to be ready commits (or aborts) for all.
+            Some((after, first, abort, members)) => {
+                let outcome = self.finish(after, &first, abort, members).await;
+                self.transactions.end(id, outcome.clone());
+                outcome
+            }
+            None => loop {
+                if let (ended_id, Some(outcome)) = &*ended.borrow_and_update()
+                    && *ended_id == id
+                {
+                    break outcome.clone();
+                }
+                if ended.changed().await.is_err() {
+                    break Outcome::Failed("the transactions ended".into());
+                }
+            },
+        };
+        match outcome {
+            Outcome::Committed => Ok(true),
+            Outcome::Aborted => Ok(false),
+            Outcome::Failed(why) => Err(SourceError::other("exactly-once commit", why)),
+        }
+    }
+
+    /// Adds the span of `positions` (in partitions still assigned in the same epoch) to
+    /// `after` and `first`; says whether a position was stale.
+    fn span(
+        &self,
+        positions: &[Position],
+        after: &mut BTreeMap<i32, i64>,
+        first: &mut BTreeMap<i32, i64>,
+    ) -> bool {
         let mut stale = false;
         let offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
         for &(partition, offset, epoch) in positions {
@@ -155,73 +309,62 @@ impl BatchTransaction {
             let from = first.entry(partition).or_insert(offset);
             *from = (*from).min(offset);
         }
-        (first, after, stale)
+        stale
     }
 
-    /// Aborts the transaction because sending or delivering its records failed with `why`;
-    /// the batch's records are read again.
-    pub(super) async fn abort(
-        &mut self,
-        positions: &[Position],
-        why: &crate::sink::SinkError,
-    ) -> Result<(), SourceError> {
-        let _turn = self.permit.take();
-        tracing::warn!(topic = %self.topic, "sending the batch's records failed ({why}): its transaction is aborted and they are read again");
-        let (first, _, _) = self.span(positions);
-        self.abort_and_read_again(&first).await
-    }
-
-    /// Commits what was sent since `begin` with the offsets after `positions`; `false` when
-    /// the transaction was aborted (the records are read again, or by their next owner).
-    pub(super) async fn commit(&mut self, positions: &[Position]) -> Result<bool, SourceError> {
-        // The turn passes on when this returns, whatever the outcome.
-        let _turn = self.permit.take();
-        let (first, after, stale) = self.span(positions);
-        if stale {
-            tracing::info!(topic = %self.topic, "batch taken before a revoke or a reading again: aborted, its records are read again");
-            self.abort_and_read_again(&first).await?;
-            return Ok(false);
+    /// Commits the transaction with the offsets `after`, or aborts it (`abort`) and reads
+    /// the partitions again from `first`.
+    async fn finish(
+        &self,
+        after: BTreeMap<i32, i64>,
+        first: &BTreeMap<i32, i64>,
+        abort: Option<String>,
+        members: usize,
+    ) -> Outcome {
+        if let Some(why) = abort {
+            tracing::info!(topic = %self.topic, members, "{why}: the transaction is aborted, its records are read again");
+            return self.abort_and_read_again(first).await;
         }
         let points = offset_list(&self.topic, after);
-        let group = self.consumer.group_metadata().ok_or_else(|| {
-            SourceError::other("exactly-once commit", "the consumer has no group metadata")
-        })?;
+        let Some(group) = self.consumer.group_metadata() else {
+            return Outcome::Failed("the consumer has no group metadata".into());
+        };
         let producer = self.transactions.producer.clone();
         let committed = tokio::task::spawn_blocking(move || {
             producer.send_offsets_to_transaction(&points, &group, TXN_TIMEOUT)?;
             producer.commit_transaction(TXN_TIMEOUT)
         })
-        .await
-        .map_err(|e| SourceError::other("exactly-once commit", e))?;
+        .await;
         match committed {
-            Ok(()) => {
-                tracing::debug!(topic = %self.topic, records = positions.len(), "transaction committed");
+            Ok(Ok(())) => {
+                tracing::debug!(topic = %self.topic, members, "transaction committed");
                 self.transactions.count("committed");
-                Ok(true)
+                Outcome::Committed
             }
-            Err(e) if requires_abort(&e) => {
+            Ok(Err(e)) if requires_abort(&e) => {
                 tracing::warn!(topic = %self.topic, fenced = fenced(&e), "transaction failed ({e}): aborted, its records are read again");
                 if fenced(&e) {
                     self.transactions.count("fenced");
                 }
-                self.abort_and_read_again(&first).await?;
-                Ok(false)
+                self.abort_and_read_again(first).await
             }
-            Err(e) => Err(SourceError::other(
+            Ok(Err(e)) => Outcome::Failed(format!(
                 "committing a transaction failed and the producer cannot go on (another \
-                 worker with this transactional id fenced it, or a fatal error)",
-                e,
+                 worker with this transactional id fenced it, or a fatal error): {e}"
             )),
+            Err(e) => Outcome::Failed(format!("the commit task failed: {e}")),
         }
     }
 
     /// Aborts the open transaction and reads the partitions in `from` again from there.
-    async fn abort_and_read_again(&self, from: &BTreeMap<i32, i64>) -> Result<(), SourceError> {
+    async fn abort_and_read_again(&self, from: &BTreeMap<i32, i64>) -> Outcome {
         let producer = self.transactions.producer.clone();
-        tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT))
-            .await
-            .map_err(|e| SourceError::other("aborting a transaction", e))?
-            .map_err(|e| SourceError::other("aborting a transaction", e))?;
+        match tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Outcome::Failed(format!("aborting a transaction: {e}")),
+            Err(e) => return Outcome::Failed(format!("the abort task failed: {e}")),
+        }
         self.transactions.count("aborted");
         let again: Vec<(i32, i64)> = {
             let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -236,7 +379,7 @@ impl BatchTransaction {
                 .collect()
         };
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-        tokio::task::spawn_blocking(move || {
+        let sought = tokio::task::spawn_blocking(move || {
             for (partition, offset) in again {
                 if let Err(e) = consumer.seek(
                     &topic,
@@ -248,7 +391,49 @@ impl BatchTransaction {
                 }
             }
         })
-        .await
-        .map_err(|e| SourceError::other("reading again after an abort", e))
+        .await;
+        match sought {
+            Ok(()) => Outcome::Aborted,
+            Err(e) => Outcome::Failed(format!("reading again after an abort: {e}")),
+        }
+    }
+}
+
+impl Drop for BatchTransaction {
+    /// A batch dropped inside its transaction (its task ended early) makes it abort, so its
+    /// other members are not left waiting.
+    fn drop(&mut self) {
+        let Some(id) = self.joined.take() else {
+            return;
+        };
+        let first = {
+            let mut open = self.transactions.open();
+            let Some(group) = open.as_mut().filter(|g| g.id == id) else {
+                return;
+            };
+            group
+                .abort
+                .get_or_insert_with(|| "a batch of the transaction was dropped".into());
+            group.ready += 1;
+            if group.ready < group.members {
+                return;
+            }
+            group.closing = true;
+            std::mem::take(&mut group.first)
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = Self {
+            transactions: self.transactions.clone(),
+            consumer: self.consumer.clone(),
+            offsets: self.offsets.clone(),
+            topic: self.topic.clone(),
+            joined: None,
+        };
+        runtime.spawn(async move {
+            let outcome = this.abort_and_read_again(&first).await;
+            this.transactions.end(id, outcome);
+        });
     }
 }
