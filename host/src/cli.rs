@@ -710,16 +710,16 @@ fn crash_guard(
     if limit == 0 {
         return Ok(None);
     }
-    let log: Arc<dyn crate::state::CrashLog> = match redis {
-        Some(store) => store,
+    let guard = match redis {
+        Some(store) => crate::pipeline::CrashGuard::new(store, limit, false),
         None => {
             let dir = config.state.path.join("crashes").join(pipeline);
             let files = crate::pipeline::CrashFiles::open(&dir)
                 .with_context(|| format!("crash log in {}", dir.display()))?;
-            Arc::new(files)
+            crate::pipeline::CrashGuard::new(Arc::new(files), limit, true)
         }
     };
-    Ok(Some(Arc::new(crate::pipeline::CrashGuard::new(log, limit))))
+    Ok(Some(Arc::new(guard)))
 }
 
 /// Runs the pipeline and, with a retry topic, the retry pipeline beside it, until the

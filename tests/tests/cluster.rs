@@ -371,7 +371,7 @@ fn a_lease_held_by_another_worker_makes_the_record_wait_not_vanish() {
         .await
         .expect("connect");
         let claims = store.claim(&["e3".to_owned()]).await.expect("claim");
-        let Claim::Leased { fence } = claims[0] else {
+        let Claim::Leased { fence, .. } = claims[0] else {
             panic!("the test takes the lease first: {claims:?}")
         };
         (store, fence)

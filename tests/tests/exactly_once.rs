@@ -178,9 +178,7 @@ fn a_worker_writes_every_batch_in_committed_transactions() {
     assert!(committed >= 1.0, "committed transactions: {committed}");
     assert_eq!(transactions("aborted"), 0.0);
     assert_eq!(transactions("fenced"), 0.0);
-    println!(
-        "{n} records in batches of at most 128, in {committed} committed transactions"
-    );
+    println!("{n} records in batches of at most 128, in {committed} committed transactions");
     assert!(worker.stop().success());
 }
 

@@ -26,7 +26,7 @@ fn ids(names: &[&str]) -> Vec<String> {
 
 fn fence(claim: Claim) -> u64 {
     match claim {
-        Claim::Leased { fence } => fence,
+        Claim::Leased { fence, .. } => fence,
         other => panic!("expected a lease, got {other:?}"),
     }
 }
@@ -70,7 +70,10 @@ async fn leases_fences_and_done_marks() {
     // a asking again keeps its lease and fence.
     assert_eq!(
         a.claim(&ids(&["r1"])).await.expect("claim"),
-        vec![Claim::Leased { fence: f1 }]
+        vec![Claim::Leased {
+            fence: f1,
+            crashes: 0
+        }]
     );
 
     // Only the holder, with its fence, can finish.
@@ -137,6 +140,53 @@ async fn an_expired_lease_goes_to_the_next_worker_and_the_stale_one_learns_it() 
         c.claim(&ids(&["slow"])).await.expect("claim"),
         vec![Claim::Done],
         "b's done mark is still there"
+    );
+}
+
+/// A claim after a lease ran out says how many workers died (or stalled) with the record in
+/// flight: each lease past its deadline adds one; a release starts it over.
+#[tokio::test]
+async fn claims_count_the_workers_that_died_with_a_record_in_flight() {
+    let redis = RedisServer::start();
+    let crashes = |claim: Claim| match claim {
+        Claim::Leased { crashes, .. } => crashes,
+        other => panic!("expected a lease, got {other:?}"),
+    };
+    let worker = |name: &'static str| {
+        let redis = &redis;
+        async move { store(redis, name, 200).await }
+    };
+    let a = worker("worker-a").await;
+    assert_eq!(crashes(a.claim(&ids(&["r"])).await.expect("claim")[0]), 0);
+    let again = a.claim(&ids(&["r"])).await.expect("claim")[0];
+    assert_eq!(crashes(again), 0, "its own lease found again is no crash");
+    // a dies with r in flight; b, then c, claim it once the lease ran out.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = worker("worker-b").await;
+    assert_eq!(crashes(b.claim(&ids(&["r"])).await.expect("claim")[0]), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let c = worker("worker-c").await;
+    let claimed = c.claim(&ids(&["r", "s"])).await.expect("claim");
+    assert_eq!((crashes(claimed[0]), crashes(claimed[1])), (2, 0));
+    let finished = c
+        .finish(&[("r".into(), fence(claimed[0]))])
+        .await
+        .expect("finish");
+    assert_eq!(finished, vec![true]);
+    let released = c
+        .release(&[("s".into(), fence(claimed[1]))])
+        .await
+        .expect("release");
+    assert_eq!(released, vec![true]);
+    let d = worker("worker-d").await;
+    assert_eq!(
+        crashes(d.claim(&ids(&["s"])).await.expect("claim")[0]),
+        0,
+        "a release clears the count"
+    );
+    assert_eq!(
+        d.claim(&ids(&["r"])).await.expect("claim"),
+        vec![Claim::Done]
     );
 }
 

@@ -1,12 +1,19 @@
-//! Crash-loop protection: which records were in the plugin when a worker died, and how often.
-//! Before each plugin call the ids it runs are noted in a [`CrashLog`], and the note is
-//! cleared after the call; a `kill -9` or an abort leaves it behind, and each id in it counts
-//! one crash. A record with a crash runs alone, so a next crash names it and not its batch;
-//! one with `pipeline.crash_loop_limit` crashes is dead-lettered as `crash_loop` instead of
-//! running again (its count stays, but its done mark keeps it from coming back).
+//! Crash-loop protection: which records a worker died with in the plugin, and how often. A
+//! record with a crash runs alone, so a next crash names it and not its batch; one with
+//! `pipeline.crash_loop_limit` crashes is dead-lettered as `crash_loop` instead of running
+//! again (its count stays, but its done mark keeps it from coming back).
 //!
-//! Two logs: [`CrashFiles`] in the state directory (embedded mode), and the Redis state store
-//! (cluster mode), where the worker that takes over a dead one's records sees its crashes.
+//! Before a plugin call the ids it runs are noted in a [`CrashLog`], and the note is cleared
+//! after the call; a `kill -9` or an abort leaves it behind, and each id in it counts one
+//! crash.
+//!
+//! - Embedded mode notes every batch, in [`CrashFiles`] in the state directory (two small
+//!   writes per batch).
+//! - Cluster mode notes in Redis, where the worker that takes over a dead one's records
+//!   sees them, but only the batches of records a worker died with *in flight* (claimed, not
+//!   finished: the state store counts those in its claims at no extra round trip). Those run
+//!   one record at a time and are noted. So the first death a record causes is not noted
+//!   record by record: it counts one crash for every record the dead worker had in flight.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,18 +29,22 @@ use crate::state::{CrashLog, StateError};
 /// enters the plugin, as a plugin that took the host down would.
 pub const ABORT_ON_ID_ENV: &str = "WEIR_TEST_ABORT_ON_ID";
 
-/// A crash log and the limit of crashes after which a record is not run again.
+/// A crash log, when to note in it, and the limit of crashes after which a record is not
+/// run again.
 pub struct CrashGuard {
     log: Arc<dyn CrashLog>,
     limit: u32,
+    /// Every batch is noted (embedded mode); else only the records of a dead worker.
+    note_every_batch: bool,
     abort_on: Option<String>,
 }
 
 impl CrashGuard {
-    pub fn new(log: Arc<dyn CrashLog>, limit: u32) -> Self {
+    pub fn new(log: Arc<dyn CrashLog>, limit: u32, note_every_batch: bool) -> Self {
         Self {
             log,
             limit,
+            note_every_batch,
             abort_on: std::env::var(ABORT_ON_ID_ENV).ok(),
         }
     }
@@ -42,26 +53,38 @@ impl CrashGuard {
         self.limit
     }
 
-    /// Per id, how many times a worker died while it was in the plugin.
-    pub async fn crashes(&self, ids: &[&str]) -> Result<Vec<u32>, StateError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
+    /// Per record, the crashes to judge it by. `in_flight`: per record, the workers that
+    /// died with it in flight, from the state store's claims (zeros where it does not count).
+    pub async fn crashes(&self, ids: &[&str], in_flight: &[u32]) -> Result<Vec<u32>, StateError> {
+        if ids.is_empty() || (!self.note_every_batch && in_flight.iter().all(|&n| n == 0)) {
+            return Ok(vec![0; ids.len()]);
         }
-        let crashes = self.log.crashes(ids).await?;
-        if crashes.len() != ids.len() {
+        let noted = self.log.crashes(ids).await?;
+        if noted.len() != ids.len() {
             return Err(StateError(format!(
                 "the crash log answered {} of {} ids",
-                crashes.len(),
+                noted.len(),
                 ids.len()
             )));
         }
-        Ok(crashes)
+        if self.note_every_batch {
+            return Ok(noted);
+        }
+        // The death that first put a record in doubt was not noted record by record.
+        Ok(noted
+            .iter()
+            .zip(in_flight)
+            .map(|(&noted, &in_flight)| noted + u32::from(in_flight > 0))
+            .collect())
     }
 
-    /// Notes that these records enter the plugin (and aborts the process if the test hook
-    /// names one of them).
-    pub async fn enter(&self, ids: &[&str]) -> Result<(), StateError> {
-        self.log.enter(ids).await?;
+    /// Notes, when this guard notes them (`alone`: the record of a dead worker's batch runs
+    /// by itself), that these records enter the plugin; aborts the process if the test hook
+    /// names one of them.
+    pub async fn enter(&self, ids: &[&str], alone: bool) -> Result<(), StateError> {
+        if self.note_every_batch || alone {
+            self.log.enter(ids).await?;
+        }
         if let Some(id) = &self.abort_on
             && ids.contains(&id.as_str())
         {
@@ -71,9 +94,12 @@ impl CrashGuard {
         Ok(())
     }
 
-    /// Notes that these records left the plugin alive.
-    pub async fn leave(&self, ids: &[&str]) -> Result<(), StateError> {
-        self.log.leave(ids).await
+    /// Notes that these records left the plugin alive (as [`Self::enter`] noted them).
+    pub async fn leave(&self, ids: &[&str], alone: bool) -> Result<(), StateError> {
+        if self.note_every_batch || alone {
+            self.log.leave(ids).await?;
+        }
+        Ok(())
     }
 }
 
@@ -81,6 +107,7 @@ impl std::fmt::Debug for CrashGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CrashGuard")
             .field("limit", &self.limit)
+            .field("note_every_batch", &self.note_every_batch)
             .finish_non_exhaustive()
     }
 }

@@ -446,22 +446,21 @@ impl Shared {
             return self.invoke_routed(routing, on_canary, work).await;
         };
         if !suspect {
-            guard.enter(ids).await?;
+            guard.enter(ids, false).await?;
             let done = self.invoke_routed(routing, on_canary, work).await?;
-            guard.leave(ids).await?;
+            guard.leave(ids, false).await?;
             return Ok(done);
         }
         tracing::warn!(
-            "a record of this batch was in the plugin when a worker died: its {} records run \
-             one by one",
+            "a record of this batch was in a worker that died: its {} records run one by one",
             ids.len()
         );
         let (mut records, mut verdicts) = (Vec::new(), Vec::new());
         for (k, (record, id)) in work.into_iter().zip(ids).enumerate() {
             let canary = on_canary.get(k).map(|&c| vec![c]).unwrap_or_default();
-            guard.enter(&[id]).await?;
+            guard.enter(&[id], true).await?;
             let (record, verdict) = self.invoke_routed(routing, &canary, vec![record]).await?;
-            guard.leave(&[id]).await?;
+            guard.leave(&[id], true).await?;
             records.extend(record);
             verdicts.extend(verdict);
         }
@@ -476,7 +475,14 @@ impl Shared {
         let crashes = match &self.settings.crash_guard {
             Some(guard) => {
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                guard.crashes(&ids).await?
+                let in_flight: Vec<u32> = claims
+                    .iter()
+                    .map(|claim| match claim {
+                        Claim::Leased { crashes, .. } => *crashes,
+                        _ => 0,
+                    })
+                    .collect();
+                guard.crashes(&ids, &in_flight).await?
             }
             None => Vec::new(),
         };
@@ -491,7 +497,7 @@ impl Shared {
         let mut deduplicated = 0;
         for (i, (incoming, claim)) in batch.into_iter().zip(&claims).enumerate() {
             let fence = match claim {
-                Claim::Leased { fence } => *fence,
+                Claim::Leased { fence, .. } => *fence,
                 Claim::Done if self.settings.bypass_done => 0,
                 Claim::Done | Claim::HeldElsewhere => {
                     deduplicated += 1;
@@ -713,7 +719,7 @@ impl Shared {
                     .iter()
                     .zip(&claims)
                     .filter_map(|(id, c)| match c {
-                        Claim::Leased { fence } => Some((id.clone(), *fence)),
+                        Claim::Leased { fence, .. } => Some((id.clone(), *fence)),
                         _ => None,
                     })
                     .collect();

@@ -359,8 +359,7 @@ impl BatchTransaction {
     /// Aborts the open transaction and reads the partitions in `from` again from there.
     async fn abort_and_read_again(&self, from: &BTreeMap<i32, i64>) -> Outcome {
         let producer = self.transactions.producer.clone();
-        match tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await
-        {
+        match tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Outcome::Failed(format!("aborting a transaction: {e}")),
             Err(e) => return Outcome::Failed(format!("the abort task failed: {e}")),

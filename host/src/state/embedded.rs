@@ -177,7 +177,7 @@ impl StateStore for EmbeddedStore {
                     Ok(match expiry.map(|v| v.value()) {
                         Some(0) => Claim::Done,
                         Some(expiry) if expiry > now => Claim::Done,
-                        _ => Claim::Leased { fence },
+                        _ => Claim::Leased { fence, crashes: 0 },
                     })
                 })
                 .collect()
@@ -227,7 +227,7 @@ mod tests {
         let first_fence = {
             let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("open");
             let claims = store.claim(&ids).await.expect("claim");
-            let Claim::Leased { fence } = claims[0] else {
+            let Claim::Leased { fence, .. } = claims[0] else {
                 panic!("{claims:?}")
             };
             store.finish(&[("a".into(), fence)]).await.expect("finish");
@@ -236,7 +236,7 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("reopen");
         let claims = store.claim(&ids).await.expect("claim");
         assert_eq!(claims[0], Claim::Done);
-        let Claim::Leased { fence } = claims[1] else {
+        let Claim::Leased { fence, .. } = claims[1] else {
             panic!("{claims:?}")
         };
         assert!(fence > first_fence);

@@ -17,8 +17,9 @@ use async_trait::async_trait;
 pub enum Claim {
     /// Already processed or dead-lettered: skip it (fate `deduplicated`).
     Done,
-    /// Ours to process; `fence` is the fencing token to write with its outputs.
-    Leased { fence: u64 },
+    /// Ours to process; `fence` is the fencing token to write with its outputs. `crashes`:
+    /// how many times a worker died with the record in flight (stores that count them).
+    Leased { fence: u64, crashes: u32 },
     /// Another live worker holds the lease: park the record and ask again later.
     HeldElsewhere,
 }

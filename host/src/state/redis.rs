@@ -1,21 +1,25 @@
 //! The Redis state store for cluster mode: per-record leases with fencing tokens, and done
-//! marks. Each call is one Lua script, so a batch costs two round trips (five with the
-//! crash log, below): `claim` (one
+//! marks. Each call is one Lua script, so a batch costs two round trips: `claim` (one
 //! `SET NX PX GET` per id, which is the dedup check and the lease at once, with one `INCR`
 //! for the fence all its new leases share) and `finish` (one `SET ... GET` per id that marks
-//! it done and releases the lease, and counts where the lease was still ours, or expired with
-//! nobody having taken the record since, so a worker that stalled unseen past its TTL
-//! completes its durable work; where another worker's lease or done mark was there, it is
-//! put back, a lease with its TTL started again). One more script renews or releases
-//! leases, again only where they are still ours.
+//! it done and releases the lease, and counts where the lease was still ours, even past its
+//! deadline or gone, with nobody having taken the record since, so a worker that stalled
+//! unseen past its TTL completes its durable work; where another worker's lease or done
+//! mark was there, it is put back). One more script renews or releases leases, again only
+//! where they are still ours.
 //!
 //! Keys, under the pipeline's namespace `<ns>`: one per record, `<ns>:id:<id>`, holding
-//! `L|<owner>|<fence>` while leased (with the lease TTL) and `D|<fence>` once done (the fence
-//! that finished it; optional TTL), so claim and finish cost one command per record each;
-//! `<ns>:fence` (the counter); and `<ns>:crashes`, the hash of the crash log (crash-loop
-//! counts of the records a worker died with in the plugin: one script reads a batch's
-//! counts, one raises them as it enters the plugin, one deletes them as it leaves). The
-//! scripts get their keys as `KEYS`. Needs Redis 7.0 or
+//! a lease while leased and `D|<fence>` once done (the fence that finished it; optional
+//! TTL), so claim and finish cost one command per record each; and `<ns>:fence` (the
+//! counter). A lease holds its deadline (Redis time) and the number of
+//! leases of the record that ran out before (`L|<owner>|<fence>|<deadline>|<deaths>`): a
+//! claim past the deadline takes the record over and returns the count, so crash-loop
+//! protection learns which records a dead worker had in flight at no extra cost. Its
+//! `CrashLog` is the hash `<ns>:crashes` of the records a worker died with in the plugin
+//! (kept only for a dead worker's records, which run one at a time: one script reads a
+//! batch's counts, one raises them as a record enters the plugin, one deletes them as it
+//! leaves).
+//! The scripts get their keys as `KEYS`. Needs Redis 7.0 or
 //! later (`SET` with both `NX` and `GET`). Run Redis with AOF on: without it a restart resets
 //! the counter and fences go backwards. One script touches keys of many hash slots, so Redis
 //! Cluster is not supported.
@@ -35,38 +39,70 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Claim, CrashLog, StateError, StateStore};
 
-// Every script gets the record keys as `KEYS` and `ARGV` = owner, TTL in ms, the lease TTL
-// in ms, then (per-lease scripts) one fence per key.
+// Every script gets the record keys as `KEYS` (claim: after the fence counter) and `ARGV` =
+// owner, TTL in ms, the lease TTL in ms, then (per-lease scripts) one fence per record key.
+//
+// A lease is `L|<owner>|<fence>|<deadline ms>|<deaths>`: it is the owner's until the deadline
+// (Redis time); after it, the next claim takes the record over and adds one to `deaths`, the
+// workers that died (or stalled) with the record in flight. The key itself lives `KEEP`
+// lease TTLs, so an abandoned lease is dropped in the end.
 
-/// `KEYS[1]` is the fence counter, the record keys follow.
+/// Redis's clock in ms, and the lease of `owner` with `fence` and `deaths`, due in `ttl` ms.
+const LEASE: &str = r"
+local KEEP = 20
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function lease(owner, fence, ttl, deaths)
+  return 'L|' .. owner .. '|' .. fence .. '|' .. (now + ttl) .. '|' .. deaths
+end
+-- owner, fence, deadline, deaths of a lease value (nil for a done mark)
+local function parse(value)
+  local owner, fence, deadline, deaths = string.match(value, '^L|(.*)|(%d+)|(%d+)|(%d+)$')
+  if not owner then
+    return nil
+  end
+  return owner, fence, tonumber(deadline), tonumber(deaths)
+end
+";
+
+/// Leases what nobody holds; returns a claim per record, then its deaths per record.
 const CLAIM: &str = r"
-local ttl = ARGV[2]
-local mine = 'L|' .. ARGV[1] .. '|'
+local owner, lease_ttl = ARGV[1], tonumber(ARGV[3])
+local keep = lease_ttl * KEEP
 -- One fencing token for every lease this call takes: still higher than any earlier one.
 local fence = redis.call('INCR', KEYS[1])
-local lease = mine .. fence
+local n = #KEYS - 1
 local out = {}
 for i = 2, #KEYS do
   -- Lease it if nobody has; either way, learn what was there.
-  local state = redis.call('SET', KEYS[i], lease, 'NX', 'PX', ttl, 'GET')
+  local state = redis.call('SET', KEYS[i], lease(owner, fence, lease_ttl, 0), 'NX', 'PX', keep, 'GET')
+  local deaths = 0
   if not state then
     out[i - 1] = fence
   elseif string.byte(state) == 68 then -- 'D': done
     out[i - 1] = -1
-  elseif string.sub(state, 1, #mine) == mine then
-    redis.call('PEXPIRE', KEYS[i], ttl)
-    out[i - 1] = tonumber(string.sub(state, #mine + 1))
   else
-    out[i - 1] = 0
+    local holder, held, deadline, died = parse(state)
+    if holder == owner then
+      redis.call('SET', KEYS[i], lease(owner, held, lease_ttl, died), 'PX', keep)
+      out[i - 1], deaths = tonumber(held), died
+    elseif holder and deadline < now then
+      -- Its holder died or stalled with it in flight: ours now.
+      deaths = died + 1
+      redis.call('SET', KEYS[i], lease(owner, fence, lease_ttl, deaths), 'PX', keep)
+      out[i - 1] = fence
+    else
+      out[i - 1] = 0
+    end
   end
+  out[n + i - 1] = deaths
 end
 return out
 ";
 
 /// Marks done with one `SET ... GET` per record; puts back what another worker had there.
 const FINISH: &str = r"
-local ttl, lease_ttl = tonumber(ARGV[2]), ARGV[3]
-local mine = 'L|' .. ARGV[1] .. '|'
+local owner, ttl, keep = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]) * KEEP
 local out = {}
 for i = 1, #KEYS do
   local fence = ARGV[i + 3]
@@ -77,19 +113,21 @@ for i = 1, #KEYS do
   else
     was = redis.call('SET', KEYS[i], done, 'GET')
   end
-  -- Ours; or expired with nobody else on it since (no lease, not done): still ours.
-  if not was or was == mine .. fence or was == done then
+  local holder, held = nil, nil
+  if was then
+    holder, held = parse(was)
+  end
+  -- Ours (even past its deadline: nobody took it); or gone with nobody on it since.
+  if not was or was == done or (holder == owner and held == fence) then
     out[i] = 1
   else
-    -- Another worker's lease (its TTL starts again) or done mark.
-    if string.byte(was) == 68 then
-      if ttl > 0 then
-        redis.call('SET', KEYS[i], was, 'PX', ttl)
-      else
-        redis.call('SET', KEYS[i], was)
-      end
+    -- Another worker's lease or done mark.
+    if string.byte(was) == 68 and ttl > 0 then
+      redis.call('SET', KEYS[i], was, 'PX', ttl)
+    elseif string.byte(was) == 68 then
+      redis.call('SET', KEYS[i], was)
     else
-      redis.call('SET', KEYS[i], was, 'PX', lease_ttl)
+      redis.call('SET', KEYS[i], was, 'PX', keep)
     end
     out[i] = 0
   end
@@ -97,15 +135,21 @@ end
 return out
 ";
 
-/// Renews (TTL > 0) or releases (TTL 0) leases, each only if still `L|<owner>|<fence>`.
+/// Renews (TTL > 0) or releases (TTL 0) leases, each only if still this owner's with that
+/// fence.
 const KEEP_OR_RELEASE: &str = r"
-local ttl = tonumber(ARGV[2])
-local mine = 'L|' .. ARGV[1] .. '|'
+local owner, ttl, keep = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]) * KEEP
 local out = {}
 for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == mine .. ARGV[i + 3] then
+  local value = redis.call('GET', KEYS[i])
+  local holder, held, deaths = nil, nil, 0
+  if value then
+    local _
+    holder, held, _, deaths = parse(value)
+  end
+  if holder == owner and held == ARGV[i + 3] then
     if ttl > 0 then
-      redis.call('PEXPIRE', KEYS[i], ttl)
+      redis.call('SET', KEYS[i], lease(owner, held, ttl, deaths), 'PX', keep)
     else
       redis.call('DEL', KEYS[i])
     end
@@ -217,9 +261,9 @@ impl RedisStore {
             owner: owner.to_owned(),
             lease_ttl,
             done_ttl,
-            claim: Script::new(CLAIM),
-            finish: Script::new(FINISH),
-            keep_or_release: Script::new(KEEP_OR_RELEASE),
+            claim: Script::new(&format!("{LEASE}{CLAIM}")),
+            finish: Script::new(&format!("{LEASE}{FINISH}")),
+            keep_or_release: Script::new(&format!("{LEASE}{KEEP_OR_RELEASE}")),
             crashes: Script::new(CRASHES),
             enter: Script::new(ENTER),
             leave: Script::new(LEAVE),
@@ -342,20 +386,23 @@ impl StateStore for RedisStore {
         let out = self
             .run(&self.claim, &keys, Self::ms(self.lease_ttl), &[], "claim")
             .await?;
-        if out.len() != ids.len() {
+        if out.len() != 2 * ids.len() {
             return Err(StateError(format!(
-                "claim answered {} of {} ids",
+                "claim answered {} values for {} ids",
                 out.len(),
                 ids.len()
             )));
         }
-        Ok(out
-            .into_iter()
-            .map(|v| match v {
+        let (claims, crashes) = out.split_at(ids.len());
+        Ok(claims
+            .iter()
+            .zip(crashes)
+            .map(|(&v, &crashes)| match v {
                 -1 => Claim::Done,
                 0 => Claim::HeldElsewhere,
                 fence => Claim::Leased {
                     fence: fence as u64,
+                    crashes: u32::try_from(crashes).unwrap_or(0),
                 },
             })
             .collect())
