@@ -736,7 +736,22 @@ fn redis_paused_then_killed_loses_nothing_and_work_resumes() {
     );
     let n = 6_000;
     s.produce(&events(n, 0));
-    let w = s.worker("w", &["--batch-size", "32"]);
+    // The group gives up on a consumer that does not poll for 10 s: while Redis is away, the
+    // worker pauses its partitions and keeps polling, and stays in the group.
+    let config = s.dir.path().join("short-poll.toml");
+    std::fs::write(&config, "[retry]\nmax_elapsed_ms = 4000\n").expect("config");
+    let config = config.display().to_string();
+    let flags = [
+        "--batch-size",
+        "32",
+        "--config",
+        &config,
+        "--kafka-option",
+        "max.poll.interval.ms=10000",
+        "--kafka-option",
+        "session.timeout.ms=6000",
+    ];
+    let w = s.worker("w", &flags);
     w.wait_metric("weir_records_in_total", 1_000.0, Duration::from_secs(120));
 
     // Paused for 30 s (issue 6): the worker pauses too, says so, and resumes when Redis does.
@@ -763,6 +778,12 @@ fn redis_paused_then_killed_loses_nothing_and_work_resumes() {
     );
     let resumed = back.elapsed();
     assert_eq!(w.metric("weir_circuit_open"), Some(0.0));
+    let log = w.log();
+    assert!(log.contains("consumption paused"), "{log}");
+    assert!(
+        !log.contains("maximum poll interval"),
+        "the consumer left its group while Redis was away: {log}"
+    );
 
     // Killed (-9) and restarted with its AOF.
     let before = w.metric("weir_records_processed_total").unwrap_or(0.0);

@@ -303,9 +303,13 @@ impl Shared {
                 })
                 .collect();
             let ack = source.ack_last_batch();
-            if out.send(Taken { batch, ids, ack }).await.is_err() {
-                break;
-            }
+            // Waiting for room (a dependency may be away), the source keeps its place.
+            let room = tokio::select! {
+                room = out.reserve() => room,
+                never = source.keep_alive() => match never {},
+            };
+            let Ok(room) = room else { break };
+            room.send(Taken { batch, ids, ack });
         }
         Ok(source)
     }

@@ -8,6 +8,11 @@
 //! Rebalances: on a graceful revoke the revoked partitions' prefix is committed synchronously
 //! in the callback and their unfinished records are abandoned (dropped from the batch being
 //! built; the next owner reads them again); a *lost* partition commits nothing.
+//!
+//! Back-pressure: when the pipeline takes no batch for a while (a dependency is away and its
+//! circuit open), [`Source::keep_alive`] pauses the assigned partitions and goes on polling,
+//! so the consumer stays in its group past `max.poll.interval.ms`; what arrives meanwhile is
+//! kept for the next batch, and the next batch resumes the partitions.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -33,6 +38,10 @@ use crate::runtime::{Record, SourceMeta};
 
 /// How long a batch waits for more records once its first record is in.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
+/// How long the pipeline may take no batch before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(5);
+/// How often a paused consumer polls (well within any `max.poll.interval.ms`).
+const PAUSED_POLL: Duration = Duration::from_secs(1);
 
 /// The consumer's callbacks: logs into `tracing`, rebalances into the offset tracker.
 pub(super) struct SourceContext {
@@ -182,6 +191,9 @@ pub struct KafkaSource {
     topic: String,
     last_batch: Vec<Position>,
     transactions: Option<Arc<Transactions>>,
+    /// Records that arrived while paused, for the next batch.
+    kept: Vec<(Incoming, Position)>,
+    paused: bool,
 }
 
 impl KafkaSource {
@@ -239,6 +251,8 @@ impl KafkaSource {
             topic: topic.to_owned(),
             last_batch: Vec::new(),
             transactions,
+            kept: Vec::new(),
+            paused: false,
         })
     }
 
@@ -383,14 +397,78 @@ impl Ack for KafkaAck {
     }
 }
 
+impl KafkaSource {
+    /// Pauses the assigned partitions (again: a rebalance may have added some).
+    fn pause(&mut self) {
+        let assigned = match self.consumer.assignment() {
+            Ok(assigned) => assigned,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, "pause: no assignment ({e})");
+                return;
+            }
+        };
+        if let Err(e) = self.consumer.pause(&assigned) {
+            tracing::warn!(topic = %self.topic, "pause: {e}");
+        }
+        if !self.paused {
+            tracing::warn!(topic = %self.topic, "the pipeline takes no records (a dependency is away): consumption paused, the consumer stays in its group");
+            self.paused = true;
+        }
+    }
+
+    fn resume(&mut self) {
+        if !std::mem::take(&mut self.paused) {
+            return;
+        }
+        match self.consumer.assignment() {
+            Ok(assigned) => {
+                if let Err(e) = self.consumer.resume(&assigned) {
+                    tracing::warn!(topic = %self.topic, "resume: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(topic = %self.topic, "resume: no assignment ({e})"),
+        }
+        tracing::info!(topic = %self.topic, kept = self.kept.len(), "consumption resumed");
+    }
+}
+
 #[async_trait]
 impl Source for KafkaSource {
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+    async fn keep_alive(&mut self) -> std::convert::Infallible {
+        tokio::time::sleep(PAUSE_AFTER).await;
+        self.pause();
+        let consumer = self.consumer.clone();
         loop {
-            let mut taken = Vec::with_capacity(max);
-            let first = self.next_message().await;
-            taken.extend(self.take(&first));
-            drop(first);
+            // Each call polls, which tells the group the consumer is alive.
+            match tokio::time::timeout(PAUSED_POLL, consumer.recv()).await {
+                Err(_) => {}
+                Ok(Ok(message)) => {
+                    // Fetched before the pause, or of a partition assigned since.
+                    let kept = self.take(&message);
+                    drop(message);
+                    self.kept.extend(kept);
+                    self.pause();
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(topic = %self.topic, "consume while paused: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+        self.resume();
+        loop {
+            let mut taken = std::mem::take(&mut self.kept);
+            if taken.len() > max {
+                self.kept = taken.split_off(max);
+            }
+            if taken.is_empty() {
+                let first = self.next_message().await;
+                taken.extend(self.take(&first));
+                drop(first);
+            }
             let linger = tokio::time::sleep(BATCH_LINGER);
             tokio::pin!(linger);
             while taken.len() < max {

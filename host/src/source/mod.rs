@@ -122,4 +122,11 @@ pub trait Source: Send {
     async fn close(&mut self) -> Result<(), SourceError> {
         Ok(())
     }
+
+    /// Called while the pipeline has no room for another batch, and dropped when it has:
+    /// a source that must be polled to keep its place (a Kafka consumer in its group) does
+    /// so, without handing out records.
+    async fn keep_alive(&mut self) -> std::convert::Infallible {
+        std::future::pending().await
+    }
 }
