@@ -109,9 +109,18 @@ impl Source for ParkedSource {
         }
         let wait = due_ms.saturating_sub(now_ms());
         if wait > 0 {
-            tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+            // The consumer keeps its place in the group while the batch waits.
+            let due = tokio::time::sleep(Duration::from_millis(wait.unsigned_abs()));
+            tokio::select! {
+                () = due => {}
+                never = self.0.keep_alive() => match never {},
+            }
         }
         Ok(Some(batch))
+    }
+
+    async fn keep_alive(&mut self) -> std::convert::Infallible {
+        self.0.keep_alive().await
     }
 
     fn ack_last_batch(&mut self) -> Box<dyn Ack> {
