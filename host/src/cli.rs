@@ -867,8 +867,8 @@ struct Endpoints {
     dlq: Box<dyn DeadLetterSink>,
     /// Where dead letters are, to say so at the end.
     dlq_name: String,
-    /// The transactional producer (exactly-once mode), whose fatal error ends the run.
-    transactional: Option<KafkaProducer>,
+    /// The transactional producers (exactly-once mode), whose fatal error ends the run.
+    transactional: Vec<KafkaProducer>,
     /// The retry topic's source and sinks (`retry.topic`), for the retry pipeline.
     retry: Option<RetryEndpoints>,
 }
@@ -905,7 +905,7 @@ fn embedded_endpoints(config: &Config) -> anyhow::Result<Endpoints> {
         )?),
         dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
         dlq_name: dlq_path.display().to_string(),
-        transactional: None,
+        transactional: Vec::new(),
         retry: None,
     })
 }
@@ -946,41 +946,33 @@ async fn kafka_endpoints(
     crate::kafka::wait_for_topics(&config.kafka, &topics)
         .await
         .map_err(anyhow::Error::msg)?;
-    let (producer, transactions) = match &config.kafka.transactional_id {
-        Some(id) if config.kafka.exactly_once => {
-            let id = match restart {
-                0 => id.clone(),
-                n => format!("{id}.{n}"),
-            };
-            eprintln!("weir: exactly-once: one transaction per batch, transactional id {id}");
-            let kafka = config.kafka.clone();
-            let producer =
-                tokio::task::spawn_blocking(move || KafkaProducer::transactional(&kafka, &id))
-                    .await??;
-            let transactions = Transactions::new(&producer, metrics.transactions.clone());
-            (producer, Some(transactions))
-        }
-        _ => (KafkaProducer::new(&config.kafka)?, None),
+    // Exactly-once: this slot's transactional id (`<id>.<restart>` after a restart).
+    let slot = match &config.kafka.transactional_id {
+        Some(id) if config.kafka.exactly_once && restart == 0 => Some(id.clone()),
+        Some(id) if config.kafka.exactly_once => Some(format!("{id}.{restart}")),
+        _ => None,
     };
-    let transactional = transactions.is_some().then(|| producer.clone());
+    let mut transactional = Vec::new();
+    let (producer, transactions) = pipeline_producer(config, metrics, slot.clone()).await?;
+    transactional.extend(transactions.is_some().then(|| producer.clone()));
     let source = KafkaSource::subscribe(
         &config.kafka,
         &input,
         metrics.consumer_lag.clone(),
         transactions,
     )?;
-    let sink = || {
+    let sink = |producer: &KafkaProducer| {
         Box::new(KafkaSink::new(
-            &producer,
+            producer,
             &output,
             destinations.clone(),
             config.limits.max_output_bytes,
             Some(metrics.circuit_open.with_label_values(&["sink"])),
         ))
     };
-    let dead_letters = || {
+    let dead_letters = |producer: &KafkaProducer| {
         Box::new(KafkaDeadLetters::new(
-            &producer,
+            producer,
             &dlq,
             Some(metrics.circuit_open.with_label_values(&["dlq"])),
         ))
@@ -989,11 +981,16 @@ async fn kafka_endpoints(
         Some(topic) => {
             let mut kafka = config.kafka.clone();
             kafka.group = kafka.group.map(|group| format!("{group}.retry"));
-            let parked = KafkaSource::subscribe(&kafka, topic, metrics.consumer_lag.clone(), None)?;
+            // Exactly-once: the retry consumer's offsets go into its own transactions.
+            let slot = slot.map(|id| format!("{id}-retry"));
+            let (producer, transactions) = pipeline_producer(config, metrics, slot).await?;
+            transactional.extend(transactions.is_some().then(|| producer.clone()));
+            let parked =
+                KafkaSource::subscribe(&kafka, topic, metrics.consumer_lag.clone(), transactions)?;
             Some(RetryEndpoints {
                 source: Box::new(ParkedSource(Box::new(parked))),
-                sink: sink(),
-                dlq: dead_letters(),
+                sink: sink(&producer),
+                dlq: dead_letters(&producer),
             })
         }
         None => None,
@@ -1001,12 +998,30 @@ async fn kafka_endpoints(
     Ok(Endpoints {
         partitions: Some(Box::new(source.partitions())),
         source: Box::new(source),
-        sink: sink(),
-        dlq: dead_letters(),
+        sink: sink(&producer),
+        dlq: dead_letters(&producer),
         dlq_name: format!("topic {dlq}"),
         transactional,
         retry,
     })
+}
+
+/// The producer of a pipeline: with a transactional id (exactly-once mode), a transactional
+/// one and its transactions; else an idempotent one.
+async fn pipeline_producer(
+    config: &Config,
+    metrics: &Metrics,
+    transactional_id: Option<String>,
+) -> anyhow::Result<(KafkaProducer, Option<Arc<Transactions>>)> {
+    let Some(id) = transactional_id else {
+        return Ok((KafkaProducer::new(&config.kafka)?, None));
+    };
+    eprintln!("weir: exactly-once: batches in transactions, transactional id {id}");
+    let kafka = config.kafka.clone();
+    let producer =
+        tokio::task::spawn_blocking(move || KafkaProducer::transactional(&kafka, &id)).await??;
+    let transactions = Transactions::new(&producer, metrics.transactions.clone());
+    Ok((producer, Some(transactions)))
 }
 
 async fn state_store(
@@ -1173,7 +1188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut restarts = Restarts::default();
     let summary = loop {
-        let transactional = endpoints.transactional.take();
+        let transactional = std::mem::take(&mut endpoints.transactional);
         let pipeline = Pipeline {
             plugin: plugin.clone(),
             source: endpoints.source,
@@ -1195,7 +1210,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready.store(true, Ordering::Relaxed);
         let summary = run_pipelines(pipeline, retry, &mut shutdown).await;
         ready.store(false, Ordering::Relaxed);
-        let fatal = transactional.as_ref().and_then(KafkaProducer::fatal_error);
+        let fatal = transactional.iter().find_map(KafkaProducer::fatal_error);
         let (Err(error), Some((code, reason))) = (&summary, fatal) else {
             break summary;
         };

@@ -581,13 +581,6 @@ impl Config {
                     "must differ from source.topic, sink.topic and dlq.topic",
                 ));
             }
-            if self.kafka.exactly_once {
-                return Err(invalid(
-                    "retry.topic",
-                    "is not supported in exactly-once mode yet: parked records would need the \
-                     retry consumer's offsets in the same transactions",
-                ));
-            }
             // Retries do not run inline: nothing holds a batch while they wait.
             return Ok(());
         }
@@ -721,13 +714,6 @@ mod tests {
         // Retries do not run inline: their budget may pass max.poll.interval.ms.
         c.retry.max_elapsed_ms = 3_600_000;
         c.validate().expect("valid");
-        c.kafka.exactly_once = true;
-        c.kafka.transactional_id = Some("enrich-1".into());
-        let err = c.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("retry.topic") && err.contains("exactly-once"),
-            "{err}"
-        );
         let mut embedded = minimal();
         embedded.retry.topic = Some("in-retry".into());
         let err = embedded.validate().unwrap_err().to_string();

@@ -321,3 +321,73 @@ fn a_paused_worker_resumed_after_a_takeover_is_fenced_and_joins_again() {
     assert!(a.stop().success(), "{a_log}");
     assert!(b.stop().success(), "{b_log}");
 }
+
+/// Exactly-once with a retry topic: a record that stays retryable for 5 s is parked in the
+/// main pipeline's transaction and run again from the retry topic in the retry pipeline's
+/// own transactions (transactional id `<slot>-retry`); every id is output exactly once.
+#[test]
+fn a_parked_record_comes_back_exactly_once() {
+    let mock = MockKafka::start(MOCK, 3, &[("in", 2), ("out", 2), ("dlq", 1), ("retry", 1)]);
+    let n = 1_000;
+    let until_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        + 5_000;
+    let events = (0..n).map(|i| {
+        let fault = match i {
+            5 => format!(r#","fault":"retry_until","until_ms":{until_ms}"#),
+            _ => String::new(),
+        };
+        let value = format!(r#"{{"id":"e{i}","user_id":"u{i}","ts":1704067200{fault}}}"#);
+        (Some(format!("e{i}")), value, Vec::new())
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(mock.broker.produce("in", events));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("retry.toml");
+    std::fs::write(
+        &config,
+        "[retry]\nmax_attempts = 1000\nmax_backoff_ms = 1000\nmax_elapsed_ms = 60000\n",
+    )
+    .expect("config");
+    let mut flags: Vec<String> = eos_flags("a", "a")
+        .into_iter()
+        .map(|f| {
+            if f == "faults=off" {
+                "faults=on".into()
+            } else {
+                f
+            }
+        })
+        .collect();
+    flags.extend(["--retry-topic", "retry", "--config"].map(str::to_owned));
+    flags.push(config.display().to_string());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let worker = Worker::start(
+        BIN,
+        dir.path(),
+        "a",
+        &cluster(&mock),
+        &weir_tests::plugin("faulty"),
+        &flags,
+    );
+    let ids = wait_for_ids(&mock.broker, n, Duration::from_secs(120), || worker.log());
+    let repeated: Vec<_> = ids.iter().filter(|&(_, &c)| c > 1).collect();
+    assert!(repeated.is_empty(), "repeated: {repeated:?}");
+    assert_eq!(ids.len(), n);
+    let parked = worker.metric("weir_records_parked_total").unwrap_or(0.0);
+    assert!(parked >= 1.0, "parked {parked}");
+    let transactions = |result: &str| {
+        worker
+            .metric_where("weir_transactions_total", &format!("result=\"{result}\""))
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(transactions("aborted"), 0.0);
+    println!(
+        "{n} ids exactly once; e5 parked {parked} times; {} transactions committed",
+        transactions("committed")
+    );
+    let log = worker.log();
+    assert!(worker.stop().success(), "{log}");
+}
