@@ -397,6 +397,9 @@ impl std::fmt::Display for Summary {
                 .collect();
             write!(f, " ({})", classes.join(", "))?;
         }
+        if self.parked > 0 {
+            write!(f, " | parked {}", self.parked)?;
+        }
         write!(
             f,
             " | deduplicated {} | retried {} | {:.1}s, {} records/s",
@@ -427,5 +430,12 @@ mod tests {
         assert_eq!(s.dead_lettered_by_class.get("trap"), Some(&2));
         assert_eq!(s.records_per_sec, 5.0);
         assert!(m.render().contains("weir_records_in_total 10"));
+        assert!(!s.to_string().contains("parked"), "{s}");
+        m.records_parked.inc();
+        let s = m.summary(Duration::from_secs(2));
+        assert_eq!(s.parked, 1);
+        assert!(s.to_string().contains("| parked 1 |"), "{s}");
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["parked"], 1);
     }
 }
