@@ -83,6 +83,11 @@ fn start(dir: &std::path::Path, name: &str, slot: &str, cluster: &Cluster) -> Wo
     )
 }
 
+/// `weir_transactions_total{result}` of a worker (`None` while it does not answer).
+fn transactions(worker: &Worker, result: &str) -> Option<f64> {
+    worker.metric_where("weir_transactions_total", &format!("result=\"{result}\""))
+}
+
 /// Waits until the output holds at least `at_least` distinct ids, failing after `timeout`;
 /// returns them with how often each appears.
 fn wait_for_ids(
@@ -169,11 +174,7 @@ fn a_worker_writes_every_batch_in_committed_transactions() {
         repeated.is_empty(),
         "repeated without an abort: {repeated:?}"
     );
-    let transactions = |result: &str| {
-        worker
-            .metric_where("weir_transactions_total", &format!("result=\"{result}\""))
-            .unwrap_or(-1.0)
-    };
+    let transactions = |result: &str| transactions(&worker, result).unwrap_or(-1.0);
     let committed = transactions("committed");
     assert!(committed >= 1.0, "committed transactions: {committed}");
     assert_eq!(transactions("aborted"), 0.0);
@@ -228,10 +229,7 @@ fn three_kill_nine_bounces_lose_nothing() {
     let transactions = |result: &str| -> f64 {
         [&a, &b]
             .iter()
-            .map(|w| {
-                w.metric_where("weir_transactions_total", &format!("result=\"{result}\""))
-                    .unwrap_or(0.0)
-            })
+            .map(|w| transactions(w, result).unwrap_or(0.0))
             .sum()
     };
     println!(
@@ -275,7 +273,7 @@ fn a_paused_worker_resumed_after_a_takeover_is_fenced_and_joins_again() {
     let cluster = cluster(&mock);
     let a = start(dir.path(), "a", "a", &cluster);
     let logs = |a: &Worker, b: &Worker| format!("a:\n{}\nb:\n{}", a.log(), b.log());
-    let fenced = |w: &Worker| w.metric_where("weir_transactions_total", "result=\"fenced\"");
+    let fenced = |w: &Worker| transactions(w, "fenced");
     let before = wait_for_ids(&mock.broker, n / 10, Duration::from_secs(120), || a.log());
     a.pause();
     let b = start(dir.path(), "b", "b", &cluster);
@@ -378,11 +376,7 @@ fn a_parked_record_comes_back_exactly_once() {
     assert_eq!(ids.len(), n);
     let parked = worker.metric("weir_records_parked_total").unwrap_or(0.0);
     assert!(parked >= 1.0, "parked {parked}");
-    let transactions = |result: &str| {
-        worker
-            .metric_where("weir_transactions_total", &format!("result=\"{result}\""))
-            .unwrap_or(-1.0)
-    };
+    let transactions = |result: &str| transactions(&worker, result).unwrap_or(-1.0);
     assert_eq!(transactions("aborted"), 0.0);
     println!(
         "{n} ids exactly once; e5 parked {parked} times; {} transactions committed",

@@ -167,13 +167,6 @@ return out
 
 const CRASHES: &str = r"
 local out = {}
--- No crash anywhere (the usual case): one command, not one per id.
-if redis.call('HLEN', KEYS[1]) == 0 then
-  for i = 4, #ARGV do
-    out[i - 3] = 0
-  end
-  return out
-end
 for i = 4, #ARGV do
   out[i - 3] = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or 0)
 end
