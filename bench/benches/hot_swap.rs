@@ -1,7 +1,10 @@
 //! Hot swap under load (issue 5's benchmark): a release `weir` worker with the plugin API
 //! follows a file fed at a steady rate (embedded mode). After a steady phase, 100
 //! activations in a row alternate two versions (identity `faulty` as 1, `enrich` as 2),
-//! each waiting for the API's answer, then the stream runs steady again.
+//! each waiting for the API's answer, then the stream runs steady again. Alternating, every
+//! activation but the first finds the version it wants in reserve (the version swapped out
+//! last stays loaded); `WEIR_BENCH_VERSIONS=3` cycles three versions (`enrich-c` as 3), so
+//! that every activation loads its version from the registry.
 //!
 //! Prints the longest gap between outputs, the p99 record latency (event written → its
 //! output read back, so it includes batching) during the swaps ÷ the p99 of the steady
@@ -14,6 +17,7 @@
 //! bash scripts/build-plugins.sh
 //! cargo bench -p weir-bench --bench hot_swap     # WEIR_BENCH_RATE=20000 records/s
 //! WEIR_BENCH_CONTROL=1 cargo bench -p weir-bench --bench hot_swap   # no swaps: a read instead
+//! WEIR_BENCH_VERSIONS=3 cargo bench -p weir-bench --bench hot_swap  # every swap a load
 //! ```
 
 use std::collections::BTreeSet;
@@ -40,10 +44,12 @@ fn main() -> anyhow::Result<()> {
             .transpose()?
             .unwrap_or(default))
     };
-    let (rate, swaps_wanted) = (
+    let (rate, swaps_wanted, versions) = (
         env("WEIR_BENCH_RATE", 20_000)?,
         env("WEIR_BENCH_SWAPS", SWAPS)?,
+        env("WEIR_BENCH_VERSIONS", 2)?,
     );
+    anyhow::ensure!((2..=3).contains(&versions), "WEIR_BENCH_VERSIONS is 2 or 3");
     // The control experiment: the same calls and readings, but reads instead of activations.
     let control_run = env("WEIR_BENCH_CONTROL", 0)? == 1;
     if control_run {
@@ -77,9 +83,11 @@ fn main() -> anyhow::Result<()> {
         Duration::from_millis(10),
     );
     watcher.wait_for(rate, Duration::from_secs(60), log);
-    let enrich = std::fs::read(weir_tests::plugin("enrich"))?;
-    let (status, body) = weir_tests::http::json(port, TOKEN, "POST", "/v1/plugins/p", &enrich);
-    anyhow::ensure!(status == 201, "upload: {status} {body}");
+    for plugin in ["enrich", "enrich-c"].into_iter().take(versions - 1) {
+        let bytes = std::fs::read(weir_tests::plugin(plugin))?;
+        let (status, body) = weir_tests::http::json(port, TOKEN, "POST", "/v1/plugins/p", &bytes);
+        anyhow::ensure!(status == 201, "upload of {plugin}: {status} {body}");
+    }
 
     let steady = (Instant::now(), {
         std::thread::sleep(STEADY - SETTLE);
@@ -90,7 +98,8 @@ fn main() -> anyhow::Result<()> {
     let mut rss = Vec::new();
     let mut answers = Vec::with_capacity(swaps_wanted);
     for i in 0..swaps_wanted {
-        let version = if i % 2 == 0 { 2 } else { 1 };
+        // 2, 1, 2, 1, ... or 2, 3, 1, 2, 3, 1, ...
+        let version = (i + 1) % versions + 1;
         let body = format!("{{\"version\":{version}}}");
         let asked = Instant::now();
         let (status, answer) = if control_run {
@@ -144,8 +153,8 @@ fn main() -> anyhow::Result<()> {
     let (steady_outputs, swap_outputs) = (during(steady), during(swaps));
     let (steady_p99, swap_p99) = (p99(&steady_outputs), p99(&swap_outputs));
     println!(
-        "\nHot swap under load: {fed} records at {rate}/s, {swaps_wanted} activations in a row, \
-         one every {} ms ({:.2} s, answered in p50 {:.1} ms, max {:.1} ms)\n",
+        "\nHot swap under load: {fed} records at {rate}/s, {swaps_wanted} activations in a row \
+         cycling {versions} versions, one every {} ms ({:.2} s, answered in p50 {:.1} ms, max {:.1} ms)\n",
         SWAP_EVERY.as_millis(),
         (swaps.1 - swaps.0).as_secs_f64(),
         live::quantile(&mut answers.clone(), 0.5) as f64 / 1000.0,

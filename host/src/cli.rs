@@ -1105,6 +1105,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             config: plugin_config,
             metrics: metrics.clone(),
             applied: tokio::sync::Mutex::new((version, activations)),
+            reserve: std::sync::Mutex::new(None),
         });
     }
     let ready = start_http_servers(&config, &metrics, control).await?;

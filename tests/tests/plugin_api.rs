@@ -9,11 +9,11 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use serde_json::Value;
 use tower::ServiceExt;
-use weir::api::{self, AppState, Control};
+use weir::api::{self, AppState, Control, Running};
 use weir::config::LimitsConfig;
 use weir::metrics::Metrics;
 use weir::registry::Registry;
-use weir::runtime::Runtime;
+use weir::runtime::{ActivePlugin, Plugin, Runtime};
 
 const TOKEN: &str = "s3cret-token";
 
@@ -540,6 +540,79 @@ async fn activation_and_rollback_move_the_active_version() {
             ("activate", Some(9), false),
             ("activate", Some(2), false),
         ]
+    );
+}
+
+/// A worker keeps the version it swapped out loaded: rolling back to it, or activating it
+/// again, swaps in that same loaded plugin (its warm instances included) instead of reading,
+/// compiling and instantiating it again. Any other version is loaded from the registry.
+#[tokio::test]
+async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
+    let runtime = Arc::new(Runtime::new(&LimitsConfig::default()).expect("runtime"));
+    let load = |name: &str, version: u64| {
+        Plugin::load(&runtime, &component(name), "p", version, Vec::new()).expect("load")
+    };
+    let active = Arc::new(ActivePlugin::new(load("enrich", 1)));
+    let running = Running {
+        name: "p".into(),
+        started: std::time::Instant::now(),
+        active: active.clone(),
+        config: Vec::new(),
+        metrics: Arc::new(Metrics::new()),
+        // Version 1, activated once: what the registry will say after the first activation.
+        applied: tokio::sync::Mutex::new((1, 1)),
+        reserve: Default::default(),
+    };
+    let api = Api::with(
+        Some(TOKEN),
+        true,
+        api::DEFAULT_MAX_UPLOAD_BYTES,
+        |control| {
+            control.runtime = runtime.clone();
+            control.running = Some(running);
+        },
+    );
+    for plugin in ["enrich", "faulty", "enrich-c"] {
+        let (status, _) = api
+            .json("POST", "/v1/plugins/p", Some(TOKEN), component(plugin))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let post = |path: &'static str, version: Option<u64>| {
+        let body = version.map_or_else(Vec::new, |v| format!(r#"{{"version":{v}}}"#).into());
+        api.json("POST", path, Some(TOKEN), body)
+    };
+    let activate = |version| post("/v1/plugins/p/activate", Some(version));
+    let running_version = || active.current().meta().version;
+
+    let v1 = active.current();
+    assert_eq!(activate(1).await.0, StatusCode::OK);
+    assert!(Arc::ptr_eq(&active.current(), &v1), "nothing to swap");
+    assert_eq!(activate(2).await.0, StatusCode::OK);
+    let v2 = active.current();
+    assert_eq!(running_version(), 2);
+
+    let (status, body) = post("/v1/plugins/p/rollback", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        Arc::ptr_eq(&active.current(), &v1),
+        "the rollback loaded version 1 again"
+    );
+    assert_eq!(activate(2).await.0, StatusCode::OK);
+    assert!(
+        Arc::ptr_eq(&active.current(), &v2),
+        "activating version 2 again loaded it again"
+    );
+    // Version 3 is loaded from the registry; 2 goes in reserve and 1 is dropped.
+    assert_eq!(activate(3).await.0, StatusCode::OK);
+    assert_eq!(running_version(), 3);
+    assert_eq!(activate(2).await.0, StatusCode::OK);
+    assert!(Arc::ptr_eq(&active.current(), &v2), "2 was in reserve");
+    assert_eq!(activate(1).await.0, StatusCode::OK);
+    assert_eq!(running_version(), 1);
+    assert!(
+        !Arc::ptr_eq(&active.current(), &v1),
+        "version 1 was two swaps back: loaded anew"
     );
 }
 

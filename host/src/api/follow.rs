@@ -3,7 +3,9 @@
 //! worker's API or published by another worker of the cluster, and every few seconds in case
 //! a notification was lost.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
+
+use super::plugins::Running;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -14,6 +16,24 @@ use crate::runtime::Plugin;
 
 /// How often the registry is read again without a notification.
 const RECHECK_EVERY: Duration = Duration::from_secs(2);
+
+impl Running {
+    /// Makes `plugin` the stable version. The version it replaces is kept in reserve, so
+    /// that a rollback to it (or activating it again) swaps at once: no registry read, no
+    /// compile, and its warm instances run the next batch.
+    fn swap_in(&self, plugin: Arc<Plugin>) {
+        plugin.set_in_reserve(false);
+        let replaced = self.active.swap(plugin);
+        replaced.set_in_reserve(true);
+        *self.reserve.lock().unwrap_or_else(PoisonError::into_inner) = Some(replaced);
+    }
+
+    /// The version in reserve, when it is `version`.
+    fn reserve(&self, version: u64) -> Option<Arc<Plugin>> {
+        let reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        reserve.clone().filter(|p| p.meta().version == version)
+    }
+}
 
 /// Follows the registry for the worker's lifetime.
 pub async fn follow(control: Arc<Control>) {
@@ -35,7 +55,7 @@ impl Control {
     /// canary. `loaded` is a version the caller loaded already.
     pub(super) async fn apply(
         self: &Arc<Self>,
-        mut loaded: Option<Plugin>,
+        mut loaded: Option<Arc<Plugin>>,
     ) -> Result<(), ApiError> {
         let Some(running) = &self.running else {
             return Ok(());
@@ -51,16 +71,15 @@ impl Control {
             let routing = running.active.routing();
             let from = routing.stable.meta().version;
             // A promoted canary is already loaded: its records keep the instance they had.
-            let promoted = index.canary.is_none()
-                && routing
-                    .canary
-                    .as_ref()
-                    .is_some_and(|c| c.plugin.meta().version == active)
-                && running.active.promote();
-            if !promoted {
-                let plugin = self.load(&running.name, active, &mut loaded).await?;
-                running.active.swap(plugin);
-            }
+            let candidate = routing
+                .canary
+                .filter(|c| index.canary.is_none() && c.plugin.meta().version == active);
+            let promoted = candidate.is_some();
+            let plugin = match candidate {
+                Some(candidate) => candidate.plugin,
+                None => self.load(&running.name, active, &mut loaded).await?,
+            };
+            running.swap_in(plugin);
             running
                 .metrics
                 .set_active_plugin(running.active.current().meta());
@@ -86,7 +105,7 @@ impl Control {
                 }
             }
             Some((version, percent)) => {
-                let plugin = Arc::new(self.load(&running.name, version, &mut loaded).await?);
+                let plugin = self.load(&running.name, version, &mut loaded).await?;
                 running.active.start_canary(plugin, percent);
                 tracing::info!(plugin = %running.name, stable = active, candidate = version, percent, "canary started");
                 tokio::spawn(watch_canary(self.clone(), active, version));
@@ -101,8 +120,8 @@ impl Control {
         &self,
         name: &str,
         version: u64,
-        loaded: &mut Option<Plugin>,
-    ) -> Result<Plugin, ApiError> {
+        loaded: &mut Option<Arc<Plugin>>,
+    ) -> Result<Arc<Plugin>, ApiError> {
         if let Some(plugin) = loaded.take_if(|p| p.meta().version == version) {
             return Ok(plugin);
         }
@@ -114,17 +133,21 @@ impl Control {
         })
     }
 
-    /// Loads `version` of `name` with the worker's plugin configuration when the worker runs
-    /// that plugin (its `init` may refuse: 422); `None` for other plugins.
+    /// `version` of `name` with the worker's plugin configuration when the worker runs that
+    /// plugin: the version in reserve when it is that one, else loaded from the registry
+    /// (its `init` may refuse: 422); `None` for other plugins.
     pub(super) async fn load_running(
         &self,
         name: &str,
         version: u64,
-    ) -> Result<Option<Plugin>, ApiError> {
+    ) -> Result<Option<Arc<Plugin>>, ApiError> {
         let Some(running) = self.running.as_ref().filter(|r| r.name == name) else {
             self.registry.version(name, version).await?;
             return Ok(None);
         };
+        if let Some(plugin) = running.reserve(version) {
+            return Ok(Some(plugin));
+        }
         let bytes = self.registry.wasm(name, version).await?;
         let (runtime, name, config) = (
             self.runtime.clone(),
@@ -135,7 +158,7 @@ impl Control {
             Plugin::load(&runtime, &bytes, &name, version, config)
         });
         match loading.await {
-            Ok(Ok(plugin)) => Ok(Some(plugin)),
+            Ok(Ok(plugin)) => Ok(Some(Arc::new(plugin))),
             Ok(Err(e)) => Err(ApiError(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("version {version} cannot run here: it {e}"),

@@ -18,7 +18,7 @@ use super::AppState;
 use crate::canary::{CanaryConfig, QuarantineConfig};
 use crate::metrics::{Metrics, Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
-use crate::runtime::{ActivePlugin, Runtime};
+use crate::runtime::{ActivePlugin, Plugin, Runtime};
 
 /// Uploads larger than this are refused with 413 unless configured otherwise (Python
 /// components are tens of MiB).
@@ -63,6 +63,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The registry's active version and activation count last swapped in.
     pub applied: tokio::sync::Mutex<(u64, u64)>,
+    /// The version swapped out last, kept loaded for a rollback (`follow.rs`).
+    pub reserve: std::sync::Mutex<Option<Arc<Plugin>>>,
 }
 
 /// A refusal, answered as `{"error": "..."}` with its status.

@@ -88,10 +88,10 @@ impl ActivePlugin {
 
     /// Makes `plugin` the stable version and ends any canary; returns the version it
     /// replaces (batches already on it finish on it).
-    pub fn swap(&self, plugin: Plugin) -> Arc<Plugin> {
+    pub fn swap(&self, plugin: Arc<Plugin>) -> Arc<Plugin> {
         let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
         routing.canary = None;
-        let old = std::mem::replace(&mut routing.stable, Arc::new(plugin));
+        let old = std::mem::replace(&mut routing.stable, plugin);
         self.paused.send_replace(false);
         old
     }
@@ -100,18 +100,6 @@ impl ActivePlugin {
     pub fn start_canary(&self, plugin: Arc<Plugin>, percent: f64) {
         let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
         routing.canary = Some(Canary { plugin, percent });
-    }
-
-    /// Makes the canary's candidate the stable version; false when there is no canary.
-    pub fn promote(&self) -> bool {
-        let mut routing = self.routing.write().unwrap_or_else(PoisonError::into_inner);
-        match routing.canary.take() {
-            Some(canary) => {
-                routing.stable = canary.plugin;
-                true
-            }
-            None => false,
-        }
     }
 
     /// Ends the canary: every record runs on the stable version again.

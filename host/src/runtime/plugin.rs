@@ -128,6 +128,8 @@ pub struct Plugin {
     config: Vec<(String, String)>,
     limits: Arc<LimitsConfig>,
     idle: Mutex<Vec<Warm>>,
+    /// How many instances `idle` keeps (fewer while the version is in reserve).
+    most_idle: AtomicUsize,
     /// Largest linear memory of any instance since the last `take_peak_memory`.
     peak_memory: AtomicUsize,
 }
@@ -171,6 +173,7 @@ impl Plugin {
             config,
             limits: runtime.limits.clone(),
             idle: Mutex::new(Vec::new()),
+            most_idle: AtomicUsize::new(runtime.limits.max_instances as usize),
             peak_memory: AtomicUsize::new(0),
         };
         // Instantiate once now, so type mismatches and a refused config surface at load.
@@ -323,6 +326,16 @@ impl Plugin {
         }
     }
 
+    /// Puts this version in reserve (swapped out, kept for a rollback) or back in service.
+    /// In reserve it keeps at most a quarter of the instance pool warm (none when the pool
+    /// holds fewer than 4), so the versions in service always have room.
+    pub fn set_in_reserve(&self, in_reserve: bool) {
+        let most = self.limits.max_instances as usize / if in_reserve { 4 } else { 1 };
+        self.most_idle.store(most, Ordering::Relaxed);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.truncate(most);
+    }
+
     fn note_memory(&self, warm: &Warm) {
         let peak = warm.store.data().memory_cap.peak_bytes();
         self.peak_memory.fetch_max(peak, Ordering::Relaxed);
@@ -345,7 +358,7 @@ impl Plugin {
             return; // retire it: a fresh instance next time
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < self.limits.max_instances as usize {
+        if idle.len() < self.most_idle.load(Ordering::Relaxed) {
             idle.push(warm);
         }
     }
