@@ -327,10 +327,12 @@ impl Plugin {
     }
 
     /// Puts this version in reserve (swapped out, kept for a rollback) or back in service.
-    /// In reserve it keeps at most a quarter of the instance pool warm (none when the pool
-    /// holds fewer than 4), so the versions in service always have room.
+    /// In reserve it keeps one instance warm, enough for the next batch, and none when the
+    /// pool holds fewer than 4: the versions in service must have room, and an instance of
+    /// a large plugin (Python, JavaScript) holds tens of MiB.
     pub fn set_in_reserve(&self, in_reserve: bool) {
-        let most = self.limits.max_instances as usize / if in_reserve { 4 } else { 1 };
+        let pool = self.limits.max_instances as usize;
+        let most = if in_reserve { (pool / 4).min(1) } else { pool };
         self.most_idle.store(most, Ordering::Relaxed);
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.truncate(most);
