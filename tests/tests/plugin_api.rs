@@ -544,8 +544,9 @@ async fn activation_and_rollback_move_the_active_version() {
 }
 
 /// A worker keeps the version it swapped out loaded: rolling back to it, or activating it
-/// again, swaps in that same loaded plugin (its warm instances included) instead of reading,
-/// compiling and instantiating it again. Any other version is loaded from the registry.
+/// again, swaps in that same loaded plugin (its warm instance included) instead of reading,
+/// compiling and instantiating it again. Any other version is loaded from the registry, and
+/// deleting the version in reserve drops it.
 #[tokio::test]
 async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
     let runtime = Arc::new(Runtime::new(&LimitsConfig::default()).expect("runtime"));
@@ -614,6 +615,28 @@ async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
         !Arc::ptr_eq(&active.current(), &v1),
         "version 1 was two swaps back: loaded anew"
     );
+
+    // Deleting the version in reserve (2) frees it, once the worker follows the registry.
+    let deleted = Arc::downgrade(&v2);
+    drop(v2);
+    tokio::spawn(api::follow(api.state.control.clone().expect("control")));
+    let (status, body) = api
+        .json(
+            "DELETE",
+            "/v1/plugins/p/versions/2",
+            Some(TOKEN),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while deleted.upgrade().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "version 2 still loaded after its deletion"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Every route the OpenAPI document lists answers (no 405, no bare 404 of an unknown

@@ -6,6 +6,7 @@
 use std::sync::{Arc, PoisonError};
 
 use super::plugins::Running;
+use crate::registry::PluginInfo;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -26,6 +27,15 @@ impl Running {
         let replaced = self.active.swap(plugin);
         replaced.set_in_reserve(true);
         *self.reserve.lock().unwrap_or_else(PoisonError::into_inner) = Some(replaced);
+    }
+
+    /// Drops the version in reserve once it is deleted from the registry (its memory with it).
+    fn drop_deleted_reserve(&self, index: &PluginInfo) {
+        let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept = |p: &Arc<Plugin>| index.versions.iter().any(|v| v.version == p.meta().version);
+        if reserve.as_ref().is_some_and(|p| !kept(p)) {
+            *reserve = None;
+        }
     }
 
     /// The version in reserve, when it is `version`.
@@ -64,6 +74,7 @@ impl Control {
         let Some(index) = self.registry.plugin(&running.name).await? else {
             return Ok(());
         };
+        running.drop_deleted_reserve(&index);
         let Some(active) = index.active else {
             return Ok(());
         };
