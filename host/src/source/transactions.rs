@@ -26,7 +26,7 @@
 //! On a revoke, the callback waits for the open transaction to end before the partitions
 //! go, so the next owner starts after every committed batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,9 @@ use super::kafka::{Position, SourceContext};
 use super::offsets::OffsetTracker;
 use crate::kafka::{LogContext, offset_list};
 use crate::sink::KafkaProducer;
+
+/// How many ended transactions' outcomes are kept for members that look late.
+const OUTCOMES_KEPT: usize = 64;
 
 /// How long a commit or an abort may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,8 +79,10 @@ enum Outcome {
 pub struct Transactions {
     producer: FutureProducer<LogContext>,
     open: Mutex<Option<Group>>,
-    /// The last transaction to end: (its id, its outcome).
-    ended: watch::Sender<(u64, Option<Outcome>)>,
+    /// The last transactions to end, oldest first: (id, outcome). More than the last one,
+    /// so that a member whose task runs late still finds its own transaction's outcome
+    /// after the next one ended too.
+    ended: watch::Sender<VecDeque<(u64, Outcome)>>,
     next_id: Mutex<u64>,
     /// `weir_transactions_total{result}`.
     results: IntCounterVec,
@@ -91,7 +96,7 @@ impl Transactions {
         Arc::new(Self {
             producer: producer.inner().clone(),
             open: Mutex::new(None),
-            ended: watch::Sender::new((0, None)),
+            ended: watch::Sender::new(VecDeque::new()),
             next_id: Mutex::new(0),
             results,
         })
@@ -120,7 +125,12 @@ impl Transactions {
     /// Ends transaction `id`: no transaction is open any more, and its members learn how.
     fn end(&self, id: u64, outcome: Outcome) {
         *self.open() = None;
-        self.ended.send_replace((id, Some(outcome)));
+        self.ended.send_modify(|ended| {
+            if ended.len() == OUTCOMES_KEPT {
+                ended.pop_front();
+            }
+            ended.push_back((id, outcome));
+        });
     }
 }
 
@@ -272,10 +282,17 @@ impl BatchTransaction {
                 outcome
             }
             None => loop {
-                if let (ended_id, Some(outcome)) = &*ended.borrow_and_update()
-                    && *ended_id == id
                 {
-                    break outcome.clone();
+                    let ended = ended.borrow_and_update();
+                    if let Some((_, outcome)) = ended.iter().find(|(i, _)| *i == id) {
+                        break outcome.clone();
+                    }
+                    if ended.front().is_some_and(|(oldest, _)| *oldest > id) {
+                        break Outcome::Failed(format!(
+                            "the outcome of transaction {id} is no longer known ({OUTCOMES_KEPT} \
+                             transactions ended since)"
+                        ));
+                    }
                 }
                 if ended.changed().await.is_err() {
                     break Outcome::Failed("the transactions ended".into());
