@@ -75,14 +75,41 @@ enum Outcome {
     Failed(String),
 }
 
+/// The outcomes of the last transactions to end, oldest first. More than the last one, so
+/// that a member whose task runs late still finds its own transaction's outcome after the
+/// next one ended too (transactions end one at a time, in id order).
+#[derive(Default)]
+struct Ended(VecDeque<(u64, Outcome)>);
+
+impl Ended {
+    fn record(&mut self, id: u64, outcome: Outcome) {
+        if self.0.len() == OUTCOMES_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((id, outcome));
+    }
+
+    /// How transaction `id` ended; `None` while it has not.
+    fn outcome_of(&self, id: u64) -> Option<Outcome> {
+        if let Some((_, outcome)) = self.0.iter().find(|(i, _)| *i == id) {
+            return Some(outcome.clone());
+        }
+        let forgotten = self.0.front().is_some_and(|(oldest, _)| *oldest > id);
+        forgotten.then(|| {
+            Outcome::Failed(format!(
+                "the outcome of transaction {id} is no longer known ({OUTCOMES_KEPT} \
+                 transactions ended since)"
+            ))
+        })
+    }
+}
+
 /// The worker's transactional producer (shared with its sinks) and its open transaction.
 pub struct Transactions {
     producer: FutureProducer<LogContext>,
     open: Mutex<Option<Group>>,
-    /// The last transactions to end, oldest first: (id, outcome). More than the last one,
-    /// so that a member whose task runs late still finds its own transaction's outcome
-    /// after the next one ended too.
-    ended: watch::Sender<VecDeque<(u64, Outcome)>>,
+    /// The outcomes of the last transactions to end.
+    ended: watch::Sender<Ended>,
     next_id: Mutex<u64>,
     /// `weir_transactions_total{result}`.
     results: IntCounterVec,
@@ -96,7 +123,7 @@ impl Transactions {
         Arc::new(Self {
             producer: producer.inner().clone(),
             open: Mutex::new(None),
-            ended: watch::Sender::new(VecDeque::new()),
+            ended: watch::Sender::new(Ended::default()),
             next_id: Mutex::new(0),
             results,
         })
@@ -125,12 +152,7 @@ impl Transactions {
     /// Ends transaction `id`: no transaction is open any more, and its members learn how.
     fn end(&self, id: u64, outcome: Outcome) {
         *self.open() = None;
-        self.ended.send_modify(|ended| {
-            if ended.len() == OUTCOMES_KEPT {
-                ended.pop_front();
-            }
-            ended.push_back((id, outcome));
-        });
+        self.ended.send_modify(|ended| ended.record(id, outcome));
     }
 }
 
@@ -282,17 +304,8 @@ impl BatchTransaction {
                 outcome
             }
             None => loop {
-                {
-                    let ended = ended.borrow_and_update();
-                    if let Some((_, outcome)) = ended.iter().find(|(i, _)| *i == id) {
-                        break outcome.clone();
-                    }
-                    if ended.front().is_some_and(|(oldest, _)| *oldest > id) {
-                        break Outcome::Failed(format!(
-                            "the outcome of transaction {id} is no longer known ({OUTCOMES_KEPT} \
-                             transactions ended since)"
-                        ));
-                    }
+                if let Some(outcome) = ended.borrow_and_update().outcome_of(id) {
+                    break outcome;
                 }
                 if ended.changed().await.is_err() {
                     break Outcome::Failed("the transactions ended".into());
@@ -451,5 +464,30 @@ impl Drop for BatchTransaction {
             let outcome = this.abort_and_read_again(&first).await;
             this.transactions.end(id, outcome);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_that_looks_late_finds_its_transactions_outcome() {
+        let mut ended = Ended::default();
+        assert!(ended.outcome_of(1).is_none(), "not ended yet");
+        ended.record(1, Outcome::Aborted);
+        // The next transaction ends before the member of the first one looks.
+        ended.record(2, Outcome::Committed);
+        assert!(matches!(ended.outcome_of(1), Some(Outcome::Aborted)));
+        assert!(matches!(ended.outcome_of(2), Some(Outcome::Committed)));
+        assert!(ended.outcome_of(3).is_none(), "not ended yet");
+        // Beyond what is kept, the member is told so instead of waiting for ever.
+        for id in 3..=(2 + OUTCOMES_KEPT as u64) {
+            ended.record(id, Outcome::Committed);
+        }
+        assert!(
+            matches!(ended.outcome_of(1), Some(Outcome::Failed(why)) if why.contains("no longer known"))
+        );
+        assert!(matches!(ended.outcome_of(3), Some(Outcome::Committed)));
     }
 }
