@@ -4,15 +4,13 @@
 //! a notification was lost.
 
 use std::sync::{Arc, PoisonError};
-
-use super::plugins::Running;
-use crate::registry::PluginInfo;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 
-use super::plugins::{ApiError, Control};
+use super::plugins::{ApiError, Control, Running};
 use super::watch::watch_canary;
+use crate::registry::PluginInfo;
 use crate::runtime::Plugin;
 
 /// How often the registry is read again without a notification.
