@@ -1016,7 +1016,7 @@ async fn pipeline_producer(
     let Some(id) = transactional_id else {
         return Ok((KafkaProducer::new(&config.kafka)?, None));
     };
-    eprintln!("weir: exactly-once: batches in transactions, transactional id {id}");
+    eprintln!("weir: exactly-once: batches in transactions, transactional ids {id} and {id}/2");
     let kafka = config.kafka.clone();
     let producer =
         tokio::task::spawn_blocking(move || KafkaProducer::transactional(&kafka, &id)).await??;
@@ -1183,7 +1183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         progress: (config.pipeline.progress_secs > 0)
             .then(|| Duration::from_secs(config.pipeline.progress_secs)),
         lease_renewal,
-        max_in_flight_batches: config.pipeline.max_in_flight_batches,
+        max_in_flight_batches: config.max_in_flight_batches(),
         park_retryable: config.retry.topic.is_some(),
         crash_guard: crash_guard(&config, &pipeline_name, redis)?,
     };
@@ -1437,7 +1437,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             bypass_done: true,
             progress: None,
             lease_renewal: None,
-            max_in_flight_batches: config.pipeline.max_in_flight_batches,
+            max_in_flight_batches: config.max_in_flight_batches(),
             park_retryable: false,
             crash_guard: None,
         },

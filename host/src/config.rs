@@ -191,8 +191,8 @@ pub struct PipelineConfig {
     pub progress_secs: u64,
     /// Batches whose writes are confirmed while the next ones are transformed. More hide
     /// more sink latency; each one adds a batch to what a crashed worker's successor may
-    /// process again.
-    pub max_in_flight_batches: usize,
+    /// process again. Unset: 32, or 128 in exactly-once mode ([`Config::max_in_flight_batches`]).
+    pub max_in_flight_batches: Option<usize>,
     /// A record in the plugin this many times when the worker died is dead-lettered as
     /// `crash_loop` instead of run again; 0 turns the guard off.
     pub crash_loop_limit: u32,
@@ -205,7 +205,7 @@ impl Default for PipelineConfig {
             batch_size: 128,
             id: None,
             progress_secs: 2,
-            max_in_flight_batches: 32,
+            max_in_flight_batches: None,
             crash_loop_limit: 3,
         }
     }
@@ -337,6 +337,13 @@ impl Default for ApiConfig {
 }
 
 impl Config {
+    /// `pipeline.max_in_flight_batches`, or its default: 32, and 128 in exactly-once mode,
+    /// where a batch stays in flight until its transaction commits (BENCHMARKS.md).
+    pub fn max_in_flight_batches(&self) -> usize {
+        let default = if self.kafka.exactly_once { 128 } else { 32 };
+        self.pipeline.max_in_flight_batches.unwrap_or(default)
+    }
+
     /// Reads a TOML file; unknown fields are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -373,13 +380,12 @@ impl Config {
         for name in self.sink.destinations.keys() {
             check_name("sink.destinations", name)?;
         }
-        if !(1..=1024).contains(&self.pipeline.max_in_flight_batches) {
+        if let Some(n) = self.pipeline.max_in_flight_batches
+            && !(1..=1024).contains(&n)
+        {
             return Err(invalid(
                 "pipeline.max_in_flight_batches",
-                format!(
-                    "must be between 1 and 1024, got {}",
-                    self.pipeline.max_in_flight_batches
-                ),
+                format!("must be between 1 and 1024, got {n}"),
             ));
         }
         if self.pipeline.batch_size == 0 || self.pipeline.batch_size > 65_536 {
@@ -682,6 +688,20 @@ mod tests {
         c.sink.topic = Some("out".into());
         c.dlq.topic = Some("dlq".into());
         c
+    }
+
+    #[test]
+    fn exactly_once_keeps_more_batches_in_flight_unless_told() {
+        let mut c = cluster();
+        assert_eq!(c.max_in_flight_batches(), 32);
+        c.kafka.exactly_once = true;
+        c.kafka.transactional_id = Some("slot-1".into());
+        assert_eq!(c.max_in_flight_batches(), 128);
+        c.pipeline.max_in_flight_batches = Some(8);
+        assert_eq!(c.max_in_flight_batches(), 8);
+        c.pipeline.max_in_flight_batches = Some(0);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("pipeline.max_in_flight_batches"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Kafka topics as sinks: outputs to the default topic or a plugin-named destination topic,
 //! dead letters to the DLQ topic with the original key, value and headers plus the
-//! `weir.error.*` headers (DESIGN §7). One idempotent producer serves both.
+//! `weir.error.*` headers (DESIGN §7). One idempotent producer serves both (two
+//! transactional ones in exactly-once mode).
 //!
 //! `send` only enqueues; `seal` hands over the deliveries so far as one future (`flush` awaits
 //! it). A failed delivery (librdkafka has already retried it within `message.timeout.ms`) is
@@ -17,6 +18,8 @@
 //! fails its transaction, which the batch aborts, and its records are read again.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,10 +68,14 @@ fn sink_error(what: String, e: KafkaError) -> SinkError {
     }
 }
 
-/// The producer both sinks share.
+/// The producer both sinks share. In exactly-once mode it is two transactional producers
+/// that take turns (`source/transactions.rs`): sends go to the one whose transaction the
+/// batch being written joined.
 #[derive(Clone)]
 pub struct KafkaProducer {
-    producer: FutureProducer<LogContext>,
+    producers: Arc<[FutureProducer<LogContext>]>,
+    /// The index of the producer sends go to now.
+    writing: Arc<AtomicUsize>,
     transactional: bool,
 }
 
@@ -79,44 +86,66 @@ impl KafkaProducer {
             .create_with_context(LogContext)
             .map_err(|e| sink_error("kafka producer".into(), e))?;
         Ok(Self {
-            producer,
+            producers: Arc::new([producer]),
+            writing: Arc::default(),
             transactional: false,
         })
     }
 
-    /// A transactional producer (exactly-once mode) with the worker slot's `id`, ready for
-    /// its first transaction: registering the id fences any producer that had it before and
-    /// aborts that producer's open transaction. Blocks up to a minute.
+    /// Two transactional producers (exactly-once mode) for the worker slot `id`, with the
+    /// transactional ids `<id>` and `<id>/2`, ready for their first transactions:
+    /// registering an id fences any producer that had it before and aborts that producer's
+    /// open transaction. Blocks up to a minute for each.
     pub fn transactional(kafka: &KafkaConfig, id: &str) -> Result<Self, SinkError> {
-        let config = crate::kafka::client_config(
-            kafka,
-            &[
-                ("transactional.id", id),
-                // A dead worker's open transaction holds back read_committed consumers of
-                // its outputs until this runs out, unless its slot starts again first.
-                ("transaction.timeout.ms", "10000"),
-            ],
-        );
-        let producer: FutureProducer<LogContext> = config
-            .create_with_context(LogContext)
-            .map_err(|e| sink_error("kafka transactional producer".into(), e))?;
-        rdkafka::producer::Producer::init_transactions(&producer, Duration::from_secs(60))
-            .map_err(|e| sink_error(format!("init_transactions for `{id}`"), e))?;
+        let producers = [id.to_owned(), format!("{id}/2")]
+            .iter()
+            .map(|id| {
+                let config = crate::kafka::client_config(
+                    kafka,
+                    &[
+                        ("transactional.id", id),
+                        // A dead worker's open transaction holds back read_committed
+                        // consumers of its outputs until this runs out, unless its slot
+                        // starts again first.
+                        ("transaction.timeout.ms", "10000"),
+                    ],
+                );
+                let producer: FutureProducer<LogContext> =
+                    config
+                        .create_with_context(LogContext)
+                        .map_err(|e| sink_error("kafka transactional producer".into(), e))?;
+                rdkafka::producer::Producer::init_transactions(&producer, Duration::from_secs(60))
+                    .map_err(|e| sink_error(format!("init_transactions for `{id}`"), e))?;
+                Ok(producer)
+            })
+            .collect::<Result<Arc<[_]>, SinkError>>()?;
         Ok(Self {
-            producer,
+            producers,
+            writing: Arc::default(),
             transactional: true,
         })
     }
 
-    /// The producer itself, for the source's transactions.
-    pub fn inner(&self) -> &FutureProducer<LogContext> {
-        &self.producer
+    /// The producers themselves, for the source's transactions.
+    pub fn producers(&self) -> &[FutureProducer<LogContext>] {
+        &self.producers
     }
 
-    /// The error that ended the producer, if one did (a transactional producer that was
+    /// Sends go to producer `index` from now on.
+    pub fn write_to(&self, index: usize) {
+        self.writing.store(index, Ordering::Relaxed);
+    }
+
+    fn writing(&self) -> &FutureProducer<LogContext> {
+        &self.producers[self.writing.load(Ordering::Relaxed)]
+    }
+
+    /// The error that ended a producer, if one did (a transactional producer that was
     /// fenced, or failed fatally): it cannot be used again.
     pub fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
-        rdkafka::producer::Producer::client(&self.producer).fatal_error()
+        self.producers
+            .iter()
+            .find_map(|p| rdkafka::producer::Producer::client(p).fatal_error())
     }
 }
 
@@ -126,7 +155,7 @@ type Pending = Vec<(DeliveryFuture, u32)>;
 
 /// Messages sent and not yet confirmed.
 struct Deliveries {
-    producer: FutureProducer<LogContext>,
+    producer: KafkaProducer,
     pending: Pending,
     /// 1 while deliveries fail because the broker is away.
     circuit: Option<IntGauge>,
@@ -137,7 +166,7 @@ struct Deliveries {
 impl Deliveries {
     fn new(producer: &KafkaProducer, circuit: Option<IntGauge>) -> Self {
         Self {
-            producer: producer.producer.clone(),
+            producer: producer.clone(),
             pending: Vec::new(),
             circuit,
             resend: !producer.transactional,
@@ -152,14 +181,15 @@ impl Deliveries {
         value: &[u8],
         headers: OwnedHeaders,
     ) -> Result<(), SinkError> {
-        let delivery = enqueue(&self.producer, record(topic, key, value, headers)).await?;
+        let record = record(topic, key, value, headers);
+        let delivery = enqueue(self.producer.writing(), record).await?;
         self.pending.push((delivery, 1));
         Ok(())
     }
 
     /// The deliveries so far, confirmed (or failed for good) when the future completes.
     fn seal(&mut self) -> Durable {
-        let producer = self.producer.clone();
+        let producer = self.producer.writing().clone();
         let pending = std::mem::take(&mut self.pending);
         if !self.resend {
             return Box::pin(confirm_once(pending));

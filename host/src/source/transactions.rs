@@ -1,29 +1,34 @@
-//! Exactly-once mode: batches are written in Kafka transactions of the worker's
-//! transactional producer, each holding its batches' outputs, dead letters and the consumer
-//! offsets after them (`send_offsets_to_transaction` with the consumer's group metadata).
-//! A batch's [`Ack`](super::Ack) joins the open transaction before its outputs are sent, and
-//! says when they are delivered; done marks come only after the commit.
+//! Exactly-once mode: batches are written in Kafka transactions of the worker's two
+//! transactional producers, each transaction holding its batches' outputs, dead letters and
+//! the consumer offsets after them (`send_offsets_to_transaction` with the consumer's group
+//! metadata). A batch's [`Ack`](super::Ack) joins the open transaction before its outputs
+//! are sent (to that transaction's producer), and says when they are delivered; done marks
+//! come only after the commit.
 //!
-//! **Group commit.** One transaction is open at a time, and batches written while it is
-//! open join it, until it starts to commit: that happens as soon as every member's records
-//! are delivered, and the last member to get there commits for all (the union of their
-//! offsets) while the others await the outcome. Under load, the batches written while one
-//! transaction commits form the next one, so the round trips of a commit are paid once per
-//! group, not once per batch; with a light load a transaction holds one batch.
+//! **Group commit on two producers that take turns.** A producer cannot take records while
+//! it commits, so while one transaction commits, the batches written meanwhile join the
+//! next one, on the other producer. When the first ends, the next takes no more members
+//! and commits as soon as their records are delivered; new batches begin a transaction on
+//! the producer just freed. With no transaction before it open, a transaction closes as
+//! soon as its members' records are delivered, so with a light load it holds one batch.
+//! The last member to be ready commits for all (the union of their offsets) while the
+//! others await the outcome: the round trips of a commit are paid once per group, and the
+//! writing never waits for a commit. A transaction commits only after the one before it
+//! ended, and aborts if that one did not commit, so offsets move in order.
 //!
 //! - A member with records of a partition that was revoked, or read again, since it was
 //!   taken makes the transaction abort: those records belong to the next owner, or to the
 //!   reading again.
 //! - A member whose sends or deliveries failed makes it abort too.
-//! - An abortable failure aborts the transaction, and its partitions are read again from
-//!   the members' first offset; batches of those partitions taken before are aborted in
-//!   turn.
+//! - An aborted transaction's partitions are read again from the members' first offset,
+//!   unless they were read again since (by the abort of the transaction before); batches of
+//!   those partitions taken before are aborted in turn.
 //! - A fenced or fatal producer ends the pipeline's run: another worker now has this slot's
-//!   transactional id, or the producer cannot go on. The worker then starts its Kafka
+//!   transactional ids, or the producer cannot go on. The worker then starts its Kafka
 //!   clients again, in the same process (`Restarts` in `cli.rs`), where it counts
 //!   `weir_transactions_total{result="fenced"}`.
 //!
-//! On a revoke, the callback waits for the open transaction to end before the partitions
+//! On a revoke, the callback waits for the open transactions to end before the partitions
 //! go, so the next owner starts after every committed batch.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -34,13 +39,13 @@ use prometheus::IntCounterVec;
 use rdkafka::Offset;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio::sync::watch;
 
 use super::SourceError;
 use super::kafka::{Position, SourceContext};
 use super::offsets::OffsetTracker;
-use crate::kafka::{LogContext, offset_list};
+use crate::kafka::offset_list;
 use crate::sink::KafkaProducer;
 
 /// How many ended transactions' outcomes are kept for members that look late.
@@ -49,21 +54,76 @@ const OUTCOMES_KEPT: usize = 64;
 /// How long a commit or an abort may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The open transaction and its members.
+/// Per partition: an offset, and the epoch its records were taken in.
+type Points = BTreeMap<i32, (i64, u64)>;
+
+/// An open transaction and its members.
 struct Group {
     id: u64,
+    /// Which of the two producers it is on.
+    producer: usize,
+    /// The transaction before it, open when this one began: this one commits only if that
+    /// one did.
+    after: Option<u64>,
+    /// Whether that one is still open: until it ends, this one takes members.
+    before_open: bool,
     /// Batches that joined.
     members: usize,
     /// Members whose records are delivered (or failed): waiting for the outcome.
     ready: usize,
-    /// Per partition: the offset to commit, and the first offset of the members (where to
-    /// read again after an abort).
-    after: BTreeMap<i32, i64>,
-    first: BTreeMap<i32, i64>,
+    /// The offsets to commit, and the members' first offsets (where to read again after an
+    /// abort).
+    next: Points,
+    first: Points,
     /// Why the transaction must abort, when a member says so.
     abort: Option<String>,
     /// No more members: the commit (or abort) is under way.
     closing: bool,
+}
+
+/// What it takes to end a transaction.
+struct Closing {
+    id: u64,
+    producer: usize,
+    after: Option<u64>,
+    next: Points,
+    first: Points,
+    abort: Option<String>,
+    members: usize,
+}
+
+impl Group {
+    /// One more member is ready. With the transaction before ended (or none), it takes no
+    /// more members, and the last one ready gets it to close.
+    fn ready(&mut self) -> Option<Closing> {
+        self.ready += 1;
+        self.close_when_ready()
+    }
+
+    /// The transaction before ended.
+    fn before_ended(&mut self) -> Option<Closing> {
+        self.before_open = false;
+        self.close_when_ready()
+    }
+
+    fn close_when_ready(&mut self) -> Option<Closing> {
+        if self.before_open {
+            return None;
+        }
+        self.closing = true;
+        if self.ready < self.members {
+            return None;
+        }
+        Some(Closing {
+            id: self.id,
+            producer: self.producer,
+            after: self.after,
+            next: std::mem::take(&mut self.next),
+            first: std::mem::take(&mut self.first),
+            abort: self.abort.take(),
+            members: self.members,
+        })
+    }
 }
 
 /// How a transaction ended, for its members.
@@ -104,39 +164,57 @@ impl Ended {
     }
 }
 
-/// The worker's transactional producer (shared with its sinks) and its open transaction.
+/// The transactions open on each producer, and the last id given.
+#[derive(Default)]
+struct Open {
+    on: [Option<Group>; 2],
+    last_id: u64,
+}
+
+impl Open {
+    /// The transaction begun last, if it is still open.
+    fn newest(&mut self) -> Option<&mut Group> {
+        self.on.iter_mut().flatten().max_by_key(|g| g.id)
+    }
+
+    fn with_id(&mut self, id: u64) -> Option<&mut Group> {
+        self.on.iter_mut().flatten().find(|g| g.id == id)
+    }
+}
+
+/// The worker's transactional producers (shared with its sinks) and their open
+/// transactions.
 pub struct Transactions {
-    producer: FutureProducer<LogContext>,
-    open: Mutex<Option<Group>>,
+    producer: KafkaProducer,
+    open: Mutex<Open>,
     /// The outcomes of the last transactions to end.
     ended: watch::Sender<Ended>,
-    next_id: Mutex<u64>,
     /// `weir_transactions_total{result}`.
     results: IntCounterVec,
 }
 
 impl Transactions {
+    /// `producer` holds the two transactional producers that take turns.
     pub fn new(producer: &KafkaProducer, results: IntCounterVec) -> Arc<Self> {
         for result in ["committed", "aborted", "fenced"] {
             results.with_label_values(&[result]);
         }
         Arc::new(Self {
-            producer: producer.inner().clone(),
-            open: Mutex::new(None),
+            producer: producer.clone(),
+            open: Mutex::new(Open::default()),
             ended: watch::Sender::new(Ended::default()),
-            next_id: Mutex::new(0),
             results,
         })
     }
 
-    fn open(&self) -> MutexGuard<'_, Option<Group>> {
+    fn open(&self) -> MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits, up to `limit`, until no transaction is open (a revoke lets the open one end).
+    /// Waits, up to `limit`, until no transaction is open (a revoke lets the open ones end).
     pub(super) fn wait_until_none_open(&self, limit: Duration) -> bool {
         let started = Instant::now();
-        while self.open().is_some() {
+        while self.open().newest().is_some() {
             if started.elapsed() > limit {
                 return false;
             }
@@ -149,10 +227,30 @@ impl Transactions {
         self.results.with_label_values(&[result]).inc();
     }
 
-    /// Ends transaction `id`: no transaction is open any more, and its members learn how.
-    fn end(&self, id: u64, outcome: Outcome) {
-        *self.open() = None;
+    /// Ends transaction `id` on `producer`, and its members learn how. The transaction
+    /// after it takes no more members: returned when it can close at once.
+    fn end(&self, id: u64, producer: usize, outcome: Outcome) -> Option<Closing> {
+        let next = {
+            let mut open = self.open();
+            open.on[producer] = None;
+            let next = open.on.iter_mut().flatten().find(|g| g.after == Some(id));
+            next.and_then(Group::before_ended)
+        };
         self.ended.send_modify(|ended| ended.record(id, outcome));
+        next
+    }
+
+    /// How transaction `id` ended, once it has.
+    async fn outcome_of(&self, id: u64) -> Outcome {
+        let mut ended = self.ended.subscribe();
+        loop {
+            if let Some(outcome) = ended.borrow_and_update().outcome_of(id) {
+                return outcome;
+            }
+            if ended.changed().await.is_err() {
+                return Outcome::Failed("the transactions ended".into());
+            }
+        }
     }
 }
 
@@ -203,49 +301,46 @@ impl BatchTransaction {
         }
     }
 
-    /// Joins the open transaction, or opens one; waits while one is committing.
+    /// Joins the newest open transaction, or begins one on a producer that has none; waits
+    /// while both are closing. The batch's records go to that transaction's producer.
     pub(super) async fn begin(&mut self) -> Result<(), SourceError> {
         let transactions = &self.transactions;
         loop {
             let mut ended = transactions.ended.subscribe();
             {
                 let mut open = transactions.open();
-                match open.as_mut() {
-                    Some(group) if !group.closing => {
-                        group.members += 1;
-                        self.joined = Some(group.id);
-                        return Ok(());
-                    }
-                    Some(_) => {}
-                    None => {
-                        transactions
-                            .producer
-                            .begin_transaction()
-                            .map_err(|e| SourceError::other("begin a transaction", e))?;
-                        let id = {
-                            let mut next = transactions
-                                .next_id
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner);
-                            *next += 1;
-                            *next
-                        };
-                        *open = Some(Group {
-                            id,
-                            members: 1,
-                            ready: 0,
-                            after: BTreeMap::new(),
-                            first: BTreeMap::new(),
-                            abort: None,
-                            closing: false,
-                        });
-                        self.joined = Some(id);
-                        tracing::debug!(topic = %self.topic, id, "transaction begun");
-                        return Ok(());
-                    }
+                if let Some(group) = open.newest().filter(|g| !g.closing) {
+                    group.members += 1;
+                    self.joined = Some(group.id);
+                    transactions.producer.write_to(group.producer);
+                    return Ok(());
+                }
+                if let Some(free) = open.on.iter().position(Option::is_none) {
+                    transactions.producer.producers()[free]
+                        .begin_transaction()
+                        .map_err(|e| SourceError::other("begin a transaction", e))?;
+                    let after = open.newest().map(|g| g.id);
+                    open.last_id += 1;
+                    let id = open.last_id;
+                    open.on[free] = Some(Group {
+                        id,
+                        producer: free,
+                        after,
+                        before_open: after.is_some(),
+                        members: 1,
+                        ready: 0,
+                        next: Points::new(),
+                        first: Points::new(),
+                        abort: None,
+                        closing: false,
+                    });
+                    self.joined = Some(id);
+                    transactions.producer.write_to(free);
+                    tracing::debug!(topic = %self.topic, id, producer = free, "transaction begun");
+                    return Ok(());
                 }
             }
-            // Committing: wait for it to end.
+            // Both are closing: wait for one to end.
             let _ = ended.changed().await;
         }
     }
@@ -264,17 +359,16 @@ impl BatchTransaction {
                 "the batch is in no transaction",
             ));
         };
-        let mut ended = self.transactions.ended.subscribe();
-        let committing = {
+        let closing = {
             let mut open = self.transactions.open();
             // A joined transaction stays open until all its members are ready.
-            let Some(group) = open.as_mut().filter(|g| g.id == id) else {
+            let Some(group) = open.with_id(id) else {
                 return Err(SourceError::other(
                     "exactly-once commit",
                     "the batch's transaction ended without it",
                 ));
             };
-            let stale = self.span(positions, &mut group.after, &mut group.first);
+            let stale = self.span(positions, &mut group.next, &mut group.first);
             if stale && group.abort.is_none() {
                 group.abort = Some(
                     "a batch was taken before a revoke or a reading again of its partition".into(),
@@ -283,34 +377,12 @@ impl BatchTransaction {
             if let Some(why) = failed {
                 group.abort.get_or_insert(why);
             }
-            group.ready += 1;
-            if group.ready == group.members {
-                group.closing = true;
-                Some((
-                    std::mem::take(&mut group.after),
-                    std::mem::take(&mut group.first),
-                    group.abort.take(),
-                    group.members,
-                ))
-            } else {
-                None
-            }
+            group.ready()
         };
-        let outcome = match committing {
+        let outcome = match closing {
             // The last member to be ready commits (or aborts) for all.
-            Some((after, first, abort, members)) => {
-                let outcome = self.finish(after, &first, abort, members).await;
-                self.transactions.end(id, outcome.clone());
-                outcome
-            }
-            None => loop {
-                if let Some(outcome) = ended.borrow_and_update().outcome_of(id) {
-                    break outcome;
-                }
-                if ended.changed().await.is_err() {
-                    break Outcome::Failed("the transactions ended".into());
-                }
-            },
+            Some(closing) => self.close(closing).await,
+            None => self.transactions.outcome_of(id).await,
         };
         match outcome {
             Outcome::Committed => Ok(true),
@@ -320,13 +392,8 @@ impl BatchTransaction {
     }
 
     /// Adds the span of `positions` (in partitions still assigned in the same epoch) to
-    /// `after` and `first`; says whether a position was stale.
-    fn span(
-        &self,
-        positions: &[Position],
-        after: &mut BTreeMap<i32, i64>,
-        first: &mut BTreeMap<i32, i64>,
-    ) -> bool {
+    /// `next` and `first`; says whether a position was stale.
+    fn span(&self, positions: &[Position], next: &mut Points, first: &mut Points) -> bool {
         let mut stale = false;
         let offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
         for &(partition, offset, epoch) in positions {
@@ -334,35 +401,90 @@ impl BatchTransaction {
                 stale = true;
                 continue;
             }
-            let next = after.entry(partition).or_insert(offset + 1);
-            *next = (*next).max(offset + 1);
-            let from = first.entry(partition).or_insert(offset);
-            *from = (*from).min(offset);
+            let after = next.entry(partition).or_insert((offset + 1, epoch));
+            after.0 = after.0.max(offset + 1);
+            let from = first.entry(partition).or_insert((offset, epoch));
+            from.0 = from.0.min(offset);
         }
         stale
     }
 
-    /// Commits the transaction with the offsets `after`, or aborts it (`abort`) and reads
-    /// the partitions again from `first`.
-    async fn finish(
+    /// Ends a transaction (see [`Self::close_one`]), then the next one when it is ready,
+    /// and so on, in a task of their own.
+    async fn close(&self, closing: Closing) -> Outcome {
+        let (outcome, next) = self.close_one(closing).await;
+        if let Some(next) = next {
+            let this = self.detached();
+            tokio::spawn(async move {
+                let mut next = Some(next);
+                while let Some(closing) = next.take() {
+                    next = this.close_one(closing).await.1;
+                }
+            });
+        }
+        outcome
+    }
+
+    /// Commits the transaction, or aborts it (when a member, or the one before, did not
+    /// make it) and reads its partitions again; then its members learn the outcome. Returns
+    /// the next transaction too, when it can close now.
+    async fn close_one(&self, closing: Closing) -> (Outcome, Option<Closing>) {
+        let Closing {
+            id,
+            producer,
+            after,
+            next,
+            first,
+            mut abort,
+            members,
+        } = closing;
+        if let Some(before) = after
+            && !matches!(
+                self.transactions.outcome_of(before).await,
+                Outcome::Committed
+            )
+        {
+            abort.get_or_insert_with(|| "the transaction before it did not commit".into());
+        }
+        let outcome = match abort {
+            Some(why) => {
+                tracing::info!(topic = %self.topic, members, "{why}: the transaction is aborted, its records are read again");
+                self.abort_and_read_again(producer, &first).await
+            }
+            None => self.commit_with(producer, next, &first, members).await,
+        };
+        let next = self.transactions.end(id, producer, outcome.clone());
+        (outcome, next)
+    }
+
+    /// The same batch's context, in no transaction (for a task of its own).
+    fn detached(&self) -> Self {
+        Self {
+            transactions: self.transactions.clone(),
+            consumer: self.consumer.clone(),
+            offsets: self.offsets.clone(),
+            topic: self.topic.clone(),
+            joined: None,
+        }
+    }
+
+    /// Commits the transaction on `producer` with the offsets `next`; after an abortable
+    /// failure aborts it and reads the partitions again from `first`.
+    async fn commit_with(
         &self,
-        after: BTreeMap<i32, i64>,
-        first: &BTreeMap<i32, i64>,
-        abort: Option<String>,
+        producer: usize,
+        next: Points,
+        first: &Points,
         members: usize,
     ) -> Outcome {
-        if let Some(why) = abort {
-            tracing::info!(topic = %self.topic, members, "{why}: the transaction is aborted, its records are read again");
-            return self.abort_and_read_again(first).await;
-        }
-        let points = offset_list(&self.topic, after);
+        let points = offset_list(&self.topic, next.into_iter().map(|(p, (o, _))| (p, o)));
         let Some(group) = self.consumer.group_metadata() else {
             return Outcome::Failed("the consumer has no group metadata".into());
         };
-        let producer = self.transactions.producer.clone();
+        let on = self.transactions.producer.producers()[producer].clone();
         let committed = tokio::task::spawn_blocking(move || {
-            producer.send_offsets_to_transaction(&points, &group, TXN_TIMEOUT)?;
-            producer.commit_transaction(TXN_TIMEOUT)
+            on.send_offsets_to_transaction(&points, &group, TXN_TIMEOUT)?;
+            on.commit_transaction(TXN_TIMEOUT)
         })
         .await;
         match committed {
@@ -376,7 +498,7 @@ impl BatchTransaction {
                 if fenced(&e) {
                     self.transactions.count("fenced");
                 }
-                self.abort_and_read_again(first).await
+                self.abort_and_read_again(producer, first).await
             }
             Ok(Err(e)) => Outcome::Failed(format!(
                 "committing a transaction failed and the producer cannot go on (another \
@@ -386,10 +508,11 @@ impl BatchTransaction {
         }
     }
 
-    /// Aborts the open transaction and reads the partitions in `from` again from there.
-    async fn abort_and_read_again(&self, from: &BTreeMap<i32, i64>) -> Outcome {
-        let producer = self.transactions.producer.clone();
-        match tokio::task::spawn_blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await {
+    /// Aborts the transaction on `producer` and reads the partitions in `from` again from
+    /// there, those still in the epoch their records were taken in.
+    async fn abort_and_read_again(&self, producer: usize, from: &Points) -> Outcome {
+        let on = self.transactions.producer.producers()[producer].clone();
+        match tokio::task::spawn_blocking(move || on.abort_transaction(TXN_TIMEOUT)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Outcome::Failed(format!("aborting a transaction: {e}")),
             Err(e) => return Outcome::Failed(format!("the abort task failed: {e}")),
@@ -397,15 +520,16 @@ impl BatchTransaction {
         self.transactions.count("aborted");
         let again: Vec<(i32, i64)> = {
             let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
-            let ours = offsets.partitions();
-            from.iter()
-                .filter(|(p, _)| ours.contains(p))
-                .map(|(&p, &o)| {
-                    // A new epoch: batches of this partition taken before are stale now.
-                    offsets.assign(p, Some(o));
-                    (p, o)
-                })
-                .collect()
+            let again: Vec<(i32, i64)> = from
+                .iter()
+                .filter(|&(&p, &(_, epoch))| offsets.is_current(p, epoch))
+                .map(|(&p, &(o, _))| (p, o))
+                .collect();
+            for &(p, o) in &again {
+                // A new epoch: batches of this partition taken before are stale now.
+                offsets.assign(p, Some(o));
+            }
+            again
         };
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
         let sought = tokio::task::spawn_blocking(move || {
@@ -435,41 +559,73 @@ impl Drop for BatchTransaction {
         let Some(id) = self.joined.take() else {
             return;
         };
-        let first = {
+        let closing = {
             let mut open = self.transactions.open();
-            let Some(group) = open.as_mut().filter(|g| g.id == id) else {
+            let Some(group) = open.with_id(id) else {
                 return;
             };
             group
                 .abort
                 .get_or_insert_with(|| "a batch of the transaction was dropped".into());
-            group.ready += 1;
-            if group.ready < group.members {
-                return;
-            }
-            group.closing = true;
-            std::mem::take(&mut group.first)
+            group.ready()
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let (Some(closing), Ok(runtime)) = (closing, tokio::runtime::Handle::try_current()) else {
             return;
         };
-        let this = Self {
-            transactions: self.transactions.clone(),
-            consumer: self.consumer.clone(),
-            offsets: self.offsets.clone(),
-            topic: self.topic.clone(),
-            joined: None,
-        };
-        runtime.spawn(async move {
-            let outcome = this.abort_and_read_again(&first).await;
-            this.transactions.end(id, outcome);
-        });
+        let this = self.detached();
+        runtime.spawn(async move { this.close(closing).await });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn group(id: u64, after: Option<u64>) -> Group {
+        Group {
+            id,
+            producer: 0,
+            after,
+            before_open: after.is_some(),
+            members: 1,
+            ready: 0,
+            next: Points::new(),
+            first: Points::new(),
+            abort: None,
+            closing: false,
+        }
+    }
+
+    #[test]
+    fn a_transaction_takes_members_until_the_one_before_it_ends() {
+        // With none before it open: no more members once one is ready; the last one ready
+        // closes it.
+        let mut alone = group(1, None);
+        alone.members = 2;
+        assert!(alone.ready().is_none());
+        assert!(alone.closing, "takes no more members once one is ready");
+        let closing = alone.ready().expect("the last member ready closes it");
+        assert_eq!((closing.id, closing.members), (1, 2));
+
+        // With one before it open: its members all ready, it still takes more.
+        let mut next = group(2, Some(1));
+        assert!(next.ready().is_none());
+        assert!(
+            !next.closing,
+            "takes members while the one before it is open"
+        );
+        next.members += 1;
+        // The one before ends: no more members; it closes once the last one is ready.
+        assert!(next.before_ended().is_none());
+        assert!(next.closing);
+        let closing = next.ready().expect("closes");
+        assert_eq!((closing.after, closing.members), (Some(1), 2));
+
+        // Its members all ready when the one before ends: it closes at once.
+        let mut ready = group(3, Some(2));
+        assert!(ready.ready().is_none());
+        assert!(ready.before_ended().is_some());
+    }
 
     #[test]
     fn a_member_that_looks_late_finds_its_transactions_outcome() {
