@@ -51,6 +51,17 @@ informational() { # <name> <test filter> <line to print on success>
 informational "cluster takeover after kill -9" kill_nine_of_one_of_two_workers_loses_nothing 'kill -9 after'
 informational "rebalance storm" a_rebalance_storm_loses_nothing 'rebalance storm:'
 
+# The strict exactly-once assertions need a real Apache Kafka (docs/exactly-once.md);
+# with WEIR_KAFKA_BOOTSTRAP set they run, and count, here.
+strict=on_a_real_kafka_every_id_is_committed_exactly_once_in_order
+if [ -n "${WEIR_KAFKA_BOOTSTRAP:-}" ]; then
+  stage "tests: exactly-once, strict, on the Kafka at $WEIR_KAFKA_BOOTSTRAP"
+  cargo test --locked -p weir-tests --test exactly_once -- --ignored --nocapture --exact "$strict" \
+    2>&1 | tee -a "$log"
+else
+  echo "not run: exactly_once::$strict needs a real Apache Kafka (set WEIR_KAFKA_BOOTSTRAP)"
+fi
+
 # One closing line for every test run above.
 sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{ n += $1 } END { print n + 0 }'; }
 echo "tests: $(sum passed) passed, $(sum failed) failed"

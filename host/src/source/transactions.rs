@@ -173,6 +173,8 @@ impl Ended {
 struct Open {
     on: [Option<Group>; 2],
     last_id: u64,
+    /// Why a producer cannot go on, once one cannot: no transaction begins after that.
+    failed: Option<String>,
 }
 
 impl Open {
@@ -237,6 +239,9 @@ impl Transactions {
         let next = {
             let mut open = self.open();
             open.on[producer] = None;
+            if let Outcome::Failed(why) = &outcome {
+                open.failed.get_or_insert_with(|| why.clone());
+            }
             let next = open.on.iter_mut().flatten().find(|g| g.after == Some(id));
             next.and_then(Group::before_ended)
         };
@@ -328,6 +333,9 @@ impl BatchTransaction {
             let mut ended = transactions.ended.subscribe();
             {
                 let mut open = transactions.open();
+                if let Some(why) = &open.failed {
+                    return Err(SourceError::other("exactly-once", why.clone()));
+                }
                 if let Some(group) = open.newest().filter(|g| !g.closing) {
                     group.members += 1;
                     self.joined = Some(group.id);
