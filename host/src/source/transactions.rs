@@ -9,11 +9,11 @@
 //! it commits, so while one transaction commits, the batches written meanwhile join the
 //! next one, on the other producer. When the first ends, the next takes no more members
 //! and commits as soon as their records are delivered; new batches begin a transaction on
-//! the producer just freed. With no transaction before it open, a transaction closes as
-//! soon as its members' records are delivered, so with a light load it holds one batch.
+//! the producer just freed. With no transaction before it open, a transaction takes no
+//! more members once one of them is delivered, so with a light load it holds one batch.
 //! The last member to be ready commits for all (the union of their offsets) while the
 //! others await the outcome: the round trips of a commit are paid once per group, and the
-//! writing never waits for a commit. A transaction commits only after the one before it
+//! writing does not wait for a commit. A transaction commits only after the one before it
 //! ended, and aborts if that one did not commit, so offsets move in order.
 //!
 //! - A member with records of a partition that was revoked, or read again, since it was
