@@ -417,10 +417,27 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weir: error: {e:#}");
+            eprintln!("weir: error: {}", said_once(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes, joined with ": ", each said once: many errors already end with their
+/// cause (`cannot open input x: No such file`), which the chain would repeat.
+fn said_once(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 /// `weir plugin ...`: blocking HTTP calls, off the async runtime.
@@ -1462,4 +1479,28 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         new_dlq.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_and_its_causes_are_each_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let source = crate::source::SourceError {
+            what: "cannot open input x".into(),
+            source: io,
+        };
+        let e = anyhow::Error::from(source).context("the run stopped");
+        assert_eq!(
+            said_once(&e),
+            "the run stopped: cannot open input x: no such file"
+        );
+        assert_eq!(
+            format!("{e:#}"),
+            "the run stopped: cannot open input x: no such file: no such file",
+            "what the chain alone says"
+        );
+    }
 }

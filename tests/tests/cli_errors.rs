@@ -96,16 +96,23 @@ fn missing_plugin_names_the_path() {
 fn missing_input_names_the_path() {
     let weir = Weir::new(WEIR);
     let enrich = plugin("enrich");
-    weir.run([
-        "run",
-        "--plugin",
-        enrich.to_str().expect("utf-8"),
-        "--input",
-        "nope.jsonl",
-        "--output",
-        "o.jsonl",
-    ])
-    .fails_with(&["nope.jsonl"]);
+    let failed = weir
+        .run([
+            "run",
+            "--plugin",
+            enrich.to_str().expect("utf-8"),
+            "--input",
+            "nope.jsonl",
+            "--output",
+            "o.jsonl",
+        ])
+        .fails_with(&["nope.jsonl", "No such file"]);
+    let stderr = failed.stderr();
+    assert_eq!(
+        stderr.matches("No such file").count(),
+        1,
+        "the cause is said once:\n{stderr}"
+    );
 }
 
 #[test]
