@@ -97,6 +97,23 @@ struct Closing {
 }
 
 impl Group {
+    /// Transaction `id` on `producer`, its first member joined; `after` the one before it,
+    /// if that one is still open.
+    fn new(id: u64, producer: usize, after: Option<u64>) -> Self {
+        Self {
+            id,
+            producer,
+            after,
+            before_open: after.is_some(),
+            members: 1,
+            ready: 0,
+            next: Points::new(),
+            first: Points::new(),
+            abort: None,
+            closing: false,
+        }
+    }
+
     /// One more member is ready. With the transaction before ended (or none), it takes no
     /// more members, and the last one ready gets it to close.
     fn ready(&mut self) -> Option<Closing> {
@@ -349,18 +366,7 @@ impl BatchTransaction {
                     let after = open.newest().map(|g| g.id);
                     open.last_id += 1;
                     let id = open.last_id;
-                    open.on[free] = Some(Group {
-                        id,
-                        producer: free,
-                        after,
-                        before_open: after.is_some(),
-                        members: 1,
-                        ready: 0,
-                        next: Points::new(),
-                        first: Points::new(),
-                        abort: None,
-                        closing: false,
-                    });
+                    open.on[free] = Some(Group::new(id, free, after));
                     self.joined = Some(id);
                     transactions.producer.write_to(free);
                     tracing::debug!(topic = %self.topic, id, producer = free, "transaction begun");
@@ -609,26 +615,11 @@ impl Drop for BatchTransaction {
 mod tests {
     use super::*;
 
-    fn group(id: u64, after: Option<u64>) -> Group {
-        Group {
-            id,
-            producer: 0,
-            after,
-            before_open: after.is_some(),
-            members: 1,
-            ready: 0,
-            next: Points::new(),
-            first: Points::new(),
-            abort: None,
-            closing: false,
-        }
-    }
-
     #[test]
     fn a_transaction_takes_members_until_the_one_before_it_ends() {
         // With none before it open: no more members once one is ready; the last one ready
         // closes it.
-        let mut alone = group(1, None);
+        let mut alone = Group::new(1, 0, None);
         alone.members = 2;
         assert!(alone.ready().is_none());
         assert!(alone.closing, "takes no more members once one is ready");
@@ -636,7 +627,7 @@ mod tests {
         assert_eq!((closing.id, closing.members), (1, 2));
 
         // With one before it open: its members all ready, it still takes more.
-        let mut next = group(2, Some(1));
+        let mut next = Group::new(2, 0, Some(1));
         assert!(next.ready().is_none());
         assert!(
             !next.closing,
@@ -650,7 +641,7 @@ mod tests {
         assert_eq!((closing.after, closing.members), (Some(1), 2));
 
         // Its members all ready when the one before ends: it closes at once.
-        let mut ready = group(3, Some(2));
+        let mut ready = Group::new(3, 0, Some(2));
         assert!(ready.ready().is_none());
         assert!(ready.before_ended().is_some());
     }
