@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the pinned tools the plugin builds and the tests need, into .tools/ (git-ignored)
-# (Debian packages — the C compiler, redis-server — come from apt),
+# (Debian packages — the C compiler, redis-server, OpenSSL — come from apt),
 # and reuses what is already there. Pins: tools/requirements.txt (Python),
-# tools/package.json + package-lock.json (JavaScript), the lists below (C).
+# tools/package.json + package-lock.json (JavaScript), tools/kafka/pom.xml (Apache Kafka),
+# the lists below (C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.tools
@@ -28,9 +29,12 @@ if ! cmp -s tools/package-lock.json "$T/node/.installed" 2>/dev/null; then
   cp tools/package-lock.json "$T/node/.installed"
 fi
 
-# From Debian: clang 14 with wasi-libc and the wasm32 compiler runtime (C plugins), and
-# redis-server (the tests start their own on a free port)...
-packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 redis-server)
+# From Debian: clang 14 with wasi-libc and the wasm32 compiler runtime (C plugins),
+# redis-server (the tests start their own on a free port; built with TLS), OpenSSL's headers
+# and pkg-config (librdkafka's TLS and SASL, native-tls for Redis), Java 17 and Maven (the
+# Kafka broker the tests start), and the openssl command (the TLS tests' certificates)...
+packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 redis-server libssl-dev pkg-config
+  openssl openjdk-17-jre-headless maven)
 if ! dpkg -s "${packages[@]}" > /dev/null 2>&1; then
   echo "tools: installing ${packages[*]} (apt)" >&2
   export DEBIAN_FRONTEND=noninteractive
@@ -38,19 +42,26 @@ if ! dpkg -s "${packages[@]}" > /dev/null 2>&1; then
   apt-get install -y -qq "${packages[@]}" > /dev/null
 fi
 
-# ...and wasm-tools + wit-bindgen from crates.io, pinned, into .tools/cargo.
-cargo_tools=("wasm-tools@1.263.0" "wit-bindgen-cli@0.61.1")
+# ...wasm-tools and wit-bindgen from crates.io, pinned, into .tools/cargo, with only the
+# subcommands the C plugin's build uses (`component new`, `c`): a few minutes, once...
+cargo_tools=("wasm-tools@1.263.0 --no-default-features --features component"
+  "wit-bindgen-cli@0.61.1 --no-default-features --features c")
 if ! cmp -s <(printf '%s\n' "${cargo_tools[@]}") "$T/cargo/.installed" 2>/dev/null; then
   echo "tools: building ${cargo_tools[*]} into $T/cargo (a few minutes, once)" >&2
-  cargo install --locked --quiet --root "$T/cargo" "${cargo_tools[@]}"
+  for tool in "${cargo_tools[@]}"; do
+    # shellcheck disable=SC2086 # the pin is a crate and its feature flags
+    cargo install --locked --quiet --root "$T/cargo" $tool
+  done
   printf '%s\n' "${cargo_tools[@]}" > "$T/cargo/.installed"
 fi
 
-# tansu, a Kafka-protocol broker in Rust, for the cluster tests (about 10 minutes, once).
-tansu="tansu@0.6.0 --features libsql,dynostore"
-if ! [ -x "$T/tansu/bin/tansu" ] || ! cmp -s <(echo "$tansu") "$T/tansu/.installed" 2>/dev/null; then
-  echo "tools: building $tansu into $T/tansu (about 10 minutes, once)" >&2
-  # shellcheck disable=SC2086 # the pin is a crate and its feature flags
-  cargo install --locked --quiet --root "$T/tansu" $tansu
-  echo "$tansu" > "$T/tansu/.installed"
+# ...and Apache Kafka's jars from Maven Central (the broker the tests start: a pinned
+# dependency list, not a build of ours), into .tools/kafka/libs.
+if ! cmp -s tools/kafka/pom.xml "$T/kafka/.installed" 2>/dev/null; then
+  echo "tools: fetching Apache Kafka (tools/kafka/pom.xml) into $T/kafka/libs" >&2
+  rm -rf "$T/kafka"
+  mvn -B -q -f tools/kafka/pom.xml \
+    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$PWD/$T/kafka/libs"
+  cp tools/kafka/pom.xml "$T/kafka/.installed"
 fi

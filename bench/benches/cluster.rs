@@ -36,7 +36,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use weir_tests::kafka_broker::{KafkaBroker, Storage};
+use weir_tests::kafka_broker::KafkaBroker;
 use weir_tests::redis_server::RedisServer;
 use weir_tests::worker::{Cluster, Worker};
 
@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(3)
         .max(1);
 
-    let broker = KafkaBroker::start(Storage::Memory);
+    let broker = KafkaBroker::start();
     let redis = RedisServer::start();
     let dir = tempfile::tempdir()?;
     rt.block_on(async {

@@ -25,7 +25,7 @@ use crate::sink::{
     DeadLetterSink, FileDeadLetters, FileSink, KafkaDeadLetters, KafkaProducer, KafkaSink, Sink,
 };
 use crate::source::{DlqFileSource, FileSource, KafkaSource, Source, Transactions};
-use crate::state::{EmbeddedStore, RedisStore, StateStore};
+use crate::state::{EmbeddedStore, RedisStore, RedisTarget, StateStore};
 
 #[derive(Parser)]
 #[command(
@@ -133,9 +133,12 @@ enum PluginCommand {
 enum ClusterCommand {
     /// List the live workers (those that sent a heartbeat in the last 10 s).
     Status {
-        /// The Redis the workers use.
+        /// The Redis the workers use (`rediss://` for TLS; `user:password@` for AUTH).
         #[arg(long, value_name = "URL")]
         redis: String,
+        /// The CA certificate (PEM) a `rediss://` server's certificate must chain to.
+        #[arg(long, value_name = "FILE")]
+        redis_ca_file: Option<PathBuf>,
         /// Only this pipeline's workers.
         #[arg(long)]
         pipeline: Option<String>,
@@ -263,9 +266,14 @@ struct RunArgs {
     /// A librdkafka property passed through as is: KEY=VALUE (repeatable).
     #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
     kafka_options: Vec<String>,
-    /// Redis for leases and done marks shared by all workers (e.g. redis://127.0.0.1:6379).
+    /// Redis for leases and done marks shared by all workers (e.g. redis://127.0.0.1:6379;
+    /// rediss:// for TLS, user:password@ for AUTH, ${env:NAME} for a password).
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// The CA certificate (PEM) a rediss:// server's certificate must chain to [default: the
+    /// system's CAs].
+    #[arg(long, value_name = "FILE")]
+    redis_ca_file: Option<PathBuf>,
     /// How long a lease outlives a worker that stopped renewing it, in ms [default: 30000].
     #[arg(long)]
     lease_ttl_ms: Option<u64>,
@@ -404,9 +412,16 @@ pub fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Replay(args)) => replay(args).await,
             Command::Cluster(ClusterCommand::Status {
                 redis,
+                redis_ca_file,
                 pipeline,
                 json,
-            }) => cluster_status(&redis, pipeline.as_deref(), json).await,
+            }) => {
+                let redis = RedisTarget::new(
+                    crate::secrets::resolve("--redis", &redis)?,
+                    redis_ca_file,
+                );
+                cluster_status(&redis, pipeline.as_deref(), json).await
+            }
             Command::Plugin(args) => plugin_command(args).await,
             Command::Pipeline(args) => pipeline_command(args).await,
             Command::ValidateUpload => {
@@ -525,6 +540,7 @@ impl RunArgs {
         set!(self.output_topic => c.sink.topic);
         set!(self.dlq_topic => c.dlq.topic);
         set!(self.redis => c.state.redis_url);
+        set!(self.redis_ca_file => c.state.redis_ca_file);
         set!(self.lease_ttl_ms => c.state.lease_ttl_ms);
         c.kafka
             .options
@@ -630,10 +646,10 @@ async fn serve_http(addr: &str, state: AppState) -> anyhow::Result<SocketAddr> {
 /// one registry in their Redis; an embedded worker keeps its own in a directory.
 async fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<api::Control> {
     use crate::registry::Registry;
-    let registry = match &config.state.redis_url {
-        Some(url) => Registry::connect(url)
+    let registry = match redis_target(config) {
+        Some(redis) => Registry::connect(&redis)
             .await
-            .with_context(|| format!("plugin registry in the Redis at {url}"))?,
+            .with_context(|| format!("plugin registry in the Redis at {redis}"))?,
         None => {
             let dir = config
                 .api
@@ -666,7 +682,7 @@ async fn api_control(config: &Config, runtime: Arc<Runtime>) -> anyhow::Result<a
         max_upload_bytes: usize::try_from(config.api.max_upload_mb.saturating_mul(1 << 20))
             .unwrap_or(usize::MAX),
         running: None,
-        redis_url: config.state.redis_url.clone(),
+        redis: redis_target(config),
         canary: config.canary.clone(),
         quarantine: config.quarantine.clone(),
     })
@@ -863,7 +879,17 @@ fn worker_id() -> String {
     )
 }
 
-async fn cluster_status(redis: &str, pipeline: Option<&str>, json: bool) -> anyhow::Result<()> {
+/// The Redis of cluster mode, as configured.
+fn redis_target(config: &Config) -> Option<RedisTarget> {
+    let url = config.state.redis_url.clone()?;
+    Some(RedisTarget::new(url, config.state.redis_ca_file.clone()))
+}
+
+async fn cluster_status(
+    redis: &RedisTarget,
+    pipeline: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     let workers = crate::cluster::live_workers(redis, pipeline)
         .await
         .with_context(|| format!("cannot read heartbeats from Redis at {redis}"))?;
@@ -1049,10 +1075,10 @@ async fn state_store(
 ) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<RedisStore>>)> {
     let done_ttl =
         (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
-    Ok(match &config.state.redis_url {
-        Some(url) => {
+    Ok(match redis_target(config) {
+        Some(redis) => {
             let store = RedisStore::connect(
-                url,
+                &redis,
                 pipeline_name,
                 worker,
                 Duration::from_millis(config.state.lease_ttl_ms),
@@ -1060,7 +1086,7 @@ async fn state_store(
             )
             .await?
             .with_circuit_gauge(metrics.circuit_open.with_label_values(&["redis"]));
-            eprintln!("weir: worker {worker}: leases and done marks in Redis at {url}");
+            eprintln!("weir: worker {worker}: leases and done marks in Redis at {redis}");
             let store = Arc::new(store);
             (store.clone(), Some(store))
         }
@@ -1077,13 +1103,15 @@ async fn state_store(
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (config, summary_json, check_only) = args.into_config()?;
+    let (mut config, summary_json, check_only) = args.into_config()?;
     if check_only {
-        // The effective configuration (file and flags merged), for people and for tools.
-        print!("{}", toml::to_string(&config)?);
+        // The effective configuration (file and flags merged), for people and for tools;
+        // secrets hidden.
+        print!("{}", toml::to_string(&config.shown())?);
         eprintln!("weir: configuration is valid ({:?} mode)", config.mode());
         return Ok(());
     }
+    config.resolve_secrets()?;
     let plugin_path = config
         .plugin
         .path
@@ -1151,8 +1179,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dlq_name = endpoints.dlq_name.clone();
     // The source's partitions, for heartbeats; a new source after a restart has its own.
     let partitions = Arc::new(std::sync::Mutex::new(endpoints.partitions.take()));
-    let heartbeat = match (&config.state.redis_url, config.mode()) {
-        (Some(url), Mode::Kafka) => {
+    let heartbeat = match (redis_target(&config), config.mode()) {
+        (Some(redis), Mode::Kafka) => {
             let info = WorkerInfo {
                 id: worker.clone(),
                 host: worker_host(),
@@ -1164,12 +1192,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 plugin_digest: String::new(),
                 last_seen_ms: 0,
             };
-            let url = url.clone();
             let active = plugin.clone();
             let partitions = partitions.clone();
             Some(tokio::spawn(async move {
                 // Each beat reports the version running then (it changes with hot swaps).
-                let beat = crate::cluster::heartbeat(url, move || {
+                let beat = crate::cluster::heartbeat(redis, move || {
                     let running = active.current();
                     let partitions = partitions.lock().unwrap_or_else(PoisonError::into_inner);
                     WorkerInfo {
@@ -1252,8 +1279,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if let Some(beat) = heartbeat {
         beat.abort();
-        if let Some(url) = &config.state.redis_url {
-            let _ = crate::cluster::sign_off(url, &pipeline_name, &worker).await;
+        if let Some(redis) = redis_target(&config) {
+            let _ = crate::cluster::sign_off(&redis, &pipeline_name, &worker).await;
         }
     }
     let summary = summary?;

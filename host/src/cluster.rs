@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
+use crate::state::RedisTarget;
+
 /// How often a worker says it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a heartbeat counts.
@@ -43,10 +45,10 @@ fn key(pipeline: &str, id: &str) -> String {
 /// Writes `info()` every [`HEARTBEAT_EVERY`] until the task is dropped or aborted; failures
 /// are logged (the pipeline itself pauses on a Redis outage).
 pub async fn heartbeat(
-    url: String,
+    redis: RedisTarget,
     info: impl Fn() -> WorkerInfo + Send + 'static,
 ) -> Result<(), redis::RedisError> {
-    let client = redis::Client::open(url.as_str())?;
+    let client = redis.client()?;
     let mut conn = client.get_connection_manager().await?;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     loop {
@@ -68,18 +70,22 @@ pub async fn heartbeat(
 }
 
 /// Removes a worker's heartbeat (on a graceful stop).
-pub async fn sign_off(url: &str, pipeline: &str, id: &str) -> Result<(), redis::RedisError> {
-    let client = redis::Client::open(url)?;
+pub async fn sign_off(
+    redis: &RedisTarget,
+    pipeline: &str,
+    id: &str,
+) -> Result<(), redis::RedisError> {
+    let client = redis.client()?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     conn.del(key(pipeline, id)).await
 }
 
 /// Live workers of every pipeline (or of `pipeline`), ordered by pipeline and id.
 pub async fn live_workers(
-    url: &str,
+    redis: &RedisTarget,
     pipeline: Option<&str>,
 ) -> Result<Vec<WorkerInfo>, redis::RedisError> {
-    let client = redis::Client::open(url)?;
+    let client = redis.client()?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let pattern = key(pipeline.unwrap_or("*"), "*");
     let mut keys: Vec<String> = Vec::new();

@@ -22,6 +22,8 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("config field `{}`: {}", .0.field, .0.reason)]
+    Secret(crate::secrets::SecretError),
     #[error("config field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -127,9 +129,14 @@ pub struct DlqConfig {
 pub struct StateConfig {
     /// Directory of the embedded database (used when `redis_url` is unset).
     pub path: PathBuf,
-    /// Redis holding leases and done marks for every worker, e.g. `redis://127.0.0.1:6379`.
-    /// Run it with AOF on, or fencing tokens go backwards after a restart.
+    /// Redis holding leases and done marks for every worker, e.g. `redis://127.0.0.1:6379`;
+    /// `rediss://` for TLS, `user:password@` for AUTH and ACL users, and `${env:NAME}` or
+    /// `${file:PATH}` where the password is kept. Run it with AOF on, or fencing tokens go
+    /// backwards after a restart.
     pub redis_url: Option<String>,
+    /// The CA certificate (PEM) a `rediss://` server's certificate must chain to; unset: the
+    /// system's CAs.
+    pub redis_ca_file: Option<PathBuf>,
     /// How long a lease outlives a worker that stopped renewing it, in milliseconds.
     pub lease_ttl_ms: u64,
     /// How long a done mark is kept, in seconds; 0 keeps it forever.
@@ -150,6 +157,7 @@ impl Default for StateConfig {
         Self {
             path: PathBuf::from(".weir/state"),
             redis_url: None,
+            redis_ca_file: None,
             lease_ttl_ms: 30_000,
             done_ttl_secs: 0,
             cache_mb: 64,
@@ -166,7 +174,8 @@ pub struct KafkaConfig {
     /// Consumer group shared by the workers of one pipeline.
     pub group: Option<String>,
     /// librdkafka properties passed through as they are (consumer and producer alike),
-    /// e.g. `"session.timeout.ms" = "10000"`.
+    /// e.g. `"session.timeout.ms" = "10000"`; a value may take its secret from
+    /// `${env:NAME}` or `${file:PATH}` (`"sasl.password" = "${env:KAFKA_PASSWORD}"`).
     pub options: BTreeMap<String, String>,
     /// Exactly-once: each batch's outputs, dead letters and consumer offsets in one Kafka
     /// transaction (docs/exactly-once.md).
@@ -365,6 +374,32 @@ impl Config {
         }
     }
 
+    /// The configuration as it may be shown (`--check`): secret options hidden, the Redis
+    /// password too; where a secret comes from stays visible.
+    pub fn shown(&self) -> Self {
+        let mut shown = self.clone();
+        for (key, value) in &mut shown.kafka.options {
+            *value = crate::secrets::shown(key, value);
+        }
+        if let Some(url) = &mut shown.state.redis_url {
+            *url = crate::secrets::redact_url(url);
+        }
+        shown
+    }
+
+    /// Puts the secrets that `${env:NAME}` and `${file:PATH}` name into the Kafka options
+    /// and the Redis URL.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        for (key, value) in &mut self.kafka.options {
+            *value = crate::secrets::resolve(&format!("kafka.options.{key}"), value)
+                .map_err(ConfigError::Secret)?;
+        }
+        if let Some(url) = &mut self.state.redis_url {
+            *url = crate::secrets::resolve("state.redis_url", url).map_err(ConfigError::Secret)?;
+        }
+        Ok(())
+    }
+
     /// Checks the whole tree; the first problem found is named with its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.plugin.path.is_none() {
@@ -446,7 +481,10 @@ impl Config {
         {
             return Err(invalid(
                 "state.redis_url",
-                format!("`{url}` is not a Redis URL like redis://127.0.0.1:6379"),
+                format!(
+                    "`{}` is not a Redis URL like redis://127.0.0.1:6379",
+                    crate::secrets::redact_url(url)
+                ),
             ));
         }
         if let Some(addr) = &self.api.addr {

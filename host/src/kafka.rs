@@ -139,13 +139,41 @@ pub fn log_error(error: &KafkaError, reason: &str) {
     tracing::warn!(target: "kafka", "{error}: {reason}");
 }
 
+/// The start-up check's client context: logs as [`LogContext`] does, and keeps the first
+/// error that waiting cannot fix: the cluster refused our credentials, or TLS failed (a
+/// certificate we do not trust, or TLS against a listener without it).
+#[derive(Default)]
+struct StartContext {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for StartContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode::{Authentication, SSL, SaslAuthenticationFailed};
+        match error.rdkafka_error_code() {
+            Some(Authentication | SSL | SaslAuthenticationFailed) => {
+                let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+                refused.get_or_insert_with(|| reason.to_owned());
+            }
+            _ => log_error(&error, reason),
+        }
+    }
+}
+
+impl ConsumerContext for StartContext {}
+
 /// Waits until the cluster answers a metadata request and has every one of `topics`, saying
 /// on each attempt what is wrong (broker unreachable, topic missing), with backoff up to
-/// 10 s. Fails only when the client cannot be made (bad options).
+/// 10 s. Fails when the client cannot be made (bad options), and at once when the cluster
+/// refuses our credentials or TLS fails: waiting would not mend those.
 pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), String> {
     let config = client_config(kafka, &[]);
-    let consumer: BaseConsumer<LogContext> = config
-        .create_with_context(LogContext)
+    let consumer: BaseConsumer<StartContext> = config
+        .create_with_context(StartContext::default())
         .map_err(|e| format!("kafka client: {e}"))?;
     let consumer = std::sync::Arc::new(consumer);
     let bootstrap = kafka.bootstrap.clone().unwrap_or_default();
@@ -173,6 +201,10 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
         })
         .await
         .map_err(|e| e.to_string())?;
+        let refused = consumer.context().refused.lock().map(|r| r.clone());
+        if let Ok(Some(reason)) = refused {
+            return Err(format!("Kafka at {bootstrap} refused the connection: {reason}"));
+        }
         match answer {
             Ok(()) => return Ok(()),
             Err(reason) => {

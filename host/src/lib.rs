@@ -2,7 +2,8 @@
 //! everything around them: consumption, deduplication, retries, dead letters, metrics.
 //!
 //! Map of the crate:
-//! - [`config`]: the one configuration tree and its validation.
+//! - [`config`]: the one configuration tree and its validation; [`secrets`]: the
+//!   `${env:…}`/`${file:…}` references in it, and hiding secrets when it is shown.
 //! - [`runtime`]: wasmtime engine, plugin loading, limits, per-record fault isolation.
 //! - [`pipeline`]: the record lifecycle (ids, dedup, retries, dead letters, commit).
 //! - [`source`], [`sink`], [`state`]: the seams to the outside (files and redb embedded;
@@ -32,6 +33,7 @@ pub mod plugin_client;
 pub mod plugin_test;
 pub mod registry;
 pub mod runtime;
+pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod state;

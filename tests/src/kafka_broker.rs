@@ -1,12 +1,18 @@
-//! A real Kafka-protocol broker for tests: `tansu` (built into `.tools/tansu` by
-//! `scripts/tools.sh`) on a free loopback port, with in-memory storage or a SQLite file that
-//! survives `kill -9`; stopped when dropped. With `WEIR_KAFKA_BOOTSTRAP` set, the tests use
-//! that cluster instead (and never stop it). Also: topic creation, producing test records and
-//! reading a topic back whole.
+//! A real Apache Kafka for tests: the broker's jars from Maven Central (installed into
+//! `.tools/kafka/libs` by `scripts/tools.sh`, pinned in `tools/kafka/pom.xml`), run with
+//! Java 17+ as one combined KRaft node (broker and controller) on free loopback ports, its log
+//! directory in a temporary directory, stopped when dropped. It can be killed with `kill -9`
+//! and started again on the same ports and log directory, and it can open a `SASL_SSL`
+//! listener besides the plain one. With `WEIR_KAFKA_BOOTSTRAP` set, tests that only need *a*
+//! Kafka use that cluster instead (and never stop it). Also: topic creation, producing test
+//! records and reading a topic back whole.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -16,50 +22,116 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-/// How the broker keeps its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
-    Memory,
-    /// A SQLite file: data survives a `kill -9` and restart.
-    Sqlite,
+pub use weir::kafka::TopicRecord;
+
+/// The JVM's heap: fixed, so the broker's memory is the same in every run.
+const HEAP: &str = "512m";
+
+/// A `SASL_SSL` listener: the broker's key and certificate (PEM) and the SCRAM and PLAIN
+/// users it accepts.
+#[derive(Debug, Clone)]
+pub struct SaslSsl {
+    /// The broker's certificate chain and private key, PEM.
+    pub certificate: String,
+    pub private_key: String,
+    /// `(user, password)` pairs, accepted by `PLAIN`, `SCRAM-SHA-256` and `SCRAM-SHA-512`.
+    pub users: Vec<(String, String)>,
+}
+
+/// A broker this harness started: its ports and files.
+struct Local {
+    dir: tempfile::TempDir,
+    port: u16,
+    controller_port: u16,
+    /// The port of the `SASL_SSL` listener, when there is one.
+    sasl_ssl: Option<(u16, SaslSsl)>,
 }
 
 /// A running broker.
 pub struct KafkaBroker {
     pub bootstrap: String,
     process: Option<Child>,
-    port: u16,
-    storage: Storage,
-    dir: Option<tempfile::TempDir>,
+    local: Option<Local>,
     /// `isolation.level` of [`Self::read_topic`].
     isolation: &'static str,
 }
 
-pub use weir::kafka::TopicRecord;
-
-/// The tansu binary: `WEIR_TANSU`, else `.tools/tansu/bin/tansu`.
-fn tansu() -> PathBuf {
-    if let Ok(path) = std::env::var("WEIR_TANSU") {
-        return PathBuf::from(path);
-    }
-    let path = crate::repo_root().join(".tools/tansu/bin/tansu");
+/// The broker's jars: `WEIR_KAFKA_LIBS`, else `.tools/kafka/libs`.
+fn libs() -> PathBuf {
+    let path = std::env::var_os("WEIR_KAFKA_LIBS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join(".tools/kafka/libs"));
     assert!(
-        path.exists(),
-        "{} is missing: run `bash scripts/tools.sh` (it builds tansu), or set WEIR_KAFKA_BOOTSTRAP",
+        path.join(format!("kafka_2.13-{}.jar", crate::KAFKA_VERSION))
+            .is_file(),
+        "Apache Kafka {} is missing from {}: run `bash scripts/tools.sh` (it fetches the jars \
+         from Maven Central), or set WEIR_KAFKA_BOOTSTRAP",
+        crate::KAFKA_VERSION,
         path.display()
     );
     path
 }
 
+/// `java`, with the broker's jars on the class path and its logging set up: Log4j2 at WARN,
+/// plus the one INFO line that says the server started.
+fn java(dir: &Path) -> Command {
+    let log4j = dir.join("log4j2.properties");
+    if !log4j.exists() {
+        std::fs::write(
+            &log4j,
+            "rootLogger.level=WARN\n\
+             rootLogger.appenderRef.out.ref=OUT\n\
+             appender.out.type=Console\n\
+             appender.out.name=OUT\n\
+             appender.out.layout.type=PatternLayout\n\
+             appender.out.layout.pattern=[%d] %p %m (%c)%n\n\
+             logger.started.name=kafka.server.KafkaRaftServer\n\
+             logger.started.level=INFO\n",
+        )
+        .expect("log4j2.properties");
+    }
+    let mut java = Command::new("java");
+    java.arg("-cp")
+        .arg(libs().join("*"))
+        .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    java
+}
+
+/// A cluster id as `kafka-storage random-uuid` makes one: 16 random bytes, URL-safe base64
+/// without padding.
+fn cluster_id() -> String {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 16];
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seed = nanos ^ (u128::from(std::process::id()) << 64) ^ u128::from(crate::free_port());
+    bytes.copy_from_slice(&seed.to_le_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 impl KafkaBroker {
-    /// Starts a fresh broker (or returns the external one of `WEIR_KAFKA_BOOTSTRAP`).
-    pub fn start(storage: Storage) -> Self {
-        if let Ok(bootstrap) = std::env::var("WEIR_KAFKA_BOOTSTRAP") {
-            let mut broker = Self::external(&bootstrap);
-            broker.storage = storage;
-            return broker;
+    /// A Kafka for a test that only produces, consumes and runs workers: the one at
+    /// `WEIR_KAFKA_BOOTSTRAP`, else a fresh local broker.
+    pub fn start() -> Self {
+        match std::env::var("WEIR_KAFKA_BOOTSTRAP") {
+            Ok(bootstrap) => Self::external(&bootstrap),
+            Err(_) => Self::start_local(),
         }
-        Self::start_on(crate::free_port(), storage)
+    }
+
+    /// A fresh local broker, even when `WEIR_KAFKA_BOOTSTRAP` is set (for tests that kill it
+    /// or configure it).
+    pub fn start_local() -> Self {
+        Self::start_on(crate::free_port(), None)
+    }
+
+    /// A fresh local broker with a `SASL_SSL` listener besides the plain one; its bootstrap
+    /// address is [`Self::sasl_ssl_bootstrap`].
+    pub fn start_with_sasl_ssl(listener: SaslSsl) -> Self {
+        Self::start_on(crate::free_port(), Some(listener))
     }
 
     /// A broker this harness did not start (to produce to and read from).
@@ -67,9 +139,7 @@ impl KafkaBroker {
         Self {
             bootstrap: bootstrap.to_owned(),
             process: None,
-            port: 0,
-            storage: Storage::Memory,
-            dir: None,
+            local: None,
             isolation: "read_committed",
         }
     }
@@ -80,18 +150,33 @@ impl KafkaBroker {
         self
     }
 
-    /// Starts a fresh local broker on `port`.
-    pub fn start_on(port: u16, storage: Storage) -> Self {
+    /// Starts a fresh local broker whose plain listener is on `port`.
+    pub fn start_on(port: u16, sasl_ssl: Option<SaslSsl>) -> Self {
+        let local = Local {
+            dir: tempfile::tempdir().expect("tempdir"),
+            port,
+            controller_port: crate::free_port(),
+            sasl_ssl: sasl_ssl.map(|l| (crate::free_port(), l)),
+        };
         let mut broker = Self {
             bootstrap: format!("127.0.0.1:{port}"),
             process: None,
-            port,
-            storage,
-            dir: Some(tempfile::tempdir().expect("tempdir")),
+            local: Some(local),
             isolation: "read_committed",
         };
+        broker.configure();
         broker.spawn();
         broker
+    }
+
+    fn local(&self) -> &Local {
+        self.local.as_ref().expect("a broker this harness started")
+    }
+
+    /// The address of the `SASL_SSL` listener.
+    pub fn sasl_ssl_bootstrap(&self) -> String {
+        let (port, _) = self.local().sasl_ssl.as_ref().expect("a SASL_SSL listener");
+        format!("127.0.0.1:{port}")
     }
 
     /// The process id of a local broker.
@@ -101,47 +186,147 @@ impl KafkaBroker {
 
     /// Whether this broker is ours to stop and restart.
     pub fn is_local(&self) -> bool {
-        self.dir.is_some()
+        self.local.is_some()
     }
 
+    /// Writes `server.properties` and formats the log directory (once per broker).
+    fn configure(&self) {
+        let local = self.local();
+        let dir = local.dir.path();
+        let (port, cport) = (local.port, local.controller_port);
+        let mut listeners = format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}");
+        let mut advertised = format!("PLAINTEXT://127.0.0.1:{port}");
+        let mut extra = String::new();
+        if let Some((sport, listener)) = &local.sasl_ssl {
+            listeners.push_str(&format!(",SASL_SSL://127.0.0.1:{sport}"));
+            advertised.push_str(&format!(",SASL_SSL://127.0.0.1:{sport}"));
+            // Kafka takes PEM key material inline; a value's newlines must be escaped in a
+            // properties file.
+            let pem = |text: &str| text.trim().replace('\n', "\\n\\\n");
+            let plain_users: String = listener
+                .users
+                .iter()
+                .map(|(user, password)| format!(" user_{user}=\"{password}\""))
+                .collect();
+            extra = format!(
+                "ssl.keystore.type=PEM\n\
+                 ssl.keystore.certificate.chain={}\n\
+                 ssl.keystore.key={}\n\
+                 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512\n\
+                 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required{plain_users};\n\
+                 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+                 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n",
+                pem(&listener.certificate),
+                pem(&listener.private_key),
+            );
+        }
+        let properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.bootstrap.servers=127.0.0.1:{cport}\n\
+             listeners={listeners}\n\
+             advertised.listeners={advertised}\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             log.dirs={data}\n\
+             num.partitions=1\n\
+             auto.create.topics.enable=false\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=4\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=4\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             share.coordinator.state.topic.num.partitions=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             group.min.session.timeout.ms=1000\n\
+             group.consumer.min.session.timeout.ms=1000\n\
+             group.consumer.session.timeout.ms=6000\n\
+             group.consumer.min.heartbeat.interval.ms=500\n\
+             group.consumer.heartbeat.interval.ms=1000\n\
+             log.cleaner.dedupe.buffer.size=2097152\n\
+             {extra}",
+            data = dir.join("data").display(),
+        );
+        std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
+        let mut format = java(dir);
+        // `=`: an id may begin with `-`.
+        format.args(["kafka.tools.StorageTool", "format", "--standalone"]);
+        format.arg(format!("--cluster-id={}", cluster_id()));
+        format.args(["--config", "server.properties"]);
+        if let Some((_, listener)) = &local.sasl_ssl {
+            for (user, password) in &listener.users {
+                for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+                    format.arg("--add-scram").arg(format!(
+                        "{mechanism}=[name=\"{user}\",password=\"{password}\"]"
+                    ));
+                }
+            }
+        }
+        let out = format.output().expect("run java (Java 17+ must be on PATH)");
+        assert!(
+            out.status.success(),
+            "kafka-storage format failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.local().dir.path().join("kafka.log")
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the broker and waits until it says it started.
     fn spawn(&mut self) {
-        let dir = self.dir.as_ref().expect("a local broker").path().to_owned();
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let storage = match self.storage {
-            Storage::Memory => "memory://tansu/".to_owned(),
-            // tansu resolves the path against its working directory (the temporary one).
-            Storage::Sqlite => "sqlite://tansu.db".to_owned(),
-        };
+        let dir = self.local().dir.path().to_owned();
+        let log_path = self.log_path();
         let log = std::fs::File::options()
             .create(true)
             .append(true)
-            .open(dir.join("tansu.log"))
+            .open(&log_path)
             .expect("broker log");
-        let child = Command::new(tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                &storage,
-            ])
-            .current_dir(&dir)
+        let before = std::fs::metadata(&log_path).map_or(0, |m| m.len()) as usize;
+        let mut java = java(&dir);
+        java.arg(format!("-Xms{HEAP}"))
+            .arg(format!("-Xmx{HEAP}"))
+            .args(["kafka.Kafka", "server.properties"])
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start tansu");
-        self.process = Some(child);
+            .stderr(log);
+        #[allow(unsafe_code)]
+        // SAFETY: prctl(2) only, between fork and exec: the broker gets SIGKILL when the
+        // thread that started it (the test) ends, so a test binary that is killed or
+        // panics past its drops leaves no broker behind.
+        unsafe {
+            java.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "tansu did not listen within 30 s; its log: {}",
-                std::fs::read_to_string(dir.join("tansu.log")).unwrap_or_default()
-            );
+        let mut child = java.spawn().expect("start the Kafka broker (java)");
+        loop {
+            let log = self.log();
+            if log.get(before..).is_some_and(|l| l.contains("Kafka Server started")) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the Kafka broker exited ({status}) while starting; its log:\n{log}");
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("the Kafka broker did not start within 120 s; its log:\n{log}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        announce(&child, started.elapsed());
+        self.process = Some(child);
     }
 
     /// `kill -9` the broker.
@@ -152,31 +337,10 @@ impl KafkaBroker {
         }
     }
 
-    /// Starts it again on the same port (and, with SQLite, the same data). tansu 0.6 has
-    /// been seen to exit a second after such a restart (once in many runs): the test is about
-    /// the worker riding out a broker outage, so a broker that exits within 3 s is started
-    /// again (at most 3 times), saying so with its log.
+    /// Starts it again on the same ports and log directory.
     pub fn restart(&mut self) {
         self.kill();
-        for attempt in 1..=3 {
-            self.spawn();
-            std::thread::sleep(Duration::from_secs(3));
-            let exited = self
-                .process
-                .as_mut()
-                .and_then(|child| child.try_wait().ok().flatten());
-            let Some(status) = exited else { return };
-            let dir = self.dir.as_ref().expect("a local broker").path();
-            let log = std::fs::read_to_string(dir.join("tansu.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            eprintln!(
-                "tansu exited ({status}) right after restart {attempt}; starting it again. \
-                 Its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-            self.process = None;
-        }
-        panic!("tansu did not stay up after 3 restarts");
+        self.spawn();
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -205,12 +369,9 @@ impl KafkaBroker {
         topic: &str,
         records: impl IntoIterator<Item = (Option<String>, String, Vec<(String, String)>)>,
     ) {
-        // One record per batch: tansu 0.6 answers a fetch from an offset inside a batch with
-        // the *next* batch, so a consumer resuming mid-batch (after a rebalance) would skip
-        // the batch's remaining records. Apache Kafka returns the whole batch.
         let producer: FutureProducer = self
             .client_config()
-            .set("batch.num.messages", "1")
+            .set("linger.ms", "5")
             .create()
             .expect("producer");
         let mut pending = Vec::new();
@@ -331,6 +492,29 @@ impl KafkaBroker {
             })
             .collect()
     }
+}
+
+/// Says once per test binary what the first broker cost: its heap, its resident memory once
+/// started, and its start time. Written to stderr directly, past the test harness's capture.
+fn announce(child: &Child, took: Duration) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .map(|l| l["VmRSS:".len()..].trim().to_owned())
+            })
+            .unwrap_or_else(|| "?".into());
+        let _ = writeln!(
+            std::io::stderr(),
+            "Apache Kafka {} (single KRaft node): JVM heap {HEAP}, resident {rss} once started, \
+             started in {:.1} s",
+            crate::KAFKA_VERSION,
+            took.as_secs_f64()
+        );
+    });
 }
 
 impl Drop for KafkaBroker {

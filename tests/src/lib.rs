@@ -1,7 +1,8 @@
 //! Harness for Weir's integration tests: runs the real `weir` binary (built in this package
 //! as `weir-under-test`, so it is always fresh) over files in a temporary directory, and
 //! reads back outputs, dead letters and the run summary. For cluster mode: `redis_server`
-//! and `kafka_broker` start real servers, `worker` runs `weir` worker processes.
+//! and `kafka_broker` start a real Redis and a real Apache Kafka, `worker` runs `weir`
+//! worker processes.
 //!
 //! The plugins come from `scripts/build-plugins.sh` (`target/wasm32-wasip2/release/`).
 
@@ -13,11 +14,13 @@ use std::time::{Duration, Instant};
 pub mod http;
 pub mod kafka_broker;
 pub mod live;
-pub mod mock_kafka;
 pub mod redis_server;
 pub mod worker;
 
 use serde_json::Value;
+
+/// The Apache Kafka the tests run (`tools/kafka/pom.xml` pins the same version).
+pub const KAFKA_VERSION: &str = "4.4.0";
 
 /// A free loopback port (for a server a test starts).
 pub fn free_port() -> u16 {

@@ -43,6 +43,11 @@ impl RedisServer {
         server
     }
 
+    /// Where it is, as the worker's library takes it.
+    pub fn target(&self) -> weir::state::RedisTarget {
+        weir::state::RedisTarget::new(self.url.clone(), None)
+    }
+
     /// Whether this server is ours to stop and restart.
     pub fn is_local(&self) -> bool {
         self.dir.is_some()

@@ -44,7 +44,7 @@ impl Api {
             compile_memory_bytes: None,
             max_upload_bytes,
             running: None,
-            redis_url: None,
+            redis: None,
             canary: Default::default(),
             quarantine: Default::default(),
         };
@@ -705,7 +705,7 @@ async fn the_cluster_route_lists_live_workers_from_redis() {
 
     let redis = weir_tests::redis_server::RedisServer::start();
     let api = Api::with(Some(TOKEN), true, api::DEFAULT_MAX_UPLOAD_BYTES, |c| {
-        c.redis_url = Some(redis.url.clone());
+        c.redis = Some(redis.target());
     });
     let info = weir::cluster::WorkerInfo {
         id: "w1".into(),
@@ -718,7 +718,7 @@ async fn the_cluster_route_lists_live_workers_from_redis() {
         plugin_digest: "sha256:ab".into(),
         last_seen_ms: 0,
     };
-    let beating = tokio::spawn(weir::cluster::heartbeat(redis.url.clone(), move || {
+    let beating = tokio::spawn(weir::cluster::heartbeat(redis.target(), move || {
         info.clone()
     }));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

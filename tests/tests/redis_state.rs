@@ -10,7 +10,7 @@ use weir_tests::redis_server::RedisServer;
 
 async fn store(redis: &RedisServer, owner: &str, lease_ms: u64) -> RedisStore {
     RedisStore::connect(
-        &redis.url,
+        &redis.target(),
         "test-pipeline",
         owner,
         Duration::from_millis(lease_ms),
@@ -285,8 +285,8 @@ async fn two_workers_share_one_registry_in_redis() {
     }
     let redis = RedisServer::start();
     let (a, b) = (
-        Registry::connect(&redis.url).await.expect("a"),
-        Registry::connect(&redis.url).await.expect("b"),
+        Registry::connect(&redis.target()).await.expect("a"),
+        Registry::connect(&redis.target()).await.expect("b"),
     );
     let mut announced = b.changes();
     announced.mark_unchanged();

@@ -45,7 +45,7 @@ pub struct Control {
     /// The plugin the worker runs; `None`: activations change the registry only.
     pub running: Option<Running>,
     /// The Redis of a cluster-mode worker, where every worker's heartbeat is.
-    pub redis_url: Option<String>,
+    pub redis: Option<crate::state::RedisTarget>,
     /// When a canary is rolled back or promoted.
     pub canary: CanaryConfig,
     /// When the active version is quarantined.
@@ -306,13 +306,13 @@ pub async fn cluster(
 ) -> Result<Json<Vec<crate::cluster::WorkerInfo>>, ApiError> {
     let control = control(&state)?;
     control.check_read(&headers)?;
-    let Some(url) = &control.redis_url else {
+    let Some(redis) = &control.redis else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             "this worker runs in embedded mode: there is no cluster (workers share one with --redis)".into(),
         ));
     };
-    let workers = crate::cluster::live_workers(url, None).await.map_err(|e| {
+    let workers = crate::cluster::live_workers(redis, None).await.map_err(|e| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot read the workers' heartbeats from Redis: {e}"),

@@ -156,10 +156,10 @@ impl Registry {
         Ok(Self::with_store(Store::dir(dir)?))
     }
 
-    /// The registry every worker of a cluster shares, in the Redis at `url`. It listens for
-    /// the changes other workers publish while it lives.
-    pub async fn connect(url: &str) -> Result<Self, RegistryError> {
-        let client = redis::Client::open(url).map_err(store::redis_error)?;
+    /// The registry every worker of a cluster shares, in the Redis at `redis`. It listens
+    /// for the changes other workers publish while it lives.
+    pub async fn connect(redis: &crate::state::RedisTarget) -> Result<Self, RegistryError> {
+        let client = redis.client().map_err(store::redis_error)?;
         let conn = redis::aio::ConnectionManager::new(client.clone())
             .await
             .map_err(store::redis_error)?;

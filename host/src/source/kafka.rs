@@ -211,12 +211,21 @@ impl KafkaSource {
         } else {
             "true"
         };
+        // Under KIP-848's `consumer` group protocol the broker assigns partitions
+        // (incrementally), and a client that sets an assignment strategy is refused.
+        let consumer_protocol = kafka
+            .options
+            .get("group.protocol")
+            .is_some_and(|p| p.eq_ignore_ascii_case("consumer"));
+        let strategy = [("partition.assignment.strategy", "cooperative-sticky")];
+        let strategy = if consumer_protocol { &[][..] } else { &strategy[..] };
         let config = crate::kafka::client_config(
             kafka,
             &[
+                strategy,
+                &[
                 ("enable.auto.commit", auto_commit),
                 ("group.id", group),
-                ("partition.assignment.strategy", "cooperative-sticky"),
                 ("auto.offset.reset", "earliest"),
                 // Offsets are stored by us once fates are durable, and committed from the store.
                 ("enable.auto.offset.store", "false"),
@@ -226,7 +235,9 @@ impl KafkaSource {
                 // this long (default 1 s): a consumer slower than the broker then ran dry
                 // for part of every second (BENCHMARKS.md, cluster mode).
                 ("fetch.queue.backoff.ms", "20"),
-            ],
+                ],
+            ]
+            .concat(),
         );
         let offsets = Arc::new(Mutex::new(OffsetTracker::default()));
         let context = SourceContext {

@@ -7,7 +7,7 @@
 mod embedded;
 mod redis;
 
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, RedisTarget};
 pub use embedded::EmbeddedStore;
 
 use async_trait::async_trait;

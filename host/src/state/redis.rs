@@ -30,6 +30,8 @@
 //! owner: a claim re-finds the owner's own leases, and a finish whose first attempt did land
 //! finds the done mark with its fence.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -203,6 +205,49 @@ pub struct RedisStore {
     circuit: Option<IntGauge>,
 }
 
+/// Where the cluster's Redis is: a `redis://` or `rediss://` (TLS) URL, with
+/// `user:password@` for AUTH and ACL users, and for TLS the CA certificate (PEM) the
+/// server's must chain to (unset: the system's CAs). Shown without its password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    url: String,
+    ca_file: Option<PathBuf>,
+}
+
+impl RedisTarget {
+    pub fn new(url: impl Into<String>, ca_file: Option<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file,
+        }
+    }
+
+    /// A client for it (connecting comes later); a bad URL or CA file is an error.
+    pub fn client(&self) -> redis::RedisResult<redis::Client> {
+        let Some(path) = &self.ca_file else {
+            return redis::Client::open(self.url.as_str());
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read the Redis CA file",
+                format!("{}: {e}", path.display()),
+            ))
+        })?;
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        redis::Client::build_with_tls(self.url.as_str(), certificates)
+    }
+}
+
+impl fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::secrets::redact_url(&self.url))
+    }
+}
+
 /// How long one Redis call may take before it counts as failed and is tried again.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest wait between two tries while Redis is unavailable.
@@ -213,10 +258,10 @@ fn redis_error(what: &str) -> impl Fn(redis::RedisError) -> StateError + '_ {
 }
 
 impl RedisStore {
-    /// Connects to `url`. `owner` names this worker in leases (unique per process);
+    /// Connects to `target`. `owner` names this worker in leases (unique per process);
     /// `namespace` is the pipeline name.
     pub async fn connect(
-        url: &str,
+        target: &RedisTarget,
         namespace: &str,
         owner: &str,
         lease_ttl: Duration,
@@ -227,7 +272,9 @@ impl RedisStore {
                 "worker id `{owner}` must not contain `|`"
             )));
         }
-        let client = redis::Client::open(url).map_err(redis_error("url"))?;
+        let client = target
+            .client()
+            .map_err(|e| StateError(format!("Redis at {target}: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -239,13 +286,17 @@ impl RedisStore {
                 Ok(conn) => break conn,
                 Err(e) if is_transient(&e) => {
                     eprintln!(
-                        "weir: waiting for Redis at {url}: {e}; retrying in {:.1} s",
+                        "weir: waiting for Redis at {target}: {e}; retrying in {:.1} s",
                         delay.as_secs_f64()
                     );
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(StateError(format!("cannot connect to Redis at {url}: {e}"))),
+                Err(e) => {
+                    return Err(StateError(format!(
+                        "cannot connect to Redis at {target}: {e}"
+                    )));
+                }
             }
         };
         Ok(Self {
