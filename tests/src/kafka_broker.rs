@@ -247,6 +247,7 @@ impl KafkaBroker {
              group.consumer.min.heartbeat.interval.ms=500\n\
              group.consumer.heartbeat.interval.ms=1000\n\
              log.cleaner.dedupe.buffer.size=2097152\n\
+             transaction.abort.timed.out.transaction.cleanup.interval.ms=1000\n\
              {extra}",
             data = dir.join("data").display(),
         );
@@ -369,11 +370,22 @@ impl KafkaBroker {
         topic: &str,
         records: impl IntoIterator<Item = (Option<String>, String, Vec<(String, String)>)>,
     ) {
-        let producer: FutureProducer = self
-            .client_config()
-            .set("linger.ms", "5")
-            .create()
-            .expect("producer");
+        self.produce_with(topic, records, &[]).await;
+    }
+
+    /// As [`Self::produce`], with these producer properties (e.g. `compression.type`).
+    pub async fn produce_with(
+        &self,
+        topic: &str,
+        records: impl IntoIterator<Item = (Option<String>, String, Vec<(String, String)>)>,
+        properties: &[(&str, &str)],
+    ) {
+        let mut config = self.client_config();
+        config.set("linger.ms", "5");
+        for (key, value) in properties {
+            config.set(*key, *value);
+        }
+        let producer: FutureProducer = config.create().expect("producer");
         let mut pending = Vec::new();
         for (key, value, headers) in records {
             let mut record = FutureRecord::to(topic)
@@ -467,6 +479,30 @@ impl KafkaBroker {
                     .map_or(-1, |(_, high)| high)
             })
             .collect()
+    }
+
+    /// Per partition of `topic`, how many of its last offsets are in transactions still
+    /// open: the high watermark less the last stable offset.
+    pub fn in_open_transactions(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        // librdkafka asks for the end offset at the client's isolation level: the high
+        // watermark when reading uncommitted, the last stable offset when reading committed.
+        let end = |isolation: &str| -> Vec<i64> {
+            let consumer: BaseConsumer = self
+                .client_config()
+                .set("isolation.level", isolation)
+                .create()
+                .expect("consumer");
+            (0..partitions)
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(topic, p, Duration::from_secs(10))
+                        .map_or(0, |(_, end)| end)
+                })
+                .collect()
+        };
+        let high = end("read_uncommitted");
+        let stable = end("read_committed");
+        high.iter().zip(&stable).map(|(h, s)| h - s).collect()
     }
 
     /// Committed offsets of `group` on `topic`, per partition.

@@ -15,6 +15,7 @@ pub mod http;
 pub mod kafka_broker;
 pub mod live;
 pub mod redis_server;
+pub mod tls;
 pub mod worker;
 
 use serde_json::Value;

@@ -1,10 +1,22 @@
 //! A real Redis for tests: `redis-server` (Debian's) on a free loopback port with AOF on,
-//! in its own temporary directory, stopped when dropped. With `WEIR_REDIS_URL` set, the
-//! tests use that server instead (and never stop it).
+//! in its own temporary directory, stopped when dropped; optionally TLS only, with an ACL
+//! user and the default user off. With `WEIR_REDIS_URL` set, the tests use that server
+//! instead (and never stop it).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// A Redis that takes TLS connections only (its certificate signed by `ca`) from one ACL
+/// user, the default user off.
+#[derive(Debug, Clone)]
+pub struct Secured {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub user: String,
+    pub password: String,
+}
 
 /// A running Redis.
 pub struct RedisServer {
@@ -12,6 +24,7 @@ pub struct RedisServer {
     process: Option<Child>,
     port: u16,
     dir: Option<tempfile::TempDir>,
+    secured: Option<Secured>,
 }
 
 impl RedisServer {
@@ -23,6 +36,7 @@ impl RedisServer {
                 process: None,
                 port: 0,
                 dir: None,
+                secured: None,
             };
         }
         Self::start_local()
@@ -31,21 +45,37 @@ impl RedisServer {
     /// Starts a fresh local server, even when `WEIR_REDIS_URL` is set (for tests that pause
     /// or kill it).
     pub fn start_local() -> Self {
+        Self::start_on(None)
+    }
+
+    /// Starts a fresh local server that takes only TLS and `secured.user`; its URL is
+    /// `rediss://<user>:<password>@127.0.0.1:<port>/`.
+    pub fn start_secured(secured: Secured) -> Self {
+        Self::start_on(Some(secured))
+    }
+
+    fn start_on(secured: Option<Secured>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = crate::free_port();
+        let url = match &secured {
+            Some(s) => format!("rediss://{}:{}@127.0.0.1:{port}/", s.user, s.password),
+            None => format!("redis://127.0.0.1:{port}/"),
+        };
         let mut server = Self {
-            url: format!("redis://127.0.0.1:{port}/"),
+            url,
             process: None,
             port,
             dir: Some(dir),
+            secured,
         };
         server.spawn();
         server
     }
 
-    /// Where it is, as the worker's library takes it.
+    /// Where it is, as the worker's library takes it (with the CA of a secured server).
     pub fn target(&self) -> weir::state::RedisTarget {
-        weir::state::RedisTarget::new(self.url.clone(), None)
+        let ca = self.secured.as_ref().map(|s| s.ca.clone());
+        weir::state::RedisTarget::new(self.url.clone(), ca)
     }
 
     /// Whether this server is ours to stop and restart.
@@ -58,17 +88,25 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-            ])
+        let port = self.port.to_string();
+        let mut redis = Command::new("redis-server");
+        match &self.secured {
+            None => redis.args(["--port", &port]),
+            Some(s) => redis
+                .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(&s.certificate)
+                .arg("--tls-key-file")
+                .arg(&s.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&s.ca)
+                .args(["--user", "default", "off"])
+                .args(["--user", &s.user, "on"])
+                .arg(format!(">{}", s.password))
+                .args(["~*", "&*", "+@all"]),
+        };
+        let child = redis
+            .args(["--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
             .arg("--dir")
             .arg(self.data_dir())
             .stdout(Stdio::null())

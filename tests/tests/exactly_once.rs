@@ -15,7 +15,12 @@ use weir_tests::worker::{Cluster, Worker};
 const BIN: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 fn produce_ids(broker: &KafkaBroker, topic: &str, n: usize) {
-    let events = (0..n).map(|i| {
+    produce_ids_in(broker, topic, 0..n);
+}
+
+/// Produces the ids `e<i>` for `i` in `ids`, keyed by id.
+fn produce_ids_in(broker: &KafkaBroker, topic: &str, ids: std::ops::Range<usize>) {
+    let events = ids.map(|i| {
         let value = format!(r#"{{"id":"e{i}","user_id":"u{i}","ts":1704067200}}"#);
         (Some(format!("e{i}")), value, Vec::new())
     });
@@ -82,8 +87,20 @@ fn eos_flags(cluster: &Cluster, name: &str, slot: &str) -> Vec<String> {
 
 /// Starts worker `name` in slot `slot` (its transactional id).
 fn start(dir: &std::path::Path, name: &str, slot: &str, cluster: &Cluster) -> Worker {
+    start_with(dir, name, slot, cluster, &[])
+}
+
+/// As [`start`], with `extra` flags.
+fn start_with(
+    dir: &std::path::Path,
+    name: &str,
+    slot: &str,
+    cluster: &Cluster,
+    extra: &[&str],
+) -> Worker {
     let flags = eos_flags(cluster, name, slot);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flags.extend_from_slice(extra);
     Worker::start(
         BIN,
         dir,
@@ -92,6 +109,11 @@ fn start(dir: &std::path::Path, name: &str, slot: &str, cluster: &Cluster) -> Wo
         &weir_tests::plugin("faulty"),
         &flags,
     )
+}
+
+/// The logs of workers a and b.
+fn logs(a: &Worker, b: &Worker) -> String {
+    format!("a:\n{}\nb:\n{}", a.log(), b.log())
 }
 
 /// `weir_transactions_total{result}` of a worker (`None` while it does not answer).
@@ -182,8 +204,10 @@ struct Committed {
     missing: usize,
     repeated: Vec<(String, usize)>,
     unknown: Vec<String>,
-    /// (id, output partition, offset) of records out of their input partition's order.
-    out_of_order: Vec<(String, i32, i64)>,
+    /// Records out of their input partition's order: the record and the one before it
+    /// from the same input partition in the same output partition, each as
+    /// `id@input partition:offset→output partition:offset`.
+    out_of_order: Vec<(String, String, String)>,
 }
 
 impl Committed {
@@ -202,7 +226,7 @@ impl Committed {
         // The output as read_committed consumers see it, in each partition's order.
         let output = broker.read_topic(&cluster.output, Duration::from_secs(5), |_| false);
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut last: BTreeMap<(i32, i32), i64> = BTreeMap::new();
+        let mut last: BTreeMap<(i32, i32), (i64, String)> = BTreeMap::new();
         let mut out_of_order = Vec::new();
         for r in &output {
             let id = r.header("weir.record-id").unwrap_or_default();
@@ -211,10 +235,11 @@ impl Committed {
                 continue;
             };
             // Records of one input partition in one output partition keep their input order.
-            if let Some(before) = last.insert((r.partition, from), offset)
+            let at = format!("{id}@{from}:{offset}→{}:{}", r.partition, r.offset);
+            if let Some((before, before_at)) = last.insert((r.partition, from), (offset, at.clone()))
                 && before > offset
             {
-                out_of_order.push((id, r.partition, r.offset));
+                out_of_order.push((id, at, before_at));
             }
         }
         Self {
@@ -236,30 +261,38 @@ impl Committed {
     }
 
     /// Every input id exactly once, none other, each input partition's records in order
-    /// (but those of `parked`, which come back after the records behind them).
-    fn assert_exactly_once_in_order(&self, parked: &[&str]) {
+    /// (but those of `parked`, which come back after the records behind them); fails with
+    /// what is wrong, and `logs`.
+    fn assert_exactly_once_in_order(&self, parked: &[&str], logs: impl Fn() -> String) {
+        let first = |n: usize| n.min(10);
         let out_of_order: Vec<_> = self
             .out_of_order
             .iter()
             .filter(|(id, _, _)| !parked.contains(&id.as_str()))
             .collect();
-        assert!(
-            self.unknown.is_empty(),
-            "ids that were never input: {:?}",
-            &self.unknown[..self.unknown.len().min(10)]
-        );
-        assert_eq!(self.missing, 0, "input ids missing from the output");
-        assert!(
-            self.repeated.is_empty(),
-            "{} ids committed more than once, e.g. {:?}",
-            self.repeated.len(),
-            &self.repeated[..self.repeated.len().min(10)]
-        );
-        assert!(
-            out_of_order.is_empty(),
-            "records out of their input partition's order (id, output partition, offset): {:?}",
-            &out_of_order[..out_of_order.len().min(10)]
-        );
+        let wrong = if !self.unknown.is_empty() {
+            format!(
+                "ids that were never input: {:?}",
+                &self.unknown[..first(self.unknown.len())]
+            )
+        } else if self.missing > 0 {
+            format!("{} input ids missing from the output", self.missing)
+        } else if !self.repeated.is_empty() {
+            format!(
+                "{} ids committed more than once, e.g. {:?}",
+                self.repeated.len(),
+                &self.repeated[..first(self.repeated.len())]
+            )
+        } else if !out_of_order.is_empty() {
+            format!(
+                "records out of their input partition's order (id, where, where the record \
+                 before it was): {:?}",
+                &out_of_order[..first(out_of_order.len())]
+            )
+        } else {
+            return;
+        };
+        panic!("{wrong}; logs:\n{}", logs());
     }
 }
 
@@ -273,7 +306,7 @@ fn a_worker_writes_every_batch_in_committed_transactions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let worker = start(dir.path(), "a", "a", &cluster);
     wait_for_ids(&broker, &cluster, n, Duration::from_secs(120), || worker.log());
-    Committed::read(&broker, &cluster, n).assert_exactly_once_in_order(&[]);
+    Committed::read(&broker, &cluster, n).assert_exactly_once_in_order(&[], || worker.log());
     let transactions = |result: &str| transactions(&worker, result).unwrap_or(-1.0);
     let committed = transactions("committed");
     assert!(committed >= 1.0, "committed transactions: {committed}");
@@ -296,7 +329,6 @@ fn bounce_three_times(
     let started = Instant::now();
     let mut a = start(dir, "a", "a", cluster);
     let b = start(dir, "b", "b", cluster);
-    let logs = |a: &Worker, b: &Worker| format!("a:\n{}\nb:\n{}", a.log(), b.log());
     for (bounce, share) in [(1, 20), (2, 45), (3, 70)] {
         let ids = wait_for_ids(
             broker,
@@ -354,32 +386,60 @@ fn three_kill_nine_bounces_commit_every_id_exactly_once_in_order() {
         transactions_of(&[&a, &b], "aborted"),
         transactions_of(&[&a, &b], "fenced"),
     );
-    committed.assert_exactly_once_in_order(&[]);
+    committed.assert_exactly_once_in_order(&[], || logs(&a, &b));
     let (a_log, b_log) = (a.log(), b.log());
     assert!(a.stop().success(), "{a_log}");
     assert!(b.stop().success(), "{b_log}");
 }
 
-/// A worker frozen with SIGSTOP in the middle of its transactions while another takes its
-/// partitions over, then resumed: the broker itself fences what it had open (the group has
-/// moved to a new generation, so the offsets of its transaction are refused, and a
-/// transaction left open past its timeout is aborted by the broker), so its late commit
-/// fails and nothing it wrote is visible to `read_committed` readers: every id is in the
-/// output exactly once. It then joins the group again in the same process, and the two
-/// share the rest. No error is injected.
+/// A worker frozen with SIGSTOP inside an open transaction (its outputs written, not
+/// committed) while another takes its partitions over, and kept frozen past its
+/// `transaction.timeout.ms`: the broker itself aborts that transaction and fences the
+/// producer. No error is injected. Resumed, its late commit fails (it counts the fencing),
+/// and nothing it wrote is visible to `read_committed` readers: every id is in the output
+/// exactly once, in order, while it goes on and shares the rest.
 #[test]
 fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
     let (broker, cluster, _) = cluster("paused", 4, &[]);
     let n = 40_000;
-    produce_ids(&broker, &cluster.input, n);
+    // The input arrives over 20 s, so the worker is busy, with a transaction open most of
+    // the time, when it is frozen.
+    let producer = {
+        let (broker, topic) = (KafkaBroker::external(&broker.bootstrap), cluster.input.clone());
+        std::thread::spawn(move || {
+            for chunk in 0..40 {
+                let ids = chunk * 1_000..(chunk + 1) * 1_000;
+                produce_ids_in(&broker, &topic, ids);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = start(dir.path(), "a", "a", &cluster);
-    let logs = |a: &Worker, b: &Worker| format!("a:\n{}\nb:\n{}", a.log(), b.log());
+    let timeout_ms = 10_000;
+    let a = start_with(
+        dir.path(),
+        "a",
+        "a",
+        &cluster,
+        &["--kafka-option", &format!("transaction.timeout.ms={timeout_ms}")],
+    );
     let before = wait_for_ids(&broker, &cluster, n / 10, Duration::from_secs(120), || {
         a.log()
     });
-    // Frozen mid-stream: a batch is written (or being written) in an open transaction.
-    a.pause();
+    // Frozen inside an open transaction: paused again until the output shows one.
+    let mut tries = 0;
+    let open = loop {
+        a.pause();
+        let open = broker.in_open_transactions(&cluster.output, 4);
+        if open.iter().any(|&pending| pending > 0) {
+            break open;
+        }
+        tries += 1;
+        assert!(tries < 200, "never paused inside an open transaction");
+        a.resume();
+        std::thread::sleep(Duration::from_millis(20 + tries % 30));
+    };
+    let paused = Instant::now();
     let b = start(dir.path(), "b", "b", &cluster);
     let taken = wait_for_ids(
         &broker,
@@ -388,18 +448,22 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
         Duration::from_secs(120),
         || logs(&a, &b),
     );
+    // Past the transaction timeout (and the broker's 1 s check for timed-out ones).
+    let past = Duration::from_millis(timeout_ms + 3_000);
+    std::thread::sleep(past.saturating_sub(paused.elapsed()));
+    let paused_for = paused.elapsed();
     a.resume();
     let resumed = Instant::now();
-    // Its late commit fails: the broker refuses it.
-    while !a.log().contains("transaction failed") && !a.log().contains("cannot go on") {
+    while transactions(&a, "fenced").unwrap_or(0.0) < 1.0 {
         assert!(
             resumed.elapsed() < Duration::from_secs(120),
-            "a's late commit did not fail after its resume; logs:\n{}",
+            "a was not fenced after its resume; logs:\n{}",
             logs(&a, &b)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let refused_after = resumed.elapsed();
+    let fenced_after = resumed.elapsed();
+    producer.join().expect("producer");
     let ids = wait_for_ids(&broker, &cluster, n, Duration::from_secs(300), || {
         logs(&a, &b)
     });
@@ -411,18 +475,17 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
         .unwrap_or_default()
         .to_owned();
     println!(
-        "a paused with {} ids out; b took over, {} out; a resumed and its late commit was \
-         refused {:.1} s later ({} fenced, {} aborted): {refusal}; all {} ids out, {} records \
-         read_committed",
+        "a paused inside an open transaction ({open:?} records pending per output partition, \
+         {tries} tries) with {} ids out; b took over, {} out; a resumed after {:.1} s and was \
+         fenced {:.1} s later: {refusal}; all {} ids out, {} records read_committed",
         before.len(),
         taken.len(),
-        refused_after.as_secs_f64(),
-        transactions(&a, "fenced").unwrap_or(0.0),
-        transactions(&a, "aborted").unwrap_or(0.0),
+        paused_for.as_secs_f64(),
+        fenced_after.as_secs_f64(),
         ids.len(),
         committed.records,
     );
-    committed.assert_exactly_once_in_order(&[]);
+    committed.assert_exactly_once_in_order(&[], || logs(&a, &b));
     let (a_log, b_log) = (a.log(), b.log());
     assert!(a.stop().success(), "{a_log}");
     assert!(b.stop().success(), "{b_log}");
@@ -491,7 +554,7 @@ fn a_parked_record_comes_back_exactly_once() {
         "{n} ids exactly once; e5 parked {parked} times; {} transactions committed",
         transactions("committed")
     );
-    committed.assert_exactly_once_in_order(&["e5"]);
+    committed.assert_exactly_once_in_order(&["e5"], || worker.log());
     let log = worker.log();
     assert!(worker.stop().success(), "{log}");
 }

@@ -14,7 +14,10 @@
 //! The last member to be ready commits for all (the union of their offsets) while the
 //! others await the outcome: the round trips of a commit are paid once per group, and the
 //! writing does not wait for a commit. A transaction commits only after the one before it
-//! ended, and aborts if that one did not commit, so offsets move in order.
+//! ended, and aborts if that one did not commit, so offsets move in order. A transaction
+//! begins only once every record of the open one is delivered: records reach a partition's
+//! log in the order they are delivered, and one sent by the other producer while a record
+//! read before it is still in flight could overtake it, out of its input partition's order.
 //!
 //! - A member with records of a partition that was revoked, or read again, since it was
 //!   taken makes the transaction abort: those records belong to the next owner, or to the
@@ -40,7 +43,7 @@ use rdkafka::Offset;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::SourceError;
 use super::kafka::{Position, SourceContext};
@@ -212,6 +215,8 @@ pub struct Transactions {
     open: Mutex<Open>,
     /// The outcomes of the last transactions to end.
     ended: watch::Sender<Ended>,
+    /// Told each time a member's records are delivered (or failed).
+    delivered: Notify,
     /// `weir_transactions_total{result}`.
     results: IntCounterVec,
 }
@@ -226,6 +231,7 @@ impl Transactions {
             producer: producer.clone(),
             open: Mutex::new(Open::default()),
             ended: watch::Sender::new(Ended::default()),
+            delivered: Notify::new(),
             results,
         })
     }
@@ -342,12 +348,16 @@ impl BatchTransaction {
         }
     }
 
-    /// Joins the newest open transaction, or begins one on a producer that has none; waits
-    /// while both are closing. The batch's records go to that transaction's producer.
+    /// Joins the newest open transaction, or begins one on a producer that has none once
+    /// every record of the open ones is delivered; waits otherwise. The batch's records go
+    /// to that transaction's producer.
     pub(super) async fn begin(&mut self) -> Result<(), SourceError> {
         let transactions = &self.transactions;
         loop {
             let mut ended = transactions.ended.subscribe();
+            let delivered = transactions.delivered.notified();
+            tokio::pin!(delivered);
+            delivered.as_mut().enable();
             {
                 let mut open = transactions.open();
                 if let Some(why) = &open.failed {
@@ -359,7 +369,13 @@ impl BatchTransaction {
                     transactions.producer.write_to(group.producer);
                     return Ok(());
                 }
-                if let Some(free) = open.on.iter().position(Option::is_none) {
+                // The other producer's records reach a partition's log in the order they are
+                // delivered: a record sent now could land before one of an open transaction
+                // still in flight (a record of the same input partition, read earlier), so a
+                // new transaction begins only when the open ones' records are all delivered.
+                let all_delivered = open.on.iter().flatten().all(|g| g.ready == g.members);
+                let free = open.on.iter().position(Option::is_none);
+                if let (true, Some(free)) = (all_delivered, free) {
                     transactions.producer.producers()[free]
                         .begin_transaction()
                         .map_err(|e| SourceError::other("begin a transaction", e))?;
@@ -373,8 +389,12 @@ impl BatchTransaction {
                     return Ok(());
                 }
             }
-            // Both are closing: wait for one to end.
-            let _ = ended.changed().await;
+            // Both are closing, or records are still in flight: wait for one to end, or for
+            // a delivery.
+            tokio::select! {
+                _ = ended.changed() => {}
+                () = &mut delivered => {}
+            }
         }
     }
 
@@ -412,6 +432,7 @@ impl BatchTransaction {
             }
             group.ready()
         };
+        self.transactions.delivered.notify_waiters();
         let outcome = match closing {
             // The last member to be ready commits (or aborts) for all.
             Some(closing) => self.close(closing).await,
@@ -603,6 +624,7 @@ impl Drop for BatchTransaction {
                 .get_or_insert_with(|| "a batch of the transaction was dropped".into());
             group.ready()
         };
+        self.transactions.delivered.notify_waiters();
         let (Some(closing), Ok(runtime)) = (closing, tokio::runtime::Handle::try_current()) else {
             return;
         };
