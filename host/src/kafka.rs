@@ -182,9 +182,11 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
         let c = consumer.clone();
         let wanted = topics.to_vec();
         let answer = tokio::task::spawn_blocking(move || {
-            let m = c
-                .fetch_metadata(None, Duration::from_secs(5))
-                .map_err(|e| e.to_string())?;
+            let metadata = c.fetch_metadata(None, Duration::from_secs(5));
+            // Error events (a refused login, a failed TLS handshake) reach the context only
+            // when the client is polled.
+            let _ = c.poll(Duration::ZERO);
+            let m = metadata.map_err(|e| e.to_string())?;
             for t in &wanted {
                 let Some(found) = m.topics().iter().find(|x| x.name() == t) else {
                     return Err(format!("topic `{t}` does not exist"));

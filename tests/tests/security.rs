@@ -227,7 +227,7 @@ fn a_wrong_redis_password_or_an_untrusted_redis_certificate_is_one_clear_error()
         &ca,
         (KAFKA_PASSWORD, "not-the-password"),
     );
-    let wrong = ends_with_one_error(w, &["Redis at rediss://weir:", "WRONGPASS"]);
+    let wrong = ends_with_one_error(w, &["Redis at rediss://weir:***@", "AuthenticationFailed"]);
     let w = s.worker(
         "untrusted",
         "SCRAM-SHA-256",
