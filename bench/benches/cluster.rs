@@ -1,4 +1,5 @@
-//! Cluster mode, Kafka → Kafka, on a local `tansu` broker (issue 4's benchmark):
+//! Cluster mode, Kafka → Kafka, on a local Apache Kafka (the tests' broker, one KRaft node)
+//! and a local Redis (issue 4's benchmark, with issue 6's exactly-once run):
 //!
 //! - (a) a raw rdkafka consume → produce passthrough written here, at-least-once the way
 //!   rdkafka's own example does it but without waiting on each record: every record is sent
@@ -7,25 +8,24 @@
 //! - (b) a `weir` worker running an identity plugin (`faulty` with `faults=off`) with the
 //!   embedded state store, no Redis;
 //! - (c) a `weir` worker running `enrich` with Redis leases and done marks;
-//! - on librdkafka's mock cluster (hosted in this process: tansu has no transactions), (c)
-//!   again and (d) the same worker in exactly-once mode (`--exactly-once`), taking turns
-//!   three times, for the ratio d/c (issue 6). The mock's CPU is this process's.
+//! - (d) the same worker in exactly-once mode (`--exactly-once`): Kafka transactions.
 //!
-//! Each consumes the same input topic (in its own consumer group) into its own output topic,
-//! one process at a time, and is timed from its first consumed record to its last record
-//! done (weir: `weir_records_processed_total` = N, read every 20 ms; passthrough: its last
-//! delivery). CPU is the process's user + system time over the same span, from
-//! `/proc/<pid>/stat`, for the worker, the broker and Redis alike. Prints records/s,
-//! CPU-seconds per million records and the ratios b/a, c/a and d/c.
+//! The four take turns `WEIR_BENCH_PAIRS` times (default 3; the order turns around every
+//! other round, so no run is always first or last), because the machine's slow phases move
+//! one run by up to half. Each consumes the same input topic (in its own consumer group,
+//! with its own done marks) into its own output topic, one process at a time, and is timed
+//! from its first consumed record to its last record done (weir:
+//! `weir_records_processed_total` = N, read every 20 ms; passthrough: its last delivery).
+//! CPU is the process's user + system time over the same span, from `/proc/<pid>/stat`, for
+//! the worker, the broker and Redis alike. Prints records/s, CPU-seconds per million
+//! records, and the ratios b/a, c/a and d/c of each round with their medians.
 //!
 //! ```sh
-//! bash scripts/build-plugins.sh && bash scripts/tools.sh   # plugins, tansu
+//! bash scripts/build-plugins.sh && bash scripts/tools.sh   # plugins, the Kafka jars
 //! cargo bench -p weir-bench --bench cluster                # WEIR_BENCH_RECORDS=1000000
 //! ```
 //!
 //! `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to every weir run.
-//! `WEIR_BENCH_PAIRS` (default 3): how many times (c) and (d) take turns on the mock; the
-//! d/c of each pair and their median are printed.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.parse())
         .transpose()?
         .unwrap_or(1_000_000);
-    let pairs: usize = std::env::var("WEIR_BENCH_PAIRS")
+    let rounds: usize = std::env::var("WEIR_BENCH_PAIRS")
         .ok()
         .map(|v| v.parse())
         .transpose()?
@@ -75,10 +75,12 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     rt.block_on(async {
         broker.create_topic("bench-in", PARTITIONS).await;
-        for out in ["a", "b", "c"] {
-            broker
-                .create_topic(&format!("bench-out-{out}"), PARTITIONS)
-                .await;
+        for round in 1..=rounds {
+            for run in ["a", "b", "c", "d"] {
+                broker
+                    .create_topic(&format!("bench-out-{run}{round}"), PARTITIONS)
+                    .await;
+            }
         }
         broker.create_topic("bench-dlq", 1).await;
     });
@@ -101,138 +103,106 @@ fn main() -> anyhow::Result<()> {
         broker: broker.pid(),
         redis: redis.is_local().then(|| redis.pid()),
     };
-    let a = run_passthrough(&services, &cluster("a", None), n)?;
-    let b = run_weir(
-        &services,
-        &cluster("b", None),
-        dir.path(),
-        "faulty",
-        &["--plugin-config", "faults=off"],
-        n,
-    )?;
-    let c = run_weir(
-        &services,
-        &cluster("c", Some(&redis.url)),
-        dir.path(),
-        "enrich",
-        &["--id", "/id"],
-        n,
-    )?;
-
-    // (c) and (d) on the mock: own outputs and own done marks (plugin names). The mock
-    // keeps at most 100,000 messages or 5 MB per partition (librdkafka's `rdkafka_mock.c`)
-    // and drops the oldest beyond that, so these runs take at most 200,000 records.
-    let n_mock = n.min(200_000);
-    let mock = rdkafka::mocking::MockCluster::new(3)?;
-    mock.create_topic("bench-in", PARTITIONS, 3)?;
-    for pair in 1..=pairs {
-        for run in ["c", "d"] {
-            mock.create_topic(&format!("bench-out-{run}{pair}"), PARTITIONS, 3)?;
-        }
-    }
-    mock.create_topic("bench-dlq", 1, 3)?;
-    let on_mock = |name: &str| Cluster {
-        bootstrap: mock.bootstrap_servers(),
-        redis: Some(redis.url.clone()),
-        group: format!("bench-mock-{name}"),
-        input: "bench-in".into(),
-        output: format!("bench-out-{name}"),
-        dlq: "bench-dlq".into(),
-    };
-    rt.block_on(produce(&mock.bootstrap_servers(), n_mock))?;
-    let mock_services = Services {
-        broker: Some(std::process::id()),
-        redis: services.redis,
-    };
-    // (c) and (d) take turns, `pairs` times: the machine's slow phases move one run by up
-    // to half, so one pair alone says little.
-    let mut mock_runs = Vec::new();
-    for pair in 1..=pairs {
-        let (c, d) = (format!("c{pair}"), format!("d{pair}"));
-        let (c_name, d_name) = (format!("enrich-mock-{c}"), format!("enrich-mock-{d}"));
-        let run_c = || {
-            run_weir(
-                &mock_services,
-                &on_mock(&c),
+    let run = |kind: char, round: usize| -> anyhow::Result<Measured> {
+        let name = format!("{kind}{round}");
+        // Each run has done marks of its own: the plugin's name names them.
+        let plugin_name = format!("enrich-{name}");
+        let transactional_id = format!("bench-{name}");
+        match kind {
+            'a' => run_passthrough(&services, &cluster(&name, None), n),
+            'b' => run_weir(
+                &services,
+                &cluster(&name, None),
+                dir.path(),
+                "faulty",
+                &[
+                    "--plugin-config",
+                    "faults=off",
+                    "--state",
+                    &format!("state-{name}"),
+                ],
+                n,
+            ),
+            'c' => run_weir(
+                &services,
+                &cluster(&name, Some(&redis.url)),
                 dir.path(),
                 "enrich",
-                &["--id", "/id", "--plugin-name", &c_name],
-                n_mock,
-            )
-        };
-        let run_d = || {
-            run_weir(
-                &mock_services,
-                &on_mock(&d),
+                &["--id", "/id", "--plugin-name", &plugin_name],
+                n,
+            ),
+            _ => run_weir(
+                &services,
+                &cluster(&name, Some(&redis.url)),
                 dir.path(),
                 "enrich",
                 &[
                     "--id",
                     "/id",
                     "--plugin-name",
-                    &d_name,
+                    &plugin_name,
                     "--exactly-once",
                     "--transactional-id",
-                    &format!("bench-{d}"),
+                    &transactional_id,
                 ],
-                n_mock,
-            )
-        };
-        // Every other pair runs (d) first: each run leaves its done marks in Redis, and the
-        // later run of a pair must not always be the same one.
-        let (c_run, d_run) = if pair % 2 == 1 {
-            let c = run_c()?;
-            (c, run_d()?)
-        } else {
-            let d = run_d()?;
-            (run_c()?, d)
-        };
-        mock_runs.push((c_run, d_run));
+                n,
+            ),
+        }
+    };
+    let mut measured: Vec<[Measured; 4]> = Vec::new();
+    for round in 1..=rounds {
+        let mut order = ['a', 'b', 'c', 'd'];
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        let mut runs: [Option<Measured>; 4] = Default::default();
+        for kind in order {
+            eprintln!("round {round}: ({kind})");
+            runs[(kind as u8 - b'a') as usize] = Some(run(kind, round)?);
+        }
+        measured.push(runs.map(|r| r.expect("every run ran")));
     }
 
-    println!("\nKafka → Kafka, {n} records, {PARTITIONS} partitions, one worker process:\n");
-    print_table(
-        n,
-        &[
-            ("(a) rdkafka passthrough", &a),
-            ("(b) weir, identity, no Redis", &b),
-            ("(c) weir, enrich + Redis", &c),
-        ],
-        "(a)",
-    );
     println!(
-        "\nb/a = {:.2} (target ≥ 0.9), c/a = {:.2} (target ≥ 0.6)",
-        b.rate(n) / a.rate(n),
-        c.rate(n) / a.rate(n)
+        "\nKafka → Kafka on Apache Kafka {} (one local KRaft node), {n} records, {PARTITIONS} \
+         partitions, one worker process, {rounds} rounds:\n",
+        weir_tests::KAFKA_VERSION
     );
-    println!(
-        "\nOn librdkafka's mock cluster, {n_mock} records (hosted in the benchmark's process, whose CPU is the \"broker\" column):\n"
-    );
-    let names: Vec<(String, String)> = (1..=pairs)
-        .map(|pair| {
-            (
-                format!("(c) weir, enrich + Redis, pair {pair}"),
-                format!("(d) the same, exactly-once, pair {pair}"),
-            )
-        })
+    let names = [
+        "(a) rdkafka passthrough",
+        "(b) weir, identity, no Redis",
+        "(c) weir, enrich + Redis",
+        "(d) the same, exactly-once",
+    ];
+    let labels: Vec<String> = (1..=rounds)
+        .flat_map(|round| names.map(|name| format!("{name}, round {round}")))
         .collect();
-    let rows: Vec<(&str, &Measured)> = names
+    let rows: Vec<(&str, &Measured)> = labels
         .iter()
-        .zip(&mock_runs)
-        .flat_map(|((c_name, d_name), (c, d))| [(c_name.as_str(), c), (d_name.as_str(), d)])
+        .map(String::as_str)
+        .zip(measured.iter().flatten())
         .collect();
-    print_table(n_mock, &rows, "(c) of pair 1");
-    let mut ratios: Vec<f64> = mock_runs
-        .iter()
-        .map(|(c, d)| d.rate(n_mock) / c.rate(n_mock))
-        .collect();
-    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "\nd/c on the mock, pair by pair: {}; median {:.2} (target ≥ 0.9)",
-        each.join(", "),
-        ratios[ratios.len() / 2]
-    );
+    print_table(n, &rows, "(a) of round 1");
+    let ratio = |of: usize, to: usize| -> (Vec<String>, f64) {
+        let mut ratios: Vec<f64> = measured
+            .iter()
+            .map(|runs| runs[of].rate(n) / runs[to].rate(n))
+            .collect();
+        let each = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        (each, ratios[ratios.len() / 2])
+    };
+    for (label, of, to, target) in [
+        ("b/a", 1, 0, "≥ 0.9"),
+        ("c/a", 2, 0, "≥ 0.6"),
+        ("d/c", 3, 2, "≥ 0.9"),
+    ] {
+        let (each, median) = ratio(of, to);
+        println!(
+            "\n{label} round by round: {}; median {median:.2} (target {target})",
+            each.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -205,7 +205,9 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
         .map_err(|e| e.to_string())?;
         let refused = consumer.context().refused.lock().map(|r| r.clone());
         if let Ok(Some(reason)) = refused {
-            return Err(format!("Kafka at {bootstrap} refused the connection: {reason}"));
+            return Err(format!(
+                "Kafka at {bootstrap} refused the connection: {reason}"
+            ));
         }
         match answer {
             Ok(()) => return Ok(()),

@@ -42,9 +42,8 @@ pub fn resolve(field: &str, value: &str) -> Result<String, SecretError> {
         };
         let reference = &after[..end];
         let resolved = match reference.split_once(':') {
-            Some(("env", name)) => std::env::var(name).map_err(|_| {
-                error(format!("the environment variable `{name}` is not set"))
-            })?,
+            Some(("env", name)) => std::env::var(name)
+                .map_err(|_| error(format!("the environment variable `{name}` is not set")))?,
             Some(("file", path)) => std::fs::read_to_string(path)
                 .map(|text| text.strip_suffix('\n').unwrap_or(&text).to_owned())
                 .map_err(|e| error(format!("cannot read the secret file `{path}`: {e}")))?,

@@ -266,7 +266,9 @@ impl KafkaBroker {
                 }
             }
         }
-        let out = format.output().expect("run java (Java 17+ must be on PATH)");
+        let out = format
+            .output()
+            .expect("run java (Java 17+ must be on PATH)");
         assert!(
             out.status.success(),
             "kafka-storage format failed: {}{}",
@@ -314,7 +316,10 @@ impl KafkaBroker {
         let mut child = java.spawn().expect("start the Kafka broker (java)");
         loop {
             let log = self.log();
-            if log.get(before..).is_some_and(|l| l.contains("Kafka Server started")) {
+            if log
+                .get(before..)
+                .is_some_and(|l| l.contains("Kafka Server started"))
+            {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {

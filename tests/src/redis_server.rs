@@ -93,7 +93,14 @@ impl RedisServer {
         match &self.secured {
             None => redis.args(["--port", &port]),
             Some(s) => redis
-                .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"])
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
                 .arg("--tls-cert-file")
                 .arg(&s.certificate)
                 .arg("--tls-key-file")

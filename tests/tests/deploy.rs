@@ -106,6 +106,14 @@ fn compose_workers_validate_and_prometheus_scrapes_them() {
         .collect();
     assert_eq!(workers.len(), 2, "two workers: {workers:?}");
 
+    // The Kafka the tests run, in both services that use its image.
+    for name in ["kafka", "topics"] {
+        assert_eq!(
+            service(&compose, name)["image"].as_str(),
+            Some(format!("apache/kafka:{}", weir_tests::KAFKA_VERSION).as_str()),
+            "{name}"
+        );
+    }
     // Kafka (KRaft) advertises the address the workers use; Redis keeps an AOF.
     let kafka_env = &service(&compose, "kafka")["environment"];
     assert_eq!(

@@ -33,7 +33,11 @@ fn produce_ids_in(broker: &KafkaBroker, topic: &str, ids: std::ops::Range<usize>
 /// (named `<run>-<name>`, one partition each), whose names are returned.
 fn cluster(name: &str, partitions: i32, extra: &[&str]) -> (KafkaBroker, Cluster, Vec<String>) {
     let broker = KafkaBroker::start();
-    let run = format!("eos-{name}-{}-{}", std::process::id(), weir_tests::free_port());
+    let run = format!(
+        "eos-{name}-{}-{}",
+        std::process::id(),
+        weir_tests::free_port()
+    );
     let cluster = Cluster {
         bootstrap: broker.bootstrap.clone(),
         redis: None,
@@ -236,7 +240,8 @@ impl Committed {
             };
             // Records of one input partition in one output partition keep their input order.
             let at = format!("{id}@{from}:{offset}→{}:{}", r.partition, r.offset);
-            if let Some((before, before_at)) = last.insert((r.partition, from), (offset, at.clone()))
+            if let Some((before, before_at)) =
+                last.insert((r.partition, from), (offset, at.clone()))
                 && before > offset
             {
                 out_of_order.push((id, at, before_at));
@@ -305,7 +310,9 @@ fn a_worker_writes_every_batch_in_committed_transactions() {
     produce_ids(&broker, &cluster.input, n);
     let dir = tempfile::tempdir().expect("tempdir");
     let worker = start(dir.path(), "a", "a", &cluster);
-    wait_for_ids(&broker, &cluster, n, Duration::from_secs(120), || worker.log());
+    wait_for_ids(&broker, &cluster, n, Duration::from_secs(120), || {
+        worker.log()
+    });
     Committed::read(&broker, &cluster, n).assert_exactly_once_in_order(&[], || worker.log());
     let transactions = |result: &str| transactions(&worker, result).unwrap_or(-1.0);
     let committed = transactions("committed");
@@ -405,7 +412,10 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
     // The input arrives over 20 s, so the worker is busy, with a transaction open most of
     // the time, when it is frozen.
     let producer = {
-        let (broker, topic) = (KafkaBroker::external(&broker.bootstrap), cluster.input.clone());
+        let (broker, topic) = (
+            KafkaBroker::external(&broker.bootstrap),
+            cluster.input.clone(),
+        );
         std::thread::spawn(move || {
             for chunk in 0..40 {
                 let ids = chunk * 1_000..(chunk + 1) * 1_000;
@@ -421,7 +431,10 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
         "a",
         "a",
         &cluster,
-        &["--kafka-option", &format!("transaction.timeout.ms={timeout_ms}")],
+        &[
+            "--kafka-option",
+            &format!("transaction.timeout.ms={timeout_ms}"),
+        ],
     );
     let before = wait_for_ids(&broker, &cluster, n / 10, Duration::from_secs(120), || {
         a.log()

@@ -129,7 +129,10 @@ fn ends_with_one_error(mut worker: Worker, needles: &[&str]) -> String {
     let log = worker.log();
     assert!(!status.success(), "the worker should have failed:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
-    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("weir: error:")).collect();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("weir: error:"))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line:\n{log}");
     for needle in needles {
         assert!(errors[0].contains(needle), "`{needle}` not said:\n{log}");
@@ -235,7 +238,8 @@ fn a_wrong_redis_password_or_an_untrusted_redis_certificate_is_one_clear_error()
         &s.pki.untrusted_ca(),
         (KAFKA_PASSWORD, REDIS_PASSWORD),
     );
-    let untrusted = ends_with_one_error(w, &["Redis at rediss://weir:", "certificate verify failed"]);
+    let untrusted =
+        ends_with_one_error(w, &["Redis at rediss://weir:", "certificate verify failed"]);
     println!("{wrong}\n{untrusted}");
 }
 
@@ -245,12 +249,25 @@ fn a_wrong_redis_password_or_an_untrusted_redis_certificate_is_one_clear_error()
 fn check_shows_no_secret() {
     let out = std::process::Command::new(BIN)
         .args(["run", "--check", "--plugin", "p.wasm", "--kafka", "k:9092"])
-        .args(["--group", "g", "--input-topic", "in", "--output-topic", "out"])
+        .args([
+            "--group",
+            "g",
+            "--input-topic",
+            "in",
+            "--output-topic",
+            "out",
+        ])
         .args(["--dlq-topic", "dlq"])
         .args(["--kafka-option", "sasl.password=hunter2"])
         .args(["--kafka-option", "sasl.username=weir"])
-        .args(["--kafka-option", "ssl.key.pem=-----BEGIN PRIVATE KEY----- hunter2"])
-        .args(["--kafka-option", "sasl.oauthbearer.client.secret=${env:SECRET}"])
+        .args([
+            "--kafka-option",
+            "ssl.key.pem=-----BEGIN PRIVATE KEY----- hunter2",
+        ])
+        .args([
+            "--kafka-option",
+            "sasl.oauthbearer.client.secret=${env:SECRET}",
+        ])
         .args(["--redis", "rediss://weir:hunter2@redis:6380/0"])
         .output()
         .expect("weir run --check");
@@ -260,8 +277,14 @@ fn check_shows_no_secret() {
     );
     assert!(out.status.success(), "{stderr}");
     assert!(!stdout.contains("hunter2"), "{stdout}");
-    assert!(stdout.contains("\"sasl.password\" = \"<hidden>\""), "{stdout}");
+    assert!(
+        stdout.contains("\"sasl.password\" = \"<hidden>\""),
+        "{stdout}"
+    );
     assert!(stdout.contains("\"sasl.username\" = \"weir\""), "{stdout}");
     assert!(stdout.contains("${env:SECRET}"), "{stdout}");
-    assert!(stdout.contains("rediss://weir:***@redis:6380/0"), "{stdout}");
+    assert!(
+        stdout.contains("rediss://weir:***@redis:6380/0"),
+        "{stdout}"
+    );
 }

@@ -312,12 +312,14 @@ pub async fn cluster(
             "this worker runs in embedded mode: there is no cluster (workers share one with --redis)".into(),
         ));
     };
-    let workers = crate::cluster::live_workers(redis, None).await.map_err(|e| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot read the workers' heartbeats from Redis: {e}"),
-        )
-    })?;
+    let workers = crate::cluster::live_workers(redis, None)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the workers' heartbeats from Redis: {e}"),
+            )
+        })?;
     Ok(Json(workers))
 }
 

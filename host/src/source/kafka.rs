@@ -211,34 +211,29 @@ impl KafkaSource {
         } else {
             "true"
         };
+        let mut defaults = vec![
+            ("enable.auto.commit", auto_commit),
+            ("group.id", group),
+            ("auto.offset.reset", "earliest"),
+            // Offsets are stored by us once fates are durable, and committed from the store.
+            ("enable.auto.offset.store", "false"),
+            ("auto.commit.interval.ms", "1000"),
+            ("statistics.interval.ms", "5000"),
+            // Once its prefetch queue is full, librdkafka stops fetching a partition for
+            // this long (default 1 s): a consumer slower than the broker then ran dry
+            // for part of every second (BENCHMARKS.md, cluster mode).
+            ("fetch.queue.backoff.ms", "20"),
+        ];
         // Under KIP-848's `consumer` group protocol the broker assigns partitions
         // (incrementally), and a client that sets an assignment strategy is refused.
         let consumer_protocol = kafka
             .options
             .get("group.protocol")
             .is_some_and(|p| p.eq_ignore_ascii_case("consumer"));
-        let strategy = [("partition.assignment.strategy", "cooperative-sticky")];
-        let strategy = if consumer_protocol { &[][..] } else { &strategy[..] };
-        let config = crate::kafka::client_config(
-            kafka,
-            &[
-                strategy,
-                &[
-                ("enable.auto.commit", auto_commit),
-                ("group.id", group),
-                ("auto.offset.reset", "earliest"),
-                // Offsets are stored by us once fates are durable, and committed from the store.
-                ("enable.auto.offset.store", "false"),
-                ("auto.commit.interval.ms", "1000"),
-                ("statistics.interval.ms", "5000"),
-                // Once its prefetch queue is full, librdkafka stops fetching a partition for
-                // this long (default 1 s): a consumer slower than the broker then ran dry
-                // for part of every second (BENCHMARKS.md, cluster mode).
-                ("fetch.queue.backoff.ms", "20"),
-                ],
-            ]
-            .concat(),
-        );
+        if !consumer_protocol {
+            defaults.push(("partition.assignment.strategy", "cooperative-sticky"));
+        }
+        let config = crate::kafka::client_config(kafka, &defaults);
         let offsets = Arc::new(Mutex::new(OffsetTracker::default()));
         let context = SourceContext {
             topic: topic.to_owned(),
