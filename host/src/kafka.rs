@@ -184,8 +184,13 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
         let answer = tokio::task::spawn_blocking(move || {
             let metadata = c.fetch_metadata(None, Duration::from_secs(5));
             // Error events (a refused login, a failed TLS handshake) reach the context only
-            // when the client is polled.
-            let _ = c.poll(Duration::ZERO);
+            // when the client is polled, and a poll returns at the first of them: poll until
+            // a poll finds none (the client subscribes to nothing: no message comes).
+            for _ in 0..32 {
+                if c.poll(Duration::from_millis(50)).is_none() {
+                    break;
+                }
+            }
             let m = metadata.map_err(|e| e.to_string())?;
             for t in &wanted {
                 let Some(found) = m.topics().iter().find(|x| x.name() == t) else {

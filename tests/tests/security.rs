@@ -123,9 +123,11 @@ impl Setup {
 }
 
 /// Asserts that `worker` ends, failing, with one error line holding every one of `needles`
-/// and no secret; returns that line.
+/// and no secret; returns that line, and how long the worker took to end.
 fn ends_with_one_error(mut worker: Worker, needles: &[&str]) -> String {
+    let started = std::time::Instant::now();
     let status = worker.wait_exit(Duration::from_secs(90));
+    let took = started.elapsed();
     let log = worker.log();
     assert!(!status.success(), "the worker should have failed:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
@@ -140,7 +142,11 @@ fn ends_with_one_error(mut worker: Worker, needles: &[&str]) -> String {
     for secret in [KAFKA_PASSWORD, REDIS_PASSWORD] {
         assert!(!log.contains(secret), "a password was printed:\n{log}");
     }
-    errors[0].to_owned()
+    format!(
+        "{} (ended {:.1} s after the test began waiting)",
+        errors[0],
+        took.as_secs_f64()
+    )
 }
 
 #[test]
