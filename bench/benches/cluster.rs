@@ -10,7 +10,7 @@
 //! - (c) a `weir` worker running `enrich` with Redis leases and done marks;
 //! - (d) the same worker in exactly-once mode (`--exactly-once`): Kafka transactions.
 //!
-//! The four take turns `WEIR_BENCH_PAIRS` times (default 3; the order turns around every
+//! The four take turns `WEIR_BENCH_ROUNDS` times (default 3; the order turns around every
 //! other round, so no run is always first or last), because the machine's slow phases move
 //! one run by up to half. Each consumes the same input topic (in its own consumer group,
 //! with its own done marks) into its own output topic, one process at a time, and is timed
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.parse())
         .transpose()?
         .unwrap_or(1_000_000);
-    let rounds: usize = std::env::var("WEIR_BENCH_PAIRS")
+    let rounds: usize = std::env::var("WEIR_BENCH_ROUNDS")
         .ok()
         .map(|v| v.parse())
         .transpose()?
@@ -163,10 +163,17 @@ fn main() -> anyhow::Result<()> {
         measured.push(runs.map(|r| r.expect("every run ran")));
     }
 
+    let on = if broker.is_local() {
+        format!(
+            "Apache Kafka {} (one local KRaft node)",
+            weir_tests::KAFKA_VERSION
+        )
+    } else {
+        format!("the Kafka at {}", broker.bootstrap)
+    };
     println!(
-        "\nKafka → Kafka on Apache Kafka {} (one local KRaft node), {n} records, {PARTITIONS} \
-         partitions, one worker process, {rounds} rounds:\n",
-        weir_tests::KAFKA_VERSION
+        "\nKafka → Kafka on {on}, {n} records, {PARTITIONS} partitions, one worker process, \
+         {rounds} rounds:\n"
     );
     let names = [
         "(a) rdkafka passthrough",

@@ -416,8 +416,10 @@ pub fn main() -> ExitCode {
                 pipeline,
                 json,
             }) => {
-                let redis =
-                    RedisTarget::new(crate::secrets::resolve("--redis", &redis)?, redis_ca_file);
+                let redis = RedisTarget::new(
+                    crate::secrets::resolve_in_url("--redis", &redis)?,
+                    redis_ca_file,
+                );
                 cluster_status(&redis, pipeline.as_deref(), json).await
             }
             Command::Plugin(args) => plugin_command(args).await,

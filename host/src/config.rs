@@ -395,7 +395,8 @@ impl Config {
                 .map_err(ConfigError::Secret)?;
         }
         if let Some(url) = &mut self.state.redis_url {
-            *url = crate::secrets::resolve("state.redis_url", url).map_err(ConfigError::Secret)?;
+            *url = crate::secrets::resolve_in_url("state.redis_url", url)
+                .map_err(ConfigError::Secret)?;
         }
         Ok(())
     }
@@ -476,8 +477,11 @@ impl Config {
                 format!("must be at least 1000, got {}", self.state.lease_ttl_ms),
             ));
         }
+        // A URL that is a reference alone is checked once resolved, by the Redis client.
         if let Some(url) = &self.state.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("${"))
         {
             return Err(invalid(
                 "state.redis_url",
@@ -485,6 +489,18 @@ impl Config {
                     "`{}` is not a Redis URL like redis://127.0.0.1:6379",
                     crate::secrets::redact_url(url)
                 ),
+            ));
+        }
+        if self.state.redis_ca_file.is_some()
+            && !self
+                .state
+                .redis_url
+                .as_deref()
+                .is_some_and(|url| url.starts_with("rediss://") || url.starts_with("${"))
+        {
+            return Err(invalid(
+                "state.redis_ca_file",
+                "is only for a TLS Redis: state.redis_url must begin with rediss://",
             ));
         }
         if let Some(addr) = &self.api.addr {

@@ -52,7 +52,7 @@ fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord
         ],
     )
     .create_with_context(LogContext)
-    .map_err(|e| format!("kafka client: {e}"))?;
+    .map_err(|e| format!("kafka client: {}", crate::kafka::creation_error(e)))?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -67,7 +67,7 @@ fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord
         return Err(format!("topic `{topic}` does not exist"));
     }
     // Read from the start of every partition until the topic stays quiet for QUIET (the
-    // high watermarks are not a reliable end on every broker: tansu's lag behind).
+    // high watermarks are not a reliable end on every Kafka-protocol broker: some lag).
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)

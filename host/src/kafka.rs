@@ -134,6 +134,18 @@ pub fn offset_list(
     tpl
 }
 
+/// A client's creation error as it may be shown: librdkafka's own names the value of the
+/// property it refuses, which may be a secret (or a misspelt secret's key), so the value is
+/// left out.
+pub fn creation_error(error: KafkaError) -> String {
+    match error {
+        KafkaError::ClientConfig(_, description, key, _) => {
+            format!("Kafka option `{key}`: {description}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// A librdkafka client error (librdkafka keeps retrying by itself; we say what is wrong).
 pub fn log_error(error: &KafkaError, reason: &str) {
     tracing::warn!(target: "kafka", "{error}: {reason}");
@@ -174,7 +186,7 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
     let config = client_config(kafka, &[]);
     let consumer: BaseConsumer<StartContext> = config
         .create_with_context(StartContext::default())
-        .map_err(|e| format!("kafka client: {e}"))?;
+        .map_err(|e| format!("kafka client: {}", creation_error(e)))?;
     let consumer = std::sync::Arc::new(consumer);
     let bootstrap = kafka.bootstrap.clone().unwrap_or_default();
     let mut delay = Duration::from_millis(500);
@@ -208,8 +220,10 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
         })
         .await
         .map_err(|e| e.to_string())?;
-        let refused = consumer.context().refused.lock().map(|r| r.clone());
-        if let Ok(Some(reason)) = refused {
+        // A refusal ends the wait only when the cluster did not answer: a TLS handshake cut
+        // short while a broker restarts is no reason to stop.
+        let refused = consumer.context().refused.lock().map(|mut r| r.take());
+        if let (Err(_), Ok(Some(reason))) = (&answer, refused) {
             return Err(format!(
                 "Kafka at {bootstrap} refused the connection: {reason}"
             ));

@@ -26,6 +26,34 @@ impl std::error::Error for SecretError {}
 
 /// `value` with every `${env:NAME}` and `${file:PATH}` replaced by what it names.
 pub fn resolve(field: &str, value: &str) -> Result<String, SecretError> {
+    resolve_with(field, value, str::to_owned)
+}
+
+/// As [`resolve`] for a URL: what a reference inside it names is percent-encoded, so that a
+/// password with `/`, `@` or `:` stays in the URL's user part (a reference that is the whole
+/// URL is taken as it is).
+pub fn resolve_in_url(field: &str, url: &str) -> Result<String, SecretError> {
+    if is_reference(url) {
+        return resolve(field, url);
+    }
+    resolve_with(field, url, |secret| {
+        secret
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    })
+}
+
+fn resolve_with(
+    field: &str,
+    value: &str,
+    encode: impl Fn(&str) -> String,
+) -> Result<String, SecretError> {
     let error = |reason: String| SecretError {
         field: field.to_owned(),
         reason,
@@ -53,7 +81,7 @@ pub fn resolve(field: &str, value: &str) -> Result<String, SecretError> {
                 )));
             }
         };
-        out.push_str(&resolved);
+        out.push_str(&encode(&resolved));
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -93,8 +121,8 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    // The last `@`: a password may hold `/`, `?` or `#` (a Redis URL's path is a number).
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
     let userinfo = &rest[..at];
@@ -126,6 +154,21 @@ mod tests {
         let value = format!("a ${{env:{name}}} b ${{file:{}}} c", file.display());
         assert_eq!(resolve("f", &value), Ok("a from-env b from-file c".into()));
         assert_eq!(resolve("f", "plain"), Ok("plain".into()));
+    }
+
+    #[test]
+    fn a_secret_put_into_a_url_is_percent_encoded() {
+        let name = "WEIR_SECRETS_TEST_URL_PASSWORD";
+        #[allow(unsafe_code)]
+        // SAFETY: set once, read below; no other test reads or writes this variable.
+        unsafe {
+            std::env::set_var(name, "a/b@c:d é")
+        };
+        let url = format!("rediss://weir:${{env:{name}}}@h:6380/0");
+        assert_eq!(
+            resolve_in_url("state.redis_url", &url),
+            Ok("rediss://weir:a%2Fb%40c%3Ad%20%C3%A9@h:6380/0".into())
+        );
     }
 
     #[test]
@@ -164,6 +207,7 @@ mod tests {
         assert_eq!(redact_url("redis://:hunter2@h/"), "redis://:***@h/");
         assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
         assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
+        assert_eq!(redact_url("redis://u:a/b?c#d@h/0"), "redis://u:***@h/0");
         assert_eq!(
             redact_url("redis://weir:${env:PW}@h/"),
             "redis://weir:${env:PW}@h/"

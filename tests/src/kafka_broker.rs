@@ -52,8 +52,6 @@ pub struct KafkaBroker {
     pub bootstrap: String,
     process: Option<Child>,
     local: Option<Local>,
-    /// `isolation.level` of [`Self::read_topic`].
-    isolation: &'static str,
 }
 
 /// The broker's jars: `WEIR_KAFKA_LIBS`, else `.tools/kafka/libs`.
@@ -140,14 +138,7 @@ impl KafkaBroker {
             bootstrap: bootstrap.to_owned(),
             process: None,
             local: None,
-            isolation: "read_committed",
         }
-    }
-
-    /// Makes [`Self::read_topic`] read uncommitted records too.
-    pub fn reading_uncommitted(mut self) -> Self {
-        self.isolation = "read_uncommitted";
-        self
     }
 
     /// Starts a fresh local broker whose plain listener is on `port`.
@@ -162,7 +153,6 @@ impl KafkaBroker {
             bootstrap: format!("127.0.0.1:{port}"),
             process: None,
             local: Some(local),
-            isolation: "read_committed",
         };
         broker.configure();
         broker.spawn();
@@ -420,8 +410,8 @@ impl KafkaBroker {
         }
     }
 
-    /// Every record of `topic` from the start, read until `until` says enough or `idle`
-    /// passes without a new record.
+    /// Every record of `topic` from the start, as a `read_committed` consumer sees it, read
+    /// until `until` says enough or `idle` passes without a new record.
     pub fn read_topic(
         &self,
         topic: &str,
@@ -432,7 +422,7 @@ impl KafkaBroker {
             .client_config()
             .set("group.id", "weir-tests-reader")
             .set("enable.auto.commit", "false")
-            .set("isolation.level", self.isolation)
+            .set("isolation.level", "read_committed")
             .create()
             .expect("consumer");
         let metadata = consumer

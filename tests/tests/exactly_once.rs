@@ -401,10 +401,12 @@ fn three_kill_nine_bounces_commit_every_id_exactly_once_in_order() {
 
 /// A worker frozen with SIGSTOP inside an open transaction (its outputs written, not
 /// committed) while another takes its partitions over, and kept frozen past its
-/// `transaction.timeout.ms`: the broker itself aborts that transaction and fences the
-/// producer. No error is injected. Resumed, its late commit fails (it counts the fencing),
-/// and nothing it wrote is visible to `read_committed` readers: every id is in the output
-/// exactly once, in order, while it goes on and shares the rest.
+/// `transaction.timeout.ms`: the broker itself aborts that transaction and bumps the
+/// producer's epoch. No error is injected. Resumed, its late commit fails: it finds itself
+/// fenced (and starts its Kafka clients again), or its requests timed out while it was
+/// frozen and it aborts (and bumps its epoch); it counts one or the other. Nothing it wrote
+/// is visible to `read_committed` readers: every id is in the output exactly once, in order,
+/// while it goes on, alive, and shares the rest.
 #[test]
 fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
     let (broker, cluster, _) = cluster("paused", 4, &[]);
@@ -439,6 +441,14 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
     let before = wait_for_ids(&broker, &cluster, n / 10, Duration::from_secs(120), || {
         a.log()
     });
+    // How many of a's transactions failed to commit: fenced or aborted.
+    let refused = |a: &Worker| {
+        ["fenced", "aborted"]
+            .map(|result| transactions(a, result).unwrap_or(0.0))
+            .iter()
+            .sum::<f64>()
+    };
+    let refused_before = refused(&a);
     // Frozen inside an open transaction: paused again until the output shows one.
     let mut tries = 0;
     let open = loop {
@@ -467,15 +477,15 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
     let paused_for = paused.elapsed();
     a.resume();
     let resumed = Instant::now();
-    while transactions(&a, "fenced").unwrap_or(0.0) < 1.0 {
+    while refused(&a) <= refused_before {
         assert!(
             resumed.elapsed() < Duration::from_secs(120),
-            "a was not fenced after its resume; logs:\n{}",
+            "a's late commit did not fail after its resume; logs:\n{}",
             logs(&a, &b)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let fenced_after = resumed.elapsed();
+    let refused_after = resumed.elapsed();
     producer.join().expect("producer");
     let ids = wait_for_ids(&broker, &cluster, n, Duration::from_secs(300), || {
         logs(&a, &b)
@@ -484,17 +494,23 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
     let refusal = a
         .log()
         .lines()
-        .find(|l| l.contains("transaction failed") || l.contains("cannot go on"))
+        .find(|l| {
+            l.contains("cannot go on")
+                || (l.contains("weir::source::transactions") && l.contains("aborted"))
+        })
         .unwrap_or_default()
         .to_owned();
     println!(
         "a paused inside an open transaction ({open:?} records pending per output partition, \
-         {tries} tries) with {} ids out; b took over, {} out; a resumed after {:.1} s and was \
-         fenced {:.1} s later: {refusal}; all {} ids out, {} records read_committed",
+         {tries} tries) with {} ids out; b took over, {} out; a resumed after {:.1} s and its \
+         late commit failed {:.1} s later ({} fenced, {} aborted): {refusal}; all {} ids out, \
+         {} records read_committed",
         before.len(),
         taken.len(),
         paused_for.as_secs_f64(),
-        fenced_after.as_secs_f64(),
+        refused_after.as_secs_f64(),
+        transactions(&a, "fenced").unwrap_or(0.0),
+        transactions(&a, "aborted").unwrap_or(0.0),
         ids.len(),
         committed.records,
     );

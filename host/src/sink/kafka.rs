@@ -61,7 +61,7 @@ fn broker_away(e: &KafkaError) -> bool {
     )
 }
 
-fn sink_error(what: String, e: KafkaError) -> SinkError {
+fn sink_error(what: String, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SinkError {
     SinkError {
         what,
         source: std::io::Error::other(e),
@@ -84,7 +84,7 @@ impl KafkaProducer {
         let config = crate::kafka::client_config(kafka, &[("enable.idempotence", "true")]);
         let producer = config
             .create_with_context(LogContext)
-            .map_err(|e| sink_error("kafka producer".into(), e))?;
+            .map_err(|e| sink_error("kafka producer".into(), crate::kafka::creation_error(e)))?;
         Ok(Self {
             producers: Arc::new([producer]),
             writing: Arc::default(),
@@ -111,9 +111,10 @@ impl KafkaProducer {
                     ],
                 );
                 let producer: FutureProducer<LogContext> =
-                    config
-                        .create_with_context(LogContext)
-                        .map_err(|e| sink_error("kafka transactional producer".into(), e))?;
+                    config.create_with_context(LogContext).map_err(|e| {
+                        let e = crate::kafka::creation_error(e);
+                        sink_error("kafka transactional producer".into(), e)
+                    })?;
                 rdkafka::producer::Producer::init_transactions(&producer, Duration::from_secs(60))
                     .map_err(|e| sink_error(format!("init_transactions for `{id}`"), e))?;
                 Ok(producer)

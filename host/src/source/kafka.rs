@@ -247,7 +247,7 @@ impl KafkaSource {
         };
         let consumer: StreamConsumer<SourceContext> = config
             .create_with_context(context)
-            .map_err(|e| SourceError::other("kafka consumer", e))?;
+            .map_err(|e| SourceError::other("kafka consumer", crate::kafka::creation_error(e)))?;
         consumer
             .subscribe(&[topic])
             .map_err(|e| SourceError::other(&format!("cannot subscribe to topic `{topic}`"), e))?;

@@ -10,7 +10,7 @@
 //! seen again is dropped, and a jump forward is read again once from the expected offset
 //! and believed only when the same jump comes again (a compacted topic or a transaction marker leaves real gaps; a
 //! consumer that skipped prefetched records must not have the prefix committed past them —
-//! we saw exactly that with tansu during rebalances).
+//! we once saw exactly that during rebalances, on another Kafka-protocol broker).
 
 use std::collections::{BTreeMap, BTreeSet};
 

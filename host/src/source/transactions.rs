@@ -332,6 +332,15 @@ fn requires_abort(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(rd) if rd.txn_requires_abort())
 }
 
+/// Whether librdkafka says the call may be made again (e.g. it timed out: a worker that was
+/// frozen finds its requests' time run out at once).
+fn retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(rd) if rd.is_retriable())
+}
+
+/// How many times a commit that failed with a retriable error is called again.
+const COMMIT_TRIES: u32 = 3;
+
 impl BatchTransaction {
     pub(super) fn new(
         transactions: Arc<Transactions>,
@@ -373,6 +382,8 @@ impl BatchTransaction {
                 // delivered: a record sent now could land before one of an open transaction
                 // still in flight (a record of the same input partition, read earlier), so a
                 // new transaction begins only when the open ones' records are all delivered.
+                // (A batch dropped in its transaction counts as ready with its records maybe
+                // still in flight: that transaction aborts, and so does every one after it.)
                 let all_delivered = open.on.iter().flatten().all(|g| g.ready == g.members);
                 let free = open.on.iter().position(Option::is_none);
                 if let (true, Some(free)) = (all_delivered, free) {
@@ -539,7 +550,15 @@ impl BatchTransaction {
         let committed = tokio::task::spawn_blocking(move || {
             on.send_offsets_to_transaction(&points, &group, TXN_TIMEOUT)?;
             until_no_message_outstanding(&on);
-            on.commit_transaction(TXN_TIMEOUT)
+            // A commit that failed with a retriable error may be under way at the
+            // coordinator: librdkafka asks for the same call again, not an abort.
+            let mut tries = 1;
+            loop {
+                match on.commit_transaction(TXN_TIMEOUT) {
+                    Err(e) if retriable(&e) && tries < COMMIT_TRIES => tries += 1,
+                    done => return done,
+                }
+            }
         })
         .await;
         match committed {
@@ -548,7 +567,10 @@ impl BatchTransaction {
                 self.transactions.count("committed");
                 Outcome::Committed
             }
-            Ok(Err(e)) if requires_abort(&e) => {
+            // A retriable failure left here came from sending the offsets (nothing is
+            // committed), or from a commit tried 3 times: the transaction is aborted (an
+            // abort that fails, as after a commit that did go through, ends the run).
+            Ok(Err(e)) if requires_abort(&e) || retriable(&e) => {
                 tracing::warn!(topic = %self.topic, fenced = fenced(&e), "transaction failed ({e}): aborted, its records are read again");
                 if fenced(&e) {
                     self.transactions.count("fenced");

@@ -208,7 +208,7 @@ pub struct RedisStore {
 /// Where the cluster's Redis is: a `redis://` or `rediss://` (TLS) URL, with
 /// `user:password@` for AUTH and ACL users, and for TLS the CA certificate (PEM) the
 /// server's must chain to (unset: the system's CAs). Shown without its password.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisTarget {
     url: String,
     ca_file: Option<PathBuf>,
@@ -239,6 +239,15 @@ impl RedisTarget {
             root_cert: Some(pem),
         };
         redis::Client::build_with_tls(self.url.as_str(), certificates)
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("url", &crate::secrets::redact_url(&self.url))
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }
 
