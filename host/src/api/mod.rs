@@ -123,7 +123,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// The OpenAPI document of the `/v1` routes (`tests/tests/plugin_api.rs` calls every
+/// The OpenAPI document of the `/v1` routes (`tests/tests/all/plugin_api.rs` calls every
 /// route it lists).
 async fn openapi() -> impl IntoResponse {
     (

@@ -1,5 +1,6 @@
 //! The record lifecycle end to end: dedup across runs, DLQ replay, metrics = summary.
 
+use crate::WEIR;
 use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -8,8 +9,6 @@ use serde_json::json;
 use weir_tests::{
     Weir, error_field, event, faulty_events, plugin, read_json, read_json_lines, read_lines,
 };
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 #[test]
 fn running_the_same_input_twice_outputs_nothing_new() {

@@ -1,9 +1,8 @@
 //! `weir test`, the plugin author's harness: exit 0 when a plugin matches its expectations,
 //! non-zero with a readable diff when not, and the right classes for faulty plugins.
 
+use crate::WEIR;
 use weir_tests::{Weir, faulty_events, plugin, repo_root};
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 fn vectors(name: &str) -> String {
     repo_root()

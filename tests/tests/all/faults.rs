@@ -1,12 +1,11 @@
 //! Plugin faults never crash or stall the host: each faulty record gets its own class in the
 //! DLQ and every other record is output.
 
+use crate::WEIR;
 use std::collections::BTreeSet;
 
 use serde_json::json;
 use weir_tests::{Weir, error_field, event, faulty_events, plugin};
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 #[test]
 fn one_percent_traps_dead_letter_exactly_the_culprits() {

@@ -6,13 +6,12 @@
 //! worker frozen past its session and fenced by the broker, a record parked in a retry
 //! topic.
 
+use crate::WEIR;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use weir_tests::kafka_broker::{KafkaBroker, TopicRecord};
 use weir_tests::worker::{Cluster, Worker};
-
-const BIN: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 fn produce_ids(broker: &KafkaBroker, topic: &str, n: usize) {
     produce_ids_in(broker, topic, 0..n);
@@ -106,7 +105,7 @@ fn start_with(
     let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     flags.extend_from_slice(extra);
     Worker::start(
-        BIN,
+        WEIR,
         dir,
         name,
         cluster,
@@ -564,7 +563,7 @@ fn a_parked_record_comes_back_exactly_once() {
     flags.push(config.display().to_string());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let worker = Worker::start(
-        BIN,
+        WEIR,
         dir.path(),
         "a",
         &cluster,

@@ -1,9 +1,8 @@
 //! A memory bomb is classed `oom` and the host's own memory stays bounded. (Alone in its
 //! own test binary, so the peak RSS of child processes measured here is only this run's.)
 
+use crate::WEIR;
 use weir_tests::{Weir, faulty_events, plugin};
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 /// Peak resident set of all waited-for child processes, in MiB.
 fn children_peak_rss_mib() -> u64 {

@@ -2,11 +2,10 @@
 //! empty folder, with `WEIR` set to this repository and `weir` on the `PATH`, and must
 //! produce a working plugin (each guide ends by running it and checking the output).
 
+use crate::WEIR;
 use std::process::Command;
 
 use weir_tests::repo_root;
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 /// The bodies of the ```sh blocks of a Markdown file.
 fn sh_blocks(markdown: &str) -> Vec<String> {

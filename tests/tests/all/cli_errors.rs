@@ -1,8 +1,7 @@
 //! User mistakes get one clear line naming what is wrong, and a non-zero exit; never a panic.
 
+use crate::WEIR;
 use weir_tests::{Weir, plugin};
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 fn run_with_plugin(weir: &Weir, plugin: &str) -> weir_tests::Finished {
     weir.write_lines("in.jsonl", [r#"{"id":"a"}"#]);

@@ -1,9 +1,8 @@
 //! Every language's `enrich` plugin passes every committed vector (tests/vectors/enrich)
 //! through the host: outputs equal as RFC 8785 canonical JSON, DLQ classes and reasons.
 
+use crate::WEIR;
 use weir_tests::{Weir, canonical, error_field, plugin, read_lines, repo_root};
-
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 /// Runs `plugin_file` over the vectors and checks outputs canonically and DLQ classes and reasons.
 fn check_vectors(plugin_file: &std::path::Path) {

@@ -5,6 +5,7 @@
 //! for Kafka or Redis, ends the worker with one clear error line instead of a hang, and no
 //! secret is ever printed.
 
+use crate::WEIR;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,8 +13,6 @@ use weir_tests::kafka_broker::{KafkaBroker, SaslSsl};
 use weir_tests::redis_server::{RedisServer, Secured};
 use weir_tests::tls::TestPki;
 use weir_tests::worker::{Cluster, Worker};
-
-const BIN: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 const KAFKA_PASSWORD: &str = "kafka-pw-7f3a9";
 const REDIS_PASSWORD: &str = "redis-pw-c41e2";
@@ -108,7 +107,7 @@ impl Setup {
             flags.extend(["--kafka-option", option]);
         }
         Worker::start_with_env(
-            BIN,
+            WEIR,
             self.dir.path(),
             name,
             &cluster,
@@ -180,7 +179,7 @@ fn a_worker_runs_over_sasl_ssl_and_tls_redis_with_passwords_from_the_environment
     assert_eq!(out.len(), n, "every record of every codec is output");
 
     // `weir cluster status` over TLS, as the ACL user, lists the worker.
-    let status = std::process::Command::new(BIN)
+    let status = std::process::Command::new(WEIR)
         .args(["cluster", "status", "--json", "--redis-ca-file"])
         .arg(&ca)
         .args(["--redis", &s.redis.url])
@@ -258,7 +257,7 @@ fn a_wrong_redis_password_or_an_untrusted_redis_certificate_is_one_clear_error()
 /// the Redis password masked, references to where secrets are shown as written.
 #[test]
 fn check_shows_no_secret() {
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(WEIR)
         .args(["run", "--check", "--plugin", "p.wasm", "--kafka", "k:9092"])
         .args([
             "--group",

@@ -2,6 +2,7 @@
 //! version uploaded and activated over HTTP takes the next records without a restart, a
 //! rollback brings the old one back, and every output names exactly the version that made it.
 
+use crate::WEIR;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -10,7 +11,6 @@ use serde_json::Value;
 use weir_tests::live::{self, Feeder, Running, Watcher};
 use weir_tests::{Weir, free_port, plugin};
 
-const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 const TOKEN: &str = "swap-test-token";
 
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {

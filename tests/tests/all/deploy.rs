@@ -4,14 +4,13 @@
 //! keeps an AOF; Prometheus scrapes exactly what the workers serve; Grafana's data source is
 //! that Prometheus.
 
+use crate::WEIR;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
 use serde_yaml::Value;
 use weir_tests::repo_root;
-
-const BIN: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 fn compose() -> Value {
     let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).expect("read");
@@ -66,7 +65,7 @@ fn worker_config(service: &Value) -> toml::Table {
                 .map_or_else(|| arg.clone(), |(host, _)| host.display().to_string())
         })
         .collect();
-    let out = Command::new(BIN)
+    let out = Command::new(WEIR)
         .args(&args)
         .arg("--check")
         .output()
@@ -202,7 +201,7 @@ fn compose_workers_validate_and_prometheus_scrapes_them() {
 #[test]
 fn check_names_what_is_wrong_without_connecting() {
     // A cluster config missing its DLQ topic: refused with the flag to pass.
-    let out = Command::new(BIN)
+    let out = Command::new(WEIR)
         .args([
             "run",
             "--plugin",

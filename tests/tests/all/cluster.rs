@@ -4,6 +4,7 @@
 //! topics, and keep leases and done marks in Redis. Each test checks what its guarantee
 //! says on the topics themselves: every input id ends in the output or the DLQ, once.
 
+use crate::WEIR;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,6 @@ use weir::state::{Claim, RedisStore, StateStore};
 use weir_tests::kafka_broker::{KafkaBroker, TopicRecord};
 use weir_tests::redis_server::RedisServer;
 use weir_tests::worker::{Cluster, Worker};
-
-const BIN: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
 /// The §7 headers every dead letter on the DLQ topic carries.
 const DLQ_HEADERS: [&str; 12] = [
@@ -103,7 +102,7 @@ impl Setup {
         let mut args = vec!["--id", "/id", "--quiet"];
         args.extend_from_slice(extra);
         let (dir, cluster) = (self.dir.path(), &self.cluster);
-        Worker::start_with_env(BIN, dir, name, cluster, &plugin, &args, env)
+        Worker::start_with_env(WEIR, dir, name, cluster, &plugin, &args, env)
     }
 
     /// Waits until the output topic holds every id of `0..n` (`e<i>`), failing after
@@ -143,7 +142,7 @@ impl Setup {
     }
 
     fn cluster_status(&self) -> serde_json::Value {
-        let out = std::process::Command::new(BIN)
+        let out = std::process::Command::new(WEIR)
             .args(["cluster", "status", "--json", "--redis"])
             .arg(self.cluster.redis.as_deref().expect("redis"))
             .output()
@@ -422,7 +421,7 @@ fn an_unreachable_broker_at_start_is_reported_and_retried() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plugin = weir_tests::plugin("enrich");
     let worker = Worker::start(
-        BIN,
+        WEIR,
         dir.path(),
         "w1",
         &cluster,
@@ -868,7 +867,7 @@ fn broker_killed_and_restarted_loses_nothing() {
 
 /// `weir dlq …` against the cluster's DLQ topic; stdout and stderr of a successful run.
 fn weir_dlq(args: &[&str]) -> (String, String) {
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(WEIR)
         .arg("dlq")
         .args(args)
         .output()

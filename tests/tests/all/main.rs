@@ -1,0 +1,22 @@
+//! Weir's integration tests: one test binary (linking wasmtime and rdkafka once), a module per
+//! area. Each module's doc says what it covers; `weir_tests` (tests/src) starts the real
+//! Apache Kafka and Redis they run against.
+
+/// The `weir` CLI built fresh for these tests.
+const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
+
+mod cli_errors;
+mod cluster;
+mod deploy;
+mod exactly_once;
+mod faults;
+mod guides;
+mod hot_swap;
+mod lifecycle;
+mod memory;
+mod pipeline;
+mod plugin_api;
+mod plugin_test;
+mod redis_state;
+mod security;
+mod vectors;
