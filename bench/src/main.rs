@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use weir::config::LimitsConfig;
-use weir::runtime::{Outcome, Plugin, Record, Runtime, SourceMeta};
+use weir::record::{Record, SourceMeta};
+use weir::runtime::{Outcome, Plugin, Runtime};
 
 fn records(n: usize) -> Vec<Record> {
     let actions = ["view", "click", "purchase", "add_to_cart", "share"];

@@ -9,8 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::errors::ErrorClass;
 use crate::metrics::VersionCounts;
+use crate::record::ErrorClass;
 
 /// `[canary]`: when a canary is rolled back or promoted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,13 +56,6 @@ impl Default for QuarantineConfig {
     }
 }
 
-const PLUGIN_FAULTS: [ErrorClass; 4] = [
-    ErrorClass::Trap,
-    ErrorClass::Timeout,
-    ErrorClass::Oom,
-    ErrorClass::BadOutput,
-];
-
 /// Why the active version should be quarantined, judging a window of its records; `None`
 /// while the window is too small or the version is healthy.
 pub fn quarantine(window: &VersionCounts, config: &QuarantineConfig) -> Option<String> {
@@ -70,7 +63,7 @@ pub fn quarantine(window: &VersionCounts, config: &QuarantineConfig) -> Option<S
     if config.fault_rate <= 0.0 || had < config.min_records.max(1) {
         return None;
     }
-    let faults = rate(window, &PLUGIN_FAULTS);
+    let faults = rate(window, ErrorClass::is_plugin_fault);
     (faults >= config.fault_rate).then(|| {
         format!(
             "quarantine: plugin-fault rate {:.1} % over {had} records (threshold {:.1} %)",
@@ -94,14 +87,15 @@ fn records(counts: &VersionCounts) -> u64 {
     counts.processed + counts.dead_lettered
 }
 
-/// The share of a version's records dead-lettered with one of `classes`.
-fn rate(counts: &VersionCounts, classes: &[ErrorClass]) -> f64 {
+/// The share of `counts`' records dead-lettered in a class that `counted` picks.
+fn rate(counts: &VersionCounts, counted: fn(ErrorClass) -> bool) -> f64 {
     let total = records(counts);
     if total == 0 {
         return 0.0;
     }
-    let failed: u64 = classes
-        .iter()
+    let failed: u64 = ErrorClass::ALL
+        .into_iter()
+        .filter(|&c| counted(c))
         .filter_map(|c| counts.dead_lettered_by_class.get(c.as_str()))
         .sum();
     failed as f64 / total as f64
@@ -117,11 +111,14 @@ pub fn judge(
     if had < config.min_records.max(1) {
         return Judgement::Wait;
     }
-    for (what, classes) in [
-        ("plugin-fault", &PLUGIN_FAULTS[..]),
-        ("invalid", &[ErrorClass::Invalid][..]),
+    for (what, counted) in [
+        (
+            "plugin-fault",
+            ErrorClass::is_plugin_fault as fn(ErrorClass) -> bool,
+        ),
+        ("invalid", |c| c == ErrorClass::Invalid),
     ] {
-        let (theirs, ours) = (rate(candidate, classes), rate(stable, classes));
+        let (theirs, ours) = (rate(candidate, counted), rate(stable, counted));
         if theirs > ours + config.margin {
             return Judgement::RollBack(format!(
                 "canary {what} rate {:.1} % over {had} records against {:.1} % for the stable version (margin {:.1} %)",

@@ -18,8 +18,10 @@ use crate::api::{self, AppState};
 use crate::cluster::WorkerInfo;
 use crate::config::{Config, LineFormat, Mode};
 use crate::metrics::{Metrics, Summary};
-use crate::pipeline::dead_letter::DeadLetterLine;
-use crate::pipeline::{Backoff, IdSpec, ParkedSource, Pipeline, RETRY_DESTINATION, Settings};
+use crate::pipeline::{Backoff, ParkedSource, Pipeline, Settings};
+use crate::record::DeadLetterLine;
+use crate::record::IdSpec;
+use crate::record::headers::RETRY_DESTINATION;
 use crate::runtime::{ActivePlugin, Plugin, Runtime};
 use crate::sink::{
     DeadLetterSink, FileDeadLetters, FileSink, KafkaDeadLetters, KafkaProducer, KafkaSink, Sink,

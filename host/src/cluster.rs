@@ -5,11 +5,12 @@
 //!
 //! Key: `weir:<pipeline>:worker:<worker id>`, a JSON [`WorkerInfo`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::state::RedisTarget;
 
 /// How often a worker says it is alive.
@@ -32,12 +33,6 @@ pub struct WorkerInfo {
     pub last_seen_ms: u64,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn key(pipeline: &str, id: &str) -> String {
     format!("weir:{pipeline}:worker:{id}")
 }
@@ -54,7 +49,7 @@ pub async fn heartbeat(
     loop {
         tick.tick().await;
         let mut me = info();
-        me.last_seen_ms = now_ms();
+        me.last_seen_ms = now_ms() as u64;
         let json = serde_json::to_string(&me).unwrap_or_default();
         let set: Result<(), _> = conn
             .pset_ex(
@@ -111,7 +106,7 @@ pub fn render(workers: &[WorkerInfo]) -> String {
     if workers.is_empty() {
         return "no live workers (none has sent a heartbeat in the last 10 s)\n".into();
     }
-    let now = now_ms();
+    let now = now_ms() as u64;
     let mut out = format!(
         "{:<32} {:<16} {:<20} {:<16} {:<24} {}\n",
         "WORKER", "HOST", "PIPELINE", "PARTITIONS", "PLUGIN", "LAST SEEN"

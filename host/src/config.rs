@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::IdSpec;
+use crate::record::IdSpec;
 
 /// A configuration mistake, naming the field and the reason.
 #[derive(Debug, thiserror::Error)]

@@ -13,8 +13,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::kafka::{LogContext, TopicRecord, client_config};
-use crate::pipeline::dead_letter::REPLAY_COUNT_HEADER;
-use crate::runtime::Output;
+use crate::record::Output;
+use crate::record::headers;
 use crate::sink::{KafkaProducer, KafkaSink, Sink};
 
 /// How long the topic must stay quiet before it counts as read to its end.
@@ -24,11 +24,11 @@ const QUIET: Duration = Duration::from_secs(2);
 impl TopicRecord {
     /// A `weir.error.<name>` header, as text.
     pub fn error(&self, name: &str) -> Option<String> {
-        self.header(&format!("weir.error.{name}"))
+        self.header(&headers::error(name))
     }
 
     pub fn replay_count(&self) -> u32 {
-        self.header(REPLAY_COUNT_HEADER)
+        self.header(headers::REPLAY_COUNT)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
@@ -151,10 +151,10 @@ pub async fn replay(
         let mut headers: Vec<(String, Vec<u8>)> = letter
             .headers
             .into_iter()
-            .filter(|(n, _)| !n.starts_with("weir.error.") && n != REPLAY_COUNT_HEADER)
+            .filter(|(n, _)| !n.starts_with(headers::ERROR_PREFIX) && n != headers::REPLAY_COUNT)
             .collect();
         headers.push((
-            REPLAY_COUNT_HEADER.to_owned(),
+            headers::REPLAY_COUNT.to_owned(),
             (count + 1).to_string().into_bytes(),
         ));
         outputs.push(Output {

@@ -1,4 +1,4 @@
-//! Every metric Weir exports, defined in this one place (names: DESIGN §7).
+//! Every metric Weir exports, defined in this one place (names: docs/architecture.md, "Public names").
 //!
 //! The run summary is read from these same counters, so `/metrics` and `--summary-json`
 //! can never disagree.
@@ -12,7 +12,7 @@ use prometheus::{
 };
 use serde::Serialize;
 
-use crate::errors::ErrorClass;
+use crate::record::ErrorClass;
 use crate::runtime::PluginMeta;
 
 /// The `result` label values of `weir_plugin_uploads_total`.
@@ -255,7 +255,7 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 
-    /// The run summary (DESIGN §7 names), read from the counters.
+    /// The run summary, read from the counters.
     pub fn summary(&self, elapsed: Duration) -> Summary {
         let mut by_class = BTreeMap::new();
         let mut dead_lettered = 0;

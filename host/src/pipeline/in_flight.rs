@@ -18,8 +18,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::PipelineError;
-use crate::errors::ErrorClass;
 use crate::metrics::Metrics;
+use crate::record::ErrorClass;
 use crate::sink::Durable;
 use crate::source::Ack;
 use crate::state::StateStore;

@@ -1,4 +1,4 @@
-//! The record lifecycle of DESIGN §3, batch by batch:
+//! The record lifecycle (docs/architecture.md), batch by batch:
 //!
 //! consume → id → claim (dedup + lease) → invoke the plugin (with retries) → check outputs →
 //! write outputs and dead letters → durable → mark done → acknowledge to the source.
@@ -18,43 +18,35 @@
 //! deduplicated — and the counters in [`Metrics`] say which.
 
 mod crash;
-pub mod dead_letter;
 mod parking;
 
 pub use crash::{ABORT_ON_ID_ENV, CrashFiles, CrashGuard};
 use parking::Parked;
-pub use parking::{ParkedSource, RETRY_DESTINATION};
-mod id;
+pub use parking::ParkedSource;
 mod in_flight;
 mod retry;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use id::{IdSpec, record_id};
 pub use retry::Backoff;
 
-use self::dead_letter::{DeadLetter, ErrorInfo};
 use self::in_flight::{Completion, Counts, Hold, Holds, InFlight, Tally};
-use crate::errors::ErrorClass;
+use crate::clock::now_ms;
 use crate::metrics::{Metrics, Summary};
-use crate::runtime::{
-    ActivePlugin, Failure, LoadError, Outcome, Output, Plugin, PluginMeta, Record, Routing,
-    SourceMeta,
+use crate::record::headers;
+use crate::record::{
+    DeadLetter, ErrorClass, ErrorInfo, IdSpec, Output, Record, SourceMeta, record_id,
 };
+use crate::runtime::{ActivePlugin, Failure, LoadError, Outcome, Plugin, PluginMeta, Routing};
 use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use crate::source::{Ack, Incoming, Source, SourceError};
 use crate::state::{Claim, StateError, StateStore};
-
-/// Header names the host adds to every output (DESIGN §3.7).
-pub const RECORD_ID_HEADER: &str = "weir.record-id";
-pub const PLUGIN_VERSION_HEADER: &str = "weir.plugin-version";
-pub const FENCE_HEADER: &str = "weir.fence";
 
 /// How long a record whose lease another worker holds waits before it is claimed again.
 const PARKED_RECHECK: Duration = Duration::from_millis(200);
@@ -127,12 +119,6 @@ struct Failed {
     attempts: u32,
     first_failure_ms: i64,
     last_failure_ms: i64,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn placeholder() -> Record {
@@ -626,12 +612,12 @@ impl Shared {
                     tally.records_out += outs.len() as u64;
                     for mut out in outs {
                         out.headers.extend([
-                            (RECORD_ID_HEADER.to_owned(), id.as_bytes().to_vec()),
+                            (headers::RECORD_ID.to_owned(), id.as_bytes().to_vec()),
                             (
-                                PLUGIN_VERSION_HEADER.to_owned(),
+                                headers::PLUGIN_VERSION.to_owned(),
                                 version.as_bytes().to_vec(),
                             ),
-                            (FENCE_HEADER.to_owned(), fence.to_string().into_bytes()),
+                            (headers::FENCE.to_owned(), fence.to_string().into_bytes()),
                         ]);
                         outputs.push(out);
                     }

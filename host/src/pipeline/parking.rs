@@ -14,18 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::now_ms;
-use crate::runtime::{Output, Record};
+use crate::clock::now_ms;
+use crate::record::{Output, Record, headers};
 use crate::source::{Ack, Incoming, Source, SourceError};
-
-/// The sink destination that names the retry topic (reserved: plugins cannot use it).
-pub const RETRY_DESTINATION: &str = "weir.retry";
-
-const ID: &str = "weir.retry.id";
-const ATTEMPTS: &str = "weir.retry.attempts";
-const FIRST_FAILURE_MS: &str = "weir.retry.first_failure_ms";
-const DUE_MS: &str = "weir.retry.due_ms";
-const REASON: &str = "weir.retry.reason";
 
 /// What a parked record carries in its headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +38,12 @@ impl Parked {
     /// The parking of a record read back from the retry topic, if it is one.
     pub fn of(record: &Record) -> Option<Self> {
         Some(Self {
-            id: header(record, ID)?.to_owned(),
-            attempts: header(record, ATTEMPTS)?.parse().ok()?,
-            first_failure_ms: header(record, FIRST_FAILURE_MS)?.parse().ok()?,
-            due_ms: header(record, DUE_MS)?.parse().ok()?,
+            id: header(record, headers::RETRY_ID)?.to_owned(),
+            attempts: header(record, headers::RETRY_ATTEMPTS)?.parse().ok()?,
+            first_failure_ms: header(record, headers::RETRY_FIRST_FAILURE_MS)?
+                .parse()
+                .ok()?,
+            due_ms: header(record, headers::RETRY_DUE_MS)?.parse().ok()?,
         })
     }
 
@@ -60,20 +53,26 @@ impl Parked {
         let mut headers: Vec<(String, Vec<u8>)> = record
             .headers
             .into_iter()
-            .filter(|(name, _)| !name.starts_with("weir.retry."))
+            .filter(|(name, _)| !name.starts_with(headers::RETRY_PREFIX))
             .collect();
         headers.extend([
-            (ID.to_owned(), self.id.clone().into_bytes()),
-            (ATTEMPTS.to_owned(), self.attempts.to_string().into_bytes()),
+            (headers::RETRY_ID.to_owned(), self.id.clone().into_bytes()),
             (
-                FIRST_FAILURE_MS.to_owned(),
+                headers::RETRY_ATTEMPTS.to_owned(),
+                self.attempts.to_string().into_bytes(),
+            ),
+            (
+                headers::RETRY_FIRST_FAILURE_MS.to_owned(),
                 self.first_failure_ms.to_string().into_bytes(),
             ),
-            (DUE_MS.to_owned(), self.due_ms.to_string().into_bytes()),
-            (REASON.to_owned(), reason.as_bytes().to_vec()),
+            (
+                headers::RETRY_DUE_MS.to_owned(),
+                self.due_ms.to_string().into_bytes(),
+            ),
+            (headers::RETRY_REASON.to_owned(), reason.as_bytes().to_vec()),
         ]);
         Output {
-            destination: Some(RETRY_DESTINATION.to_owned()),
+            destination: Some(headers::RETRY_DESTINATION.to_owned()),
             key: record.key,
             value: record.value,
             headers,
@@ -101,8 +100,11 @@ impl Source for ParkedSource {
                 }
                 None => {
                     incoming.rejected = Some(format!(
-                        "a record in the retry topic without valid {ID}, {ATTEMPTS}, \
-                         {FIRST_FAILURE_MS} and {DUE_MS} headers"
+                        "a record in the retry topic without valid {}, {}, {} and {} headers",
+                        headers::RETRY_ID,
+                        headers::RETRY_ATTEMPTS,
+                        headers::RETRY_FIRST_FAILURE_MS,
+                        headers::RETRY_DUE_MS
                     ));
                 }
             }
@@ -135,7 +137,7 @@ impl Source for ParkedSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::SourceMeta;
+    use crate::record::SourceMeta;
 
     #[test]
     fn a_parked_record_reads_back_with_its_parking() {
@@ -144,7 +146,7 @@ mod tests {
             value: b"v".to_vec(),
             headers: vec![
                 ("trace".into(), b"t1".to_vec()),
-                (ATTEMPTS.into(), b"1".to_vec()),
+                (headers::RETRY_ATTEMPTS.into(), b"1".to_vec()),
             ],
             timestamp_ms: None,
             source: SourceMeta {
@@ -162,7 +164,7 @@ mod tests {
             due_ms: 2_000,
         };
         let out = parked.output(record.clone(), "busy");
-        assert_eq!(out.destination.as_deref(), Some(RETRY_DESTINATION));
+        assert_eq!(out.destination.as_deref(), Some(headers::RETRY_DESTINATION));
         assert_eq!(
             (out.key.clone(), out.value.clone()),
             (record.key.clone(), record.value.clone())
@@ -172,7 +174,11 @@ mod tests {
             ..record
         };
         assert_eq!(Parked::of(&back), Some(parked));
-        let attempts = out.headers.iter().filter(|(n, _)| n == ATTEMPTS).count();
+        let attempts = out
+            .headers
+            .iter()
+            .filter(|(n, _)| n == headers::RETRY_ATTEMPTS)
+            .count();
         assert_eq!(attempts, 1, "the earlier parking's headers are replaced");
         assert!(out.headers.iter().any(|(n, v)| n == "trace" && v == b"t1"));
     }

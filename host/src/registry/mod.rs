@@ -18,11 +18,12 @@ mod store;
 
 use std::path::Path;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use store::Store;
 
+use crate::clock::now_ms;
 use crate::runtime::{Inspection, World};
 
 /// One uploaded version.
@@ -116,12 +117,6 @@ pub struct Registry {
     writing: tokio::sync::Mutex<()>,
     /// Bumped on every change seen: made here, or published by another worker.
     changed: Arc<tokio::sync::watch::Sender<u64>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Plugin names double as file names, so they are kept to a safe alphabet.
@@ -276,7 +271,7 @@ impl Registry {
     ) -> Result<(VersionInfo, bool), RegistryError> {
         check_name(name)?;
         self.store.write_blob(&inspection.digest, bytes).await?;
-        let uploaded_at_ms = now_ms();
+        let uploaded_at_ms = now_ms() as u64;
         self.update(name, |plugin| {
             let plugin = plugin.get_or_insert_with(|| PluginInfo {
                 name: name.to_owned(),
@@ -513,7 +508,7 @@ fn set_active(plugin: &mut PluginInfo, version: u64) {
 impl AuditEntry {
     pub fn new(who: &str, action: &str, plugin: &str) -> Self {
         Self {
-            at_ms: now_ms(),
+            at_ms: now_ms() as u64,
             who: who.to_owned(),
             action: action.to_owned(),
             plugin: plugin.to_owned(),

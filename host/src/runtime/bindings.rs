@@ -5,10 +5,38 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "batch",
+    // The data types live in the record model, at the bottom of the crate.
+    with: { "weir:transform/types": types },
 });
 
+/// The WIT `types` interface: the record model's types, plus the (empty) host side that
+/// `bindgen!` expects of every imported interface. Only the world's own `add_to_linker`,
+/// which Weir does not call (it links `host` alone), refers to that host side.
+#[allow(dead_code)]
+pub mod types {
+    pub use crate::record::wit::*;
+    use wasmtime::component::{HasData, Linker};
+
+    pub trait HostWithStore<T>: HasData {}
+    impl<H: ?Sized + HasData, T> HostWithStore<T> for H {}
+
+    /// The interface has no functions, so there is nothing to implement.
+    pub trait Host {}
+
+    pub fn add_to_linker<T: 'static, D>(
+        linker: &mut Linker<T>,
+        _host_getter: fn(&mut T) -> D::Data<'_>,
+    ) -> wasmtime::Result<()>
+    where
+        D: HostWithStore<T>,
+        for<'a> D::Data<'a>: Host,
+    {
+        linker.instance(super::TYPES_IMPORT)?;
+        Ok(())
+    }
+}
+
 pub use self::weir::transform::host::Level;
-pub use self::weir::transform::types::{Output, Record, SourceMeta, TransformError};
 
 /// The WIT package version this host accepts.
 pub const WIT_VERSION: &str = "0.1.0";

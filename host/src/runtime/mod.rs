@@ -27,7 +27,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use active::{ActivePlugin, Canary, Routing};
-pub use bindings::{Level, Output, Record, SourceMeta, TransformError, WIT_VERSION};
+pub use bindings::{Level, WIT_VERSION};
 pub use plugin::{Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
 
 use crate::config::LimitsConfig;
@@ -192,6 +192,9 @@ impl WasiView for StoreState {
         }
     }
 }
+
+/// The `types` interface has no functions.
+impl bindings::types::Host for StoreState {}
 
 impl bindings::weir::transform::host::Host for StoreState {
     fn log(&mut self, level: Level, message: String) {

@@ -19,11 +19,12 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{BATCH_EXPORT, HOST_IMPORT, RECORD_EXPORT, TYPES_IMPORT, WIT_VERSION};
 use super::stdio::TailBuffer;
-use super::{EPOCH_TICK, Output, Record, Runtime, StoreState, TransformError, limits::MemoryCap};
+use super::{EPOCH_TICK, Runtime, StoreState, limits::MemoryCap};
 use crate::config::LimitsConfig;
-use crate::errors::ErrorClass;
+use crate::record::ErrorClass;
+use crate::record::{Output, Record, TransformError};
 
-/// Largest backtrace kept with a failure (DESIGN §7: `weir.error.backtrace` ≤ 8 KiB).
+/// Largest backtrace kept with a failure (`weir.error.backtrace` ≤ 8 KiB).
 const MAX_BACKTRACE_BYTES: usize = 8 * 1024;
 
 type BatchResults = Vec<Result<Vec<Output>, TransformError>>;

@@ -1,5 +1,6 @@
 //! JSON-lines output: the default destination and each named destination is a file (or
-//! stdout for `-`); dead letters are one JSON object per line in the DESIGN §7 shape.
+//! stdout for `-`); dead letters are one JSON object per line (docs/architecture.md,
+//! "Public names").
 //! `flush` syncs files to disk, so a fate is durable before its id is marked done.
 
 use std::collections::BTreeMap;
@@ -11,9 +12,9 @@ use async_trait::async_trait;
 
 use super::{DeadLetterSink, Sink, SinkError, check_destination};
 use crate::config::LineFormat;
-use crate::jsonl::RecordJson;
-use crate::pipeline::dead_letter::{DeadLetter, DeadLetterLine};
-use crate::runtime::Output;
+use crate::record::Output;
+use crate::record::json::RecordJson;
+use crate::record::{DeadLetter, DeadLetterLine};
 
 /// One JSON-lines file or stdout.
 struct LineWriter {

@@ -1,6 +1,6 @@
 //! Kafka topics as sinks: outputs to the default topic or a plugin-named destination topic,
 //! dead letters to the DLQ topic with the original key, value and headers plus the
-//! `weir.error.*` headers (DESIGN §7). One idempotent producer serves both (two
+//! `weir.error.*` headers. One idempotent producer serves both (two
 //! transactional ones in exactly-once mode).
 //!
 //! `send` only enqueues; `seal` hands over the deliveries so far as one future (`flush` awaits
@@ -31,8 +31,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use super::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
 use crate::config::KafkaConfig;
 use crate::kafka::{LogContext, owned_headers};
-use crate::pipeline::dead_letter::DeadLetter;
-use crate::runtime::Output;
+use crate::record::DeadLetter;
+use crate::record::Output;
 
 /// Sends of one message, in all, before the worker gives up and stops (for failures that
 /// are not the broker being away).
@@ -402,24 +402,11 @@ impl KafkaDeadLetters {
     }
 }
 
-/// The record's own headers followed by the `weir.error.*` ones.
-pub fn dead_letter_headers(letter: &DeadLetter) -> Vec<(String, Vec<u8>)> {
-    let mut headers = letter.record.headers.clone();
-    headers.extend(
-        letter
-            .error
-            .fields()
-            .into_iter()
-            .map(|(name, value)| (format!("weir.error.{name}"), value.into_bytes())),
-    );
-    headers
-}
-
 #[async_trait]
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError> {
         for letter in letters {
-            let headers = owned_headers(&dead_letter_headers(&letter));
+            let headers = owned_headers(&letter.headers());
             let record = &letter.record;
             self.deliveries
                 .send(&self.topic, record.key.as_deref(), &record.value, headers)

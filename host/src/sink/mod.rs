@@ -6,17 +6,15 @@ mod file;
 mod kafka;
 
 pub use file::{FileDeadLetters, FileSink};
-pub use kafka::{
-    DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink, dead_letter_headers,
-};
+pub use kafka::{DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink};
 
 use std::future::Future;
 use std::pin::Pin;
 
 use async_trait::async_trait;
 
-use crate::pipeline::dead_letter::DeadLetter;
-use crate::runtime::Output;
+use crate::record::DeadLetter;
+use crate::record::Output;
 
 /// Refuses an output that names a destination the sink was not configured with.
 fn check_destination<T>(
@@ -24,7 +22,7 @@ fn check_destination<T>(
     destinations: &std::collections::BTreeMap<String, T>,
 ) -> Result<(), String> {
     match &output.destination {
-        Some(dest) if dest == crate::pipeline::RETRY_DESTINATION => Err(format!(
+        Some(dest) if dest == crate::record::headers::RETRY_DESTINATION => Err(format!(
             "output names the destination `{dest}`, which is reserved for the retry topic"
         )),
         Some(dest) if !destinations.contains_key(dest) => {

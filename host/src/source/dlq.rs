@@ -9,10 +9,8 @@ use async_trait::async_trait;
 
 use super::{FileSource, Incoming, Source, SourceError};
 use crate::config::LineFormat;
-use crate::pipeline::dead_letter::{
-    DeadLetter, DeadLetterLine, ErrorInfo, replay_count, set_replay_count,
-};
-use crate::runtime::{Record, SourceMeta};
+use crate::record::{DeadLetter, DeadLetterLine, ErrorInfo, replay_count, set_replay_count};
+use crate::record::{Record, SourceMeta};
 
 /// A DLQ file as a source.
 pub struct DlqFileSource {

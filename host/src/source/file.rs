@@ -19,8 +19,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use super::{Incoming, Source, SourceError};
 use crate::config::LineFormat;
-use crate::jsonl::RecordJson;
-use crate::runtime::{Record, SourceMeta};
+use crate::record::json::RecordJson;
+use crate::record::{Record, SourceMeta};
 
 enum Input {
     Stdin,

@@ -34,7 +34,7 @@ use super::transactions::{BatchTransaction, Transactions};
 use super::{Ack, AckStep, Incoming, Source, SourceError};
 use crate::config::KafkaConfig;
 use crate::kafka::{headers_of, offset_list};
-use crate::runtime::{Record, SourceMeta};
+use crate::record::{Record, SourceMeta};
 
 /// How long a batch waits for more records once its first record is in.
 const BATCH_LINGER: Duration = Duration::from_millis(20);

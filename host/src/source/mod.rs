@@ -19,7 +19,7 @@ use std::pin::Pin;
 
 use async_trait::async_trait;
 
-use crate::runtime::Record;
+use crate::record::Record;
 use crate::sink::SinkError;
 
 /// A record as the source read it.

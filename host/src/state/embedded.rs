@@ -11,12 +11,13 @@
 use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Claim, StateError, StateStore};
+use crate::clock::now_ms;
 
 /// The done marks of one pipeline: a table named `done:<pipeline>`, record id (its bytes:
 /// no UTF-8 check on every comparison) → expiry in ms since the epoch (0: never expires).
@@ -98,12 +99,6 @@ fn err(context: &str) -> impl Fn(redb::Error) -> StateError + '_ {
     move |e| StateError(format!("{context}: {e}"))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`. Marks are kept per `namespace` (the pipeline
     /// name), in a table of its own; `done_ttl` of `None` keeps them forever.
@@ -168,7 +163,7 @@ impl StateStore for EmbeddedStore {
             let done = txn
                 .open_table(DoneTable::new(&table))
                 .map_err(|e| err("open done")(e.into()))?;
-            let now = now_ms();
+            let now = now_ms() as u64;
             ids.iter()
                 .map(|id| {
                     let expiry = done
@@ -188,7 +183,7 @@ impl StateStore for EmbeddedStore {
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         let expiry = self
             .done_ttl
-            .map_or(0, |ttl| now_ms() + ttl.as_millis() as u64);
+            .map_or(0, |ttl| now_ms() as u64 + ttl.as_millis() as u64);
         let (durable, written) = tokio::sync::oneshot::channel();
         let marks = Marks {
             ids: done.iter().map(|(id, _)| id.clone()).collect(),

@@ -1,4 +1,4 @@
-//! The public names of record fates and error classes (DESIGN §7).
+//! The error classes of dead letters; their names are public (docs/configuration.md).
 
 use serde::{Deserialize, Serialize};
 

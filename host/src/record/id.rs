@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::runtime::Record;
+use super::Record;
 
 /// Where a record's idempotency key lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +162,7 @@ pub fn record_id(spec: Option<&IdSpec>, record: &Record) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::SourceMeta;
+    use crate::record::SourceMeta;
 
     fn record(value: &str) -> Record {
         Record {

@@ -1,16 +1,14 @@
-//! A dead letter: the original record plus why it failed (the `weir.error.*` fields of
-//! DESIGN §7), in one shape for every DLQ (file lines now, Kafka headers later).
+//! A dead letter: the original record plus why it failed (the `weir.error.*` fields), in one
+//! shape for every DLQ: a JSON line in a file, headers on a Kafka record.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::errors::ErrorClass;
-use crate::jsonl::RecordJson;
-use crate::runtime::Record;
-
-/// Header carrying how often a record was replayed from a DLQ.
-pub const REPLAY_COUNT_HEADER: &str = "weir.replay.count";
+use super::ErrorClass;
+use super::Record;
+use super::headers::{self, REPLAY_COUNT};
+use super::json::RecordJson;
 
 /// Why a record was dead-lettered. Every field is written as a UTF-8 string.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +92,20 @@ pub struct DeadLetter {
     pub error: ErrorInfo,
 }
 
+impl DeadLetter {
+    /// The record's own headers followed by the `weir.error.*` ones.
+    pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut headers = self.record.headers.clone();
+        headers.extend(
+            self.error
+                .fields()
+                .into_iter()
+                .map(|(name, value)| (headers::error(name), value.into_bytes())),
+        );
+        headers
+    }
+}
+
 /// One line of a DLQ file: `{"record": {...}, "error": {...}}`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,20 +135,17 @@ pub fn replay_count(record: &Record) -> u32 {
         .headers
         .iter()
         .rev()
-        .find(|(name, _)| name == REPLAY_COUNT_HEADER)
+        .find(|(name, _)| name == REPLAY_COUNT)
         .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
         .unwrap_or(0)
 }
 
 /// Sets the `weir.replay.count` header.
 pub fn set_replay_count(record: &mut Record, count: u32) {
+    record.headers.retain(|(name, _)| name != REPLAY_COUNT);
     record
         .headers
-        .retain(|(name, _)| name != REPLAY_COUNT_HEADER);
-    record.headers.push((
-        REPLAY_COUNT_HEADER.to_owned(),
-        count.to_string().into_bytes(),
-    ));
+        .push((REPLAY_COUNT.to_owned(), count.to_string().into_bytes()));
 }
 
 #[cfg(test)]
