@@ -49,8 +49,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
-    pub canary: crate::canary::CanaryConfig,
-    pub quarantine: crate::canary::QuarantineConfig,
+    pub canary: CanaryConfig,
+    pub quarantine: QuarantineConfig,
     pub kafka: KafkaConfig,
 }
 
@@ -374,6 +374,22 @@ impl Config {
         }
     }
 
+    /// The plugin's name: `plugin.name`, else its file name (see [`plugin_name_of`]).
+    pub fn plugin_name(&self) -> String {
+        match (&self.plugin.name, &self.plugin.path) {
+            (Some(name), _) => name.clone(),
+            (None, Some(path)) => plugin_name_of(path),
+            (None, None) => "plugin".into(),
+        }
+    }
+
+    /// The dead-letter file of embedded mode: `dlq.path`, else `<output>.dlq.jsonl` beside
+    /// the output (`weir.dlq.jsonl` when the output is stdout).
+    pub fn dlq_file(&self) -> Option<PathBuf> {
+        let output = self.sink.path.as_deref()?;
+        Some(self.dlq.path.clone().unwrap_or_else(|| default_dlq_path(output)))
+    }
+
     /// The configuration as it may be shown (`--check`): secret options hidden, the Redis
     /// password too; where a secret comes from stays visible.
     pub fn shown(&self) -> Self {
@@ -681,6 +697,86 @@ fn check_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
             field,
             format!("`{name}` must be 1-128 characters of A-Z a-z 0-9 - _ ."),
         ))
+    }
+}
+
+
+/// A plugin's default name: its file name without `.wasm`, made into a valid plugin name.
+pub fn plugin_name_of(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if name.is_empty() {
+        "plugin".into()
+    } else {
+        name
+    }
+}
+
+fn default_dlq_path(output: &Path) -> PathBuf {
+    if output == Path::new("-") {
+        return PathBuf::from("weir.dlq.jsonl");
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!("{stem}.dlq.jsonl"))
+}
+
+/// `[canary]`: when a canary is rolled back or promoted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CanaryConfig {
+    /// How far (as a fraction of records, 0 to 1) the candidate's failure rates may exceed
+    /// the stable version's.
+    pub margin: f64,
+    /// Records the candidate must have had before it is judged.
+    pub min_records: u64,
+    /// Promote the candidate once it had this many records without failing; 0: only by a
+    /// call (activate its version).
+    pub promote_after_records: u64,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        Self {
+            margin: 0.05,
+            min_records: 100,
+            promote_after_records: 0,
+        }
+    }
+}
+
+/// `[quarantine]`: when the active version is taken out of service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    /// Quarantine the active version when this fraction of its records (0 to 1) end in a
+    /// plugin fault (trap, timeout, oom, bad_output); 0 turns the watch off.
+    pub fault_rate: f64,
+    /// Records per judgement: the rate is taken over windows of this many records.
+    pub min_records: u64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        Self {
+            fault_rate: 0.5,
+            min_records: 100,
+        }
     }
 }
 

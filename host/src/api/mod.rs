@@ -1,20 +1,14 @@
 //! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
-//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, which the
-//! worker follows (`follow.rs`), with the canary and quarantine watches (`watch.rs`) and
-//! the validation of uploads (`validate.rs`). [`router`]
-//! builds it from shared state, so tests drive it in-process with `oneshot`.
+//! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, with the
+//! validation of uploads (`validate.rs`). HTTP only: what a route changes goes through
+//! [`crate::control`]. [`router`] builds it from shared state, so tests drive it
+//! in-process with `oneshot`.
 
-mod follow;
 mod plugins;
 mod validate;
-mod watch;
 
-pub use follow::follow;
-pub use plugins::{
-    ADMIN_TOKEN_ENV, Control, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, Running,
-};
+pub use plugins::{ADMIN_TOKEN_ENV, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, PluginApi};
 pub use validate::validate_upload_child;
-pub use watch::watch_active;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,14 +31,11 @@ pub struct AppState {
     /// True once the plugin is loaded and the pipeline runs.
     pub ready: Arc<AtomicBool>,
     /// The plugin registry and who may change it; `None`: no `/v1` plugin routes.
-    pub control: Option<Arc<Control>>,
+    pub api: Option<Arc<PluginApi>>,
 }
 
 pub fn router(state: AppState) -> Router {
-    let max_upload = state
-        .control
-        .as_ref()
-        .map_or(DEFAULT_MAX_UPLOAD_BYTES, |c| c.max_upload_bytes);
+    let max_upload = (state.api.as_ref()).map_or(DEFAULT_MAX_UPLOAD_BYTES, |a| a.max_upload_bytes);
     let v1 = Router::new()
         .route("/openapi.json", get(openapi))
         .route("/status", get(plugins::status))
@@ -88,12 +79,12 @@ async fn record_uploads_too_large(
         .flatten()
         .filter(|name| !name.contains('/'))
         .map(str::to_owned);
-    let who = match &state.control {
-        Some(control) if control.check_token(request.headers()).is_ok() => "admin",
+    let who = match &state.api {
+        Some(api) if api.check_token(request.headers()).is_ok() => "admin",
         _ => "anonymous",
     };
     let response = next.run(request).await;
-    if let (Some(name), Some(control)) = (upload_of, &state.control)
+    if let (Some(name), Some(api)) = (upload_of, &state.api)
         && response.status() == StatusCode::PAYLOAD_TOO_LARGE
     {
         state
@@ -104,9 +95,9 @@ async fn record_uploads_too_large(
         let mut entry = crate::registry::AuditEntry::new(who, "upload", &name);
         entry.decision = format!(
             "refused: the upload is larger than the limit of {} bytes",
-            control.max_upload_bytes
+            api.max_upload_bytes
         );
-        if let Err(e) = control.audit(entry).await {
+        if let Err(e) = api.audit(entry).await {
             tracing::error!("recording a refused upload failed: {}", e.1);
         }
     }
@@ -143,16 +134,19 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
-pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<SocketAddr> {
+/// Binds `addr`; returns the bound address (port 0 picks one) and the server to run.
+pub async fn bind(
+    addr: SocketAddr,
+    state: AppState,
+) -> std::io::Result<(SocketAddr, impl Future<Output = ()> + Send + 'static)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
+    let server = async move {
         if let Err(e) = axum::serve(listener, router(state)).await {
-            tracing::error!("metrics server stopped: {e}");
+            tracing::error!("the HTTP server on {bound} stopped: {e}");
         }
-    });
-    Ok(bound)
+    };
+    Ok((bound, server))
 }
 
 #[cfg(test)]
@@ -166,7 +160,7 @@ mod tests {
         AppState {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(ready)),
-            control: None,
+            api: None,
         }
     }
 

@@ -15,10 +15,9 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use crate::canary::{CanaryConfig, QuarantineConfig};
+use crate::control::{Control, ControlError};
 use crate::metrics::{Metrics, Summary, VersionCounts};
-use crate::registry::{self, AuditEntry, PluginInfo, Registry, RegistryError, VersionInfo};
-use crate::runtime::{ActivePlugin, Plugin, Runtime};
+use crate::registry::{self, AuditEntry, PluginInfo, RegistryError, VersionInfo};
 
 /// Uploads larger than this are refused with 413 unless configured otherwise (Python
 /// components are tens of MiB).
@@ -28,10 +27,9 @@ pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the admin token can come from, besides the config file.
 pub const ADMIN_TOKEN_ENV: &str = "WEIR_ADMIN_TOKEN";
 
-/// What the plugin routes need.
-pub struct Control {
-    pub registry: Registry,
-    pub runtime: Arc<Runtime>,
+/// What the plugin routes need: the control of plugin versions, and who may use it.
+pub struct PluginApi {
+    pub control: Arc<Control>,
     /// The bearer token of mutating routes; `None` closes them.
     pub admin_token: Option<String>,
     /// Whether reading routes answer without the token.
@@ -42,29 +40,6 @@ pub struct Control {
     pub compile_memory_bytes: Option<u64>,
     /// Larger upload bodies are refused with 413.
     pub max_upload_bytes: usize,
-    /// The plugin the worker runs; `None`: activations change the registry only.
-    pub running: Option<Running>,
-    /// The Redis of a cluster-mode worker, where every worker's heartbeat is.
-    pub redis: Option<crate::state::RedisTarget>,
-    /// When a canary is rolled back or promoted.
-    pub canary: CanaryConfig,
-    /// When the active version is quarantined.
-    pub quarantine: QuarantineConfig,
-}
-
-/// The plugin this worker runs: activating or rolling back a version of its name loads that
-/// version with the worker's plugin configuration and swaps it in.
-pub struct Running {
-    pub name: String,
-    /// When the worker started (for the rates of `/v1/status`).
-    pub started: std::time::Instant,
-    pub active: Arc<ActivePlugin>,
-    pub config: Vec<(String, String)>,
-    pub metrics: Arc<Metrics>,
-    /// The registry's active version and activation count last swapped in.
-    pub applied: tokio::sync::Mutex<(u64, u64)>,
-    /// The version swapped out last, kept loaded for a rollback (`follow.rs`).
-    pub reserve: std::sync::Mutex<Option<Arc<Plugin>>>,
 }
 
 /// A refusal, answered as `{"error": "..."}` with its status.
@@ -79,6 +54,12 @@ impl IntoResponse for ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
+        Self::from_registry(&e)
+    }
+}
+
+impl ApiError {
+    fn from_registry(e: &RegistryError) -> Self {
         let status = match e {
             RegistryError::BadName(_) => StatusCode::BAD_REQUEST,
             RegistryError::NoPlugin(_) | RegistryError::NoVersion(..) => StatusCode::NOT_FOUND,
@@ -91,7 +72,20 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-impl Control {
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let status = match &e {
+            ControlError::Registry(e) => return Self::from_registry(e),
+            ControlError::CannotRun { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ControlError::NotRunning(_) | ControlError::Loading { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Self(status, e.to_string())
+    }
+}
+
+impl PluginApi {
     pub(super) fn check_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let unauthorized = |why: String| ApiError(StatusCode::UNAUTHORIZED, why);
         let Some(expected) = &self.admin_token else {
@@ -124,7 +118,7 @@ impl Control {
 
     /// Writes an audit line; a failure to write it fails the request.
     pub(super) async fn audit(&self, entry: AuditEntry) -> Result<(), ApiError> {
-        self.registry.audit(&entry).await.map_err(ApiError::from)
+        self.control.registry.audit(&entry).await.map_err(ApiError::from)
     }
 }
 
@@ -133,8 +127,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn control(state: &AppState) -> Result<&Arc<Control>, ApiError> {
-    state.control.as_ref().ok_or_else(|| {
+fn plugin_api(state: &AppState) -> Result<&Arc<PluginApi>, ApiError> {
+    state.api.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             "this server has no plugin registry (start the worker with --api)".into(),
@@ -151,10 +145,10 @@ pub async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<VersionInfo>), ApiError> {
-    let control = control(&state)?;
+    let api = plugin_api(&state)?;
     let mut entry = AuditEntry::new("admin", "upload", &name);
     entry.digest = Some(format!("sha256:{}", hex::encode(Sha256::digest(&body))));
-    let outcome = store_upload(control, &name, &headers, &body).await;
+    let outcome = store_upload(api, &name, &headers, &body).await;
     let result = match &outcome {
         Ok((info, created)) => {
             entry.version = Some(info.version);
@@ -178,7 +172,7 @@ pub async fn upload(
         .plugin_uploads
         .with_label_values(&[result])
         .inc();
-    control.audit(entry).await?;
+    api.audit(entry).await?;
     let (info, created) = outcome.map_err(|(_, error)| error)?;
     let status = if created {
         StatusCode::CREATED
@@ -191,17 +185,17 @@ pub async fn upload(
 /// Checks an upload and stores it; a refusal comes with its `weir_plugin_uploads_total`
 /// result.
 async fn store_upload(
-    control: &Control,
+    api: &PluginApi,
     name: &str,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(VersionInfo, bool), (&'static str, ApiError)> {
-    control
+    api
         .check_token(headers)
         .map_err(|e| ("unauthorized", e))?;
     registry::check_name(name).map_err(|e| ("bad_name", e.into()))?;
-    let inspection = control.validate(body).await?;
-    control
+    let inspection = api.validate(body).await?;
+    api.api
         .registry
         .upload(name, body, inspection, "admin")
         .await
@@ -213,9 +207,9 @@ pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<PluginInfo>>, ApiError> {
-    let control = control(&state)?;
-    control.check_read(&headers)?;
-    Ok(Json(control.registry.plugins().await?))
+    let api = plugin_api(&state)?;
+    api.check_read(&headers)?;
+    Ok(Json(api.api.registry.plugins().await?))
 }
 
 /// `GET /v1/plugins/{name}`.
@@ -224,9 +218,9 @@ pub async fn show(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<PluginInfo>, ApiError> {
-    let control = control(&state)?;
-    control.check_read(&headers)?;
-    Ok(Json(control.registry.existing(&name).await?))
+    let api = plugin_api(&state)?;
+    api.check_read(&headers)?;
+    Ok(Json(api.api.registry.existing(&name).await?))
 }
 
 /// What `GET /v1/status` answers.
@@ -267,9 +261,9 @@ pub async fn status(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Status>, ApiError> {
-    let control = control(&state)?;
-    control.check_read(&headers)?;
-    let running = control.running.as_ref();
+    let api = plugin_api(&state)?;
+    api.check_read(&headers)?;
+    let running = api.api.running.as_ref();
     let routing = running.map(|r| r.active.routing());
     let plugin = routing.as_ref().map(|r| {
         let meta = r.stable.meta();
@@ -304,9 +298,9 @@ pub async fn cluster(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<crate::cluster::WorkerInfo>>, ApiError> {
-    let control = control(&state)?;
-    control.check_read(&headers)?;
-    let Some(redis) = &control.redis else {
+    let api = plugin_api(&state)?;
+    api.check_read(&headers)?;
+    let Some(redis) = &api.api.redis else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             "this worker runs in embedded mode: there is no cluster (workers share one with --redis)".into(),
@@ -329,9 +323,9 @@ pub async fn version(
     Path((name, version)): Path<(String, u64)>,
     headers: HeaderMap,
 ) -> Result<Json<VersionInfo>, ApiError> {
-    let control = control(&state)?;
-    control.check_read(&headers)?;
-    Ok(Json(control.registry.version(&name, version).await?))
+    let api = plugin_api(&state)?;
+    api.check_read(&headers)?;
+    Ok(Json(api.api.registry.version(&name, version).await?))
 }
 
 /// `GET /v1/plugins/{name}/versions/{version}/wasm`: the component bytes.
@@ -340,9 +334,9 @@ pub async fn download(
     Path((name, version)): Path<(String, u64)>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let control = control(&state)?;
-    control.check_read(&headers)?;
-    let bytes = control.registry.wasm(&name, version).await?;
+    let api = plugin_api(&state)?;
+    api.check_read(&headers)?;
+    let bytes = api.api.registry.wasm(&name, version).await?;
     Ok(([(header::CONTENT_TYPE, "application/wasm")], bytes))
 }
 
@@ -352,11 +346,11 @@ pub async fn delete(
     Path((name, version)): Path<(String, u64)>,
     headers: HeaderMap,
 ) -> Result<Json<VersionInfo>, ApiError> {
-    let control = control(&state)?;
+    let api = plugin_api(&state)?;
     let mut entry = AuditEntry::new("admin", "delete", &name);
     entry.version = Some(version);
-    let deleting = async { Ok(control.registry.delete(&name, version).await?) };
-    let removed = control.audited(entry, &headers, deleting).await?;
+    let deleting = async { Ok(api.api.registry.delete(&name, version).await?) };
+    let removed = api.audited(entry, &headers, deleting).await?;
     Ok(Json(removed))
 }
 
@@ -375,7 +369,7 @@ pub async fn activate(
     headers: HeaderMap,
     Json(activation): Json<Activation>,
 ) -> Result<Json<PluginInfo>, ApiError> {
-    let control = control(&state)?;
+    let api = plugin_api(&state)?;
     let mut entry = AuditEntry::new("admin", "activate", &name);
     entry.version = Some(activation.version);
     let version = activation.version;
@@ -388,24 +382,24 @@ pub async fn activate(
                     format!("canary_percent must be more than 0 and at most 100, got {percent}"),
                 ));
             }
-            let loaded = control.load_running(&name, version).await?;
-            let plugin = control
+            let loaded = api.api.load_running(&name, version).await?;
+            let plugin = api.api
                 .registry
                 .start_canary(&name, version, percent)
                 .await?;
-            control.apply(loaded).await?;
+            api.api.apply(loaded).await?;
             Ok(plugin)
         };
-        return Ok(Json(control.audited(entry, &headers, starting).await?));
+        return Ok(Json(api.audited(entry, &headers, starting).await?));
     }
     let activating = async {
         // Loaded first: a version this worker cannot run is refused before it is active.
-        let loaded = control.load_running(&name, version).await?;
-        let plugin = control.registry.activate(&name, version).await?;
-        control.apply(loaded).await?;
+        let loaded = api.api.load_running(&name, version).await?;
+        let plugin = api.api.registry.activate(&name, version).await?;
+        api.api.apply(loaded).await?;
         Ok(plugin)
     };
-    Ok(Json(control.audited(entry, &headers, activating).await?))
+    Ok(Json(api.audited(entry, &headers, activating).await?))
 }
 
 /// `POST /v1/plugins/{name}/rollback`: back to the version active before the current one.
@@ -414,23 +408,23 @@ pub async fn rollback(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<PluginInfo>, ApiError> {
-    let control = control(&state)?;
+    let api = plugin_api(&state)?;
     let entry = AuditEntry::new("admin", "rollback", &name);
     let rolling_back = async {
         // A canary is rolled back by ending it; the active version stays.
-        let plugin = if control.registry.existing(&name).await?.canary.is_some() {
-            control.registry.end_canary(&name, None).await?
+        let plugin = if api.api.registry.existing(&name).await?.canary.is_some() {
+            api.api.registry.end_canary(&name, None).await?
         } else {
-            control
+            api.api
                 .registry
                 .rollback(&name, None)
                 .await?
                 .ok_or_else(|| RegistryError::NoEarlierVersion(name.clone()))?
         };
-        control.apply(None).await?;
+        api.api.apply(None).await?;
         Ok(plugin)
     };
-    Ok(Json(control.audited(entry, &headers, rolling_back).await?))
+    Ok(Json(api.audited(entry, &headers, rolling_back).await?))
 }
 
 /// What a change reports to the audit log: the version and digest it ended on.
@@ -459,7 +453,7 @@ impl Audited for PluginInfo {
     }
 }
 
-impl Control {
+impl PluginApi {
     /// Runs `change` if the request carries the admin token, and writes the outcome, either
     /// way, to the audit log.
     async fn audited<T: Audited>(

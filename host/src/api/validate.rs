@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::plugins::{ApiError, Control};
+use super::plugins::{ApiError, PluginApi};
 use crate::config::LimitsConfig;
 use crate::runtime::{Inspection, LoadError, Plugin, Runtime, WIT_VERSION, World};
 
@@ -94,20 +94,20 @@ fn failed(e: impl std::fmt::Display) -> (&'static str, ApiError) {
     )
 }
 
-fn too_slow(control: &Control) -> (&'static str, ApiError) {
+fn too_slow(api: &PluginApi) -> (&'static str, ApiError) {
     (
         "compile_timeout",
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "the upload did not compile within {} s",
-                control.compile_timeout.as_secs()
+                api.compile_timeout.as_secs()
             ),
         ),
     )
 }
 
-impl Control {
+impl PluginApi {
     /// Inspects upload bytes within the time limit, and the memory limit when there is one.
     pub(super) async fn validate(
         &self,
@@ -116,7 +116,7 @@ impl Control {
         match self.compile_memory_bytes {
             Some(cap) => self.validate_in_child(bytes, cap).await,
             None => {
-                let runtime = self.runtime.clone();
+                let runtime = self.control.runtime.clone();
                 let bytes = bytes.to_vec();
                 let inspecting =
                     tokio::task::spawn_blocking(move || Plugin::inspect(&runtime, &bytes));
@@ -135,7 +135,7 @@ impl Control {
         cap: u64,
     ) -> Result<Inspection, (&'static str, ApiError)> {
         let exe = std::env::current_exe().map_err(failed)?;
-        let limits = serde_json::to_string(self.runtime.limits()).map_err(failed)?;
+        let limits = serde_json::to_string(self.control.runtime.limits()).map_err(failed)?;
         let mut child = tokio::process::Command::new(exe)
             .arg("validate-upload")
             .env(LIMITS_ENV, limits)

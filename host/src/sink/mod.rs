@@ -1,12 +1,10 @@
 //! Where outputs and dead letters go. [`Sink`] and [`DeadLetterSink`] are the seams;
-//! `file.rs` writes JSON lines to files or stdout (the embedded default); `kafka.rs` produces
-//! to topics (cluster mode).
+//! `file.rs` writes JSON lines to files or stdout (the embedded default); Kafka topics are
+//! sinks too (`crate::kafka`, cluster mode).
 
 mod file;
-mod kafka;
 
 pub use file::{FileDeadLetters, FileSink};
-pub use kafka::{DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +15,7 @@ use crate::record::DeadLetter;
 use crate::record::Output;
 
 /// Refuses an output that names a destination the sink was not configured with.
-fn check_destination<T>(
+pub(crate) fn check_destination<T>(
     output: &Output,
     destinations: &std::collections::BTreeMap<String, T>,
 ) -> Result<(), String> {

@@ -1,18 +1,12 @@
 //! Where records come from. [`Source`] is the seam: `file.rs` (JSON lines from files, a
-//! directory or stdin) is the embedded default; `kafka.rs` consumes a topic in a consumer
-//! group (cluster mode), committing what `offsets.rs` allows; `dlq.rs` re-feeds a DLQ file
-//! for replays.
+//! directory or stdin) is the embedded default; `dlq.rs` re-feeds a DLQ file for replays; a
+//! Kafka topic consumed in a consumer group is one too (`crate::kafka`, cluster mode).
 
 mod dlq;
 mod file;
-mod kafka;
-mod offsets;
-mod transactions;
 
 pub use dlq::DlqFileSource;
 pub use file::FileSource;
-pub use kafka::KafkaSource;
-pub use transactions::Transactions;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -495,7 +495,7 @@ fn a_paused_worker_is_fenced_by_the_broker_and_its_writes_stay_invisible() {
         .lines()
         .find(|l| {
             l.contains("cannot go on")
-                || (l.contains("weir::source::transactions") && l.contains("aborted"))
+                || (l.contains("weir::kafka::transactions") && l.contains("aborted"))
         })
         .unwrap_or_default()
         .to_owned();

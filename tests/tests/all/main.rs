@@ -5,6 +5,7 @@
 /// The `weir` CLI built fresh for these tests.
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-under-test");
 
+mod architecture;
 mod cli_errors;
 mod cluster;
 mod deploy;

@@ -9,7 +9,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use serde_json::Value;
 use tower::ServiceExt;
-use weir::api::{self, AppState, Control, Running};
+use weir::api::{self, AppState, PluginApi};
+use weir::control::{self, Control, Running};
 use weir::config::LimitsConfig;
 use weir::metrics::Metrics;
 use weir::registry::Registry;
@@ -37,22 +38,26 @@ impl Api {
         let mut control = Control {
             registry: Registry::open(dir.path()).expect("registry"),
             runtime: Arc::new(Runtime::new(&LimitsConfig::default()).expect("runtime")),
+            running: None,
+            redis: None,
+            canary: Default::default(),
+            quarantine: Default::default(),
+            tasks: Default::default(),
+        };
+        adjust(&mut control);
+        let plugin_api = PluginApi {
+            control: Arc::new(control),
             admin_token: token.map(str::to_owned),
             open_reads,
             compile_timeout: api::DEFAULT_COMPILE_TIMEOUT,
             // In this process: the test binary is not `weir`, so it cannot be the child.
             compile_memory_bytes: None,
             max_upload_bytes,
-            running: None,
-            redis: None,
-            canary: Default::default(),
-            quarantine: Default::default(),
         };
-        adjust(&mut control);
         let state = AppState {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(true)),
-            control: Some(Arc::new(control)),
+            api: Some(Arc::new(plugin_api)),
         };
         Self { state, _dir: dir }
     }
@@ -77,8 +82,8 @@ impl Api {
         uploads
     }
 
-    fn control(&self) -> &Control {
-        self.state.control.as_deref().expect("control")
+    fn control(&self) -> &Arc<Control> {
+        &self.state.api.as_deref().expect("plugin API").control
     }
 
     async fn call(
@@ -619,7 +624,7 @@ async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
     // Deleting the version in reserve (2) frees it, once the worker follows the registry.
     let deleted = Arc::downgrade(&v2);
     drop(v2);
-    tokio::spawn(api::follow(api.state.control.clone().expect("control")));
+    tokio::spawn(control::follow(api.control().clone()));
     let (status, body) = api
         .json(
             "DELETE",

@@ -1,60 +1,16 @@
 //! Judging plugin versions: a canary against the active version ([`judge`]), and the active
 //! version against a fault threshold ([`quarantine`]).
 //!
-//! A canary's failure rates are compared with the stable version's over the same period. Plugin faults (trap, timeout, oom, bad_output) and `invalid` are each
-//! compared as rates of the records each version had; the candidate fails when either rate
+//! A canary's failure rates are compared with the stable version's over the same period.
+//! Plugin faults (trap, timeout, oom, bad_output) and `invalid` are each compared as rates of the records each version had; the candidate fails when either rate
 //! exceeds the stable version's by more than the margin. `invalid` is compared against the
 //! stable version's own rate rather than against zero, since dirty input is not the
 //! candidate's fault.
 
-use serde::{Deserialize, Serialize};
-
+use crate::config::{CanaryConfig, QuarantineConfig};
 use crate::metrics::VersionCounts;
 use crate::record::ErrorClass;
 
-/// `[canary]`: when a canary is rolled back or promoted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CanaryConfig {
-    /// How far (as a fraction of records, 0 to 1) the candidate's failure rates may exceed
-    /// the stable version's.
-    pub margin: f64,
-    /// Records the candidate must have had before it is judged.
-    pub min_records: u64,
-    /// Promote the candidate once it had this many records without failing; 0: only by a
-    /// call (activate its version).
-    pub promote_after_records: u64,
-}
-
-impl Default for CanaryConfig {
-    fn default() -> Self {
-        Self {
-            margin: 0.05,
-            min_records: 100,
-            promote_after_records: 0,
-        }
-    }
-}
-
-/// `[quarantine]`: when the active version is taken out of service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QuarantineConfig {
-    /// Quarantine the active version when this fraction of its records (0 to 1) end in a
-    /// plugin fault (trap, timeout, oom, bad_output); 0 turns the watch off.
-    pub fault_rate: f64,
-    /// Records per judgement: the rate is taken over windows of this many records.
-    pub min_records: u64,
-}
-
-impl Default for QuarantineConfig {
-    fn default() -> Self {
-        Self {
-            fault_rate: 0.5,
-            min_records: 100,
-        }
-    }
-}
 
 /// Why the active version should be quarantined, judging a window of its records; `None`
 /// while the window is too small or the version is healthy.

@@ -1,6 +1,26 @@
-//! Kafka plumbing shared by the topic source and the topic sinks: the librdkafka properties
-//! (our defaults, then the user's `kafka.options` as they are), the client context that routes
-//! librdkafka's logs and errors into `tracing`, and the start-up reachability check.
+//! Everything Kafka, in one module:
+//!
+//! - `consumer.rs`: [`KafkaSource`], a topic consumed as one worker of a consumer group,
+//!   committing offsets only over finished records (`offsets.rs` tracks them);
+//! - `producer.rs`: [`KafkaProducer`], and the topic sinks of outputs ([`KafkaSink`]) and
+//!   dead letters ([`KafkaDeadLetters`]);
+//! - `transactions.rs`: exactly-once mode, each batch's outputs, dead letters and offsets
+//!   in one transaction ([`Transactions`]);
+//! - `dlq_topic.rs`: `weir dlq list|replay` of a dead-letter topic.
+//!
+//! This file holds what they share: the librdkafka properties (our defaults, then the
+//! user's `kafka.options` as they are), the client context that routes librdkafka's logs
+//! and errors into `tracing`, and the start-up reachability check.
+
+mod consumer;
+pub mod dlq_topic;
+mod offsets;
+mod producer;
+mod transactions;
+
+pub use consumer::KafkaSource;
+pub use producer::{DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink};
+pub use transactions::Transactions;
 
 use std::time::Duration;
 

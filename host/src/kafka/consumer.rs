@@ -31,9 +31,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::offsets::{Admission, OffsetTracker};
 use super::transactions::{BatchTransaction, Transactions};
-use super::{Ack, AckStep, Incoming, Source, SourceError};
+use super::{headers_of, offset_list};
 use crate::config::KafkaConfig;
-use crate::kafka::{headers_of, offset_list};
+use crate::source::{Ack, AckStep, Incoming, Source, SourceError};
 use crate::record::{Record, SourceMeta};
 
 /// How long a batch waits for more records once its first record is in.

@@ -12,10 +12,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::kafka::{LogContext, TopicRecord, client_config};
+use super::{KafkaProducer, KafkaSink, LogContext, TopicRecord, client_config};
 use crate::record::Output;
 use crate::record::headers;
-use crate::sink::{KafkaProducer, KafkaSink, Sink};
+use crate::sink::Sink;
 
 /// How long the topic must stay quiet before it counts as read to its end.
 const QUIET: Duration = Duration::from_secs(2);

@@ -6,9 +6,7 @@
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use axum::http::StatusCode;
-
-use super::plugins::{ApiError, Control, Running};
+use super::{Control, ControlError, Running};
 use super::watch::watch_canary;
 use crate::registry::PluginInfo;
 use crate::runtime::Plugin;
@@ -48,7 +46,7 @@ pub async fn follow(control: Arc<Control>) {
     let mut changes = control.registry.changes();
     loop {
         if let Err(e) = control.apply(None).await {
-            tracing::warn!("following the plugin registry: {}", e.1);
+            tracing::warn!("following the plugin registry: {e}");
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
@@ -61,10 +59,10 @@ impl Control {
     /// Makes the running plugin what the registry says: its active version, swapped in
     /// when there was an activation (or rollback) since the last one applied, and its
     /// canary. `loaded` is a version the caller loaded already.
-    pub(super) async fn apply(
+    pub async fn apply(
         self: &Arc<Self>,
         mut loaded: Option<Arc<Plugin>>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ControlError> {
         let Some(running) = &self.running else {
             return Ok(());
         };
@@ -117,7 +115,7 @@ impl Control {
                 let plugin = self.load(&running.name, version, &mut loaded).await?;
                 running.active.start_canary(plugin, percent);
                 tracing::info!(plugin = %running.name, stable = active, candidate = version, percent, "canary started");
-                tokio::spawn(watch_canary(self.clone(), active, version));
+                self.tasks.spawn(watch_canary(self.clone(), active, version));
             }
         }
         Ok(())
@@ -130,26 +128,23 @@ impl Control {
         name: &str,
         version: u64,
         loaded: &mut Option<Arc<Plugin>>,
-    ) -> Result<Arc<Plugin>, ApiError> {
+    ) -> Result<Arc<Plugin>, ControlError> {
         if let Some(plugin) = loaded.take_if(|p| p.meta().version == version) {
             return Ok(plugin);
         }
-        self.load_running(name, version).await?.ok_or_else(|| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("`{name}` is not the plugin this worker runs"),
-            )
-        })
+        self.load_running(name, version)
+            .await?
+            .ok_or_else(|| ControlError::NotRunning(name.to_owned()))
     }
 
     /// `version` of `name` with the worker's plugin configuration when the worker runs that
     /// plugin: the version in reserve when it is that one, else loaded from the registry
     /// (its `init` may refuse: 422); `None` for other plugins.
-    pub(super) async fn load_running(
+    pub async fn load_running(
         &self,
         name: &str,
         version: u64,
-    ) -> Result<Option<Arc<Plugin>>, ApiError> {
+    ) -> Result<Option<Arc<Plugin>>, ControlError> {
         let Some(running) = self.running.as_ref().filter(|r| r.name == name) else {
             self.registry.version(name, version).await?;
             return Ok(None);
@@ -168,14 +163,8 @@ impl Control {
         });
         match loading.await {
             Ok(Ok(plugin)) => Ok(Some(Arc::new(plugin))),
-            Ok(Err(e)) => Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("version {version} cannot run here: it {e}"),
-            )),
-            Err(e) => Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("loading version {version} failed: {e}"),
-            )),
+            Ok(Err(source)) => Err(ControlError::CannotRun { version, source }),
+            Err(source) => Err(ControlError::Loading { version, source }),
         }
     }
 }

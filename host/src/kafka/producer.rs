@@ -28,9 +28,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use super::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
+use super::{LogContext, owned_headers};
 use crate::config::KafkaConfig;
-use crate::kafka::{LogContext, owned_headers};
+use crate::sink::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
 use crate::record::DeadLetter;
 use crate::record::Output;
 

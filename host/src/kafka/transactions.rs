@@ -45,11 +45,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::{Notify, watch};
 
-use super::SourceError;
-use super::kafka::{Position, SourceContext};
+use super::consumer::{Position, SourceContext};
 use super::offsets::OffsetTracker;
-use crate::kafka::{LogContext, offset_list};
-use crate::sink::KafkaProducer;
+use super::producer::KafkaProducer;
+use super::{LogContext, offset_list};
+use crate::source::SourceError;
 
 /// How many ended transactions' outcomes are kept for members that look late.
 const OUTCOMES_KEPT: usize = 64;

@@ -1,12 +1,12 @@
 //! The watches of a worker that serves the plugin API: a canary judged against the active
 //! version until it is rolled back or promoted, and the active version judged against the
-//! quarantine threshold for the worker's lifetime (`crate::canary` holds the judgements).
+//! quarantine threshold for the worker's lifetime (`canary.rs` holds the judgements).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::plugins::{ApiError, Control};
-use crate::canary::Judgement;
+use super::Control;
+use super::canary::{self, Judgement};
 use crate::metrics::VersionCounts;
 use crate::registry::AuditEntry;
 
@@ -46,7 +46,7 @@ pub async fn watch_active(control: Arc<Control>) {
             continue;
         }
         let counts = VersionCounts::since(now.get(&version), Some(start));
-        let Some(reason) = crate::canary::quarantine(&counts, &control.quarantine) else {
+        let Some(reason) = canary::quarantine(&counts, &control.quarantine) else {
             if counts.processed + counts.dead_lettered >= control.quarantine.min_records {
                 window = None;
             }
@@ -58,8 +58,7 @@ pub async fn watch_active(control: Arc<Control>) {
         let rolled_back = control
             .registry
             .rollback(&running.name, Some(version))
-            .await
-            .map_err(ApiError::from);
+            .await;
         if let Ok(None) = rolled_back {
             continue; // another worker of the cluster rolled it back first
         }
@@ -76,15 +75,14 @@ pub async fn watch_active(control: Arc<Control>) {
             }
             Err(e) => {
                 running.active.pause();
-                tracing::error!(plugin = %running.name, version, "{reason}; cannot roll back ({}): records wait until a version is activated", e.1);
+                tracing::error!(plugin = %running.name, version, "{reason}; cannot roll back ({e}): records wait until a version is activated");
                 entry.decision = format!(
-                    "paused: automatic: {reason}; cannot roll back ({}); records wait until a version is activated",
-                    e.1
+                    "paused: automatic: {reason}; cannot roll back ({e}); records wait until a version is activated"
                 );
             }
         }
-        if let Err(e) = control.audit(entry).await {
-            tracing::error!(plugin = %running.name, "recording the quarantine failed: {}", e.1);
+        if let Err(e) = control.registry.audit(&entry).await {
+            tracing::error!(plugin = %running.name, "recording the quarantine failed: {e}");
         }
     }
 }
@@ -108,7 +106,7 @@ pub(super) async fn watch_canary(control: Arc<Control>, stable: u64, candidate: 
         }
         let now = running.metrics.by_version();
         let since = |v: u64| VersionCounts::since(now.get(&v), before.get(&v));
-        let judgement = crate::canary::judge(&since(stable), &since(candidate), &control.canary);
+        let judgement = canary::judge(&since(stable), &since(candidate), &control.canary);
         let mut entry = AuditEntry::new("weir", "rollback", name);
         entry.version = Some(candidate);
         let changed = match judgement {
@@ -141,13 +139,13 @@ pub(super) async fn watch_canary(control: Arc<Control>, stable: u64, candidate: 
                     .map(|p| p.is_some())
             }
         };
-        let recorded = match changed.map_err(ApiError::from) {
-            Ok(true) => control.audit(entry).await,
+        let recorded = match changed {
+            Ok(true) => control.registry.audit(&entry).await,
             Ok(false) => Ok(()), // another worker decided first
             Err(e) => Err(e),
         };
         if let Err(e) = recorded {
-            tracing::error!(plugin = %name, "recording the canary's end failed: {}", e.1);
+            tracing::error!(plugin = %name, "recording the canary's end failed: {e}");
         }
         return;
     }

@@ -9,16 +9,72 @@
 //! `{"dead_letter": {"class": "invalid", "reason_contains": "user_id"}}`, or an empty line
 //! for a blank input line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Args;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::LineFormat;
-use crate::runtime::{Outcome, Plugin};
+use super::key_values;
+use crate::config::{Config, LineFormat, plugin_name_of};
+use crate::runtime::{Outcome, Plugin, Runtime};
 use crate::source::{FileSource, Source};
+
+#[derive(Args)]
+pub(super) struct TestArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// JSON-lines sample: one record value per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Expectations, line n for input line n: {"output": ...}, {"outputs": [...]} or
+    /// {"dead_letter": {"class": ..., "reason_contains": ...}}. Exit 1 on any difference.
+    #[arg(long)]
+    expect: Option<PathBuf>,
+    /// Configuration handed to the plugin's init: KEY=VALUE (repeatable).
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
+    plugin_config: Vec<String>,
+    /// Deadline of one plugin call in milliseconds [default: 2000].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Memory cap of one plugin instance in MiB [default: 256].
+    #[arg(long)]
+    memory_mb: Option<u64>,
+}
+
+impl TestArgs {
+    pub async fn execute(self) -> anyhow::Result<()> {
+        let args = self;
+    let mut config = Config::default();
+    if let Some(ms) = args.deadline_ms {
+        config.limits.deadline_ms = ms;
+    }
+    if let Some(mb) = args.memory_mb {
+        config.limits.memory_mb = mb;
+    }
+    config.plugin.path = Some(args.plugin.clone());
+    config.source.path = Some(args.input.clone());
+    config.sink.path = Some("-".into());
+    config.validate()?;
+    let runtime = Runtime::new(&config.limits)?;
+    let name = plugin_name_of(&args.plugin);
+    let config = key_values("--plugin-config", &args.plugin_config)?;
+    let plugin = Plugin::load_file(&runtime, &args.plugin, &name, 1, config)
+        .with_context(|| format!("plugin {}", args.plugin.display()))?;
+    let meta = plugin.meta();
+    println!(
+        "{} ({:?} world, {:.1} MiB, {}) over {}\n",
+        args.plugin.display(),
+        meta.world,
+        meta.size_bytes as f64 / (1024.0 * 1024.0),
+        meta.digest,
+        args.input.display()
+    );
+    run(&plugin, &args.input, args.expect.as_deref()).await
+}
+}
 
 /// What an expectations line says.
 #[derive(Debug, Deserialize)]
@@ -150,7 +206,7 @@ fn mib(bytes: usize) -> f64 {
 }
 
 /// Runs the test; `Err` when a record differs from its expectation (or on bad input).
-pub async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Result<()> {
+async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Result<()> {
     let expectations = expect.map(read_expectations).transpose()?;
     let mut source = FileSource::open(input, LineFormat::Value)?;
     let (mut count, mut ok, mut failed, mut mismatches) = (0usize, 0usize, 0usize, Vec::new());

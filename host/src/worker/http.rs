@@ -1,0 +1,50 @@
+//! The worker's HTTP servers: `/metrics` and the probes, and the plugin API when configured.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState, PluginApi};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::tasks::Tasks;
+
+/// Serves metrics, and the plugin API, where addresses are configured; returns the flag
+/// `/readyz` reads.
+pub(super) async fn serve(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    plugin_api: Option<Arc<PluginApi>>,
+    tasks: &Tasks,
+) -> anyhow::Result<Arc<AtomicBool>> {
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = |api| AppState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        api,
+    };
+    if let Some(addr) = &config.metrics.addr {
+        let bound = serve_on(addr, state(None), tasks).await?;
+        eprintln!("weir: serving /metrics, /healthz, /readyz on http://{bound}");
+    }
+    if let (Some(addr), Some(api)) = (&config.api.addr, plugin_api) {
+        let bound = serve_on(addr, state(Some(api)), tasks).await?;
+        eprintln!(
+            "weir: serving the plugin API on http://{bound}/v1 (and /metrics, /healthz, /readyz)"
+        );
+    }
+    Ok(ready)
+}
+
+async fn serve_on(addr: &str, state: AppState, tasks: &Tasks) -> anyhow::Result<SocketAddr> {
+    let parsed: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("`{addr}` is not a socket address"))?;
+    let (bound, server) = api::bind(parsed, state)
+        .await
+        .with_context(|| format!("cannot serve on {addr}"))?;
+    tasks.spawn(server);
+    Ok(bound)
+}

@@ -1,0 +1,264 @@
+//! A worker: built from a validated configuration, then run until shutdown.
+//!
+//! [`Worker::build`] takes every fallible step of start-up first (as Spin's trigger
+//! builder does): the runtime, the plugin (the registry's active version when the API is
+//! on), the HTTP servers, the source, sinks and state store (waiting for Kafka's topics),
+//! the crash guard. [`Worker::run`] then runs the pipeline, and the retry pipeline beside
+//! it, until the shutdown future completes; restarts the Kafka clients after the
+//! transactional producer was fenced (`restarts.rs`); sends heartbeats (`heartbeat.rs`);
+//! and stops every task it spawned before it returns.
+//!
+//! - `endpoints.rs`: where a run reads, writes and keeps state: files and the embedded
+//!   store, or Kafka topics and Redis;
+//! - `plugin.rs`: the plugin a worker starts with, and the hot-swap control behind its API;
+//! - `http.rs`: the metrics and API servers;
+//! - `replay.rs`: a dead-letter file fed through a plugin again (`weir dlq replay`).
+
+mod endpoints;
+mod heartbeat;
+mod http;
+mod plugin;
+mod replay;
+mod restarts;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use self::replay::{Replay, ReplayReport};
+use self::endpoints::{Endpoints, crash_guard, state_store};
+use self::restarts::Restarts;
+use crate::cluster::WorkerInfo;
+use crate::config::{Config, Mode};
+use crate::metrics::{Metrics, Summary};
+use crate::pipeline::{Backoff, Pipeline, PipelineError, Settings};
+use crate::record::IdSpec;
+use crate::runtime::{ActivePlugin, Runtime};
+use crate::state::{RedisTarget, StateStore};
+use crate::tasks::Tasks;
+
+/// A worker ready to run: everything that can fail at start-up has been done.
+pub struct Worker {
+    config: Config,
+    plugin: Arc<ActivePlugin>,
+    metrics: Arc<Metrics>,
+    /// What `/readyz` answers.
+    ready: Arc<AtomicBool>,
+    endpoints: Endpoints,
+    state: Arc<dyn StateStore>,
+    settings: Settings,
+    /// The pipeline's name (leases, done marks, heartbeats) and this worker's.
+    pipeline_name: String,
+    id: String,
+    tasks: Tasks,
+}
+
+/// How a run ended.
+pub struct Report {
+    pub summary: Summary,
+    /// Where the dead letters are, to say so.
+    pub dead_letters: String,
+}
+
+impl Worker {
+    /// Sets up a worker from a validated configuration whose secrets are resolved.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let runtime = Arc::new(Runtime::new(&config.limits)?);
+        let metrics = Arc::new(Metrics::new());
+        let tasks = Tasks::default();
+        let (plugin, control) = plugin::start(&config, runtime, &metrics, &tasks).await?;
+        let ready = http::serve(&config, &metrics, control, &tasks).await?;
+        let pipeline_name = config
+            .pipeline
+            .name
+            .clone()
+            .unwrap_or_else(|| config.plugin_name());
+        let id = worker_id();
+        let endpoints = match config.mode() {
+            Mode::Embedded => Endpoints::files(&config)?,
+            Mode::Kafka => Endpoints::kafka(&config, &metrics, 0).await?,
+        };
+        let (state, redis) = state_store(&config, &pipeline_name, &id, &metrics).await?;
+        let settings = Settings {
+            batch_size: config.pipeline.batch_size,
+            id: config
+                .pipeline
+                .id
+                .as_deref()
+                .map(IdSpec::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            backoff: Backoff::new(config.retry.clone()),
+            bypass_done: false,
+            progress: (config.pipeline.progress_secs > 0)
+                .then(|| Duration::from_secs(config.pipeline.progress_secs)),
+            lease_renewal: redis
+                .is_some()
+                .then(|| Duration::from_millis(config.state.lease_ttl_ms / 3)),
+            max_in_flight_batches: config.max_in_flight_batches(),
+            park_retryable: config.retry.topic.is_some(),
+            crash_guard: crash_guard(&config, &pipeline_name, redis)?,
+        };
+        Ok(Self {
+            config,
+            plugin,
+            metrics,
+            ready,
+            endpoints,
+            state,
+            settings,
+            pipeline_name,
+            id,
+            tasks,
+        })
+    }
+
+    /// Runs until `shutdown` completes or the pipeline ends (a finite input, a fatal
+    /// error), then stops every task the worker spawned.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<Report> {
+        tokio::pin!(shutdown);
+        let info = self.info();
+        let Self {
+            config,
+            plugin,
+            metrics,
+            ready,
+            mut endpoints,
+            state,
+            settings,
+            pipeline_name,
+            id,
+            tasks,
+        } = self;
+        let dead_letters = endpoints.dlq_name.clone();
+        // The source's partitions, for heartbeats; a new source after a restart has its own.
+        let partitions = Arc::new(Mutex::new(endpoints.partitions.take()));
+        let redis = redis_target(&config).filter(|_| config.mode() == Mode::Kafka);
+        if let Some(redis) = &redis {
+            tasks.spawn(heartbeat::beat(info, redis.clone(), &plugin, &partitions));
+        }
+        let pipeline = |source, sink, dlq| Pipeline {
+            plugin: plugin.clone(),
+            source,
+            sink,
+            dlq,
+            state: state.clone(),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        };
+        let mut restarts = Restarts::default();
+        let summary = loop {
+            let transactional = std::mem::take(&mut endpoints.transactional);
+            let retry = (endpoints.retry.take()).map(|r| pipeline(r.source, r.sink, r.dlq));
+            let main = pipeline(endpoints.source, endpoints.sink, endpoints.dlq);
+            ready.store(true, Ordering::Relaxed);
+            let summary = run_pipelines(main, retry, &mut shutdown).await;
+            ready.store(false, Ordering::Relaxed);
+            let Some(restart) = restarts.after(&summary, &transactional, &metrics) else {
+                break summary;
+            };
+            drop(transactional);
+            endpoints = tokio::select! {
+                connected = Endpoints::kafka(&config, &metrics, restart) => connected?,
+                () = &mut shutdown => break Ok(metrics.summary(Duration::ZERO)),
+            };
+            *partitions.lock().unwrap_or_else(PoisonError::into_inner) = endpoints.partitions.take();
+        };
+        tasks.stop().await;
+        if let Some(redis) = &redis {
+            let _ = crate::cluster::sign_off(redis, &pipeline_name, &id).await;
+        }
+        Ok(Report {
+            summary: summary?,
+            dead_letters,
+        })
+    }
+
+    /// What this worker's heartbeats say besides the running version and partitions.
+    fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            id: self.id.clone(),
+            host: worker_host(),
+            pipeline: self.pipeline_name.clone(),
+            topic: self.config.source.topic.clone().unwrap_or_default(),
+            partitions: Vec::new(),
+            plugin: self.config.plugin_name(),
+            plugin_version: 0,
+            plugin_digest: String::new(),
+            last_seen_ms: 0,
+        }
+    }
+}
+
+/// Runs the pipeline and, with a retry topic, the retry pipeline beside it, until the
+/// shutdown or until one of them ends, which stops the other.
+async fn run_pipelines(
+    main: Pipeline,
+    retry: Option<Pipeline>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, PipelineError> {
+    let Some(retry) = retry else {
+        return main.run(shutdown).await;
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&stop| stop).await;
+        }
+    };
+    let stopping = |summary| {
+        let _ = stop.send(true);
+        summary
+    };
+    let both = async {
+        tokio::join!(async { stopping(main.run(until_stopped()).await) }, async {
+            stopping(retry.run(until_stopped()).await)
+        },)
+    };
+    tokio::pin!(both);
+    let (main, retry) = tokio::select! {
+        both = &mut both => both,
+        () = shutdown => {
+            let _ = stop.send(true);
+            both.await
+        }
+    };
+    let summary = main?;
+    retry?;
+    Ok(summary)
+}
+
+/// The Redis of cluster mode, as configured.
+fn redis_target(config: &Config) -> Option<RedisTarget> {
+    let url = config.state.redis_url.clone()?;
+    Some(RedisTarget::new(url, config.state.redis_ca_file.clone()))
+}
+
+/// The machine's host name.
+fn worker_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().replace('|', "-"))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+/// This worker's name in leases and heartbeats: host, process id and a random suffix.
+fn worker_id() -> String {
+    format!(
+        "{}-{}-{:04x}",
+        worker_host(),
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// The plugin file a worker was started with (`plugin.path`).
+fn plugin_path(config: &Config) -> anyhow::Result<&std::path::Path> {
+    config.plugin.path.as_deref().context("plugin.path is required")
+}

@@ -1,0 +1,129 @@
+//! The shape of `host/src` (docs/architecture.md): no import cycle between its top-level
+//! modules, and the record model and the clock at the bottom, importing nothing else of the
+//! crate. Read from the source files themselves: every `crate::<module>` their code names
+//! counts, tests included (comments do not).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use weir_tests::repo_root;
+
+/// Top-level module → the top-level modules its files name.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let src = repo_root().join("host/src");
+    let mut graph = BTreeMap::new();
+    for entry in std::fs::read_dir(&src).expect("host/src") {
+        let path = entry.expect("entry").path();
+        let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if matches!(name, "lib" | "main") {
+            continue;
+        }
+        let mut names = BTreeSet::new();
+        for file in rust_files(&path) {
+            let text = std::fs::read_to_string(&file).expect("source file");
+            let code: Vec<&str> = (text.lines())
+                .filter(|line| !line.trim_start().starts_with("//"))
+                .collect();
+            names.extend(crate_paths(&code.join("\n")));
+        }
+        names.remove(name);
+        graph.insert(name.to_owned(), names);
+    }
+    graph
+}
+
+fn rust_files(path: &Path) -> Vec<std::path::PathBuf> {
+    if path.is_file() {
+        return vec![path.to_owned()];
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).expect("module directory") {
+        files.extend(rust_files(&entry.expect("entry").path()));
+    }
+    files
+}
+
+/// The first segment of every `crate::...` path, `crate::{a, b::c}` included.
+fn crate_paths(text: &str) -> BTreeSet<String> {
+    let ident = |s: &str| {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>()
+    };
+    let mut names = BTreeSet::new();
+    for (at, _) in text.match_indices("crate::") {
+        let rest = &text[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = &group[..group.find('}').unwrap_or(group.len())];
+            names.extend(group.split(',').map(|p| ident(p.trim())));
+        } else {
+            names.insert(ident(rest));
+        }
+    }
+    names.retain(|n| !n.is_empty() && n != "self");
+    names
+}
+
+/// A cycle, as the path that closes it.
+fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        node: &str,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_owned());
+            return Some(cycle);
+        }
+        if !done.insert(node.to_owned()) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(graph, next, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(graph, node, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_import_cycle_between_top_level_modules() {
+    let graph = imports();
+    assert!(graph.len() > 10, "host/src was not read: {graph:?}");
+    if let Some(cycle) = cycle(&graph) {
+        panic!("an import cycle: {}", cycle.join(" → "));
+    }
+}
+
+#[test]
+fn the_record_model_and_the_clock_import_nothing_of_the_crate() {
+    let graph = imports();
+    for bottom in ["record", "clock", "tasks"] {
+        assert_eq!(
+            graph.get(bottom),
+            Some(&BTreeSet::new()),
+            "{bottom} imports"
+        );
+    }
+}
+
+#[test]
+fn the_checker_sees_grouped_and_nested_paths() {
+    let names = crate_paths("use crate::{a::B, c};\nlet x = crate::d::e(); use crate::self;");
+    assert_eq!(names, ["a", "c", "d"].map(String::from).into());
+    let mut graph = BTreeMap::new();
+    graph.insert("a".to_owned(), BTreeSet::from(["b".to_owned()]));
+    graph.insert("b".to_owned(), BTreeSet::from(["a".to_owned()]));
+    assert_eq!(cycle(&graph), Some(vec!["a".into(), "b".into(), "a".into()]));
+}
