@@ -387,7 +387,12 @@ impl Config {
     /// the output (`weir.dlq.jsonl` when the output is stdout).
     pub fn dlq_file(&self) -> Option<PathBuf> {
         let output = self.sink.path.as_deref()?;
-        Some(self.dlq.path.clone().unwrap_or_else(|| default_dlq_path(output)))
+        Some(
+            self.dlq
+                .path
+                .clone()
+                .unwrap_or_else(|| default_dlq_path(output)),
+        )
     }
 
     /// The configuration as it may be shown (`--check`): secret options hidden, the Redis
@@ -699,7 +704,6 @@ fn check_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
         ))
     }
 }
-
 
 /// A plugin's default name: its file name without `.wasm`, made into a valid plugin name.
 pub fn plugin_name_of(path: &Path) -> String {

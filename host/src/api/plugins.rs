@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::control::{Control, ControlError};
-use crate::metrics::{Metrics, Summary, VersionCounts};
+use crate::metrics::{Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, RegistryError, VersionInfo};
 
 /// Uploads larger than this are refused with 413 unless configured otherwise (Python
@@ -118,7 +118,11 @@ impl PluginApi {
 
     /// Writes an audit line; a failure to write it fails the request.
     pub(super) async fn audit(&self, entry: AuditEntry) -> Result<(), ApiError> {
-        self.control.registry.audit(&entry).await.map_err(ApiError::from)
+        self.control
+            .registry
+            .audit(&entry)
+            .await
+            .map_err(ApiError::from)
     }
 }
 
@@ -190,12 +194,10 @@ async fn store_upload(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(VersionInfo, bool), (&'static str, ApiError)> {
-    api
-        .check_token(headers)
-        .map_err(|e| ("unauthorized", e))?;
+    api.check_token(headers).map_err(|e| ("unauthorized", e))?;
     registry::check_name(name).map_err(|e| ("bad_name", e.into()))?;
     let inspection = api.validate(body).await?;
-    api.api
+    api.control
         .registry
         .upload(name, body, inspection, "admin")
         .await
@@ -209,7 +211,7 @@ pub async fn list(
 ) -> Result<Json<Vec<PluginInfo>>, ApiError> {
     let api = plugin_api(&state)?;
     api.check_read(&headers)?;
-    Ok(Json(api.api.registry.plugins().await?))
+    Ok(Json(api.control.registry.plugins().await?))
 }
 
 /// `GET /v1/plugins/{name}`.
@@ -220,7 +222,7 @@ pub async fn show(
 ) -> Result<Json<PluginInfo>, ApiError> {
     let api = plugin_api(&state)?;
     api.check_read(&headers)?;
-    Ok(Json(api.api.registry.existing(&name).await?))
+    Ok(Json(api.control.registry.existing(&name).await?))
 }
 
 /// What `GET /v1/status` answers.
@@ -263,7 +265,7 @@ pub async fn status(
 ) -> Result<Json<Status>, ApiError> {
     let api = plugin_api(&state)?;
     api.check_read(&headers)?;
-    let running = api.api.running.as_ref();
+    let running = api.control.running.as_ref();
     let routing = running.map(|r| r.active.routing());
     let plugin = routing.as_ref().map(|r| {
         let meta = r.stable.meta();
@@ -300,7 +302,7 @@ pub async fn cluster(
 ) -> Result<Json<Vec<crate::cluster::WorkerInfo>>, ApiError> {
     let api = plugin_api(&state)?;
     api.check_read(&headers)?;
-    let Some(redis) = &api.api.redis else {
+    let Some(redis) = &api.control.redis else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             "this worker runs in embedded mode: there is no cluster (workers share one with --redis)".into(),
@@ -325,7 +327,7 @@ pub async fn version(
 ) -> Result<Json<VersionInfo>, ApiError> {
     let api = plugin_api(&state)?;
     api.check_read(&headers)?;
-    Ok(Json(api.api.registry.version(&name, version).await?))
+    Ok(Json(api.control.registry.version(&name, version).await?))
 }
 
 /// `GET /v1/plugins/{name}/versions/{version}/wasm`: the component bytes.
@@ -336,7 +338,7 @@ pub async fn download(
 ) -> Result<impl IntoResponse, ApiError> {
     let api = plugin_api(&state)?;
     api.check_read(&headers)?;
-    let bytes = api.api.registry.wasm(&name, version).await?;
+    let bytes = api.control.registry.wasm(&name, version).await?;
     Ok(([(header::CONTENT_TYPE, "application/wasm")], bytes))
 }
 
@@ -349,7 +351,7 @@ pub async fn delete(
     let api = plugin_api(&state)?;
     let mut entry = AuditEntry::new("admin", "delete", &name);
     entry.version = Some(version);
-    let deleting = async { Ok(api.api.registry.delete(&name, version).await?) };
+    let deleting = async { Ok(api.control.registry.delete(&name, version).await?) };
     let removed = api.audited(entry, &headers, deleting).await?;
     Ok(Json(removed))
 }
@@ -382,21 +384,22 @@ pub async fn activate(
                     format!("canary_percent must be more than 0 and at most 100, got {percent}"),
                 ));
             }
-            let loaded = api.api.load_running(&name, version).await?;
-            let plugin = api.api
+            let loaded = api.control.load_running(&name, version).await?;
+            let plugin = api
+                .control
                 .registry
                 .start_canary(&name, version, percent)
                 .await?;
-            api.api.apply(loaded).await?;
+            api.control.apply(loaded).await?;
             Ok(plugin)
         };
         return Ok(Json(api.audited(entry, &headers, starting).await?));
     }
     let activating = async {
         // Loaded first: a version this worker cannot run is refused before it is active.
-        let loaded = api.api.load_running(&name, version).await?;
-        let plugin = api.api.registry.activate(&name, version).await?;
-        api.api.apply(loaded).await?;
+        let loaded = api.control.load_running(&name, version).await?;
+        let plugin = api.control.registry.activate(&name, version).await?;
+        api.control.apply(loaded).await?;
         Ok(plugin)
     };
     Ok(Json(api.audited(entry, &headers, activating).await?))
@@ -412,16 +415,16 @@ pub async fn rollback(
     let entry = AuditEntry::new("admin", "rollback", &name);
     let rolling_back = async {
         // A canary is rolled back by ending it; the active version stays.
-        let plugin = if api.api.registry.existing(&name).await?.canary.is_some() {
-            api.api.registry.end_canary(&name, None).await?
+        let plugin = if api.control.registry.existing(&name).await?.canary.is_some() {
+            api.control.registry.end_canary(&name, None).await?
         } else {
-            api.api
+            api.control
                 .registry
                 .rollback(&name, None)
                 .await?
                 .ok_or_else(|| RegistryError::NoEarlierVersion(name.clone()))?
         };
-        api.api.apply(None).await?;
+        api.control.apply(None).await?;
         Ok(plugin)
     };
     Ok(Json(api.audited(entry, &headers, rolling_back).await?))

@@ -161,7 +161,10 @@ async fn list_topic(bootstrap: &str, topic: &str, show: usize) -> anyhow::Result
     let letters = crate::kafka::dlq_topic::read_all(&kafka_of(bootstrap), topic)
         .await
         .map_err(anyhow::Error::msg)?;
-    print!("{}", crate::kafka::dlq_topic::render_list(topic, &letters, show));
+    print!(
+        "{}",
+        crate::kafka::dlq_topic::render_list(topic, &letters, show)
+    );
     Ok(())
 }
 
@@ -177,10 +180,15 @@ async fn replay_topic(args: ReplayArgs) -> anyhow::Result<()> {
     let letters = crate::kafka::dlq_topic::read_all(&kafka, from)
         .await
         .map_err(anyhow::Error::msg)?;
-    let done =
-        crate::kafka::dlq_topic::replay(&kafka, letters, to, args.class.as_deref(), args.max_replays)
-            .await
-            .map_err(anyhow::Error::msg)?;
+    let done = crate::kafka::dlq_topic::replay(
+        &kafka,
+        letters,
+        to,
+        args.class.as_deref(),
+        args.max_replays,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     eprintln!(
         "weir: re-published {} dead letters from {from} to {to}; {} were at the replay cap ({}) and stay in {from}; {} were of another class",
         done.published, done.refused, args.max_replays, done.skipped

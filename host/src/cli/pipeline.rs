@@ -26,13 +26,13 @@ enum PipelineCommand {
 /// Blocking HTTP calls, off the async runtime.
 impl PipelineArgs {
     pub async fn execute(self) -> anyhow::Result<()> {
-    use super::client::{self, Client};
-    tokio::task::spawn_blocking(move || {
-        let client = Client::new(&self.api.api, self.api.token)?;
-        match self.command {
-            PipelineCommand::Status { json } => client::status(&client, json),
-        }
-    })
-    .await?
-}
+        use super::client::{self, Client};
+        tokio::task::spawn_blocking(move || {
+            let client = Client::new(&self.api.api, self.api.token)?;
+            match self.command {
+                PipelineCommand::Status { json } => client::status(&client, json),
+            }
+        })
+        .await?
+    }
 }

@@ -59,23 +59,23 @@ enum PluginCommand {
 /// `weir plugin ...`: blocking HTTP calls, off the async runtime.
 impl PluginArgs {
     pub async fn execute(self) -> anyhow::Result<()> {
-    use super::client::{self, Client};
-    tokio::task::spawn_blocking(move || {
-        let client = Client::new(&self.api.api, self.api.token)?;
-        match self.command {
-            PluginCommand::Push { file, name } => {
-                let name = name.unwrap_or_else(|| plugin_name_of(&file));
-                client::push(&client, &file, &name)
+        use super::client::{self, Client};
+        tokio::task::spawn_blocking(move || {
+            let client = Client::new(&self.api.api, self.api.token)?;
+            match self.command {
+                PluginCommand::Push { file, name } => {
+                    let name = name.unwrap_or_else(|| plugin_name_of(&file));
+                    client::push(&client, &file, &name)
+                }
+                PluginCommand::List => client::list(&client),
+                PluginCommand::Activate {
+                    name,
+                    version,
+                    canary,
+                } => client::activate(&client, &name, version, canary),
+                PluginCommand::Rollback { name } => client::rollback(&client, &name),
             }
-            PluginCommand::List => client::list(&client),
-            PluginCommand::Activate {
-                name,
-                version,
-                canary,
-            } => client::activate(&client, &name, version, canary),
-            PluginCommand::Rollback { name } => client::rollback(&client, &name),
-        }
-    })
-    .await?
-}
+        })
+        .await?
+    }
 }

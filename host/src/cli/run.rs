@@ -139,42 +139,42 @@ impl From<Format> for LineFormat {
 
 impl RunArgs {
     pub async fn execute(self) -> anyhow::Result<()> {
-    let (mut config, summary_json, check_only) = self.into_config()?;
-    if check_only {
-        // The effective configuration (file and flags merged), for people and for tools;
-        // secrets hidden.
-        print!("{}", toml::to_string(&config.shown())?);
-        eprintln!("weir: configuration is valid ({:?} mode)", config.mode());
-        return Ok(());
+        let (mut config, summary_json, check_only) = self.into_config()?;
+        if check_only {
+            // The effective configuration (file and flags merged), for people and for tools;
+            // secrets hidden.
+            print!("{}", toml::to_string(&config.shown())?);
+            eprintln!("weir: configuration is valid ({:?} mode)", config.mode());
+            return Ok(());
+        }
+        config.resolve_secrets()?;
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        let worker = tokio::select! {
+            built = Worker::build(config.clone()) => built?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let report = worker.run(shutdown).await?;
+        let Report {
+            summary,
+            dead_letters,
+        } = report;
+        write_summary(&summary, summary_json.as_deref())?;
+        if summary.dead_lettered > 0 {
+            eprintln!("weir: dead letters are in {dead_letters} (see `weir dlq list`)");
+        }
+        if config.mode() == Mode::Embedded
+            && config.state.redis_url.is_none()
+            && summary.deduplicated > 0
+            && summary.deduplicated == summary.records_in
+        {
+            eprintln!(
+                "weir: every record was already done according to {}; use another --state directory to process them again",
+                config.state.path.display()
+            );
+        }
+        Ok(())
     }
-    config.resolve_secrets()?;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    let worker = tokio::select! {
-        built = Worker::build(config.clone()) => built?,
-        () = &mut shutdown => return Ok(()),
-    };
-    let report = worker.run(shutdown).await?;
-    let Report {
-        summary,
-        dead_letters,
-    } = report;
-    write_summary(&summary, summary_json.as_deref())?;
-    if summary.dead_lettered > 0 {
-        eprintln!("weir: dead letters are in {dead_letters} (see `weir dlq list`)");
-    }
-    if config.mode() == Mode::Embedded
-        && config.state.redis_url.is_none()
-        && summary.deduplicated > 0
-        && summary.deduplicated == summary.records_in
-    {
-        eprintln!(
-            "weir: every record was already done according to {}; use another --state directory to process them again",
-            config.state.path.display()
-        );
-    }
-    Ok(())
-}
 
     /// The config file (if any) with the flags laid over it.
     fn into_config(self) -> anyhow::Result<(Config, Option<PathBuf>, bool)> {

@@ -47,33 +47,33 @@ pub(super) struct TestArgs {
 impl TestArgs {
     pub async fn execute(self) -> anyhow::Result<()> {
         let args = self;
-    let mut config = Config::default();
-    if let Some(ms) = args.deadline_ms {
-        config.limits.deadline_ms = ms;
+        let mut config = Config::default();
+        if let Some(ms) = args.deadline_ms {
+            config.limits.deadline_ms = ms;
+        }
+        if let Some(mb) = args.memory_mb {
+            config.limits.memory_mb = mb;
+        }
+        config.plugin.path = Some(args.plugin.clone());
+        config.source.path = Some(args.input.clone());
+        config.sink.path = Some("-".into());
+        config.validate()?;
+        let runtime = Runtime::new(&config.limits)?;
+        let name = plugin_name_of(&args.plugin);
+        let config = key_values("--plugin-config", &args.plugin_config)?;
+        let plugin = Plugin::load_file(&runtime, &args.plugin, &name, 1, config)
+            .with_context(|| format!("plugin {}", args.plugin.display()))?;
+        let meta = plugin.meta();
+        println!(
+            "{} ({:?} world, {:.1} MiB, {}) over {}\n",
+            args.plugin.display(),
+            meta.world,
+            meta.size_bytes as f64 / (1024.0 * 1024.0),
+            meta.digest,
+            args.input.display()
+        );
+        run(&plugin, &args.input, args.expect.as_deref()).await
     }
-    if let Some(mb) = args.memory_mb {
-        config.limits.memory_mb = mb;
-    }
-    config.plugin.path = Some(args.plugin.clone());
-    config.source.path = Some(args.input.clone());
-    config.sink.path = Some("-".into());
-    config.validate()?;
-    let runtime = Runtime::new(&config.limits)?;
-    let name = plugin_name_of(&args.plugin);
-    let config = key_values("--plugin-config", &args.plugin_config)?;
-    let plugin = Plugin::load_file(&runtime, &args.plugin, &name, 1, config)
-        .with_context(|| format!("plugin {}", args.plugin.display()))?;
-    let meta = plugin.meta();
-    println!(
-        "{} ({:?} world, {:.1} MiB, {}) over {}\n",
-        args.plugin.display(),
-        meta.world,
-        meta.size_bytes as f64 / (1024.0 * 1024.0),
-        meta.digest,
-        args.input.display()
-    );
-    run(&plugin, &args.input, args.expect.as_deref()).await
-}
 }
 
 /// What an expectations line says.

@@ -11,7 +11,6 @@ use crate::config::{CanaryConfig, QuarantineConfig};
 use crate::metrics::VersionCounts;
 use crate::record::ErrorClass;
 
-
 /// Why the active version should be quarantined, judging a window of its records; `None`
 /// while the window is too small or the version is healthy.
 pub fn quarantine(window: &VersionCounts, config: &QuarantineConfig) -> Option<String> {

@@ -6,8 +6,8 @@
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use super::{Control, ControlError, Running};
 use super::watch::watch_canary;
+use super::{Control, ControlError, Running};
 use crate::registry::PluginInfo;
 use crate::runtime::Plugin;
 
@@ -115,7 +115,8 @@ impl Control {
                 let plugin = self.load(&running.name, version, &mut loaded).await?;
                 running.active.start_canary(plugin, percent);
                 tracing::info!(plugin = %running.name, stable = active, candidate = version, percent, "canary started");
-                self.tasks.spawn(watch_canary(self.clone(), active, version));
+                self.tasks
+                    .spawn(watch_canary(self.clone(), active, version));
             }
         }
         Ok(())

@@ -33,8 +33,8 @@ use super::offsets::{Admission, OffsetTracker};
 use super::transactions::{BatchTransaction, Transactions};
 use super::{headers_of, offset_list};
 use crate::config::KafkaConfig;
-use crate::source::{Ack, AckStep, Incoming, Source, SourceError};
 use crate::record::{Record, SourceMeta};
+use crate::source::{Ack, AckStep, Incoming, Source, SourceError};
 
 /// How long a batch waits for more records once its first record is in.
 const BATCH_LINGER: Duration = Duration::from_millis(20);

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::KafkaConfig;
 use super::{KafkaProducer, KafkaSink, LogContext, TopicRecord, client_config};
+use crate::config::KafkaConfig;
 use crate::record::Output;
 use crate::record::headers;
 use crate::sink::Sink;

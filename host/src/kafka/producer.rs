@@ -30,9 +30,9 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::{LogContext, owned_headers};
 use crate::config::KafkaConfig;
-use crate::sink::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
 use crate::record::DeadLetter;
 use crate::record::Output;
+use crate::sink::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
 
 /// Sends of one message, in all, before the worker gives up and stops (for failures that
 /// are not the broker being away).

@@ -8,13 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::kafka::{KafkaDeadLetters, KafkaProducer, KafkaSink, KafkaSource, Transactions};
 use crate::metrics::Metrics;
 use crate::pipeline::{CrashFiles, CrashGuard, ParkedSource};
 use crate::record::headers::RETRY_DESTINATION;
-use crate::sink::{
-    DeadLetterSink, FileDeadLetters, FileSink, Sink,
-};
-use crate::kafka::{KafkaDeadLetters, KafkaProducer, KafkaSink, KafkaSource, Transactions};
+use crate::sink::{DeadLetterSink, FileDeadLetters, FileSink, Sink};
 use crate::source::{FileSource, Source};
 use crate::state::{EmbeddedStore, RedisStore, StateStore};
 
@@ -43,7 +41,7 @@ pub(super) struct RetryEndpoints {
 
 impl Endpoints {
     /// Embedded mode: JSON-lines files.
-        pub(super) fn files(config: &Config) -> anyhow::Result<Self> {
+    pub(super) fn files(config: &Config) -> anyhow::Result<Self> {
         let input = config
             .source
             .path
@@ -71,7 +69,11 @@ impl Endpoints {
     /// Waits for the brokers and the topics (saying what is missing), then joins the group.
     /// `restart` counts the clients made before in this process (exactly-once mode: the
     /// transactional id of a restart is `<id>.<restart>`, see `restarts.rs`).
-    pub(super) async fn kafka(config: &Config, metrics: &Metrics, restart: u32) -> anyhow::Result<Self> {
+    pub(super) async fn kafka(
+        config: &Config,
+        metrics: &Metrics,
+        restart: u32,
+    ) -> anyhow::Result<Self> {
         let input = config
             .source
             .topic
@@ -139,8 +141,12 @@ impl Endpoints {
                 let slot = slot.map(|id| format!("{id}-retry"));
                 let (producer, transactions) = pipeline_producer(config, metrics, slot).await?;
                 transactional.extend(transactions.is_some().then(|| producer.clone()));
-                let parked =
-                    KafkaSource::subscribe(&kafka, topic, metrics.consumer_lag.clone(), transactions)?;
+                let parked = KafkaSource::subscribe(
+                    &kafka,
+                    topic,
+                    metrics.consumer_lag.clone(),
+                    transactions,
+                )?;
                 Some(RetryEndpoints {
                     source: Box::new(ParkedSource(Box::new(parked))),
                     sink: sink(&producer),

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub use self::replay::{Replay, ReplayReport};
 use self::endpoints::{Endpoints, crash_guard, state_store};
+pub use self::replay::{Replay, ReplayReport};
 use self::restarts::Restarts;
 use crate::cluster::WorkerInfo;
 use crate::config::{Config, Mode};
@@ -165,7 +165,8 @@ impl Worker {
                 connected = Endpoints::kafka(&config, &metrics, restart) => connected?,
                 () = &mut shutdown => break Ok(metrics.summary(Duration::ZERO)),
             };
-            *partitions.lock().unwrap_or_else(PoisonError::into_inner) = endpoints.partitions.take();
+            *partitions.lock().unwrap_or_else(PoisonError::into_inner) =
+                endpoints.partitions.take();
         };
         tasks.stop().await;
         if let Some(redis) = &redis {
@@ -260,5 +261,9 @@ fn worker_id() -> String {
 
 /// The plugin file a worker was started with (`plugin.path`).
 fn plugin_path(config: &Config) -> anyhow::Result<&std::path::Path> {
-    config.plugin.path.as_deref().context("plugin.path is required")
+    config
+        .plugin
+        .path
+        .as_deref()
+        .context("plugin.path is required")
 }

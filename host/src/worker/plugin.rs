@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::api::{self, PluginApi};
-use crate::control::{self, Control, Running};
-use crate::registry::Registry;
 use crate::config::Config;
+use crate::control::{self, Control, Running};
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::runtime::{ActivePlugin, Plugin, Runtime};
 use crate::tasks::Tasks;
 

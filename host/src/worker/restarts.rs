@@ -4,9 +4,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::kafka::KafkaProducer;
 use crate::metrics::{Metrics, Summary};
 use crate::pipeline::PipelineError;
-use crate::kafka::KafkaProducer;
 
 /// In-process restarts of the Kafka clients after the transactional producer was fenced or
 /// failed (exactly-once mode): a fenced worker gives up the partitions it had, and joins

@@ -125,5 +125,8 @@ fn the_checker_sees_grouped_and_nested_paths() {
     let mut graph = BTreeMap::new();
     graph.insert("a".to_owned(), BTreeSet::from(["b".to_owned()]));
     graph.insert("b".to_owned(), BTreeSet::from(["a".to_owned()]));
-    assert_eq!(cycle(&graph), Some(vec!["a".into(), "b".into(), "a".into()]));
+    assert_eq!(
+        cycle(&graph),
+        Some(vec!["a".into(), "b".into(), "a".into()])
+    );
 }

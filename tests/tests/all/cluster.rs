@@ -1312,8 +1312,8 @@ fn an_activation_through_one_workers_api_swaps_every_worker() {
 fn the_sink_waits_for_a_broker_that_is_away_and_delivers_when_it_comes_back() {
     use std::collections::BTreeMap;
     use weir::config::KafkaConfig;
-    use weir::record::Output;
     use weir::kafka::{KafkaProducer, KafkaSink};
+    use weir::record::Output;
     use weir::sink::Sink;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let port = weir_tests::free_port();

@@ -5,6 +5,7 @@ use weir_tests::{Weir, error_field, faulty_events, plugin, read_json_lines, read
 
 /// Runs `weir` with `args` to completion; its exit code and its own peak resident set in
 /// MiB (from `wait4`, so other processes of the test binary, such as brokers, do not count).
+#[expect(clippy::zombie_processes, reason = "reaped by wait4, not by std")]
 fn run_measured(weir: &Weir, args: &[&std::ffi::OsStr]) -> (i32, u64) {
     let child = weir.command(args).spawn().expect("spawn weir");
     let pid = libc::pid_t::try_from(child.id()).expect("pid");
