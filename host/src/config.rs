@@ -15,7 +15,7 @@ use crate::record::IdSpec;
 /// A configuration mistake, naming the field and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

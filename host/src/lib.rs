@@ -4,7 +4,8 @@
 //! Map of the crate, from the bottom up (a module uses only those above it in this list,
 //! `tests/tests/all/architecture.rs` checks it):
 //! - [`record`]: records and outputs as the WIT contract has them, dead letters, error
-//!   classes, ids, every `weir.*` header name; [`clock`]: the wall clock of timestamps.
+//!   classes, ids, every `weir.*` header name; [`clock`]: the wall clock of timestamps;
+//!   [`errors`]: how an error and its causes are shown.
 //! - [`config`]: the one configuration tree and its validation; [`secrets`]: the
 //!   `${env:…}`/`${file:…}` references in it, and hiding secrets when it is shown.
 //! - [`metrics`]: every metric, and the run summary read from them.
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod errors;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

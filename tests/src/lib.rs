@@ -106,6 +106,15 @@ impl Finished {
                 "stderr lacks `{needle}`:\n{stderr}"
             );
         }
+        for line in stderr.lines().filter(|l| l.starts_with("weir: error: ")) {
+            let causes: Vec<&str> = line.split(": ").skip(2).collect();
+            for (i, cause) in causes.iter().enumerate() {
+                assert!(
+                    cause.len() < 8 || !causes[i + 1..].contains(cause),
+                    "the error line says `{cause}` twice:\n{line}"
+                );
+            }
+        }
         self
     }
 }

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::control::{Control, ControlError};
+use crate::errors::chain;
 use crate::metrics::{Summary, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, RegistryError, VersionInfo};
 
@@ -68,7 +69,7 @@ impl ApiError {
             | RegistryError::CanaryOfActive(..) => StatusCode::CONFLICT,
             RegistryError::Io(_) | RegistryError::Corrupt(..) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self(status, e.to_string())
+        Self(status, chain(e))
     }
 }
 
@@ -81,7 +82,7 @@ impl From<ControlError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        Self(status, e.to_string())
+        Self(status, chain(&e))
     }
 }
 

@@ -158,9 +158,7 @@ fn kafka_of(bootstrap: &str) -> crate::config::KafkaConfig {
 }
 
 async fn list_topic(bootstrap: &str, topic: &str, show: usize) -> anyhow::Result<()> {
-    let letters = crate::kafka::dlq_topic::read_all(&kafka_of(bootstrap), topic)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let letters = crate::kafka::dlq_topic::read_all(&kafka_of(bootstrap), topic).await?;
     print!(
         "{}",
         crate::kafka::dlq_topic::render_list(topic, &letters, show)
@@ -177,9 +175,7 @@ async fn replay_topic(args: ReplayArgs) -> anyhow::Result<()> {
         bail!("--to-topic must differ from --dlq-topic ({from})");
     }
     let kafka = kafka_of(bootstrap);
-    let letters = crate::kafka::dlq_topic::read_all(&kafka, from)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let letters = crate::kafka::dlq_topic::read_all(&kafka, from).await?;
     let done = crate::kafka::dlq_topic::replay(
         &kafka,
         letters,
@@ -187,8 +183,7 @@ async fn replay_topic(args: ReplayArgs) -> anyhow::Result<()> {
         args.class.as_deref(),
         args.max_replays,
     )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     eprintln!(
         "weir: re-published {} dead letters from {from} to {to}; {} were at the replay cap ({}) and stay in {from}; {} were of another class",
         done.published, done.refused, args.max_replays, done.skipped

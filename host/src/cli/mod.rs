@@ -106,27 +106,10 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weir: error: {}", said_once(&e));
+            eprintln!("weir: error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// `e` and its causes, joined with ": ", each said once: many errors already end with their
-/// cause (`cannot open input x: No such file`), which the chain would repeat.
-fn said_once(e: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message
 }
 
 fn key_values(flag: &str, pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
@@ -147,28 +130,4 @@ fn write_summary(summary: &Summary, path: Option<&Path>) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write summary {}", path.display()))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_error_and_its_causes_are_each_said_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        let source = crate::source::SourceError {
-            what: "cannot open input x".into(),
-            source: io,
-        };
-        let e = anyhow::Error::from(source).context("the run stopped");
-        assert_eq!(
-            said_once(&e),
-            "the run stopped: cannot open input x: no such file"
-        );
-        assert_eq!(
-            format!("{e:#}"),
-            "the run stopped: cannot open input x: no such file: no such file",
-            "what the chain alone says"
-        );
-    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::watch::watch_canary;
 use super::{Control, ControlError, Running};
+use crate::errors::chain;
 use crate::registry::PluginInfo;
 use crate::runtime::Plugin;
 
@@ -46,7 +47,7 @@ pub async fn follow(control: Arc<Control>) {
     let mut changes = control.registry.changes();
     loop {
         if let Err(e) = control.apply(None).await {
-            tracing::warn!("following the plugin registry: {e}");
+            tracing::warn!("following the plugin registry: {}", chain(&e));
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },

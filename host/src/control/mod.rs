@@ -62,9 +62,9 @@ pub enum ControlError {
     #[error("`{0}` is not the plugin this worker runs")]
     NotRunning(String),
     /// Its `init` refused, or it does not fit this worker's limits.
-    #[error("version {version} cannot run here: it {source}")]
+    #[error("version {version} cannot run here")]
     CannotRun { version: u64, source: LoadError },
-    #[error("loading version {version} failed: {source}")]
+    #[error("loading version {version} failed")]
     Loading {
         version: u64,
         source: tokio::task::JoinError,

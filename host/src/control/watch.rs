@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::Control;
 use super::canary::{self, Judgement};
+use crate::errors::chain;
 use crate::metrics::VersionCounts;
 use crate::registry::AuditEntry;
 
@@ -74,6 +75,7 @@ pub async fn watch_active(control: Arc<Control>) {
                 entry.decision = format!("accepted: automatic: {reason}");
             }
             Err(e) => {
+                let e = chain(&e);
                 running.active.pause();
                 tracing::error!(plugin = %running.name, version, "{reason}; cannot roll back ({e}): records wait until a version is activated");
                 entry.decision = format!(
@@ -82,7 +84,7 @@ pub async fn watch_active(control: Arc<Control>) {
             }
         }
         if let Err(e) = control.registry.audit(&entry).await {
-            tracing::error!(plugin = %running.name, "recording the quarantine failed: {e}");
+            tracing::error!(plugin = %running.name, "recording the quarantine failed: {}", chain(&e));
         }
     }
 }
@@ -145,7 +147,7 @@ pub(super) async fn watch_canary(control: Arc<Control>, stable: u64, candidate: 
             Err(e) => Err(e),
         };
         if let Err(e) = recorded {
-            tracing::error!(plugin = %name, "recording the canary's end failed: {e}");
+            tracing::error!(plugin = %name, "recording the canary's end failed: {}", chain(&e));
         }
         return;
     }

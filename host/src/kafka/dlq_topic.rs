@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, anyhow, bail};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -35,15 +36,13 @@ impl TopicRecord {
 }
 
 /// Every record of `topic`, from the start until it stays quiet for two seconds.
-pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord>, String> {
+pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
     let kafka = kafka.clone();
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_all_blocking(&kafka, &topic))
-        .await
-        .map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || read_all_blocking(&kafka, &topic)).await?
 }
 
-fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord>, String> {
+fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
     let consumer: BaseConsumer<LogContext> = client_config(
         kafka,
         &[
@@ -52,11 +51,11 @@ fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord
         ],
     )
     .create_with_context(LogContext)
-    .map_err(|e| format!("kafka client: {}", crate::kafka::creation_error(e)))?;
+    .map_err(|e| anyhow!("kafka client: {}", crate::kafka::creation_error(e)))?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("topic `{topic}`: {e}"))?;
+        .with_context(|| format!("topic `{topic}`"))?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -64,23 +63,22 @@ fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> Result<Vec<TopicRecord
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(format!("topic `{topic}` does not exist"));
+        bail!("topic `{topic}` does not exist");
     }
     // Read from the start of every partition until the topic stays quiet for QUIET (the
     // high watermarks are not a reliable end on every Kafka-protocol broker: some lag).
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .map_err(|e| e.to_string())?;
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    consumer.assign(&tpl)?;
     let mut letters = Vec::new();
     let mut last = Instant::now();
     while last.elapsed() < QUIET {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let m = message.map_err(|e| format!("topic `{topic}`: {e}"))?;
+        let m = message.with_context(|| format!("topic `{topic}`"))?;
         last = Instant::now();
         letters.push(TopicRecord::of(&m));
     }
@@ -133,8 +131,8 @@ pub async fn replay(
     to: &str,
     class: Option<&str>,
     max_replays: u32,
-) -> Result<Replayed, String> {
-    let producer = KafkaProducer::new(kafka).map_err(|e| e.to_string())?;
+) -> anyhow::Result<Replayed> {
+    let producer = KafkaProducer::new(kafka)?;
     let mut sink = KafkaSink::new(&producer, to, BTreeMap::new(), usize::MAX, None);
     let mut done = Replayed::default();
     let mut outputs = Vec::new();
@@ -165,7 +163,7 @@ pub async fn replay(
         });
         done.published += 1;
     }
-    sink.send(outputs).await.map_err(|e| e.to_string())?;
-    sink.flush().await.map_err(|e| e.to_string())?;
+    sink.send(outputs).await?;
+    sink.flush().await?;
     Ok(done)
 }

@@ -202,11 +202,11 @@ impl ConsumerContext for StartContext {}
 /// on each attempt what is wrong (broker unreachable, topic missing), with backoff up to
 /// 10 s. Fails when the client cannot be made (bad options), and at once when the cluster
 /// refuses our credentials or TLS fails: waiting would not mend those.
-pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), String> {
+pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
     let config = client_config(kafka, &[]);
     let consumer: BaseConsumer<StartContext> = config
         .create_with_context(StartContext::default())
-        .map_err(|e| format!("kafka client: {}", creation_error(e)))?;
+        .map_err(|e| anyhow::anyhow!("kafka client: {}", creation_error(e)))?;
     let consumer = std::sync::Arc::new(consumer);
     let bootstrap = kafka.bootstrap.clone().unwrap_or_default();
     let mut delay = Duration::from_millis(500);
@@ -238,15 +238,12 @@ pub async fn wait_for_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(
             }
             Ok(())
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         // A refusal ends the wait only when the cluster did not answer: a TLS handshake cut
         // short while a broker restarts is no reason to stop.
         let refused = consumer.context().refused.lock().map(|mut r| r.take());
         if let (Err(_), Ok(Some(reason))) = (&answer, refused) {
-            return Err(format!(
-                "Kafka at {bootstrap} refused the connection: {reason}"
-            ));
+            anyhow::bail!("Kafka at {bootstrap} refused the connection: {reason}");
         }
         match answer {
             Ok(()) => return Ok(()),

@@ -61,7 +61,7 @@ impl CrashGuard {
         }
         let noted = self.log.crashes(ids).await?;
         if noted.len() != ids.len() {
-            return Err(StateError(format!(
+            return Err(StateError::new(format!(
                 "the crash log answered {} of {} ids",
                 noted.len(),
                 ids.len()
@@ -139,7 +139,7 @@ pub struct CrashFiles {
 }
 
 fn io_error(e: std::io::Error) -> StateError {
-    StateError(format!("crash log: {e}"))
+    StateError::caused_by("crash log", e)
 }
 
 impl CrashFiles {

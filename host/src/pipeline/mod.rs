@@ -61,9 +61,9 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("plugin: {0}")]
+    #[error("plugin")]
     Plugin(#[from] LoadError),
-    #[error("a pipeline task failed: {0}")]
+    #[error("a pipeline task failed")]
     Join(#[from] tokio::task::JoinError),
 }
 

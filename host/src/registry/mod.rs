@@ -104,7 +104,7 @@ pub enum RegistryError {
         "version {1} of `{0}` cannot be a canary: a canary needs another version active (activate one first)"
     )]
     CanaryOfActive(String, u64),
-    #[error("registry storage: {0}")]
+    #[error("registry storage")]
     Io(#[from] std::io::Error),
     #[error("registry index {0} is not readable: {1}")]
     Corrupt(String, String),

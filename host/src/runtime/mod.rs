@@ -125,13 +125,13 @@ impl Runtime {
             #[allow(unsafe_code)]
             match unsafe { Component::deserialize_file(&self.engine, &path) } {
                 Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!("ignoring cached artefact {}: {e}", path.display()),
+                Err(e) => tracing::warn!("ignoring cached artefact {}: {e:#}", path.display()),
             }
         }
         let component = Component::new(&self.engine, bytes)?;
         if let Err(e) = store_artefact(&path, &component) {
             tracing::warn!(
-                "cannot cache the compiled plugin in {}: {e}",
+                "cannot cache the compiled plugin in {}: {e:#}",
                 path.display()
             );
         }

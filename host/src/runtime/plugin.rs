@@ -52,7 +52,7 @@ pub struct PluginMeta {
 /// Why a component cannot be used as a plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,

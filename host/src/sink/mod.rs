@@ -36,7 +36,7 @@ pub(crate) fn check_destination<T>(
 
 /// A sink failure that stops the run (cannot write or sync).
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+#[error("{what}")]
 pub struct SinkError {
     pub what: String,
     pub source: std::io::Error,

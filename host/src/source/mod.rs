@@ -39,7 +39,7 @@ impl Incoming {
 
 /// A source failure that stops the run (cannot open or read the input).
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+#[error("{what}")]
 pub struct SourceError {
     pub what: String,
     pub source: std::io::Error,

@@ -39,7 +39,7 @@ pub struct EmbeddedStore {
 struct Marks {
     ids: Vec<String>,
     expiry: u64,
-    durable: tokio::sync::oneshot::Sender<Result<(), String>>,
+    durable: tokio::sync::oneshot::Sender<Result<(), Arc<redb::Error>>>,
 }
 
 /// The thread that writes done marks (see the module docs).
@@ -58,14 +58,14 @@ impl Marker {
                     let mut group = vec![first];
                     group.extend(waiting.try_iter());
                     let written =
-                        write_marks(&db, DoneTable::new(&table), &group).map_err(|e| e.to_string());
+                        write_marks(&db, DoneTable::new(&table), &group).map_err(Arc::new);
                     for marks in group {
                         // A caller that gave up waiting needs no answer.
                         let _ = marks.durable.send(written.clone());
                     }
                 }
             })
-            .map_err(|e| StateError(format!("cannot start the state writer thread: {e}")))?;
+            .map_err(|e| StateError::caused_by("cannot start the state writer thread", e))?;
         Ok(Self { marks, thread })
     }
 }
@@ -96,7 +96,7 @@ impl Drop for EmbeddedStore {
 }
 
 fn err(context: &str) -> impl Fn(redb::Error) -> StateError + '_ {
-    move |e| StateError(format!("{context}: {e}"))
+    move |e| StateError::caused_by(context, e)
 }
 
 impl EmbeddedStore {
@@ -109,20 +109,23 @@ impl EmbeddedStore {
         cache_bytes: usize,
     ) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StateError(format!(
-                "cannot create state directory {}: {e}",
-                dir.display()
-            ))
+            StateError::caused_by(
+                format!("cannot create state directory {}", dir.display()),
+                e,
+            )
         })?;
         let file = dir.join("weir.redb");
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(&file)
             .map_err(|e| {
-                StateError(format!(
-                    "cannot open {} ({e}); is another weir process using this state directory?",
-                    file.display()
-                ))
+                StateError::caused_by(
+                    format!(
+                        "cannot open {} (is another weir process using this state directory?)",
+                        file.display()
+                    ),
+                    e,
+                )
             })?;
         let table: Arc<str> = format!("done:{namespace}").into();
         let txn = db.begin_write().map_err(|e| err("begin")(e.into()))?;
@@ -190,13 +193,13 @@ impl StateStore for EmbeddedStore {
             expiry,
             durable,
         };
-        let stopped = || StateError("the state writer thread has stopped".into());
+        let stopped = || StateError::new("the state writer thread has stopped");
         let marker = self.marker.as_ref().ok_or_else(stopped)?;
         marker.marks.send(marks).map_err(|_| stopped())?;
         written
             .await
             .map_err(|_| stopped())?
-            .map_err(|e| StateError(format!("mark done: {e}")))?;
+            .map_err(|e| StateError::caused_by("mark done", e))?;
         Ok(vec![true; done.len()])
     }
 }
@@ -206,7 +209,7 @@ async fn run_blocking<T: Send + 'static>(
 ) -> Result<T, StateError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| StateError(format!("state task failed: {e}")))?
+        .map_err(|e| StateError::caused_by("a state task failed", e))?
 }
 
 #[cfg(test)]

@@ -24,10 +24,36 @@ pub enum Claim {
     HeldElsewhere,
 }
 
-/// A state store failure (the run stops rather than lose track of a record).
+/// A state store failure (the run stops rather than lose track of a record): what failed,
+/// and the error that caused it, if another one did, as its source.
 #[derive(Debug, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StateError(pub String);
+#[error("state store: {what}")]
+pub struct StateError {
+    what: String,
+    #[source]
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StateError {
+    /// `what` went wrong, with no further cause.
+    pub fn new(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// `what` failed because of `cause`.
+    pub fn caused_by(
+        what: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            cause: Some(cause.into()),
+        }
+    }
+}
 
 /// Leases and done marks, keyed by record id.
 #[async_trait]

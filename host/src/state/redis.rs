@@ -263,7 +263,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 fn redis_error(what: &str) -> impl Fn(redis::RedisError) -> StateError + '_ {
-    move |e| StateError(format!("redis {what}: {e}"))
+    move |e| StateError::caused_by(format!("redis {what}"), e)
 }
 
 impl RedisStore {
@@ -277,13 +277,13 @@ impl RedisStore {
         done_ttl: Option<Duration>,
     ) -> Result<Self, StateError> {
         if owner.contains('|') {
-            return Err(StateError(format!(
+            return Err(StateError::new(format!(
                 "worker id `{owner}` must not contain `|`"
             )));
         }
         let client = target
             .client()
-            .map_err(|e| StateError(format!("Redis at {target}: {e}")))?;
+            .map_err(|e| StateError::caused_by(format!("Redis at {target}"), e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -302,9 +302,10 @@ impl RedisStore {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
-                    return Err(StateError(format!(
-                        "cannot connect to Redis at {target}: {e}"
-                    )));
+                    return Err(StateError::caused_by(
+                        format!("cannot connect to Redis at {target}"),
+                        e,
+                    ));
                 }
             }
         };
@@ -440,7 +441,7 @@ impl StateStore for RedisStore {
             .run(&self.claim, &keys, Self::ms(self.lease_ttl), &[], "claim")
             .await?;
         if out.len() != 2 * ids.len() {
-            return Err(StateError(format!(
+            return Err(StateError::new(format!(
                 "claim answered {} values for {} ids",
                 out.len(),
                 ids.len()

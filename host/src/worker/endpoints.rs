@@ -99,9 +99,7 @@ impl Endpoints {
             .chain(destinations.values())
             .cloned()
             .collect();
-        crate::kafka::wait_for_topics(&config.kafka, &topics)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        crate::kafka::wait_for_topics(&config.kafka, &topics).await?;
         // Exactly-once: this slot's transactional id (`<id>.<restart>` after a restart).
         let slot = match &config.kafka.transactional_id {
             Some(id) if config.kafka.exactly_once && restart == 0 => Some(id.clone()),

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::errors::chain;
 use crate::kafka::KafkaProducer;
 use crate::metrics::{Metrics, Summary};
 use crate::pipeline::PipelineError;
@@ -42,8 +43,9 @@ impl Restarts {
         let restart = self.next()?;
         eprintln!(
             "weir: the transactional producer cannot go on ({reason}), so the batches in flight \
-             were not committed ({error}); starting the Kafka clients again (restart {restart}), \
-             which read on from the committed offsets"
+             were not committed ({}); starting the Kafka clients again (restart {restart}), \
+             which read on from the committed offsets",
+            chain(error)
         );
         Some(restart)
     }

@@ -143,7 +143,7 @@ fn run_until_stopped(sink: Box<dyn Sink>) -> Option<Result<(), String>> {
     });
     result
         .ok()
-        .map(|run| run.map(|_summary| ()).map_err(|e| e.to_string()))
+        .map(|run| run.map(|_summary| ()).map_err(|e| weir::errors::chain(&e)))
 }
 
 #[test]
