@@ -40,8 +40,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     limits: Arc<LimitsConfig>,
-    ticker: Option<JoinHandle<()>>,
-    stop_ticker: Arc<AtomicBool>,
+    /// Held by every plugin loaded here too: deadlines need it while any plugin lives.
+    ticker: Arc<EpochTicker>,
     compile_cache: Option<PathBuf>,
 }
 
@@ -78,25 +78,12 @@ impl Runtime {
             |state| state,
         )?;
 
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        let ticker = {
-            let engine = engine.clone();
-            let stop = stop_ticker.clone();
-            std::thread::Builder::new()
-                .name("weir-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
-                    }
-                })?
-        };
+        let ticker = Arc::new(EpochTicker::start(&engine)?);
         Ok(Self {
             engine,
             linker,
             limits: Arc::new(limits.clone()),
-            ticker: Some(ticker),
-            stop_ticker,
+            ticker,
             compile_cache: default_compile_cache(),
         })
     }
@@ -167,11 +154,41 @@ fn store_artefact(path: &Path, component: &Component) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Drop for Runtime {
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`], which is what ends a
+/// plugin call at its deadline. It stops when the runtime and every plugin loaded by it are
+/// gone (a plugin may outlive the runtime that loaded it).
+pub(crate) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("weir-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
-        if let Some(ticker) = self.ticker.take() {
-            let _ = ticker.join();
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

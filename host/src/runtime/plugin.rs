@@ -19,7 +19,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{BATCH_EXPORT, HOST_IMPORT, RECORD_EXPORT, TYPES_IMPORT, WIT_VERSION};
 use super::stdio::TailBuffer;
-use super::{EPOCH_TICK, Runtime, StoreState, limits::MemoryCap};
+use super::{EPOCH_TICK, EpochTicker, Runtime, StoreState, limits::MemoryCap};
 use crate::config::LimitsConfig;
 use crate::record::ErrorClass;
 use crate::record::{Output, Record, TransformError};
@@ -133,6 +133,8 @@ pub struct Plugin {
     most_idle: AtomicUsize,
     /// Largest linear memory of any instance since the last `take_peak_memory`.
     peak_memory: AtomicUsize,
+    /// Keeps deadlines working for as long as this plugin lives.
+    _ticker: Arc<EpochTicker>,
 }
 
 impl Plugin {
@@ -176,6 +178,7 @@ impl Plugin {
             idle: Mutex::new(Vec::new()),
             most_idle: AtomicUsize::new(runtime.limits.max_instances as usize),
             peak_memory: AtomicUsize::new(0),
+            _ticker: runtime.ticker.clone(),
         };
         // Instantiate once now, so type mismatches and a refused config surface at load.
         let warm = plugin.instantiate()?;
