@@ -1,0 +1,201 @@
+//! The claim stage: dedup and leases for a batch, and what the plugin is to see of it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::fate::{self, Failed};
+use super::in_flight::{Hold, InFlight};
+use super::take::Taken;
+use super::{PipelineError, Shared};
+use crate::clock::now_ms;
+use crate::record::{DeadLetter, Record};
+use crate::source::Ack;
+use crate::state::Claim;
+
+/// Batches whose claims may be under way at once.
+const CONCURRENT_CLAIMS: usize = 4;
+
+/// How long a record whose lease another worker holds waits before it is claimed again.
+const PARKED_RECHECK: Duration = Duration::from_millis(200);
+
+/// What the claim decided for a batch. Records without a fate yet are in `work`.
+pub(super) struct Claimed {
+    pub ids: Vec<String>,
+    pub hold: Hold,
+    pub ack: Box<dyn Ack>,
+    /// The records the plugin is to see, and (index in the batch, fence) of each.
+    pub work: Vec<Record>,
+    pub to_run: Vec<(usize, u64)>,
+    /// Dead letters decided before the plugin (records the source could not read).
+    pub letters: Vec<DeadLetter>,
+    /// (id, fence) of every record with a fate, and where it sits in the batch.
+    pub finished: Vec<(String, u64)>,
+    pub finished_at: Vec<usize>,
+    pub deduplicated: u64,
+    /// Whether a record of `work` was in the plugin when a worker died (they run alone).
+    pub suspect: bool,
+}
+
+impl Shared {
+    /// Claims up to [`CONCURRENT_CLAIMS`] batches at once (a state store round trip each),
+    /// handing them on in the order they were taken.
+    pub(super) async fn claim_stage(
+        self: Arc<Self>,
+        mut input: mpsc::Receiver<Taken>,
+        out: mpsc::Sender<Claimed>,
+    ) -> Result<(), PipelineError> {
+        let mut claiming: InFlight<Claimed> = InFlight::default();
+        let mut open = true;
+        loop {
+            let busy = !claiming.is_empty();
+            let room = open && claiming.len() < CONCURRENT_CLAIMS;
+            tokio::select! {
+                biased;
+                claimed = claiming.oldest(), if busy => {
+                    if out.send(claimed?).await.is_err() {
+                        break;
+                    }
+                }
+                taken = input.recv(), if room => {
+                    let Some(taken) = taken else {
+                        open = false;
+                        continue;
+                    };
+                    let keys = self.holds.keys(&taken.ids);
+                    if self.holds.any_held(&keys) {
+                        // An earlier batch holds one of these ids: hand on the batches being
+                        // claimed (their completion releases the ids), then wait.
+                        while !claiming.is_empty() {
+                            if out.send(claiming.oldest().await?).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        self.holds.wait_free(&keys).await;
+                    }
+                    let hold = self.holds.hold(keys);
+                    claiming.push(self.clone().decide(taken, hold));
+                }
+                else => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims a batch and decides what the plugin sees: not done, not a repeat within this
+    /// batch, readable, not a crash loop.
+    async fn decide(self: Arc<Self>, taken: Taken, hold: Hold) -> Result<Claimed, PipelineError> {
+        let Taken { batch, ids, ack } = taken;
+        let claims = self.claim(&ids).await?;
+        let crashes = self.crashes(&ids, &claims).await?;
+        let crash_limit = self
+            .settings
+            .crash_guard
+            .as_ref()
+            .map(|guard| guard.limit());
+        let n = batch.len();
+        let mut claimed = Claimed {
+            ids: Vec::new(),
+            hold,
+            ack,
+            work: Vec::with_capacity(n),
+            to_run: Vec::with_capacity(n),
+            letters: Vec::new(),
+            finished: Vec::with_capacity(n),
+            finished_at: Vec::with_capacity(n),
+            deduplicated: 0,
+            suspect: false,
+        };
+        let mut seen = HashSet::with_capacity(n);
+        for (i, (incoming, claim)) in batch.into_iter().zip(&claims).enumerate() {
+            let admitted = fate::admit(claim, self.settings.bypass_done);
+            let Some(fence) = admitted.filter(|_| seen.insert(ids[i].as_str())) else {
+                claimed.deduplicated += 1;
+                continue;
+            };
+            let crashes = crashes.get(i).copied().unwrap_or(0);
+            match fate::refusal(incoming.rejected, crashes, crash_limit) {
+                Some((failure, attempts)) => {
+                    let failed = Failed::at(failure, attempts, now_ms());
+                    let stable = self.plugin.current();
+                    let letter = fate::dead_letter(stable.meta(), incoming.record, &ids[i], failed);
+                    claimed.letters.push(letter);
+                    claimed.finished.push((ids[i].clone(), fence));
+                    claimed.finished_at.push(i);
+                }
+                None => {
+                    claimed.suspect |= crashes > 0;
+                    claimed.work.push(incoming.record);
+                    claimed.to_run.push((i, fence));
+                }
+            }
+        }
+        drop(seen);
+        claimed.ids = ids;
+        Ok(claimed)
+    }
+
+    /// How many times workers died with each record in the plugin (none without a crash
+    /// guard).
+    async fn crashes(&self, ids: &[String], claims: &[Claim]) -> Result<Vec<u32>, PipelineError> {
+        let Some(guard) = &self.settings.crash_guard else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let in_flight: Vec<u32> = claims
+            .iter()
+            .map(|claim| match claim {
+                Claim::Leased { crashes, .. } => *crashes,
+                _ => 0,
+            })
+            .collect();
+        Ok(guard.crashes(&ids, &in_flight).await?)
+    }
+
+    /// Claims ids; records whose lease another worker holds are re-claimed until they are
+    /// done or ours (never skipped).
+    async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, PipelineError> {
+        let mut claims = self.state.claim(ids).await?;
+        let acquired = |claims: &[Claim]| {
+            claims
+                .iter()
+                .filter(|c| matches!(c, Claim::Leased { .. }))
+                .count() as u64
+        };
+        self.metrics.lease_acquired.inc_by(acquired(&claims));
+        let mut last_renewal = Instant::now();
+        loop {
+            let parked: Vec<usize> = (0..ids.len())
+                .filter(|&i| claims[i] == Claim::HeldElsewhere)
+                .collect();
+            if parked.is_empty() {
+                return Ok(claims);
+            }
+            self.metrics.lease_contended.inc_by(parked.len() as u64);
+            tokio::time::sleep(PARKED_RECHECK).await;
+            // Keep the leases already taken while the parked records wait.
+            if let Some(every) = self.settings.lease_renewal
+                && last_renewal.elapsed() >= every
+            {
+                let held: Vec<(String, u64)> = ids
+                    .iter()
+                    .zip(&claims)
+                    .filter_map(|(id, c)| match c {
+                        Claim::Leased { fence, .. } => Some((id.clone(), *fence)),
+                        _ => None,
+                    })
+                    .collect();
+                self.state.renew(&held).await?;
+                last_renewal = Instant::now();
+            }
+            let again: Vec<String> = parked.iter().map(|&i| ids[i].clone()).collect();
+            let reclaimed = self.state.claim(&again).await?;
+            self.metrics.lease_acquired.inc_by(acquired(&reclaimed));
+            for (i, claim) in parked.into_iter().zip(reclaimed) {
+                claims[i] = claim;
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The transform stage: the plugin over a claimed batch, on the versions it is routed to,
+//! with retries, leases renewed while it runs, and what is in the plugin noted for the
+//! crash guard.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::claim::Claimed;
+use super::fate::{self, Verdict};
+use super::parking::Parked;
+use super::{PipelineError, Shared};
+use crate::clock::now_ms;
+use crate::record::{Record, SourceMeta};
+use crate::runtime::{Outcome, Plugin, Routing};
+
+/// A claimed batch after the plugin: a verdict for each record of `work`.
+pub(super) struct Transformed {
+    pub claimed: Claimed,
+    pub verdicts: Vec<Verdict>,
+    /// The versions that transformed the batch (outputs and dead letters name theirs).
+    pub routing: Routing,
+    /// Per record of `work`: whether the canary transformed it (empty without a canary).
+    pub on_canary: Vec<bool>,
+}
+
+/// A stand-in for a record moved out for a retry.
+fn placeholder() -> Record {
+    Record {
+        key: None,
+        value: Vec::new(),
+        headers: Vec::new(),
+        timestamp_ms: None,
+        source: SourceMeta {
+            stream: String::new(),
+            partition: 0,
+            offset: 0,
+            attempt: 0,
+        },
+    }
+}
+
+impl Shared {
+    pub(super) async fn transform_stage(
+        self: Arc<Self>,
+        mut input: mpsc::Receiver<Claimed>,
+        out: mpsc::Sender<Transformed>,
+    ) -> Result<(), PipelineError> {
+        while let Some(mut claimed) = input.recv().await {
+            let work = std::mem::take(&mut claimed.work);
+            let running = async {
+                // A quarantined plugin with nothing to fall back to: the batch waits (its
+                // leases renewed) until an operator activates a version.
+                self.plugin.serving().await;
+                // The batch runs on these versions to the end, retries included.
+                let routing = self.plugin.routing();
+                let on_canary: Vec<bool> = match &routing.canary {
+                    Some(canary) => claimed
+                        .to_run
+                        .iter()
+                        .map(|&(i, _)| canary.takes(&claimed.ids[i]))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let ids: Vec<&str> = claimed
+                    .to_run
+                    .iter()
+                    .map(|&(i, _)| claimed.ids[i].as_str())
+                    .collect();
+                let (work, verdicts) = self
+                    .invoke_guarded(&routing, &on_canary, work, &ids, claimed.suspect)
+                    .await?;
+                Ok::<_, PipelineError>((work, verdicts, routing, on_canary))
+            };
+            let (work, verdicts, routing, on_canary) = self
+                .renewing(&claimed.ids, &claimed.to_run, running)
+                .await??;
+            claimed.work = work;
+            let transformed = Transformed {
+                claimed,
+                verdicts,
+                routing,
+                on_canary,
+            };
+            if out.send(transformed).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `work` (whose ids are `ids`) on `routing`, noting what is in the plugin for the
+    /// crash guard: the whole batch at once, or one record at a time when one of them was in
+    /// the plugin when a worker died (`suspect`).
+    async fn invoke_guarded(
+        &self,
+        routing: &Routing,
+        on_canary: &[bool],
+        work: Vec<Record>,
+        ids: &[&str],
+        suspect: bool,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let Some(guard) = &self.settings.crash_guard else {
+            return self.invoke_routed(routing, on_canary, work).await;
+        };
+        if !suspect {
+            guard.enter(ids, false).await?;
+            let done = self.invoke_routed(routing, on_canary, work).await?;
+            guard.leave(ids, false).await?;
+            return Ok(done);
+        }
+        tracing::warn!(
+            "a record of this batch was in a worker that died: its {} records run one by one",
+            ids.len()
+        );
+        let (mut records, mut verdicts) = (Vec::new(), Vec::new());
+        for (k, (record, id)) in work.into_iter().zip(ids).enumerate() {
+            let canary = on_canary.get(k).map(|&c| vec![c]).unwrap_or_default();
+            guard.enter(&[id], true).await?;
+            let (record, verdict) = self.invoke_routed(routing, &canary, vec![record]).await?;
+            guard.leave(&[id], true).await?;
+            records.extend(record);
+            verdicts.extend(verdict);
+        }
+        Ok((records, verdicts))
+    }
+
+    /// Awaits `work`, renewing the leases of the records at `to_run` (index in `ids`, fence)
+    /// meanwhile, so a slow batch keeps them.
+    async fn renewing<T>(
+        &self,
+        ids: &[String],
+        to_run: &[(usize, u64)],
+        work: impl Future<Output = T>,
+    ) -> Result<T, PipelineError> {
+        let Some(every) = self.settings.lease_renewal.filter(|_| !to_run.is_empty()) else {
+            return Ok(work.await);
+        };
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // Built on the first renewal: most batches finish before one is due.
+        let mut leases: Vec<(String, u64)> = Vec::new();
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = tick.tick() => {
+                    if leases.is_empty() {
+                        leases = to_run
+                            .iter()
+                            .map(|&(i, fence)| (ids[i].clone(), fence))
+                            .collect();
+                    }
+                    let held = self.state.renew(&leases).await?;
+                    let lost = held.iter().filter(|h| !**h).count();
+                    if lost > 0 {
+                        tracing::warn!(lost, "leases expired while the plugin ran; another worker may take those records over");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One plugin call off the async reactor, timed and counted.
+    async fn call(
+        &self,
+        plugin: &Arc<Plugin>,
+        records: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Outcome>), PipelineError> {
+        if records.is_empty() {
+            return Ok((records, Vec::new()));
+        }
+        let plugin = plugin.clone();
+        let started = Instant::now();
+        let (records, outcomes) = tokio::task::spawn_blocking(move || {
+            let outcomes = plugin.transform(&records);
+            (records, outcomes)
+        })
+        .await?;
+        self.metrics
+            .plugin_invocation_duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcomes = outcomes?;
+        for outcome in &outcomes {
+            if let Outcome::Failed(f) = outcome
+                && f.class.is_plugin_fault()
+            {
+                self.metrics
+                    .plugin_traps
+                    .with_label_values(&[f.class.as_str()])
+                    .inc();
+            }
+        }
+        Ok((records, outcomes))
+    }
+
+    /// Runs the batch's records on their versions: the canary's share on the candidate, the
+    /// rest on the stable version; verdicts come back in the records' order.
+    async fn invoke_routed(
+        &self,
+        routing: &Routing,
+        on_canary: &[bool],
+        work: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let Some(canary) = routing
+            .canary
+            .as_ref()
+            .filter(|_| on_canary.contains(&true))
+        else {
+            return self.invoke(&routing.stable, work).await;
+        };
+        let (mut to_stable, mut to_canary) = (Vec::new(), Vec::new());
+        for (record, &on) in work.into_iter().zip(on_canary) {
+            if on {
+                to_canary.push(record);
+            } else {
+                to_stable.push(record);
+            }
+        }
+        let (records, verdicts) = self.invoke(&routing.stable, to_stable).await?;
+        let mut stable = records.into_iter().zip(verdicts);
+        let (records, verdicts) = self.invoke(&canary.plugin, to_canary).await?;
+        let mut candidate = records.into_iter().zip(verdicts);
+        Ok(on_canary
+            .iter()
+            .filter_map(|&on| if on { candidate.next() } else { stable.next() })
+            .unzip())
+    }
+
+    /// Runs the plugin over `records` and retries `retryable` ones with backoff (or parks
+    /// them in the retry topic), until each has a verdict. Returns the records (in order)
+    /// with their verdicts.
+    async fn invoke(
+        &self,
+        plugin: &Arc<Plugin>,
+        records: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let (mut records, outcomes) = self.call(plugin, records).await?;
+        let first_failure_ms = now_ms();
+        let first_failure = Instant::now();
+        let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(records.len());
+        let mut pending: Vec<(usize, String)> = Vec::new();
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match fate::answered(outcome, 1, first_failure_ms, first_failure_ms) {
+                Ok(verdict) => verdicts.push(Some(verdict)),
+                Err(reason) => {
+                    verdicts.push(None);
+                    pending.push((i, reason));
+                }
+            }
+        }
+        let backoff = &self.settings.backoff;
+        if self.settings.park_retryable {
+            for (i, reason) in pending.drain(..) {
+                let attempts = records[i].source.attempt;
+                let first =
+                    Parked::of(&records[i]).map_or(first_failure_ms, |p| p.first_failure_ms);
+                let delay = backoff.delay(attempts);
+                verdicts[i] = Some(fate::park_or_exhaust(
+                    backoff,
+                    reason,
+                    attempts,
+                    first,
+                    first_failure_ms,
+                    delay,
+                ));
+            }
+        }
+        let mut attempts = 1u32;
+        let mut last_failure_ms = first_failure_ms;
+        while !pending.is_empty() {
+            let delay = backoff.delay(attempts);
+            if !backoff.allows(attempts, first_failure.elapsed(), delay) {
+                for (i, reason) in pending.drain(..) {
+                    let verdict =
+                        fate::exhausted(reason, attempts, first_failure_ms, last_failure_ms);
+                    verdicts[i] = Some(verdict);
+                }
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            attempts += 1;
+            self.metrics.retries.inc_by(pending.len() as u64);
+            let retry: Vec<Record> = pending
+                .iter()
+                .map(|&(i, _)| {
+                    let mut record = std::mem::replace(&mut records[i], placeholder());
+                    record.source.attempt = attempts;
+                    record
+                })
+                .collect();
+            let (retry, outcomes) = self.call(plugin, retry).await?;
+            last_failure_ms = now_ms();
+            let mut still = Vec::new();
+            for (((i, _), record), outcome) in pending.into_iter().zip(retry).zip(outcomes) {
+                records[i] = record;
+                match fate::answered(outcome, attempts, first_failure_ms, last_failure_ms) {
+                    Ok(verdict) => verdicts[i] = Some(verdict),
+                    Err(reason) => still.push((i, reason)),
+                }
+            }
+            pending = still;
+        }
+        let verdicts = verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| unreachable!("every pending record gets a verdict")))
+            .collect();
+        Ok((records, verdicts))
+    }
+}

@@ -1,0 +1,178 @@
+//! The write stage: a transformed batch's outputs checked and sent with their record's id,
+//! version and fence, its dead letters sent, and the rest of its lifecycle handed to
+//! [`in_flight`](super::in_flight).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::claim::Claimed;
+use super::fate::{self, Verdict};
+use super::in_flight::{Completion, Counts, InFlight, Tally};
+use super::parking::Parked;
+use super::transform::Transformed;
+use super::{PipelineError, Shared};
+use crate::clock::now_ms;
+use crate::record::{DeadLetter, Output};
+use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
+use crate::source::Ack;
+
+impl Shared {
+    pub(super) async fn write_stage(
+        self: Arc<Self>,
+        mut input: mpsc::Receiver<Transformed>,
+        mut sink: Box<dyn Sink>,
+        mut dlq: Box<dyn DeadLetterSink>,
+        started: Instant,
+    ) -> Result<(), PipelineError> {
+        let mut in_flight = InFlight::default();
+        let mut last_progress = Instant::now();
+        loop {
+            let batch = tokio::select! {
+                biased;
+                failed = in_flight.failure() => return Err(failed),
+                batch = input.recv() => batch,
+            };
+            let Some(batch) = batch else { break };
+            let completion = self.write(batch, sink.as_mut(), dlq.as_mut()).await?;
+            in_flight.push(completion.run());
+            in_flight.limit(self.settings.max_in_flight_batches).await?;
+            if let Some(every) = self.settings.progress
+                && last_progress.elapsed() >= every
+            {
+                last_progress = Instant::now();
+                eprintln!("weir: {}", self.metrics.summary(started.elapsed()));
+            }
+        }
+        in_flight.drain().await
+    }
+
+    /// Checks a transformed batch's outputs, sends its outputs and dead letters, and returns
+    /// the rest of its lifecycle.
+    async fn write(
+        &self,
+        batch: Transformed,
+        sink: &mut dyn Sink,
+        dlq: &mut dyn DeadLetterSink,
+    ) -> Result<Completion, PipelineError> {
+        let Transformed {
+            mut claimed,
+            verdicts,
+            routing,
+            on_canary,
+        } = batch;
+        let work = std::mem::take(&mut claimed.work);
+        let ids = &mut claimed.ids;
+        let stable = routing.stable.meta();
+        let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());
+        let versions = [stable, candidate.unwrap_or(stable)].map(|m| m.version.to_string());
+        let now = now_ms();
+        let mut outputs = Vec::new();
+        let mut released = Vec::new();
+        let mut tallies: BTreeMap<u64, Tally> = BTreeMap::new();
+        let records = work.into_iter().zip(verdicts).zip(&claimed.to_run);
+        for (k, ((record, verdict), &(i, fence))) in records.enumerate() {
+            let on_canary = on_canary.get(k).copied().unwrap_or(false);
+            let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
+            let id = &ids[i];
+            let attempts = record.source.attempt;
+            let verdict = match verdict {
+                Verdict::Outputs(outs) => fate::checked(outs, |o| sink.check(o), attempts, now),
+                other => other,
+            };
+            let tally = tallies.entry(meta.version).or_default();
+            match verdict {
+                Verdict::Outputs(outs) => {
+                    tally.processed += 1;
+                    tally.records_out += outs.len() as u64;
+                    for mut out in outs {
+                        fate::stamp(&mut out, id, &versions[usize::from(on_canary)], fence);
+                        outputs.push(out);
+                    }
+                }
+                Verdict::Failed(failed) => {
+                    claimed
+                        .letters
+                        .push(fate::dead_letter(meta, record, id, failed));
+                }
+                Verdict::Parked {
+                    reason,
+                    attempts,
+                    first_failure_ms,
+                    due_ms,
+                } => {
+                    let parked = Parked {
+                        id: id.clone(),
+                        attempts,
+                        first_failure_ms,
+                        due_ms,
+                    };
+                    outputs.push(parked.output(record, &reason));
+                    tally.parked += 1;
+                    // No fate yet: no done mark, and the lease goes for the next attempt.
+                    released.push((parked.id, fence));
+                    continue;
+                }
+            }
+            // The id is not needed here any more: it moves on to its done mark.
+            claimed.finished.push((std::mem::take(&mut ids[i]), fence));
+            claimed.finished_at.push(i);
+        }
+        for letter in &claimed.letters {
+            let tally = tallies.entry(letter.error.plugin_version).or_default();
+            tally.dead.push(letter.error.class);
+        }
+        let letters = std::mem::take(&mut claimed.letters);
+        let writes = send(&mut claimed.ack, sink, dlq, outputs, letters).await?;
+        Ok(self.completion(claimed, writes, released, tallies))
+    }
+
+    /// The rest of a batch's lifecycle, once its writes are sent.
+    fn completion(
+        &self,
+        claimed: Claimed,
+        writes: [Durable; 2],
+        released: Vec<(String, u64)>,
+        by_version: BTreeMap<u64, Tally>,
+    ) -> Completion {
+        Completion {
+            writes,
+            finished: claimed.finished,
+            finished_at: claimed.finished_at,
+            released,
+            ack: claimed.ack,
+            hold: claimed.hold,
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+            counts: Counts {
+                deduplicated: claimed.deduplicated,
+                by_version,
+            },
+        }
+    }
+}
+
+/// Sends a batch's outputs and dead letters once its acknowledgement has begun (in
+/// exactly-once mode: joined a transaction, so they commit with the source's position), and
+/// returns what says when each is durable. Durable downstream first, then done marks, then
+/// the source. A failure to send is handled as one to deliver (`Completion::run`).
+async fn send(
+    ack: &mut Box<dyn Ack>,
+    sink: &mut dyn Sink,
+    dlq: &mut dyn DeadLetterSink,
+    outputs: Vec<Output>,
+    letters: Vec<DeadLetter>,
+) -> Result<[Durable; 2], PipelineError> {
+    ack.begin().await?;
+    let sent = async {
+        sink.send(outputs).await?;
+        dlq.send(letters).await?;
+        Ok::<_, SinkError>([sink.seal().await?, dlq.seal().await?])
+    };
+    Ok(sent.await.unwrap_or_else(|failed| {
+        let failed: Durable = Box::pin(std::future::ready(Err(failed)));
+        [failed, Box::pin(std::future::ready(Ok(())))]
+    }))
+}
