@@ -206,6 +206,45 @@ fn mib(bytes: usize) -> f64 {
 }
 
 /// Runs the test; `Err` when a record differs from its expectation (or on bad input).
+impl From<Outcome> for Seen {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Outputs(outs) => Seen::Outputs(outs.into_iter().map(|o| o.value).collect()),
+            Outcome::Retryable(reason) => Seen::Failed {
+                class: "retryable".into(),
+                reason,
+            },
+            Outcome::Failed(f) => Seen::Failed {
+                class: f.class.as_str().into(),
+                reason: f.message,
+            },
+        }
+    }
+}
+
+impl Seen {
+    /// One line for the record at `line` (outputs on the lines after it).
+    fn print(&self, line: i64, took: Duration, memory: usize) {
+        let stats = format!(
+            "{:>9.1} µs {:>7.1} MiB",
+            took.as_secs_f64() * 1e6,
+            mib(memory)
+        );
+        match self {
+            Seen::Outputs(outs) => {
+                println!("line {line:<5} ok        {stats}  {} output(s)", outs.len());
+                for out in outs {
+                    let text: String = show(out).chars().take(300).collect();
+                    println!("      → {text}");
+                }
+            }
+            Seen::Failed { class, reason } => {
+                println!("line {line:<5} {class:<9} {stats}  {reason}");
+            }
+        }
+    }
+}
+
 async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Result<()> {
     let expectations = expect.map(read_expectations).transpose()?;
     let mut source = FileSource::open(input, LineFormat::Value)?;
@@ -226,37 +265,11 @@ async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Re
             total_time += took;
             peak = peak.max(memory);
             count += 1;
-            let seen = match outcome {
-                Outcome::Outputs(outs) => {
-                    Seen::Outputs(outs.into_iter().map(|o| o.value).collect())
-                }
-                Outcome::Retryable(reason) => Seen::Failed {
-                    class: "retryable".into(),
-                    reason,
-                },
-                Outcome::Failed(f) => Seen::Failed {
-                    class: f.class.as_str().into(),
-                    reason: f.message,
-                },
-            };
-            let stats = format!(
-                "{:>9.1} µs {:>7.1} MiB",
-                took.as_secs_f64() * 1e6,
-                mib(memory)
-            );
+            let seen = Seen::from(outcome);
+            seen.print(line, took, memory);
             match &seen {
-                Seen::Outputs(outs) => {
-                    ok += 1;
-                    println!("line {line:<5} ok        {stats}  {} output(s)", outs.len());
-                    for out in outs {
-                        let text: String = show(out).chars().take(300).collect();
-                        println!("      → {text}");
-                    }
-                }
-                Seen::Failed { class, reason } => {
-                    failed += 1;
-                    println!("line {line:<5} {class:<9} {stats}  {reason}");
-                }
+                Seen::Outputs(_) => ok += 1,
+                Seen::Failed { .. } => failed += 1,
             }
             if let Some(expectations) = &expectations {
                 let expected = usize::try_from(line - 1)
