@@ -415,7 +415,7 @@ async fn passthrough(args: &str) -> anyhow::Result<()> {
         anyhow::bail!("{PASSTHROUGH}: expected `bootstrap group input output n`, got {args}");
     };
     let n: usize = n.parse()?;
-    // The worker's own defaults (host/src/source/kafka.rs, host/src/sink/kafka.rs).
+    // The worker's own defaults (host/src/kafka/consumer.rs, host/src/kafka/producer.rs).
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)

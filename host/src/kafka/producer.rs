@@ -69,7 +69,7 @@ fn sink_error(what: String, e: impl Into<Box<dyn std::error::Error + Send + Sync
 }
 
 /// The producer both sinks share. In exactly-once mode it is two transactional producers
-/// that take turns (`source/transactions.rs`): sends go to the one whose transaction the
+/// that take turns (`transactions.rs`): sends go to the one whose transaction the
 /// batch being written joined.
 #[derive(Clone)]
 pub struct KafkaProducer {

@@ -28,7 +28,7 @@
 //!   those partitions taken before are aborted in turn.
 //! - A fenced or fatal producer ends the pipeline's run: another worker now has this slot's
 //!   transactional ids, or the producer cannot go on. The worker then starts its Kafka
-//!   clients again, in the same process (`Restarts` in `cli.rs`), where it counts
+//!   clients again, in the same process (`worker/restarts.rs`), where it counts
 //!   `weir_transactions_total{result="fenced"}`.
 //!
 //! On a revoke, the callback waits for the open transactions to end before the partitions
