@@ -107,9 +107,9 @@ fn no_import_cycle_between_top_level_modules() {
 }
 
 #[test]
-fn the_record_model_and_the_clock_import_nothing_of_the_crate() {
+fn the_record_model_clock_errors_and_tasks_import_nothing_of_the_crate() {
     let graph = imports();
-    for bottom in ["record", "clock", "tasks"] {
+    for bottom in ["record", "clock", "errors", "tasks"] {
         assert_eq!(
             graph.get(bottom),
             Some(&BTreeSet::new()),

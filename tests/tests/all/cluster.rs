@@ -565,7 +565,12 @@ fn kill_nine_of_one_of_two_workers_loses_nothing(protocol: Protocol) {
     let status = loop {
         let status = s.cluster_status();
         let held = partitions_of(&status);
-        if (held.len() == 2 && held.iter().all(|ps| !ps.is_empty())) || Instant::now() > deadline {
+        // Heartbeats are snapshots a few seconds apart: one may still show the assignment
+        // before the last rebalance, so wait for the settled one.
+        let mut all = held.concat();
+        all.sort_unstable();
+        let settled = held.len() == 2 && held.iter().all(|ps| !ps.is_empty());
+        if (settled && all == (0..6).collect::<Vec<_>>()) || Instant::now() > deadline {
             break status;
         }
         std::thread::sleep(Duration::from_millis(500));
