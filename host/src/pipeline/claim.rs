@@ -132,7 +132,6 @@ impl Shared {
                 }
             }
         }
-        drop(seen);
         claimed.ids = ids;
         Ok(claimed)
     }
