@@ -26,6 +26,11 @@
 //! ```
 //!
 //! `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to every weir run.
+//!
+//! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` compares two builds in
+//! one run: each weir run, (b), (c) and (d), is made with the baseline too, right before or
+//! after (the order turns around every round), and a second table gives this build's rate
+//! and worker CPU against the baseline's.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -45,6 +50,8 @@ use weir_tests::worker::{Cluster, Worker};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
+/// The suffix of a baseline run's names (topics, group, done marks).
+const BASE: &str = "-base";
 /// Set in the environment of the passthrough child process (this same executable).
 const PASSTHROUGH: &str = "WEIR_BENCH_PASSTHROUGH";
 const PARTITIONS: i32 = 4;
@@ -70,6 +77,12 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(3)
         .max(1);
 
+    let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
+    let tags: &[&str] = if baseline.is_some() {
+        &["", BASE]
+    } else {
+        &[""]
+    };
     let broker = KafkaBroker::start();
     let redis = RedisServer::start();
     let dir = tempfile::tempdir()?;
@@ -77,9 +90,10 @@ fn main() -> anyhow::Result<()> {
         broker.create_topic("bench-in", PARTITIONS).await;
         for round in 1..=rounds {
             for run in ["a", "b", "c", "d"] {
-                broker
-                    .create_topic(&format!("bench-out-{run}{round}"), PARTITIONS)
-                    .await;
+                for tag in tags {
+                    let topic = format!("bench-out-{run}{round}{tag}");
+                    broker.create_topic(&topic, PARTITIONS).await;
+                }
             }
         }
         broker.create_topic("bench-dlq", 1).await;
@@ -103,14 +117,19 @@ fn main() -> anyhow::Result<()> {
         broker: broker.pid(),
         redis: redis.is_local().then(|| redis.pid()),
     };
-    let run = |kind: char, round: usize| -> anyhow::Result<Measured> {
-        let name = format!("{kind}{round}");
+    let run = |kind: char, round: usize, tag: &str| -> anyhow::Result<Measured> {
+        let name = format!("{kind}{round}{tag}");
+        let weir = match (tag, &baseline) {
+            (BASE, Some(path)) => path.as_str(),
+            _ => WEIR,
+        };
         // Each run has done marks of its own: the plugin's name names them.
         let plugin_name = format!("enrich-{name}");
         let transactional_id = format!("bench-{name}");
         match kind {
             'a' => run_passthrough(&services, &cluster(&name, None), n),
             'b' => run_weir(
+                weir,
                 &services,
                 &cluster(&name, None),
                 dir.path(),
@@ -124,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                 n,
             ),
             'c' => run_weir(
+                weir,
                 &services,
                 &cluster(&name, Some(&redis.url)),
                 dir.path(),
@@ -132,6 +152,7 @@ fn main() -> anyhow::Result<()> {
                 n,
             ),
             _ => run_weir(
+                weir,
                 &services,
                 &cluster(&name, Some(&redis.url)),
                 dir.path(),
@@ -150,17 +171,30 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let mut measured: Vec<[Measured; 4]> = Vec::new();
+    // (b), (c), (d) of the baseline build, by round.
+    let mut baseline_runs: Vec<[Option<Measured>; 3]> = Vec::new();
     for round in 1..=rounds {
         let mut order = ['a', 'b', 'c', 'd'];
+        let mut builds = tags.to_vec();
         if round % 2 == 0 {
             order.reverse();
+            builds.reverse();
         }
         let mut runs: [Option<Measured>; 4] = Default::default();
+        let mut base: [Option<Measured>; 3] = Default::default();
         for kind in order {
-            eprintln!("round {round}: ({kind})");
-            runs[(kind as u8 - b'a') as usize] = Some(run(kind, round)?);
+            let k = (kind as u8 - b'a') as usize;
+            for &tag in builds.iter().filter(|&&tag| kind != 'a' || tag != BASE) {
+                eprintln!("round {round}: ({kind}){tag}");
+                let measured = Some(run(kind, round, tag)?);
+                match tag {
+                    BASE => base[k - 1] = measured,
+                    _ => runs[k] = measured,
+                }
+            }
         }
         measured.push(runs.map(|r| r.expect("every run ran")));
+        baseline_runs.push(base);
     }
 
     let on = if broker.is_local() {
@@ -210,7 +244,52 @@ fn main() -> anyhow::Result<()> {
             each.join(", ")
         );
     }
+    if let Some(path) = &baseline {
+        print_against_baseline(n, path, &measured, &baseline_runs);
+    }
     Ok(())
+}
+
+/// This build's (b), (c), (d) against the baseline build's, round by round: the rate's
+/// ratio and the worker CPU's.
+fn print_against_baseline(
+    n: usize,
+    path: &str,
+    measured: &[[Measured; 4]],
+    baseline: &[[Option<Measured>; 3]],
+) {
+    println!("\nThis build against the baseline ({path}):\n");
+    println!(
+        "| run | round | baseline records/s | this records/s | rate ratio | baseline worker CPU-s per 1M | this | CPU ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let names = ["(b)", "(c)", "(d)"];
+    let mut ratios: [Vec<f64>; 3] = Default::default();
+    for (round, (runs, base)) in measured.iter().zip(baseline).enumerate() {
+        for (k, name) in names.iter().enumerate() {
+            let (Some(base), this) = (&base[k], &runs[k + 1]) else {
+                continue;
+            };
+            let cpu = |m: &Measured| m.cpu[0] * 1e6 / n as f64;
+            let ratio = this.rate(n) / base.rate(n);
+            ratios[k].push(ratio);
+            println!(
+                "| {name} | {} | {:.0} | {:.0} | {ratio:.2} | {:.2} | {:.2} | {:.2} |",
+                round + 1,
+                base.rate(n),
+                this.rate(n),
+                cpu(base),
+                cpu(this),
+                cpu(this) / cpu(base)
+            );
+        }
+    }
+    for (name, mut ratios) in names.iter().zip(ratios) {
+        ratios.sort_by(f64::total_cmp);
+        if let Some(median) = ratios.get(ratios.len() / 2) {
+            println!("\n{name} this ÷ baseline rate, median of rounds: {median:.2}");
+        }
+    }
 }
 
 /// A Markdown table of runs over `n` records, each with its rate as a ratio to the first
@@ -323,6 +402,7 @@ async fn produce(bootstrap: &str, n: usize) -> anyhow::Result<()> {
 
 /// Runs a weir worker until it has processed `n` records.
 fn run_weir(
+    weir: &str,
     services: &Services,
     cluster: &Cluster,
     dir: &Path,
@@ -335,7 +415,7 @@ fn run_weir(
     args.extend_from_slice(extra);
     args.extend(tuning.split_whitespace());
     let plugin = weir_tests::plugin(plugin);
-    let worker = Worker::start(WEIR, dir, &cluster.group, cluster, &plugin, &args);
+    let worker = Worker::start(weir, dir, &cluster.group, cluster, &plugin, &args);
     let pid = worker.pid();
     let poll = Duration::from_millis(20);
     let deadline = Instant::now() + Duration::from_secs(1800);

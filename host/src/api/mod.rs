@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::limit::RequestBodyLimitLayer;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UploadAnswered, UploadResult};
 
 /// What the routes read.
 #[derive(Clone)]
@@ -87,11 +87,7 @@ async fn record_uploads_too_large(
     if let (Some(name), Some(api)) = (upload_of, &state.api)
         && response.status() == StatusCode::PAYLOAD_TOO_LARGE
     {
-        state
-            .metrics
-            .plugin_uploads
-            .with_label_values(&["too_large"])
-            .inc();
+        (state.metrics).emit(UploadAnswered(UploadResult::TooLarge));
         let mut entry = crate::registry::AuditEntry::new(who, "upload", &name);
         entry.decision = format!(
             "refused: the upload is larger than the limit of {} bytes",
@@ -179,7 +175,7 @@ mod tests {
     #[tokio::test]
     async fn metrics_and_probes() {
         let s = state(false);
-        s.metrics.records_in.inc_by(3);
+        s.metrics.emit(crate::metrics::RecordsTaken { count: 3 });
         let (status, body) = get(s.clone(), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("weir_records_in_total 3"), "{body}");

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::AppState;
 use crate::control::{Control, ControlError};
 use crate::errors::chain;
-use crate::metrics::{Summary, VersionCounts};
+use crate::metrics::{Summary, UploadAnswered, UploadResult, VersionCounts};
 use crate::registry::{self, AuditEntry, PluginInfo, RegistryError, VersionInfo};
 
 /// Uploads larger than this are refused with 413 unless configured otherwise (Python
@@ -158,25 +158,21 @@ pub async fn upload(
         Ok((info, created)) => {
             entry.version = Some(info.version);
             if *created {
-                "created"
+                UploadResult::Created
             } else {
                 entry.decision = "accepted: already stored".into();
-                "already_stored"
+                UploadResult::AlreadyStored
             }
         }
         Err((result, error)) => {
-            if *result == "unauthorized" {
+            if *result == UploadResult::Unauthorized {
                 entry.who = "anonymous".into();
             }
             entry.decision = format!("refused: {}", error.1);
-            result
+            *result
         }
     };
-    state
-        .metrics
-        .plugin_uploads
-        .with_label_values(&[result])
-        .inc();
+    state.metrics.emit(UploadAnswered(result));
     api.audit(entry).await?;
     let (info, created) = outcome.map_err(|(_, error)| error)?;
     let status = if created {
@@ -194,15 +190,16 @@ async fn store_upload(
     name: &str,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(VersionInfo, bool), (&'static str, ApiError)> {
-    api.check_token(headers).map_err(|e| ("unauthorized", e))?;
-    registry::check_name(name).map_err(|e| ("bad_name", e.into()))?;
+) -> Result<(VersionInfo, bool), (UploadResult, ApiError)> {
+    api.check_token(headers)
+        .map_err(|e| (UploadResult::Unauthorized, e))?;
+    registry::check_name(name).map_err(|e| (UploadResult::BadName, e.into()))?;
     let inspection = api.validate(body).await?;
     api.control
         .registry
         .upload(name, body, inspection, "admin")
         .await
-        .map_err(|e| ("error", e.into()))
+        .map_err(|e| (UploadResult::Error, e.into()))
 }
 
 /// `GET /v1/plugins`.

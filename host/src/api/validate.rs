@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::plugins::{ApiError, PluginApi};
 use crate::config::LimitsConfig;
+use crate::metrics::UploadResult;
 use crate::runtime::{Inspection, LoadError, Plugin, Runtime, WIT_VERSION, World};
 
 /// Where the child finds the worker's plugin limits (JSON).
@@ -57,7 +58,7 @@ impl From<Result<Inspection, LoadError>> for Verdict {
 
 impl Verdict {
     /// The inspection, or the refusal with its `weir_plugin_uploads_total` result.
-    fn into_result(self) -> Result<Inspection, (&'static str, ApiError)> {
+    fn into_result(self) -> Result<Inspection, (UploadResult, ApiError)> {
         match self {
             Self::Component {
                 digest,
@@ -73,20 +74,21 @@ impl Verdict {
                 exports,
                 imports,
             }),
-            Self::NotAComponent(why) => {
-                Err(("not_a_component", ApiError(StatusCode::BAD_REQUEST, why)))
-            }
+            Self::NotAComponent(why) => Err((
+                UploadResult::NotAComponent,
+                ApiError(StatusCode::BAD_REQUEST, why),
+            )),
             Self::Unsupported(why) => Err((
-                "unsupported",
+                UploadResult::Unsupported,
                 ApiError(StatusCode::UNPROCESSABLE_ENTITY, why),
             )),
         }
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> (&'static str, ApiError) {
+fn failed(e: impl std::fmt::Display) -> (UploadResult, ApiError) {
     (
-        "error",
+        UploadResult::Error,
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("validation failed: {e}"),
@@ -94,9 +96,9 @@ fn failed(e: impl std::fmt::Display) -> (&'static str, ApiError) {
     )
 }
 
-fn too_slow(api: &PluginApi) -> (&'static str, ApiError) {
+fn too_slow(api: &PluginApi) -> (UploadResult, ApiError) {
     (
-        "compile_timeout",
+        UploadResult::CompileTimeout,
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
@@ -112,7 +114,7 @@ impl PluginApi {
     pub(super) async fn validate(
         &self,
         bytes: &[u8],
-    ) -> Result<Inspection, (&'static str, ApiError)> {
+    ) -> Result<Inspection, (UploadResult, ApiError)> {
         match self.compile_memory_bytes {
             Some(cap) => self.validate_in_child(bytes, cap).await,
             None => {
@@ -133,7 +135,7 @@ impl PluginApi {
         &self,
         bytes: &[u8],
         cap: u64,
-    ) -> Result<Inspection, (&'static str, ApiError)> {
+    ) -> Result<Inspection, (UploadResult, ApiError)> {
         let exe = std::env::current_exe().map_err(failed)?;
         let limits = serde_json::to_string(self.control.runtime.limits()).map_err(failed)?;
         let mut child = tokio::process::Command::new(exe)
@@ -178,7 +180,7 @@ impl PluginApi {
         match outcome {
             Err(_) => Err(too_slow(self)),
             Ok(None) => Err((
-                "compile_memory",
+                UploadResult::CompileMemory,
                 ApiError(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!(

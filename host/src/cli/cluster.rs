@@ -35,7 +35,7 @@ impl ClusterCommand {
             json,
         } = self;
         let redis = RedisTarget::new(
-            crate::secrets::resolve_in_url("--redis", &redis)?,
+            crate::config::secrets::resolve_in_url("--redis", &redis)?,
             redis_ca_file,
         );
         cluster_status(&redis, pipeline.as_deref(), json).await

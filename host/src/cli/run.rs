@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use super::{key_values, write_summary};
-use crate::config::{Config, LineFormat, Mode};
-use crate::worker::{Report, Worker};
+use crate::config::{Config, LineFormat};
+use crate::worker::{Io, Plan, Report, Store, Worker};
 
 #[derive(Args)]
 pub(super) struct RunArgs {
@@ -141,36 +141,36 @@ impl RunArgs {
     pub async fn execute(self) -> anyhow::Result<()> {
         let (mut config, summary_json, check_only) = self.into_config()?;
         if check_only {
+            let plan = Plan::new(config.clone())?;
             // The effective configuration (file and flags merged), for people and for tools;
             // secrets hidden.
             print!("{}", toml::to_string(&config.shown())?);
-            eprintln!("weir: configuration is valid ({:?} mode)", config.mode());
+            eprintln!("weir: configuration is valid ({} mode)", plan.mode());
             return Ok(());
         }
         config.resolve_secrets()?;
+        let plan = Plan::new(config)?;
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         let worker = tokio::select! {
-            built = Worker::build(config.clone()) => built?,
+            built = Worker::build(plan.clone()) => built?,
             () = &mut shutdown => return Ok(()),
         };
-        let report = worker.run(shutdown).await?;
         let Report {
             summary,
             dead_letters,
-        } = report;
+        } = worker.run(shutdown).await?;
         write_summary(&summary, summary_json.as_deref())?;
         if summary.dead_lettered > 0 {
             eprintln!("weir: dead letters are in {dead_letters} (see `weir dlq list`)");
         }
-        if config.mode() == Mode::Embedded
-            && config.state.redis_url.is_none()
+        if let (Io::Files(_), Store::Embedded { .. }) = (&plan.io, &plan.state.store)
             && summary.deduplicated > 0
             && summary.deduplicated == summary.records_in
         {
             eprintln!(
                 "weir: every record was already done according to {}; use another --state directory to process them again",
-                config.state.path.display()
+                plan.state.dir.display()
             );
         }
         Ok(())
@@ -230,7 +230,6 @@ impl RunArgs {
         if self.quiet {
             c.pipeline.progress_secs = 0;
         }
-        c.validate()?;
         Ok((c, self.summary_json, self.check))
     }
 }

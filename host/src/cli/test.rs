@@ -18,9 +18,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::key_values;
-use crate::config::{Config, LineFormat, plugin_name_of};
+use crate::config::{Config, LineFormat};
 use crate::runtime::{Outcome, Plugin, Runtime};
 use crate::source::{FileSource, Source};
+use crate::worker::Plan;
 
 #[derive(Args)]
 pub(super) struct TestArgs {
@@ -57,11 +58,10 @@ impl TestArgs {
         config.plugin.path = Some(args.plugin.clone());
         config.source.path = Some(args.input.clone());
         config.sink.path = Some("-".into());
-        config.validate()?;
-        let runtime = Runtime::new(&config.limits)?;
-        let name = plugin_name_of(&args.plugin);
+        let plan = Plan::new(config)?;
+        let runtime = Runtime::new(&plan.limits)?;
         let config = key_values("--plugin-config", &args.plugin_config)?;
-        let plugin = Plugin::load_file(&runtime, &args.plugin, &name, 1, config)
+        let plugin = Plugin::load_file(&runtime, &args.plugin, &plan.plugin.name, 1, config)
             .with_context(|| format!("plugin {}", args.plugin.display()))?;
         let meta = plugin.meta();
         println!(

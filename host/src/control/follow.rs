@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::watch::watch_canary;
 use super::{Control, ControlError, Running};
 use crate::errors::chain;
+use crate::metrics::{HotSwapped, PluginActivated};
 use crate::registry::PluginInfo;
 use crate::runtime::Plugin;
 
@@ -88,10 +89,8 @@ impl Control {
                 None => self.load(&running.name, active, &mut loaded).await?,
             };
             running.swap_in(plugin);
-            running
-                .metrics
-                .set_active_plugin(running.active.current().meta());
-            running.metrics.hot_swaps.inc();
+            (running.metrics).emit(PluginActivated(running.active.current().meta()));
+            running.metrics.emit(HotSwapped);
             tracing::info!(plugin = %running.name, from, to = active, promoted, "plugin version swapped in; batches under way finish on the old one");
             *applied = (active, index.activations);
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::Control;
 use super::canary::{self, Judgement};
 use crate::errors::chain;
-use crate::metrics::VersionCounts;
+use crate::metrics::{RetiredBy, VersionCounts, VersionRetired};
 use crate::registry::AuditEntry;
 
 /// How often a canary, and the active version, are judged.
@@ -63,11 +63,7 @@ pub async fn watch_active(control: Arc<Control>) {
         if let Ok(None) = rolled_back {
             continue; // another worker of the cluster rolled it back first
         }
-        running
-            .metrics
-            .rollbacks
-            .with_label_values(&["quarantine"])
-            .inc();
+        (running.metrics).emit(VersionRetired(RetiredBy::Quarantine));
         match rolled_back {
             Ok(plugin) => {
                 let to = plugin.and_then(|p| p.active);
@@ -114,11 +110,7 @@ pub(super) async fn watch_canary(control: Arc<Control>, stable: u64, candidate: 
         let changed = match judgement {
             Judgement::Wait => continue,
             Judgement::RollBack(reason) => {
-                running
-                    .metrics
-                    .rollbacks
-                    .with_label_values(&["canary"])
-                    .inc();
+                (running.metrics).emit(VersionRetired(RetiredBy::Canary));
                 tracing::warn!(plugin = %name, candidate, "canary rolled back: {reason}");
                 entry.decision = format!("accepted: automatic: {reason}");
                 control

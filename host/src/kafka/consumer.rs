@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus::IntGaugeVec;
 use rdkafka::Statistics;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -33,7 +32,9 @@ use super::offsets::{Admission, OffsetTracker};
 use super::transactions::{BatchTransaction, Transactions};
 use super::{headers_of, offset_list};
 use crate::config::KafkaConfig;
+use crate::metrics::{ConsumerLag, Metrics, PartitionRevoked};
 use crate::record::{Record, SourceMeta};
+use crate::sink::Lane;
 use crate::source::{Ack, AckStep, Incoming, Source, SourceError};
 
 /// How long a batch waits for more records once its first record is in.
@@ -49,8 +50,8 @@ pub(super) struct SourceContext {
     /// Whether a partition without a committed offset starts at the earliest record.
     earliest: bool,
     offsets: Arc<Mutex<OffsetTracker>>,
-    /// `weir_consumer_lag{topic,partition}`, from librdkafka's statistics.
-    lag: IntGaugeVec,
+    /// Where `weir_consumer_lag{topic,partition}` is set, from librdkafka's statistics.
+    metrics: Arc<Metrics>,
     /// Exactly-once mode.
     transactions: Option<Arc<Transactions>>,
 }
@@ -104,9 +105,11 @@ impl ClientContext for SourceContext {
         let assigned = self.offsets().partitions();
         for (partition, p) in &topic.partitions {
             if *partition >= 0 && assigned.contains(partition) && p.consumer_lag >= 0 {
-                self.lag
-                    .with_label_values(&[self.topic.as_str(), &partition.to_string()])
-                    .set(p.consumer_lag);
+                self.metrics.emit(ConsumerLag {
+                    topic: &self.topic,
+                    partition: *partition,
+                    lag: p.consumer_lag,
+                });
             }
         }
     }
@@ -145,10 +148,10 @@ impl ConsumerContext for SourceContext {
                     let mut offsets = self.offsets();
                     for e in tpl.elements_for_topic(&self.topic) {
                         revoked.push(e.partition());
-                        let _ = self.lag.remove_label_values(&[
-                            self.topic.as_str(),
-                            &e.partition().to_string(),
-                        ]);
+                        self.metrics.emit(PartitionRevoked {
+                            topic: &self.topic,
+                            partition: e.partition(),
+                        });
                         if let Some(point) = offsets.revoke(e.partition())
                             && !lost
                         {
@@ -197,12 +200,12 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Joins `kafka.group` and subscribes to `topic`; reports consumer lag on `lag`. With
+    /// Joins `kafka.group` and subscribes to `topic`; reports consumer lag to `metrics`. With
     /// `transactions` (exactly-once mode) offsets are committed in each batch's transaction.
     pub fn subscribe(
         kafka: &KafkaConfig,
         topic: &str,
-        lag: IntGaugeVec,
+        metrics: Arc<Metrics>,
         transactions: Option<Arc<Transactions>>,
     ) -> Result<Self, SourceError> {
         let group = kafka.group.as_deref().unwrap_or("weir");
@@ -242,7 +245,7 @@ impl KafkaSource {
                 .get("auto.offset.reset")
                 .is_none_or(|v| matches!(v.as_str(), "earliest" | "smallest" | "beginning")),
             offsets: offsets.clone(),
-            lag,
+            metrics,
             transactions: transactions.clone(),
         };
         let consumer: StreamConsumer<SourceContext> = config
@@ -345,11 +348,11 @@ struct KafkaAck {
 }
 
 impl Ack for KafkaAck {
-    fn begin(&mut self) -> AckStep<'_, ()> {
+    fn begin(&mut self) -> AckStep<'_, Lane> {
         Box::pin(async move {
             match &mut self.transaction {
                 Some(transaction) => transaction.begin().await,
-                None => Ok(()),
+                None => Ok(Lane::default()),
             }
         })
     }

@@ -16,7 +16,7 @@ use super::{KafkaProducer, KafkaSink, LogContext, TopicRecord, client_config};
 use crate::config::KafkaConfig;
 use crate::record::Output;
 use crate::record::headers;
-use crate::sink::Sink;
+use crate::sink::{Lane, Sink};
 
 /// How long the topic must stay quiet before it counts as read to its end.
 const QUIET: Duration = Duration::from_secs(2);
@@ -163,7 +163,7 @@ pub async fn replay(
         });
         done.published += 1;
     }
-    sink.send(outputs).await?;
+    sink.send(outputs, Lane::default()).await?;
     sink.flush().await?;
     Ok(done)
 }

@@ -1,5 +1,7 @@
 //! Everything Kafka, in one module:
 //!
+//! - `connect.rs`: a pipeline's clients made from its [`KafkaPlan`] (topics, group,
+//!   exactly-once slot, retry topic);
 //! - `consumer.rs`: [`KafkaSource`], a topic consumed as one worker of a consumer group,
 //!   committing offsets only over finished records (`offsets.rs` tracks them);
 //! - `producer.rs`: [`KafkaProducer`], and the topic sinks of outputs ([`KafkaSink`]) and
@@ -12,12 +14,14 @@
 //! user's `kafka.options` as they are), the client context that routes librdkafka's logs
 //! and errors into `tracing`, and the start-up reachability check.
 
+mod connect;
 mod consumer;
 pub mod dlq_topic;
 mod offsets;
 mod producer;
 mod transactions;
 
+pub use connect::{Clients, Connected, KafkaPlan};
 pub use consumer::KafkaSource;
 pub use producer::{DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink};
 pub use transactions::Transactions;

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,7 +31,7 @@ use super::{LogContext, owned_headers};
 use crate::config::KafkaConfig;
 use crate::record::DeadLetter;
 use crate::record::Output;
-use crate::sink::{DeadLetterSink, Durable, Sink, SinkError, check_destination};
+use crate::sink::{DeadLetterSink, Durable, Lane, Sink, SinkError, check_destination};
 
 /// Sends of one message, in all, before the worker gives up and stops (for failures that
 /// are not the broker being away).
@@ -69,13 +68,11 @@ fn sink_error(what: String, e: impl Into<Box<dyn std::error::Error + Send + Sync
 }
 
 /// The producer both sinks share. In exactly-once mode it is two transactional producers
-/// that take turns (`transactions.rs`): sends go to the one whose transaction the
-/// batch being written joined.
+/// that take turns (`transactions.rs`): a batch's sends go to the one whose transaction it
+/// joined, the [`Lane`] its acknowledgement's `begin` returned.
 #[derive(Clone)]
 pub struct KafkaProducer {
     producers: Arc<[FutureProducer<LogContext>]>,
-    /// The index of the producer sends go to now.
-    writing: Arc<AtomicUsize>,
     transactional: bool,
 }
 
@@ -87,7 +84,6 @@ impl KafkaProducer {
             .map_err(|e| sink_error("kafka producer".into(), crate::kafka::creation_error(e)))?;
         Ok(Self {
             producers: Arc::new([producer]),
-            writing: Arc::default(),
             transactional: false,
         })
     }
@@ -122,7 +118,6 @@ impl KafkaProducer {
             .collect::<Result<Arc<[_]>, SinkError>>()?;
         Ok(Self {
             producers,
-            writing: Arc::default(),
             transactional: true,
         })
     }
@@ -132,13 +127,9 @@ impl KafkaProducer {
         &self.producers
     }
 
-    /// Sends go to producer `index` from now on.
-    pub fn write_to(&self, index: usize) {
-        self.writing.store(index, Ordering::Relaxed);
-    }
-
-    fn writing(&self) -> &FutureProducer<LogContext> {
-        &self.producers[self.writing.load(Ordering::Relaxed)]
+    /// The producer of `lane`.
+    fn of(&self, lane: Lane) -> &FutureProducer<LogContext> {
+        &self.producers[lane.0]
     }
 
     /// The error that ended a producer, if one did (a transactional producer that was
@@ -174,27 +165,25 @@ impl Deliveries {
         }
     }
 
-    /// Enqueues a message; waits while librdkafka's queue is full.
+    /// Enqueues a message to the producer of `lane`; waits while librdkafka's queue is full.
     async fn send(
         &mut self,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-        headers: OwnedHeaders,
+        lane: Lane,
+        record: FutureRecord<'_, [u8], [u8]>,
     ) -> Result<(), SinkError> {
-        let record = record(topic, key, value, headers);
-        let delivery = enqueue(self.producer.writing(), record).await?;
+        let delivery = enqueue(self.producer.of(lane), record).await?;
         self.pending.push((delivery, 1));
         Ok(())
     }
 
     /// The deliveries so far, confirmed (or failed for good) when the future completes.
     fn seal(&mut self) -> Durable {
-        let producer = self.producer.writing().clone();
         let pending = std::mem::take(&mut self.pending);
         if !self.resend {
             return Box::pin(confirm_once(pending));
         }
+        // Not in a transaction: one producer sends again what failed.
+        let producer = self.producer.of(Lane::default()).clone();
         Box::pin(confirm(producer, pending, self.circuit.clone()))
     }
 }
@@ -363,16 +352,15 @@ impl Sink for KafkaSink {
         Ok(())
     }
 
-    async fn send(&mut self, outputs: Vec<Output>) -> Result<(), SinkError> {
+    async fn send(&mut self, outputs: Vec<Output>, lane: Lane) -> Result<(), SinkError> {
         for output in outputs {
             let topic = match &output.destination {
                 Some(dest) => self.destinations.get(dest).unwrap_or(&self.topic),
                 None => &self.topic,
             };
             let headers = owned_headers(&output.headers);
-            self.deliveries
-                .send(topic, output.key.as_deref(), &output.value, headers)
-                .await?;
+            let record = record(topic, output.key.as_deref(), &output.value, headers);
+            self.deliveries.send(lane, record).await?;
         }
         Ok(())
     }
@@ -404,13 +392,12 @@ impl KafkaDeadLetters {
 
 #[async_trait]
 impl DeadLetterSink for KafkaDeadLetters {
-    async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError> {
+    async fn send(&mut self, letters: Vec<DeadLetter>, lane: Lane) -> Result<(), SinkError> {
         for letter in letters {
             let headers = owned_headers(&letter.headers());
-            let record = &letter.record;
-            self.deliveries
-                .send(&self.topic, record.key.as_deref(), &record.value, headers)
-                .await?;
+            let dead = &letter.record;
+            let message = record(&self.topic, dead.key.as_deref(), &dead.value, headers);
+            self.deliveries.send(lane, message).await?;
         }
         Ok(())
     }
@@ -456,7 +443,9 @@ mod tests {
             value: b"v".to_vec(),
             headers: vec![("h".into(), b"1".to_vec())],
         };
-        sink.send(vec![output]).await.expect("enqueued");
+        sink.send(vec![output], Lane::default())
+            .await
+            .expect("enqueued");
         let flushing = tokio::time::timeout(Duration::from_secs(2), sink.flush()).await;
         assert!(flushing.is_err(), "no broker: still probing, not failed");
         assert_eq!(circuit.get(), 1);

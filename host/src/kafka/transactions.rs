@@ -38,7 +38,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounterVec;
 use rdkafka::Offset;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -49,6 +48,8 @@ use super::consumer::{Position, SourceContext};
 use super::offsets::OffsetTracker;
 use super::producer::KafkaProducer;
 use super::{LogContext, offset_list};
+use crate::metrics::{ExactlyOnceStarted, Metrics, TransactionEnded, TransactionResult};
+use crate::sink::Lane;
 use crate::source::SourceError;
 
 /// How many ended transactions' outcomes are kept for members that look late.
@@ -217,22 +218,20 @@ pub struct Transactions {
     ended: watch::Sender<Ended>,
     /// Told each time a member's records are delivered (or failed).
     delivered: Notify,
-    /// `weir_transactions_total{result}`.
-    results: IntCounterVec,
+    /// Where `weir_transactions_total{result}` is counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Transactions {
     /// `producer` holds the two transactional producers that take turns.
-    pub fn new(producer: &KafkaProducer, results: IntCounterVec) -> Arc<Self> {
-        for result in ["committed", "aborted", "fenced"] {
-            results.with_label_values(&[result]);
-        }
+    pub fn new(producer: &KafkaProducer, metrics: Arc<Metrics>) -> Arc<Self> {
+        metrics.emit(ExactlyOnceStarted);
         Arc::new(Self {
             producer: producer.clone(),
             open: Mutex::new(Open::default()),
             ended: watch::Sender::new(Ended::default()),
             delivered: Notify::new(),
-            results,
+            metrics,
         })
     }
 
@@ -252,8 +251,8 @@ impl Transactions {
         true
     }
 
-    fn count(&self, result: &str) {
-        self.results.with_label_values(&[result]).inc();
+    fn count(&self, result: TransactionResult) {
+        self.metrics.emit(TransactionEnded(result));
     }
 
     /// Ends transaction `id` on `producer`, and its members learn how. The transaction
@@ -359,8 +358,8 @@ impl BatchTransaction {
 
     /// Joins the newest open transaction, or begins one on a producer that has none once
     /// every record of the open ones is delivered; waits otherwise. The batch's records go
-    /// to that transaction's producer.
-    pub(super) async fn begin(&mut self) -> Result<(), SourceError> {
+    /// to that transaction's producer: the lane returned.
+    pub(super) async fn begin(&mut self) -> Result<Lane, SourceError> {
         let transactions = &self.transactions;
         loop {
             let mut ended = transactions.ended.subscribe();
@@ -375,8 +374,7 @@ impl BatchTransaction {
                 if let Some(group) = open.newest().filter(|g| !g.closing) {
                     group.members += 1;
                     self.joined = Some(group.id);
-                    transactions.producer.write_to(group.producer);
-                    return Ok(());
+                    return Ok(Lane(group.producer));
                 }
                 // The other producer's records reach a partition's log in the order they are
                 // delivered: a record sent now could land before one of an open transaction
@@ -395,9 +393,8 @@ impl BatchTransaction {
                     let id = open.last_id;
                     open.on[free] = Some(Group::new(id, free, after));
                     self.joined = Some(id);
-                    transactions.producer.write_to(free);
                     tracing::debug!(topic = %self.topic, id, producer = free, "transaction begun");
-                    return Ok(());
+                    return Ok(Lane(free));
                 }
             }
             // Both are closing, or records are still in flight: wait for one to end, or for
@@ -564,7 +561,7 @@ impl BatchTransaction {
         match committed {
             Ok(Ok(())) => {
                 tracing::debug!(topic = %self.topic, members, "transaction committed");
-                self.transactions.count("committed");
+                self.transactions.count(TransactionResult::Committed);
                 Outcome::Committed
             }
             // A retriable failure left here came from sending the offsets (nothing is
@@ -573,7 +570,7 @@ impl BatchTransaction {
             Ok(Err(e)) if requires_abort(&e) || retriable(&e) => {
                 tracing::warn!(topic = %self.topic, fenced = fenced(&e), "transaction failed ({e}): aborted, its records are read again");
                 if fenced(&e) {
-                    self.transactions.count("fenced");
+                    self.transactions.count(TransactionResult::Fenced);
                 }
                 self.abort_and_read_again(producer, first).await
             }
@@ -594,7 +591,7 @@ impl BatchTransaction {
             Ok(Err(e)) => return Outcome::Failed(format!("aborting a transaction: {e}")),
             Err(e) => return Outcome::Failed(format!("the abort task failed: {e}")),
         }
-        self.transactions.count("aborted");
+        self.transactions.count(TransactionResult::Aborted);
         let again: Vec<(i32, i64)> = {
             let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
             let again: Vec<(i32, i64)> = from

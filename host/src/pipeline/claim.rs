@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::fate::{self, Failed};
-use super::in_flight::{Hold, InFlight};
+use super::in_flight::{Finished, Hold, InFlight};
 use super::take::Taken;
 use super::{PipelineError, Shared};
 use crate::clock::now_ms;
+use crate::metrics::{LeasesAcquired, LeasesContended};
 use crate::record::{DeadLetter, Record};
 use crate::source::Ack;
 use crate::state::Claim;
@@ -21,22 +22,29 @@ const CONCURRENT_CLAIMS: usize = 4;
 /// How long a record whose lease another worker holds waits before it is claimed again.
 const PARKED_RECHECK: Duration = Duration::from_millis(200);
 
-/// What the claim decided for a batch. Records without a fate yet are in `work`.
+/// What the claim decided for a batch: the records the plugin is to see, and those that
+/// have a fate already.
 pub(super) struct Claimed {
+    /// The batch's ids, by position.
     pub ids: Vec<String>,
     pub hold: Hold,
     pub ack: Box<dyn Ack>,
-    /// The records the plugin is to see, and (index in the batch, fence) of each.
-    pub work: Vec<Record>,
-    pub to_run: Vec<(usize, u64)>,
+    pub to_run: Vec<Admitted>,
     /// Dead letters decided before the plugin (records the source could not read).
     pub letters: Vec<DeadLetter>,
-    /// (id, fence) of every record with a fate, and where it sits in the batch.
-    pub finished: Vec<(String, u64)>,
-    pub finished_at: Vec<usize>,
+    pub finished: Vec<Finished>,
     pub deduplicated: u64,
-    /// Whether a record of `work` was in the plugin when a worker died (they run alone).
+    /// Whether a record of `to_run` was in the plugin when a worker died (they run alone).
     pub suspect: bool,
+}
+
+/// A record the claim lets through to the plugin.
+pub(super) struct Admitted {
+    pub record: Record,
+    /// Where it sits in the batch: its id is `ids[at]`.
+    pub at: usize,
+    /// Its lease's fencing token.
+    pub fence: u64,
 }
 
 impl Shared {
@@ -100,11 +108,9 @@ impl Shared {
             ids: Vec::new(),
             hold,
             ack,
-            work: Vec::with_capacity(n),
             to_run: Vec::with_capacity(n),
             letters: Vec::new(),
             finished: Vec::with_capacity(n),
-            finished_at: Vec::with_capacity(n),
             deduplicated: 0,
             suspect: false,
         };
@@ -122,13 +128,19 @@ impl Shared {
                     let stable = self.plugin.current();
                     let letter = fate::dead_letter(stable.meta(), incoming.record, &ids[i], failed);
                     claimed.letters.push(letter);
-                    claimed.finished.push((ids[i].clone(), fence));
-                    claimed.finished_at.push(i);
+                    claimed.finished.push(Finished {
+                        id: ids[i].clone(),
+                        fence,
+                        at: i,
+                    });
                 }
                 None => {
                     claimed.suspect |= crashes > 0;
-                    claimed.work.push(incoming.record);
-                    claimed.to_run.push((i, fence));
+                    claimed.to_run.push(Admitted {
+                        record: incoming.record,
+                        at: i,
+                        fence,
+                    });
                 }
             }
         }
@@ -163,7 +175,9 @@ impl Shared {
                 .filter(|c| matches!(c, Claim::Leased { .. }))
                 .count() as u64
         };
-        self.metrics.lease_acquired.inc_by(acquired(&claims));
+        (self.metrics).emit(LeasesAcquired {
+            count: acquired(&claims),
+        });
         let mut last_renewal = Instant::now();
         loop {
             let parked: Vec<usize> = (0..ids.len())
@@ -172,7 +186,9 @@ impl Shared {
             if parked.is_empty() {
                 return Ok(claims);
             }
-            self.metrics.lease_contended.inc_by(parked.len() as u64);
+            (self.metrics).emit(LeasesContended {
+                count: parked.len() as u64,
+            });
             tokio::time::sleep(PARKED_RECHECK).await;
             // Keep the leases already taken while the parked records wait.
             if let Some(every) = self.settings.lease_renewal
@@ -191,7 +207,9 @@ impl Shared {
             }
             let again: Vec<String> = parked.iter().map(|&i| ids[i].clone()).collect();
             let reclaimed = self.state.claim(&again).await?;
-            self.metrics.lease_acquired.inc_by(acquired(&reclaimed));
+            (self.metrics).emit(LeasesAcquired {
+                count: acquired(&reclaimed),
+            });
             for (i, claim) in parked.into_iter().zip(reclaimed) {
                 claims[i] = claim;
             }

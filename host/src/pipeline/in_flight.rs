@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::PipelineError;
-use crate::metrics::Metrics;
+use crate::metrics::{LeasesLost, Metrics, RecordsDeduplicated, VersionFates};
 use crate::record::ErrorClass;
 use crate::sink::Durable;
 use crate::source::Ack;
@@ -150,13 +150,20 @@ pub(super) struct Tally {
     pub parked: u64,
 }
 
+/// A record with a fate, waiting for its done mark.
+pub(super) struct Finished {
+    pub id: String,
+    /// Its lease's fencing token: the done mark is written only while the lease is ours.
+    pub fence: u64,
+    /// Where it sits in the batch, for the source's acknowledgement.
+    pub at: usize,
+}
+
 /// The rest of a batch's lifecycle once its writes are sent: durable, marked done,
 /// acknowledged, counted.
 pub(super) struct Completion {
     pub writes: [Durable; 2],
-    /// (id, fence) of every record that has a fate, and where it sits in the batch.
-    pub finished: Vec<(String, u64)>,
-    pub finished_at: Vec<usize>,
+    pub finished: Vec<Finished>,
     /// (id, fence) of the records parked in the retry topic: their leases are released.
     pub released: Vec<(String, u64)>,
     pub ack: Box<dyn Ack>,
@@ -184,10 +191,11 @@ impl Completion {
         }
         let mut unfinished = Vec::new();
         if !self.finished.is_empty() {
-            let held = self.state.finish(&self.finished).await?;
-            for ((id, fence), (&i, held)) in
-                self.finished.iter().zip(self.finished_at.iter().zip(held))
-            {
+            let (marks, at): (Vec<(String, u64)>, Vec<usize>) = (self.finished.into_iter())
+                .map(|f| ((f.id, f.fence), f.at))
+                .unzip();
+            let held = self.state.finish(&marks).await?;
+            for ((id, fence), (i, held)) in marks.iter().zip(at.into_iter().zip(held)) {
                 if !held {
                     tracing::warn!(
                         record_id = %id,
@@ -197,25 +205,26 @@ impl Completion {
                     unfinished.push(i);
                 }
             }
-            self.metrics.lease_lost.inc_by(unfinished.len() as u64);
+            (self.metrics).emit(LeasesLost {
+                count: unfinished.len() as u64,
+            });
         }
         self.state.release(&self.released).await?;
         ack.ack(&unfinished);
         drop(self.hold);
 
         let (metrics, counts) = (&self.metrics, self.counts);
-        metrics.records_deduplicated.inc_by(counts.deduplicated);
+        metrics.emit(RecordsDeduplicated {
+            count: counts.deduplicated,
+        });
         for (version, tally) in counts.by_version {
-            metrics.records_processed.inc_by(tally.processed);
-            metrics.records_parked.inc_by(tally.parked);
-            metrics.records_out.inc_by(tally.records_out);
-            metrics.count_version(version, tally.processed, tally.records_out, &tally.dead);
-            for class in tally.dead {
-                metrics
-                    .records_dead_lettered
-                    .with_label_values(&[class.as_str()])
-                    .inc();
-            }
+            metrics.emit(VersionFates {
+                version,
+                processed: tally.processed,
+                records_out: tally.records_out,
+                parked: tally.parked,
+                dead: &tally.dead,
+            });
         }
         Ok(())
     }

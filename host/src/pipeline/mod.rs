@@ -40,7 +40,7 @@ pub use parking::ParkedSource;
 pub use retry::Backoff;
 
 use self::in_flight::Holds;
-use crate::metrics::{Metrics, Summary};
+use crate::metrics::{Metrics, PluginActivated, Summary};
 use crate::record::IdSpec;
 use crate::runtime::{ActivePlugin, LoadError};
 use crate::sink::{DeadLetterSink, Sink, SinkError};
@@ -102,7 +102,7 @@ impl Pipeline {
     /// are finished first), and returns the summary.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, PipelineError> {
         let started = Instant::now();
-        self.metrics.set_active_plugin(self.plugin.current().meta());
+        (self.metrics).emit(PluginActivated(self.plugin.current().meta()));
         let Pipeline {
             plugin,
             source,

@@ -5,6 +5,7 @@ use std::future::Future;
 use tokio::sync::mpsc;
 
 use super::{PipelineError, Shared};
+use crate::metrics::RecordsTaken;
 use crate::record::record_id;
 use crate::source::{Ack, Incoming, Source};
 
@@ -35,7 +36,9 @@ impl Shared {
                 batch = source.next_batch(self.settings.batch_size) => batch?,
             };
             let Some(batch) = batch else { break };
-            self.metrics.records_in.inc_by(batch.len() as u64);
+            (self.metrics).emit(RecordsTaken {
+                count: batch.len() as u64,
+            });
             let ids = batch
                 .iter()
                 .map(|inc| {

@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::claim::Claimed;
+use super::claim::{Admitted, Claimed};
 use super::fate::{self, Verdict};
 use super::parking::Parked;
 use super::{PipelineError, Shared};
 use crate::clock::now_ms;
-use crate::record::{Record, SourceMeta};
+use crate::metrics::{PluginCalled, RetriesStarted};
+use crate::record::Record;
 use crate::runtime::{Outcome, Plugin, Routing};
 
 /// A claimed batch after the plugin: a verdict for each record of `work`.
@@ -26,22 +27,6 @@ pub(super) struct Transformed {
     pub on_canary: Vec<bool>,
 }
 
-/// A stand-in for a record moved out for a retry.
-fn placeholder() -> Record {
-    Record {
-        key: None,
-        value: Vec::new(),
-        headers: Vec::new(),
-        timestamp_ms: None,
-        source: SourceMeta {
-            stream: String::new(),
-            partition: 0,
-            offset: 0,
-            attempt: 0,
-        },
-    }
-}
-
 impl Shared {
     pub(super) async fn transform_stage(
         self: Arc<Self>,
@@ -49,7 +34,10 @@ impl Shared {
         out: mpsc::Sender<Transformed>,
     ) -> Result<(), PipelineError> {
         while let Some(mut claimed) = input.recv().await {
-            let work = std::mem::take(&mut claimed.work);
+            // The plugin takes the records by value and hands them back.
+            let work: Vec<Record> = (claimed.to_run.iter_mut())
+                .map(|admitted| std::mem::take(&mut admitted.record))
+                .collect();
             let running = async {
                 // A quarantined plugin with nothing to fall back to: the batch waits (its
                 // leases renewed) until an operator activates a version.
@@ -57,17 +45,13 @@ impl Shared {
                 // The batch runs on these versions to the end, retries included.
                 let routing = self.plugin.routing();
                 let on_canary: Vec<bool> = match &routing.canary {
-                    Some(canary) => claimed
-                        .to_run
-                        .iter()
-                        .map(|&(i, _)| canary.takes(&claimed.ids[i]))
+                    Some(canary) => (claimed.to_run.iter())
+                        .map(|admitted| canary.takes(&claimed.ids[admitted.at]))
                         .collect(),
                     None => Vec::new(),
                 };
-                let ids: Vec<&str> = claimed
-                    .to_run
-                    .iter()
-                    .map(|&(i, _)| claimed.ids[i].as_str())
+                let ids: Vec<&str> = (claimed.to_run.iter())
+                    .map(|admitted| claimed.ids[admitted.at].as_str())
                     .collect();
                 let (work, verdicts) = self
                     .invoke_guarded(&routing, &on_canary, work, &ids, claimed.suspect)
@@ -77,7 +61,9 @@ impl Shared {
             let (work, verdicts, routing, on_canary) = self
                 .renewing(&claimed.ids, &claimed.to_run, running)
                 .await??;
-            claimed.work = work;
+            for (admitted, record) in claimed.to_run.iter_mut().zip(work) {
+                admitted.record = record;
+            }
             let transformed = Transformed {
                 claimed,
                 verdicts,
@@ -127,12 +113,12 @@ impl Shared {
         Ok((records, verdicts))
     }
 
-    /// Awaits `work`, renewing the leases of the records at `to_run` (index in `ids`, fence)
+    /// Awaits `work`, renewing the leases of the records `to_run` (whose ids are in `ids`)
     /// meanwhile, so a slow batch keeps them.
     async fn renewing<T>(
         &self,
         ids: &[String],
-        to_run: &[(usize, u64)],
+        to_run: &[Admitted],
         work: impl Future<Output = T>,
     ) -> Result<T, PipelineError> {
         let Some(every) = self.settings.lease_renewal.filter(|_| !to_run.is_empty()) else {
@@ -147,9 +133,8 @@ impl Shared {
                 out = &mut work => return Ok(out),
                 _ = tick.tick() => {
                     if leases.is_empty() {
-                        leases = to_run
-                            .iter()
-                            .map(|&(i, fence)| (ids[i].clone(), fence))
+                        leases = (to_run.iter())
+                            .map(|admitted| (ids[admitted.at].clone(), admitted.fence))
                             .collect();
                     }
                     let held = self.state.renew(&leases).await?;
@@ -178,20 +163,12 @@ impl Shared {
             (records, outcomes)
         })
         .await?;
-        self.metrics
-            .plugin_invocation_duration
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
         let outcomes = outcomes?;
-        for outcome in &outcomes {
-            if let Outcome::Failed(f) = outcome
-                && f.class.is_plugin_fault()
-            {
-                self.metrics
-                    .plugin_traps
-                    .with_label_values(&[f.class.as_str()])
-                    .inc();
-            }
-        }
+        (self.metrics).emit(PluginCalled {
+            elapsed,
+            outcomes: &outcomes,
+        });
         Ok((records, outcomes))
     }
 
@@ -281,11 +258,13 @@ impl Shared {
             }
             tokio::time::sleep(delay).await;
             attempts += 1;
-            self.metrics.retries.inc_by(pending.len() as u64);
+            (self.metrics).emit(RetriesStarted {
+                count: pending.len() as u64,
+            });
             let retry: Vec<Record> = pending
                 .iter()
                 .map(|&(i, _)| {
-                    let mut record = std::mem::replace(&mut records[i], placeholder());
+                    let mut record = std::mem::take(&mut records[i]);
                     record.source.attempt = attempts;
                     record
                 })

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::claim::Claimed;
+use super::claim::{Admitted, Claimed};
 use super::fate::{self, Verdict};
-use super::in_flight::{Completion, Counts, InFlight, Tally};
+use super::in_flight::{Completion, Counts, Finished, InFlight, Tally};
 use super::parking::Parked;
 use super::transform::Transformed;
 use super::{PipelineError, Shared};
@@ -63,7 +63,7 @@ impl Shared {
             routing,
             on_canary,
         } = batch;
-        let work = std::mem::take(&mut claimed.work);
+        let to_run = std::mem::take(&mut claimed.to_run);
         let ids = &mut claimed.ids;
         let stable = routing.stable.meta();
         let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());
@@ -72,11 +72,11 @@ impl Shared {
         let mut outputs = Vec::new();
         let mut released = Vec::new();
         let mut tallies: BTreeMap<u64, Tally> = BTreeMap::new();
-        let records = work.into_iter().zip(verdicts).zip(&claimed.to_run);
-        for (k, ((record, verdict), &(i, fence))) in records.enumerate() {
+        for (k, (admitted, verdict)) in to_run.into_iter().zip(verdicts).enumerate() {
+            let Admitted { record, at, fence } = admitted;
             let on_canary = on_canary.get(k).copied().unwrap_or(false);
             let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
-            let id = &ids[i];
+            let id = &ids[at];
             let attempts = record.source.attempt;
             let verdict = match verdict {
                 Verdict::Outputs(outs) => fate::checked(outs, |o| sink.check(o), attempts, now),
@@ -117,8 +117,11 @@ impl Shared {
                 }
             }
             // The id is not needed here any more: it moves on to its done mark.
-            claimed.finished.push((std::mem::take(&mut ids[i]), fence));
-            claimed.finished_at.push(i);
+            claimed.finished.push(Finished {
+                id: std::mem::take(&mut ids[at]),
+                fence,
+                at,
+            });
         }
         for letter in &claimed.letters {
             let tally = tallies.entry(letter.error.plugin_version).or_default();
@@ -140,7 +143,6 @@ impl Shared {
         Completion {
             writes,
             finished: claimed.finished,
-            finished_at: claimed.finished_at,
             released,
             ack: claimed.ack,
             hold: claimed.hold,
@@ -165,10 +167,10 @@ async fn send(
     outputs: Vec<Output>,
     letters: Vec<DeadLetter>,
 ) -> Result<[Durable; 2], PipelineError> {
-    ack.begin().await?;
+    let lane = ack.begin().await?;
     let sent = async {
-        sink.send(outputs).await?;
-        dlq.send(letters).await?;
+        sink.send(outputs, lane).await?;
+        dlq.send(letters, lane).await?;
         Ok::<_, SinkError>([sink.seal().await?, dlq.seal().await?])
     };
     Ok(sent.await.unwrap_or_else(|failed| {

@@ -12,7 +12,7 @@ pub type Header = (String, Vec<u8>);
 pub type Config = Vec<(String, String)>;
 
 /// Where a record came from.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Eq)]
+#[derive(ComponentType, Lift, Lower, Debug, Clone, Default, PartialEq, Eq)]
 #[component(record)]
 pub struct SourceMeta {
     /// Kafka topic, or the input file path (`-` for stdin).
@@ -27,7 +27,7 @@ pub struct SourceMeta {
 }
 
 /// One input record.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Eq)]
+#[derive(ComponentType, Lift, Lower, Debug, Clone, Default, PartialEq, Eq)]
 #[component(record)]
 pub struct Record {
     pub key: Option<Vec<u8>>,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{DeadLetterSink, Sink, SinkError, check_destination};
+use super::{DeadLetterSink, Lane, Sink, SinkError, check_destination};
 use crate::config::LineFormat;
 use crate::record::Output;
 use crate::record::json::RecordJson;
@@ -113,7 +113,7 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    async fn send(&mut self, outputs: Vec<Output>) -> Result<(), SinkError> {
+    async fn send(&mut self, outputs: Vec<Output>, _lane: Lane) -> Result<(), SinkError> {
         for output in outputs {
             let writer = match &output.destination {
                 Some(dest) => self.destinations.get_mut(dest).unwrap_or(&mut self.default),
@@ -159,7 +159,7 @@ impl FileDeadLetters {
 
 #[async_trait]
 impl DeadLetterSink for FileDeadLetters {
-    async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError> {
+    async fn send(&mut self, letters: Vec<DeadLetter>, _lane: Lane) -> Result<(), SinkError> {
         for letter in &letters {
             let line = serde_json::to_vec(&DeadLetterLine::from_letter(letter)).unwrap_or_default();
             self.writer.write_line(&line)?;

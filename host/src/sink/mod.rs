@@ -34,6 +34,13 @@ pub(crate) fn check_destination<T>(
     }
 }
 
+/// Which of a sink's writers a batch's records go to. In exactly-once mode the Kafka sinks
+/// write through two transactional producers that take turns, and the transaction the batch
+/// joined says which ([`Ack::begin`](crate::source::Ack::begin)); every other sink has one
+/// writer, `Lane::default()`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lane(pub usize);
+
 /// A sink failure that stops the run (cannot write or sync).
 #[derive(Debug, thiserror::Error)]
 #[error("{what}")]
@@ -58,8 +65,8 @@ pub trait Sink: Send {
     /// can hold). A refusal dead-letters the record as `bad_output` with this reason.
     fn check(&self, output: &Output) -> Result<(), String>;
 
-    /// Queues outputs for writing.
-    async fn send(&mut self, outputs: Vec<Output>) -> Result<(), SinkError>;
+    /// Queues outputs for writing through `lane`.
+    async fn send(&mut self, outputs: Vec<Output>, lane: Lane) -> Result<(), SinkError>;
 
     /// Returns once everything sent is durable.
     async fn flush(&mut self) -> Result<(), SinkError>;
@@ -75,7 +82,8 @@ pub trait Sink: Send {
 /// Receives dead letters.
 #[async_trait]
 pub trait DeadLetterSink: Send {
-    async fn send(&mut self, letters: Vec<DeadLetter>) -> Result<(), SinkError>;
+    /// Queues dead letters for writing through `lane`.
+    async fn send(&mut self, letters: Vec<DeadLetter>, lane: Lane) -> Result<(), SinkError>;
 
     /// Returns once everything sent is durable.
     async fn flush(&mut self) -> Result<(), SinkError>;

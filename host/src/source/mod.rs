@@ -14,7 +14,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 
 use crate::record::Record;
-use crate::sink::SinkError;
+use crate::sink::{Lane, SinkError};
 
 /// A record as the source read it.
 #[derive(Debug)]
@@ -70,9 +70,11 @@ pub trait Ack: Send {
     /// never past an unfinished one.
     fn ack(self: Box<Self>, unfinished: &[usize]);
 
-    /// Opens the batch's transaction; waits while another batch's is open.
-    fn begin(&mut self) -> AckStep<'_, ()> {
-        Box::pin(std::future::ready(Ok(())))
+    /// Opens the batch's transaction, or joins the open one; waits while it cannot. Says
+    /// which lane of the sinks the batch's outputs and dead letters go to: the producer of
+    /// that transaction.
+    fn begin(&mut self) -> AckStep<'_, Lane> {
+        Box::pin(std::future::ready(Ok(Lane::default())))
     }
 
     /// Commits what was sent since `begin` with the batch's position. `false`: the

@@ -245,7 +245,7 @@ impl RedisTarget {
 impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTarget")
-            .field("url", &crate::secrets::redact_url(&self.url))
+            .field("url", &crate::config::secrets::redact_url(&self.url))
             .field("ca_file", &self.ca_file)
             .finish()
     }
@@ -253,7 +253,7 @@ impl fmt::Debug for RedisTarget {
 
 impl fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::secrets::redact_url(&self.url))
+        f.write_str(&crate::config::secrets::redact_url(&self.url))
     }
 }
 

@@ -1,17 +1,14 @@
 //! Where a run reads, writes and keeps state: JSON-lines files and the embedded store, or
 //! Kafka topics and Redis.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::Config;
-use crate::kafka::{KafkaDeadLetters, KafkaProducer, KafkaSink, KafkaSource, Transactions};
-use crate::metrics::Metrics;
+use super::plan::{FilesPlan, Io, Plan, Store};
+use crate::kafka::{Clients, Connected, KafkaPlan, KafkaProducer};
+use crate::metrics::{Dependency, Metrics};
 use crate::pipeline::{CrashFiles, CrashGuard, ParkedSource};
-use crate::record::headers::RETRY_DESTINATION;
 use crate::sink::{DeadLetterSink, FileDeadLetters, FileSink, Sink};
 use crate::source::{FileSource, Source};
 use crate::state::{EmbeddedStore, RedisStore, StateStore};
@@ -40,180 +37,96 @@ pub(super) struct RetryEndpoints {
 }
 
 impl Endpoints {
+    /// The endpoints of `plan`; `restart` counts the Kafka clients made before in this
+    /// process (see `restarts.rs`).
+    pub(super) async fn open(
+        plan: &Plan,
+        metrics: &Arc<Metrics>,
+        restart: u32,
+    ) -> anyhow::Result<Self> {
+        match &plan.io {
+            Io::Files(files) => Self::files(files),
+            Io::Kafka(kafka) => Self::kafka(kafka, metrics, restart).await,
+        }
+    }
+
     /// Embedded mode: JSON-lines files.
-    pub(super) fn files(config: &Config) -> anyhow::Result<Self> {
-        let input = config
-            .source
-            .path
-            .clone()
-            .context("source.path is required")?;
-        let output = config.sink.path.clone().context("sink.path is required")?;
-        let dlq_path = config.dlq_file().context("sink.path is required")?;
+    fn files(files: &FilesPlan) -> anyhow::Result<Self> {
         Ok(Self {
             source: Box::new(
-                FileSource::open(&input, config.source.format)?.follow(config.source.follow),
+                FileSource::open(&files.input, files.input_format)?.follow(files.follow),
             ),
             partitions: None,
             sink: Box::new(FileSink::open(
-                &output,
-                &config.sink.destinations,
-                config.sink.format,
+                &files.output,
+                &files.destinations,
+                files.output_format,
             )?),
-            dlq: Box::new(FileDeadLetters::open(&dlq_path)?),
-            dlq_name: dlq_path.display().to_string(),
+            dlq: Box::new(FileDeadLetters::open(&files.dlq)?),
+            dlq_name: files.dlq.display().to_string(),
             transactional: Vec::new(),
             retry: None,
         })
     }
 
-    /// Waits for the brokers and the topics (saying what is missing), then joins the group.
-    /// `restart` counts the clients made before in this process (exactly-once mode: the
-    /// transactional id of a restart is `<id>.<restart>`, see `restarts.rs`).
-    pub(super) async fn kafka(
-        config: &Config,
-        metrics: &Metrics,
+    /// Cluster mode: Kafka topics; a retry topic's records come back through the retry
+    /// pipeline when they are due.
+    async fn kafka(
+        kafka: &KafkaPlan,
+        metrics: &Arc<Metrics>,
         restart: u32,
     ) -> anyhow::Result<Self> {
-        let input = config
-            .source
-            .topic
-            .clone()
-            .context("source.topic is required")?;
-        let output = config
-            .sink
-            .topic
-            .clone()
-            .context("sink.topic is required")?;
-        let dlq = config.dlq.topic.clone().context("dlq.topic is required")?;
-        let mut destinations: BTreeMap<String, String> = config
-            .sink
-            .destinations
-            .iter()
-            .map(|(name, topic)| (name.clone(), topic.display().to_string()))
-            .collect();
-        if let Some(retry) = &config.retry.topic {
-            destinations.insert(RETRY_DESTINATION.to_owned(), retry.clone());
-        }
-        let topics: Vec<String> = [&input, &output, &dlq]
-            .into_iter()
-            .chain(destinations.values())
-            .cloned()
-            .collect();
-        crate::kafka::wait_for_topics(&config.kafka, &topics).await?;
-        // Exactly-once: this slot's transactional id (`<id>.<restart>` after a restart).
-        let slot = match &config.kafka.transactional_id {
-            Some(id) if config.kafka.exactly_once && restart == 0 => Some(id.clone()),
-            Some(id) if config.kafka.exactly_once => Some(format!("{id}.{restart}")),
-            _ => None,
-        };
-        let mut transactional = Vec::new();
-        let (producer, transactions) = pipeline_producer(config, metrics, slot.clone()).await?;
-        transactional.extend(transactions.is_some().then(|| producer.clone()));
-        let source = KafkaSource::subscribe(
-            &config.kafka,
-            &input,
-            metrics.consumer_lag.clone(),
-            transactions,
-        )?;
-        let sink = |producer: &KafkaProducer| {
-            Box::new(KafkaSink::new(
-                producer,
-                &output,
-                destinations.clone(),
-                config.limits.max_output_bytes,
-                Some(metrics.circuit_open.with_label_values(&["sink"])),
-            ))
-        };
-        let dead_letters = |producer: &KafkaProducer| {
-            Box::new(KafkaDeadLetters::new(
-                producer,
-                &dlq,
-                Some(metrics.circuit_open.with_label_values(&["dlq"])),
-            ))
-        };
-        let retry = match &config.retry.topic {
-            Some(topic) => {
-                let mut kafka = config.kafka.clone();
-                kafka.group = kafka.group.map(|group| format!("{group}.retry"));
-                // Exactly-once: the retry consumer's offsets go into its own transactions.
-                let slot = slot.map(|id| format!("{id}-retry"));
-                let (producer, transactions) = pipeline_producer(config, metrics, slot).await?;
-                transactional.extend(transactions.is_some().then(|| producer.clone()));
-                let parked = KafkaSource::subscribe(
-                    &kafka,
-                    topic,
-                    metrics.consumer_lag.clone(),
-                    transactions,
-                )?;
-                Some(RetryEndpoints {
-                    source: Box::new(ParkedSource(Box::new(parked))),
-                    sink: sink(&producer),
-                    dlq: dead_letters(&producer),
-                })
-            }
-            None => None,
-        };
+        let Connected {
+            main,
+            retry,
+            transactional,
+        } = kafka.connect(metrics, restart).await?;
+        let Clients { source, sink, dlq } = main;
         Ok(Self {
             partitions: Some(Box::new(source.partitions())),
             source: Box::new(source),
-            sink: sink(&producer),
-            dlq: dead_letters(&producer),
-            dlq_name: format!("topic {dlq}"),
+            sink: Box::new(sink),
+            dlq: Box::new(dlq),
+            dlq_name: format!("topic {}", kafka.dlq),
             transactional,
-            retry,
+            retry: retry.map(|retry| RetryEndpoints {
+                source: Box::new(ParkedSource(Box::new(retry.source))),
+                sink: Box::new(retry.sink),
+                dlq: Box::new(retry.dlq),
+            }),
         })
     }
-}
-
-/// The producer of a pipeline: with a transactional id (exactly-once mode), a transactional
-/// one and its transactions; else an idempotent one.
-async fn pipeline_producer(
-    config: &Config,
-    metrics: &Metrics,
-    transactional_id: Option<String>,
-) -> anyhow::Result<(KafkaProducer, Option<Arc<Transactions>>)> {
-    let Some(id) = transactional_id else {
-        return Ok((KafkaProducer::new(&config.kafka)?, None));
-    };
-    eprintln!("weir: exactly-once: batches in transactions, transactional ids {id} and {id}/2");
-    let kafka = config.kafka.clone();
-    let producer =
-        tokio::task::spawn_blocking(move || KafkaProducer::transactional(&kafka, &id)).await??;
-    let transactions = Transactions::new(&producer, metrics.transactions.clone());
-    Ok((producer, Some(transactions)))
 }
 
 /// The state store: Redis when configured (and the store itself, for the crash guard),
 /// else the embedded one.
 pub(super) async fn state_store(
-    config: &Config,
-    pipeline_name: &str,
+    plan: &Plan,
     worker: &str,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<RedisStore>>)> {
-    let done_ttl =
-        (config.state.done_ttl_secs > 0).then(|| Duration::from_secs(config.state.done_ttl_secs));
-    Ok(match super::redis_target(config) {
-        Some(redis) => {
+    let state = &plan.state;
+    Ok(match &state.store {
+        Store::Redis(redis) => {
             let store = RedisStore::connect(
-                &redis,
-                pipeline_name,
+                redis,
+                &plan.pipeline_name,
                 worker,
-                Duration::from_millis(config.state.lease_ttl_ms),
-                done_ttl,
+                state.lease_ttl,
+                state.done_ttl,
             )
             .await?
-            .with_circuit_gauge(metrics.circuit_open.with_label_values(&["redis"]));
+            .with_circuit_gauge(metrics.circuit(Dependency::Redis));
             eprintln!("weir: worker {worker}: leases and done marks in Redis at {redis}");
             let store = Arc::new(store);
             (store.clone(), Some(store))
         }
-        None => {
+        Store::Embedded { cache_bytes } => {
             let store = EmbeddedStore::open(
-                &config.state.path,
-                pipeline_name,
-                done_ttl,
-                config.state.cache_bytes(),
+                &state.dir,
+                &plan.pipeline_name,
+                state.done_ttl,
+                *cache_bytes,
             )?;
             (Arc::new(store), None)
         }
@@ -224,18 +137,16 @@ pub(super) async fn state_store(
 /// the worker that takes over a dead one's records sees its crashes), else files in
 /// `<state.path>/crashes/<pipeline>`.
 pub(super) fn crash_guard(
-    config: &Config,
-    pipeline: &str,
+    plan: &Plan,
     redis: Option<Arc<RedisStore>>,
 ) -> anyhow::Result<Option<Arc<CrashGuard>>> {
-    let limit = config.pipeline.crash_loop_limit;
-    if limit == 0 {
+    let Some(limit) = plan.lifecycle.crash_loop_limit else {
         return Ok(None);
-    }
+    };
     let guard = match redis {
         Some(store) => CrashGuard::new(store, limit, false),
         None => {
-            let dir = config.state.path.join("crashes").join(pipeline);
+            let dir = plan.state.dir.join("crashes").join(&plan.pipeline_name);
             let files = CrashFiles::open(&dir)
                 .with_context(|| format!("crash log in {}", dir.display()))?;
             CrashGuard::new(Arc::new(files), limit, true)

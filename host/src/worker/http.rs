@@ -6,15 +6,15 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
+use super::plan::Plan;
 use crate::api::{self, AppState, PluginApi};
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 
 /// Serves metrics, and the plugin API, where addresses are configured; returns the flag
 /// `/readyz` reads.
 pub(super) async fn serve(
-    config: &Config,
+    plan: &Plan,
     metrics: &Arc<Metrics>,
     plugin_api: Option<Arc<PluginApi>>,
     tasks: &Tasks,
@@ -25,12 +25,12 @@ pub(super) async fn serve(
         ready: ready.clone(),
         api,
     };
-    if let Some(addr) = &config.metrics.addr {
+    if let Some(addr) = plan.metrics_addr {
         let bound = serve_on(addr, state(None), tasks).await?;
         eprintln!("weir: serving /metrics, /healthz, /readyz on http://{bound}");
     }
-    if let (Some(addr), Some(api)) = (&config.api.addr, plugin_api) {
-        let bound = serve_on(addr, state(Some(api)), tasks).await?;
+    if let (Some(api_plan), Some(api)) = (&plan.api, plugin_api) {
+        let bound = serve_on(api_plan.addr, state(Some(api)), tasks).await?;
         eprintln!(
             "weir: serving the plugin API on http://{bound}/v1 (and /metrics, /healthz, /readyz)"
         );
@@ -38,11 +38,8 @@ pub(super) async fn serve(
     Ok(ready)
 }
 
-async fn serve_on(addr: &str, state: AppState, tasks: &Tasks) -> anyhow::Result<SocketAddr> {
-    let parsed: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("`{addr}` is not a socket address"))?;
-    let (bound, server) = api::bind(parsed, state)
+async fn serve_on(addr: SocketAddr, state: AppState, tasks: &Tasks) -> anyhow::Result<SocketAddr> {
+    let (bound, server) = api::bind(addr, state)
         .await
         .with_context(|| format!("cannot serve on {addr}"))?;
     tasks.spawn(server);

@@ -1,4 +1,5 @@
-//! A worker: built from a validated configuration, then run until shutdown.
+//! A worker: built from its plan (the checked configuration, `plan.rs`), then run until
+//! shutdown.
 //!
 //! [`Worker::build`] takes every fallible step of start-up first (as Spin's trigger
 //! builder does): the runtime, the plugin (the registry's active version when the API is
@@ -8,6 +9,7 @@
 //! transactional producer was fenced (`restarts.rs`); sends heartbeats (`heartbeat.rs`);
 //! and stops every task it spawned before it returns.
 //!
+//! - `plan.rs`: the configuration checked and turned into typed values;
 //! - `endpoints.rs`: where a run reads, writes and keeps state: files and the embedded
 //!   store, or Kafka topics and Redis;
 //! - `plugin.rs`: the plugin a worker starts with, and the hot-swap control behind its API;
@@ -17,6 +19,7 @@
 mod endpoints;
 mod heartbeat;
 mod http;
+mod plan;
 mod plugin;
 mod replay;
 mod restarts;
@@ -26,23 +29,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::Context;
-
 use self::endpoints::{Endpoints, crash_guard, state_store};
+pub use self::plan::{ApiPlan, FilesPlan, Io, Lifecycle, Plan, PluginPlan, StatePlan, Store};
 pub use self::replay::{Replay, ReplayReport};
 use self::restarts::Restarts;
 use crate::cluster::WorkerInfo;
-use crate::config::{Config, Mode};
 use crate::metrics::{Metrics, Summary};
 use crate::pipeline::{Backoff, Pipeline, PipelineError, Settings};
-use crate::record::IdSpec;
 use crate::runtime::{ActivePlugin, Runtime};
-use crate::state::{RedisTarget, StateStore};
+use crate::state::StateStore;
 use crate::tasks::Tasks;
 
 /// A worker ready to run: everything that can fail at start-up has been done.
 pub struct Worker {
-    config: Config,
+    plan: Plan,
     plugin: Arc<ActivePlugin>,
     metrics: Arc<Metrics>,
     /// What `/readyz` answers.
@@ -50,8 +50,7 @@ pub struct Worker {
     endpoints: Endpoints,
     state: Arc<dyn StateStore>,
     settings: Settings,
-    /// The pipeline's name (leases, done marks, heartbeats) and this worker's.
-    pipeline_name: String,
+    /// This worker's name in leases and heartbeats.
     id: String,
     tasks: Tasks,
 }
@@ -64,53 +63,36 @@ pub struct Report {
 }
 
 impl Worker {
-    /// Sets up a worker from a validated configuration whose secrets are resolved.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let runtime = Arc::new(Runtime::new(&config.limits)?);
+    /// Sets up a worker from its plan, whose secrets are resolved.
+    pub async fn build(plan: Plan) -> anyhow::Result<Self> {
+        let runtime = Arc::new(Runtime::new(&plan.limits)?);
         let metrics = Arc::new(Metrics::new());
         let tasks = Tasks::default();
-        let (plugin, control) = plugin::start(&config, runtime, &metrics, &tasks).await?;
-        let ready = http::serve(&config, &metrics, control, &tasks).await?;
-        let pipeline_name = config
-            .pipeline
-            .name
-            .clone()
-            .unwrap_or_else(|| config.plugin_name());
+        let (plugin, control) = plugin::start(&plan, runtime, &metrics, &tasks).await?;
+        let ready = http::serve(&plan, &metrics, control, &tasks).await?;
         let id = worker_id();
-        let endpoints = match config.mode() {
-            Mode::Embedded => Endpoints::files(&config)?,
-            Mode::Kafka => Endpoints::kafka(&config, &metrics, 0).await?,
-        };
-        let (state, redis) = state_store(&config, &pipeline_name, &id, &metrics).await?;
+        let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
+        let (state, redis) = state_store(&plan, &id, &metrics).await?;
+        let lifecycle = &plan.lifecycle;
         let settings = Settings {
-            batch_size: config.pipeline.batch_size,
-            id: config
-                .pipeline
-                .id
-                .as_deref()
-                .map(IdSpec::parse)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
-            backoff: Backoff::new(config.retry.clone()),
+            batch_size: lifecycle.batch_size,
+            id: lifecycle.id.clone(),
+            backoff: Backoff::new(plan.retry.clone()),
             bypass_done: false,
-            progress: (config.pipeline.progress_secs > 0)
-                .then(|| Duration::from_secs(config.pipeline.progress_secs)),
-            lease_renewal: redis
-                .is_some()
-                .then(|| Duration::from_millis(config.state.lease_ttl_ms / 3)),
-            max_in_flight_batches: config.max_in_flight_batches(),
-            park_retryable: config.retry.topic.is_some(),
-            crash_guard: crash_guard(&config, &pipeline_name, redis)?,
+            progress: lifecycle.progress,
+            lease_renewal: redis.is_some().then(|| plan.state.lease_ttl / 3),
+            max_in_flight_batches: lifecycle.max_in_flight_batches,
+            park_retryable: plan.retry.topic.is_some(),
+            crash_guard: crash_guard(&plan, redis)?,
         };
         Ok(Self {
-            config,
+            plan,
             plugin,
             metrics,
             ready,
             endpoints,
             state,
             settings,
-            pipeline_name,
             id,
             tasks,
         })
@@ -122,21 +104,21 @@ impl Worker {
         tokio::pin!(shutdown);
         let info = self.info();
         let Self {
-            config,
+            plan,
             plugin,
             metrics,
             ready,
             mut endpoints,
             state,
             settings,
-            pipeline_name,
             id,
             tasks,
         } = self;
         let dead_letters = endpoints.dlq_name.clone();
         // The source's partitions, for heartbeats; a new source after a restart has its own.
         let partitions = Arc::new(Mutex::new(endpoints.partitions.take()));
-        let redis = redis_target(&config).filter(|_| config.mode() == Mode::Kafka);
+        // Heartbeats say which worker holds which partitions: cluster mode only.
+        let redis = (plan.redis().cloned()).filter(|_| matches!(plan.io, Io::Kafka(_)));
         if let Some(redis) = &redis {
             tasks.spawn(heartbeat::beat(info, redis.clone(), &plugin, &partitions));
         }
@@ -162,7 +144,7 @@ impl Worker {
             };
             drop(transactional);
             endpoints = tokio::select! {
-                connected = Endpoints::kafka(&config, &metrics, restart) => connected?,
+                connected = Endpoints::open(&plan, &metrics, restart) => connected?,
                 () = &mut shutdown => break Ok(metrics.summary(Duration::ZERO)),
             };
             *partitions.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -170,7 +152,7 @@ impl Worker {
         };
         tasks.stop().await;
         if let Some(redis) = &redis {
-            let _ = crate::cluster::sign_off(redis, &pipeline_name, &id).await;
+            let _ = crate::cluster::sign_off(redis, &plan.pipeline_name, &id).await;
         }
         Ok(Report {
             summary: summary?,
@@ -183,10 +165,13 @@ impl Worker {
         WorkerInfo {
             id: self.id.clone(),
             host: worker_host(),
-            pipeline: self.pipeline_name.clone(),
-            topic: self.config.source.topic.clone().unwrap_or_default(),
+            pipeline: self.plan.pipeline_name.clone(),
+            topic: match &self.plan.io {
+                Io::Kafka(kafka) => kafka.input.clone(),
+                Io::Files(_) => String::new(),
+            },
             partitions: Vec::new(),
-            plugin: self.config.plugin_name(),
+            plugin: self.plan.plugin.name.clone(),
             plugin_version: 0,
             plugin_digest: String::new(),
             last_seen_ms: 0,
@@ -233,12 +218,6 @@ async fn run_pipelines(
     Ok(summary)
 }
 
-/// The Redis of cluster mode, as configured.
-fn redis_target(config: &Config) -> Option<RedisTarget> {
-    let url = config.state.redis_url.clone()?;
-    Some(RedisTarget::new(url, config.state.redis_ca_file.clone()))
-}
-
 /// The machine's host name.
 fn worker_host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -257,13 +236,4 @@ fn worker_id() -> String {
         std::process::id(),
         rand::random::<u16>()
     )
-}
-
-/// The plugin file a worker was started with (`plugin.path`).
-fn plugin_path(config: &Config) -> anyhow::Result<&std::path::Path> {
-    config
-        .plugin
-        .path
-        .as_deref()
-        .context("plugin.path is required")
 }

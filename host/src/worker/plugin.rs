@@ -2,14 +2,13 @@
 //! plugin API, the registry's active version of its name, with the control that swaps
 //! versions while it runs.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 
+use super::plan::{ApiPlan, Plan, PluginPlan};
 use crate::api::{self, PluginApi};
-use crate::config::Config;
 use crate::control::{self, Control, Running};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -19,29 +18,26 @@ use crate::tasks::Tasks;
 /// The plugin to run, and the control behind the API when it is served. With the API, the
 /// control follows the registry from now on (every worker of a cluster swaps together).
 pub(super) async fn start(
-    config: &Config,
+    plan: &Plan,
     runtime: Arc<Runtime>,
     metrics: &Arc<Metrics>,
     tasks: &Tasks,
 ) -> anyhow::Result<(Arc<ActivePlugin>, Option<Arc<PluginApi>>)> {
-    let path = super::plugin_path(config)?;
-    let name = config.plugin_name();
-    let plugin_config: Vec<(String, String)> = config.plugin.config.clone().into_iter().collect();
-    if config.api.addr.is_none() {
-        let plugin = Plugin::load_file(&runtime, path, &name, 1, plugin_config)
+    let PluginPlan { path, name, config } = &plan.plugin;
+    let Some(api) = &plan.api else {
+        let plugin = Plugin::load_file(&runtime, path, name, 1, config.clone())
             .with_context(|| format!("plugin {}", path.display()))?;
         return Ok((Arc::new(ActivePlugin::new(plugin)), None));
-    }
-    let mut control = control(config, runtime, tasks).await?;
-    let (plugin, activations) =
-        active_version(&control, path, &name, plugin_config.clone()).await?;
+    };
+    let mut control = control(plan, api, runtime, tasks).await?;
+    let (plugin, activations) = active_version(&control, &plan.plugin).await?;
     let version = plugin.meta().version;
     let plugin = Arc::new(ActivePlugin::new(plugin));
     control.running = Some(Running {
-        name,
+        name: name.clone(),
         started: Instant::now(),
         active: plugin.clone(),
-        config: plugin_config,
+        config: config.clone(),
         metrics: metrics.clone(),
         applied: tokio::sync::Mutex::new((version, activations)),
         reserve: std::sync::Mutex::new(None),
@@ -49,42 +45,40 @@ pub(super) async fn start(
     let control = Arc::new(control);
     tasks.spawn(control::follow(control.clone()));
     tasks.spawn(control::watch_active(control.clone()));
-    Ok((plugin, Some(Arc::new(plugin_api(config, control)))))
+    Ok((plugin, Some(Arc::new(plugin_api(api, control)))))
 }
 
-/// The plugin API's registry, token and limits from the config. A cluster's workers share
-/// one registry in their Redis; an embedded worker keeps its own in a directory.
-async fn control(config: &Config, runtime: Arc<Runtime>, tasks: &Tasks) -> anyhow::Result<Control> {
-    let registry = match super::redis_target(config) {
-        Some(redis) => Registry::connect(&redis)
+/// The control behind the plugin API. A cluster's workers share one registry in their
+/// Redis; an embedded worker keeps its own in a directory.
+async fn control(
+    plan: &Plan,
+    api: &ApiPlan,
+    runtime: Arc<Runtime>,
+    tasks: &Tasks,
+) -> anyhow::Result<Control> {
+    let registry = match plan.redis() {
+        Some(redis) => Registry::connect(redis)
             .await
             .with_context(|| format!("plugin registry in the Redis at {redis}"))?,
         None => {
-            let dir = config
-                .api
-                .registry_path
-                .clone()
-                .unwrap_or_else(|| config.state.path.join("registry"));
-            Registry::open(&dir).with_context(|| format!("plugin registry in {}", dir.display()))?
+            let dir = &api.registry_dir;
+            Registry::open(dir).with_context(|| format!("plugin registry in {}", dir.display()))?
         }
     };
     Ok(Control {
         registry,
         runtime,
         running: None,
-        redis: super::redis_target(config),
-        canary: config.canary.clone(),
-        quarantine: config.quarantine.clone(),
+        redis: plan.redis().cloned(),
+        canary: plan.canary.clone(),
+        quarantine: plan.quarantine.clone(),
         tasks: tasks.clone(),
     })
 }
 
 /// The plugin API over `control`: who may use it, and its limits on uploads.
-fn plugin_api(config: &Config, control: Arc<Control>) -> PluginApi {
-    let admin_token = config
-        .api
-        .admin_token
-        .clone()
+fn plugin_api(api: &ApiPlan, control: Arc<Control>) -> PluginApi {
+    let admin_token = (api.admin_token.clone())
         .or_else(|| std::env::var(api::ADMIN_TOKEN_ENV).ok())
         .filter(|t| !t.is_empty());
     if admin_token.is_none() {
@@ -96,24 +90,19 @@ fn plugin_api(config: &Config, control: Arc<Control>) -> PluginApi {
     PluginApi {
         control,
         admin_token,
-        open_reads: config.api.open_reads,
-        compile_timeout: Duration::from_secs(config.api.compile_timeout_secs),
-        compile_memory_bytes: (config.api.compile_memory_mb > 0)
-            .then(|| config.api.compile_memory_mb.saturating_mul(1 << 20)),
-        max_upload_bytes: usize::try_from(config.api.max_upload_mb.saturating_mul(1 << 20))
-            .unwrap_or(usize::MAX),
+        open_reads: api.open_reads,
+        compile_timeout: api.compile_timeout,
+        compile_memory_bytes: api.compile_memory_bytes,
+        max_upload_bytes: api.max_upload_bytes,
     }
 }
 
 /// The registry's active version of `name`, loaded, with the activation count it is from;
 /// when the registry has none, the `--plugin` file is uploaded (if new) and activated first.
-async fn active_version(
-    control: &Control,
-    path: &Path,
-    name: &str,
-    config: Vec<(String, String)>,
-) -> anyhow::Result<(Plugin, u64)> {
+async fn active_version(control: &Control, plugin: &PluginPlan) -> anyhow::Result<(Plugin, u64)> {
     use crate::registry::AuditEntry;
+    let PluginPlan { path, name, config } = plugin;
+    let name = name.as_str();
     let registry = &control.registry;
     let index = registry.plugin(name).await?;
     let (version, activations) = match index
@@ -143,7 +132,7 @@ async fn active_version(
         }
     };
     let bytes = registry.wasm(name, version).await?;
-    let plugin = Plugin::load(&control.runtime, &bytes, name, version, config)
+    let plugin = Plugin::load(&control.runtime, &bytes, name, version, config.clone())
         .with_context(|| format!("plugin `{name}` version {version} from the registry"))?;
     Ok((plugin, activations))
 }

@@ -8,11 +8,12 @@ use std::sync::{Arc, PoisonError};
 
 use anyhow::Context;
 
-use crate::config::{Config, LineFormat, plugin_name_of};
-use crate::metrics::{Metrics, Summary};
+use super::plan::{Plan, Store};
+use crate::config::{Config, LineFormat};
+use crate::metrics::{DeadLettersReplayed, Metrics, Summary};
 use crate::pipeline::{Backoff, Pipeline, Settings};
 use crate::runtime::{ActivePlugin, Plugin, Runtime};
-use crate::sink::{DeadLetterSink, FileDeadLetters, FileSink};
+use crate::sink::{DeadLetterSink, FileDeadLetters, FileSink, Lane};
 use crate::source::DlqFileSource;
 use crate::state::EmbeddedStore;
 
@@ -40,15 +41,23 @@ pub struct ReplayReport {
 
 impl Replay {
     pub async fn run(self) -> anyhow::Result<ReplayReport> {
-        let config = Config::default();
-        let runtime = Runtime::new(&config.limits)?;
-        let name = plugin_name_of(&self.plugin);
-        let plugin = Plugin::load_file(&runtime, &self.plugin, &name, 1, self.plugin_config)
+        let mut config = Config::default();
+        config.plugin.path = Some(self.plugin.clone());
+        config.source.path = Some(self.dlq.clone());
+        config.sink.path = Some(self.output.clone());
+        config.dlq.path = Some(self.new_dlq.clone());
+        config.state.path = self.state.unwrap_or(config.state.path);
+        let plan = Plan::new(config)?;
+        let runtime = Runtime::new(&plan.limits)?;
+        let name = &plan.plugin.name;
+        let plugin = Plugin::load_file(&runtime, &self.plugin, name, 1, self.plugin_config)
             .with_context(|| format!("plugin {}", self.plugin.display()))?;
         let source = DlqFileSource::open(&self.dlq, self.max_replays)?;
         let refused = source.refused();
         let metrics = Arc::new(Metrics::new());
-        let state_dir = self.state.unwrap_or(config.state.path.clone());
+        let Store::Embedded { cache_bytes } = plan.state.store else {
+            anyhow::bail!("a replay keeps its done marks in the embedded store, not Redis");
+        };
         let mut dlq = FileDeadLetters::open(&self.new_dlq)?;
         let pipeline = Pipeline {
             plugin: Arc::new(ActivePlugin::new(plugin)),
@@ -60,29 +69,31 @@ impl Replay {
             )?),
             dlq: Box::new(FileDeadLetters::open(&self.new_dlq)?),
             state: Arc::new(EmbeddedStore::open(
-                &state_dir,
-                &name,
+                &plan.state.dir,
+                name,
                 None,
-                config.state.cache_bytes(),
+                cache_bytes,
             )?),
             metrics: metrics.clone(),
             settings: Settings {
-                batch_size: config.pipeline.batch_size,
+                batch_size: plan.lifecycle.batch_size,
                 id: None,
-                backoff: Backoff::new(config.retry.clone()),
+                backoff: Backoff::new(plan.retry.clone()),
                 bypass_done: true,
                 progress: None,
                 lease_renewal: None,
-                max_in_flight_batches: config.max_in_flight_batches(),
+                max_in_flight_batches: plan.lifecycle.max_in_flight_batches,
                 park_retryable: false,
                 crash_guard: None,
             },
         };
         let summary = pipeline.run(std::future::pending()).await?;
-        metrics.dlq_replayed.inc_by(summary.records_in);
+        metrics.emit(DeadLettersReplayed {
+            count: summary.records_in,
+        });
         let refused = std::mem::take(&mut *refused.lock().unwrap_or_else(PoisonError::into_inner));
         let at_cap = refused.len();
-        dlq.send(refused).await?;
+        dlq.send(refused, Lane::default()).await?;
         dlq.flush().await?;
         Ok(ReplayReport { summary, at_cap })
     }

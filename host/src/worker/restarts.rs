@@ -6,7 +6,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::errors::chain;
 use crate::kafka::KafkaProducer;
-use crate::metrics::{Metrics, Summary};
+use crate::metrics::{Metrics, Summary, TransactionEnded, TransactionResult};
 use crate::pipeline::PipelineError;
 
 /// In-process restarts of the Kafka clients after the transactional producer was fenced or
@@ -38,7 +38,7 @@ impl Restarts {
             return None;
         };
         if code == RDKafkaErrorCode::Fenced {
-            metrics.transactions.with_label_values(&["fenced"]).inc();
+            metrics.emit(TransactionEnded(TransactionResult::Fenced));
         }
         let restart = self.next()?;
         eprintln!(

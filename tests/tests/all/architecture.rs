@@ -1,7 +1,8 @@
 //! The shape of `host/src` (docs/architecture.md): no import cycle between its top-level
-//! modules, and the record model and the clock at the bottom, importing nothing else of the
-//! crate. Read from the source files themselves: every `crate::<module>` their code names
-//! counts, tests included (comments do not).
+//! modules; each uses only those on its line of `lib.rs`'s module map or below; the record
+//! model, the clock, the configuration tree, error display and the task set import nothing
+//! else of the crate. Read from the source files themselves: every `crate::<module>` their
+//! code names counts, tests included (comments do not).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -106,10 +107,47 @@ fn no_import_cycle_between_top_level_modules() {
     }
 }
 
+/// The layers of `host/src/lib.rs`'s module map, bottom first: the modules each bullet
+/// names (``[`name`]``).
+fn layers_of_the_map() -> Vec<BTreeSet<String>> {
+    let lib = std::fs::read_to_string(repo_root().join("host/src/lib.rs")).expect("lib.rs");
+    let mut layers: Vec<BTreeSet<String>> = Vec::new();
+    for line in lib.lines().filter_map(|l| l.strip_prefix("//!")) {
+        if line.starts_with(" - ") {
+            layers.push(BTreeSet::new());
+        }
+        let Some(layer) = layers.last_mut() else {
+            continue;
+        };
+        for (at, _) in line.match_indices("[`") {
+            let rest = &line[at + 2..];
+            layer.insert(rest[..rest.find('`').unwrap_or(0)].to_owned());
+        }
+    }
+    layers
+}
+
 #[test]
-fn the_record_model_clock_errors_and_tasks_import_nothing_of_the_crate() {
+fn every_module_uses_only_those_on_its_line_of_the_map_or_below() {
     let graph = imports();
-    for bottom in ["record", "clock", "errors", "tasks"] {
+    let layers = layers_of_the_map();
+    let layer = |module: &str| layers.iter().position(|l| l.contains(module));
+    for (module, uses) in &graph {
+        let own = layer(module).unwrap_or_else(|| panic!("{module} is not in lib.rs's map"));
+        for used in uses {
+            let theirs = layer(used).unwrap_or_else(|| panic!("{used} is not in lib.rs's map"));
+            assert!(
+                theirs <= own,
+                "{module} uses {used}, which lib.rs's map puts above it"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_record_model_clock_config_errors_and_tasks_import_nothing_of_the_crate() {
+    let graph = imports();
+    for bottom in ["record", "clock", "config", "errors", "tasks"] {
         assert_eq!(
             graph.get(bottom),
             Some(&BTreeSet::new()),

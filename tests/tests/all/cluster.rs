@@ -1319,7 +1319,7 @@ fn the_sink_waits_for_a_broker_that_is_away_and_delivers_when_it_comes_back() {
     use weir::config::KafkaConfig;
     use weir::kafka::{KafkaProducer, KafkaSink};
     use weir::record::Output;
-    use weir::sink::Sink;
+    use weir::sink::{Lane, Sink};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let port = weir_tests::free_port();
     let kafka = KafkaConfig {
@@ -1328,7 +1328,7 @@ fn the_sink_waits_for_a_broker_that_is_away_and_delivers_when_it_comes_back() {
         ..KafkaConfig::default()
     };
     let metrics = weir::metrics::Metrics::new();
-    let circuit = metrics.circuit_open.with_label_values(&["sink"]);
+    let circuit = metrics.circuit(weir::metrics::Dependency::Sink);
     let flushed = {
         let circuit = circuit.clone();
         rt.spawn(async move {
@@ -1341,7 +1341,9 @@ fn the_sink_waits_for_a_broker_that_is_away_and_delivers_when_it_comes_back() {
                 value: b"delivered after all".to_vec(),
                 headers: Vec::new(),
             };
-            sink.send(vec![output]).await.expect("enqueued");
+            sink.send(vec![output], Lane::default())
+                .await
+                .expect("enqueued");
             let started = Instant::now();
             sink.flush().await.map(|()| started.elapsed())
         })

@@ -10,7 +10,7 @@ use weir::metrics::Metrics;
 use weir::pipeline::{Backoff, Pipeline, Settings};
 use weir::record::{DeadLetter, Output, Record, SourceMeta};
 use weir::runtime::{ActivePlugin, Plugin, Runtime};
-use weir::sink::{DeadLetterSink, Durable, Sink, SinkError};
+use weir::sink::{DeadLetterSink, Durable, Lane, Sink, SinkError};
 use weir::source::{Incoming, Source, SourceError};
 use weir::state::EmbeddedStore;
 
@@ -57,7 +57,7 @@ impl Sink for NeverDurable {
         Ok(())
     }
 
-    async fn send(&mut self, _outputs: Vec<Output>) -> Result<(), SinkError> {
+    async fn send(&mut self, _outputs: Vec<Output>, _lane: Lane) -> Result<(), SinkError> {
         Ok(())
     }
 
@@ -74,7 +74,7 @@ struct NoDeadLetters;
 
 #[async_trait]
 impl DeadLetterSink for NoDeadLetters {
-    async fn send(&mut self, _letters: Vec<DeadLetter>) -> Result<(), SinkError> {
+    async fn send(&mut self, _letters: Vec<DeadLetter>, _lane: Lane) -> Result<(), SinkError> {
         Ok(())
     }
 
@@ -92,7 +92,7 @@ impl Sink for Panicking {
         Ok(())
     }
 
-    async fn send(&mut self, _outputs: Vec<Output>) -> Result<(), SinkError> {
+    async fn send(&mut self, _outputs: Vec<Output>, _lane: Lane) -> Result<(), SinkError> {
         panic!("a bug in the sink");
     }
 

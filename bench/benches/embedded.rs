@@ -1,0 +1,136 @@
+//! Embedded mode, file → file: `weir run` of the `enrich` plugin over a JSON-lines file of
+//! small events, with ids (`--id /id`) and done marks in the embedded store, as the
+//! README's first command runs it. Each run starts from an empty state directory and a new
+//! output file, one process at a time, `WEIR_BENCH_ROUNDS` times (default 3). Prints
+//! records/s (from the run summary: first record taken to last one done) and the worker's
+//! CPU-seconds per million records (user + system of the whole process, start-up included).
+//!
+//! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` runs that build too,
+//! right before or after this one in each round (the order turns around every round), and
+//! prints this build's rate and CPU against it.
+//!
+//! ```sh
+//! bash scripts/build-plugins.sh
+//! cargo bench -p weir-bench --bench embedded       # WEIR_BENCH_RECORDS=200000
+//! ```
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
+
+fn main() -> anyhow::Result<()> {
+    let env = |name: &str, default: usize| -> anyhow::Result<usize> {
+        Ok(std::env::var(name)
+            .ok()
+            .map(|v| v.parse())
+            .transpose()?
+            .unwrap_or(default))
+    };
+    let n = env("WEIR_BENCH_RECORDS", 200_000)?;
+    let rounds = env("WEIR_BENCH_ROUNDS", 3)?.max(1);
+    let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("events.jsonl");
+    write_events(&input, n)?;
+    let mut builds = vec![("this build", WEIR.to_owned())];
+    builds.extend(baseline.map(|path| ("baseline", path)));
+    println!("\nembedded mode, enrich, {n} records, {rounds} rounds:\n");
+    println!("| build | round | records/s | worker CPU-s per 1M |");
+    println!("|---|---:|---:|---:|");
+    let mut ratios: Vec<(f64, f64)> = Vec::new();
+    for round in 1..=rounds {
+        let mut order: Vec<&(&str, String)> = builds.iter().collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        let mut measured = Vec::new();
+        for (k, (label, binary)) in order.into_iter().enumerate() {
+            let run_dir = dir.path().join(format!("run-{round}-{k}"));
+            let (rate, cpu) = run(binary, &input, &run_dir, n)?;
+            println!(
+                "| {label} | {round} | {rate:.0} | {:.2} |",
+                cpu * 1e6 / n as f64
+            );
+            measured.push((*label, rate, cpu));
+        }
+        let of = |label: &str| measured.iter().find(|m| m.0 == label).map(|m| (m.1, m.2));
+        if let (Some(this), Some(base)) = (of("this build"), of("baseline")) {
+            ratios.push((this.0 / base.0, this.1 / base.1));
+        }
+    }
+    if !ratios.is_empty() {
+        let each: Vec<String> = (ratios.iter())
+            .map(|(rate, cpu)| format!("{rate:.2} (CPU {cpu:.2})"))
+            .collect();
+        ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+        println!(
+            "\nthis ÷ baseline records/s round by round: {}; median {:.2}",
+            each.join(", "),
+            ratios[ratios.len() / 2].0
+        );
+    }
+    Ok(())
+}
+
+/// Runs `binary` over `input`; its records/s and the CPU-seconds the process used.
+fn run(binary: &str, input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
+    std::fs::create_dir_all(dir)?;
+    let summary = dir.join("summary.json");
+    let plugin = weir_tests::plugin("enrich");
+    let mut command = Command::new(binary);
+    command
+        .arg("run")
+        .arg("--plugin")
+        .arg(&plugin)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(dir.join("out.jsonl"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .arg("--summary-json")
+        .arg(&summary)
+        .args(["--id", "/id", "--quiet"]);
+    let before = children_cpu();
+    let status = command.status()?;
+    let cpu = children_cpu() - before;
+    anyhow::ensure!(status.success(), "{binary} failed: {status}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let processed = summary["processed"].as_u64().unwrap_or(0);
+    anyhow::ensure!(
+        processed == n as u64,
+        "{binary} processed {processed} of {n}"
+    );
+    let elapsed_ms = summary["elapsed_ms"].as_f64().unwrap_or(0.0).max(1.0);
+    Ok((n as f64 / (elapsed_ms / 1000.0), cpu))
+}
+
+/// User + system CPU-seconds of the children waited for so far (`/proc/self/stat`'s
+/// cutime and cstime).
+fn children_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<f64> = (rest.split_whitespace())
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // After the command name: cutime and cstime are fields 16 and 17, here 13 and 14.
+    (fields.get(13).copied().unwrap_or(0.0) + fields.get(14).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// The cluster benchmark's events: small JSON objects with an id, a user, a time, an action.
+fn write_events(path: &Path, n: usize) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let actions = ["view", "click", "purchase", "add_to_cart", "refund"];
+    for i in 0..n {
+        writeln!(
+            out,
+            r#"{{"id":"e{i}","user_id":"u{}","ts":{},"action":"{}"}}"#,
+            i % 97,
+            1_704_067_200 + i,
+            actions[i % actions.len()]
+        )?;
+    }
+    Ok(out.flush()?)
+}

@@ -1,0 +1,330 @@
+//! What happens in a worker that a metric counts: one type per event, and the metrics each
+//! one moves (`Metrics::emit`). Label values are typed here, so no caller spells one.
+
+use std::time::Duration;
+
+use super::Metrics;
+use crate::record::ErrorClass;
+use crate::runtime::{Outcome, PluginMeta};
+
+/// Something that happened, counted by the metrics it concerns.
+pub trait Event {
+    fn count(self, metrics: &Metrics);
+}
+
+/// A batch was taken from the source.
+pub struct RecordsTaken {
+    pub count: u64,
+}
+
+impl Event for RecordsTaken {
+    fn count(self, m: &Metrics) {
+        m.records_in.inc_by(self.count);
+    }
+}
+
+/// Records were skipped: their ids were done already (or repeated within their batch).
+pub struct RecordsDeduplicated {
+    pub count: u64,
+}
+
+impl Event for RecordsDeduplicated {
+    fn count(self, m: &Metrics) {
+        m.records_deduplicated.inc_by(self.count);
+    }
+}
+
+/// The fates of a batch's records that one plugin version had, once they are durable.
+pub struct VersionFates<'a> {
+    pub version: u64,
+    pub processed: u64,
+    pub records_out: u64,
+    /// Parked in the retry topic (no fate yet).
+    pub parked: u64,
+    /// The class of each record dead-lettered.
+    pub dead: &'a [ErrorClass],
+}
+
+impl Event for VersionFates<'_> {
+    fn count(self, m: &Metrics) {
+        m.records_processed.inc_by(self.processed);
+        m.records_parked.inc_by(self.parked);
+        m.records_out.inc_by(self.records_out);
+        for class in self.dead {
+            (m.records_dead_lettered.with_label_values(&[class.as_str()])).inc();
+        }
+        let mut by_version = (m.by_version.lock()).unwrap_or_else(|e| e.into_inner());
+        let counts = by_version.entry(self.version).or_default();
+        counts.processed += self.processed;
+        counts.records_out += self.records_out;
+        counts.dead_lettered += self.dead.len() as u64;
+        for class in self.dead {
+            let class = class.as_str().to_owned();
+            *counts.dead_lettered_by_class.entry(class).or_default() += 1;
+        }
+    }
+}
+
+/// A plugin call returned (or trapped) after `elapsed`, with these outcomes.
+pub struct PluginCalled<'a> {
+    pub elapsed: Duration,
+    pub outcomes: &'a [Outcome],
+}
+
+impl Event for PluginCalled<'_> {
+    fn count(self, m: &Metrics) {
+        m.plugin_invocation_duration
+            .observe(self.elapsed.as_secs_f64());
+        for outcome in self.outcomes {
+            if let Outcome::Failed(f) = outcome
+                && f.class.is_plugin_fault()
+            {
+                (m.plugin_traps.with_label_values(&[f.class.as_str()])).inc();
+            }
+        }
+    }
+}
+
+/// Records the plugin called retryable are tried again.
+pub struct RetriesStarted {
+    pub count: u64,
+}
+
+impl Event for RetriesStarted {
+    fn count(self, m: &Metrics) {
+        m.retries.inc_by(self.count);
+    }
+}
+
+/// Leases were taken by this worker.
+pub struct LeasesAcquired {
+    pub count: u64,
+}
+
+impl Event for LeasesAcquired {
+    fn count(self, m: &Metrics) {
+        m.lease_acquired.inc_by(self.count);
+    }
+}
+
+/// A claim found records leased by another live worker: they wait.
+pub struct LeasesContended {
+    pub count: u64,
+}
+
+impl Event for LeasesContended {
+    fn count(self, m: &Metrics) {
+        m.lease_contended.inc_by(self.count);
+    }
+}
+
+/// Another worker took these records' leases over before this one marked them done.
+pub struct LeasesLost {
+    pub count: u64,
+}
+
+impl Event for LeasesLost {
+    fn count(self, m: &Metrics) {
+        m.lease_lost.inc_by(self.count);
+    }
+}
+
+/// How an exactly-once transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionResult {
+    Committed,
+    /// Its batches are read again.
+    Aborted,
+    /// Another producer has this worker's transactional id, or its consumer left the group.
+    Fenced,
+}
+
+impl TransactionResult {
+    pub const ALL: [Self; 3] = [Self::Committed, Self::Aborted, Self::Fenced];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+/// An exactly-once transaction ended.
+pub struct TransactionEnded(pub TransactionResult);
+
+impl Event for TransactionEnded {
+    fn count(self, m: &Metrics) {
+        m.transactions.with_label_values(&[self.0.as_str()]).inc();
+    }
+}
+
+/// The consumer learnt how far behind the end of a partition it is.
+pub struct ConsumerLag<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub lag: i64,
+}
+
+impl Event for ConsumerLag<'_> {
+    fn count(self, m: &Metrics) {
+        let partition = self.partition.to_string();
+        (m.consumer_lag.with_label_values(&[self.topic, &partition])).set(self.lag);
+    }
+}
+
+/// A dependency whose circuit is watched (`weir_circuit_open{dependency}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// The outputs' Kafka topics.
+    Sink,
+    /// The dead-letter topic.
+    Dlq,
+    Redis,
+}
+
+impl Dependency {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Sink => "sink",
+            Self::Dlq => "dlq",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// How the API answered an upload (`weir_plugin_uploads_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadResult {
+    Created,
+    AlreadyStored,
+    Unauthorized,
+    BadName,
+    TooLarge,
+    NotAComponent,
+    Unsupported,
+    CompileTimeout,
+    CompileMemory,
+    Error,
+}
+
+impl UploadResult {
+    pub const ALL: [Self; 10] = [
+        Self::Created,
+        Self::AlreadyStored,
+        Self::Unauthorized,
+        Self::BadName,
+        Self::TooLarge,
+        Self::NotAComponent,
+        Self::Unsupported,
+        Self::CompileTimeout,
+        Self::CompileMemory,
+        Self::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::AlreadyStored => "already_stored",
+            Self::Unauthorized => "unauthorized",
+            Self::BadName => "bad_name",
+            Self::TooLarge => "too_large",
+            Self::NotAComponent => "not_a_component",
+            Self::Unsupported => "unsupported",
+            Self::CompileTimeout => "compile_timeout",
+            Self::CompileMemory => "compile_memory",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The API answered an upload.
+pub struct UploadAnswered(pub UploadResult);
+
+impl Event for UploadAnswered {
+    fn count(self, m: &Metrics) {
+        m.plugin_uploads.with_label_values(&[self.0.as_str()]).inc();
+    }
+}
+
+/// This version is the one the worker runs now.
+pub struct PluginActivated<'a>(pub &'a PluginMeta);
+
+impl Event for PluginActivated<'_> {
+    fn count(self, m: &Metrics) {
+        let meta = self.0;
+        m.plugin_active_info.reset();
+        let version = meta.version.to_string();
+        let labels = [meta.name.as_str(), &version, meta.digest.as_str()];
+        m.plugin_active_info.with_label_values(&labels).set(1);
+    }
+}
+
+/// A version was swapped in while the pipeline ran (an activation or a rollback).
+pub struct HotSwapped;
+
+impl Event for HotSwapped {
+    fn count(self, m: &Metrics) {
+        m.hot_swaps.inc();
+    }
+}
+
+/// Why the host took a version out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetiredBy {
+    /// A canary failed more than the stable version.
+    Canary,
+    /// The active version went over the plugin-fault threshold.
+    Quarantine,
+}
+
+/// The host took a version out of service.
+pub struct VersionRetired(pub RetiredBy);
+
+impl Event for VersionRetired {
+    fn count(self, m: &Metrics) {
+        let reason = match self.0 {
+            RetiredBy::Canary => "canary",
+            RetiredBy::Quarantine => "quarantine",
+        };
+        m.rollbacks.with_label_values(&[reason]).inc();
+    }
+}
+
+/// Dead letters were fed through a plugin again.
+pub struct DeadLettersReplayed {
+    pub count: u64,
+}
+
+impl Event for DeadLettersReplayed {
+    fn count(self, m: &Metrics) {
+        m.dlq_replayed.inc_by(self.count);
+    }
+}
+
+/// Exactly-once mode began: its transactions' results are shown from zero.
+pub struct ExactlyOnceStarted;
+
+impl Event for ExactlyOnceStarted {
+    fn count(self, m: &Metrics) {
+        for result in TransactionResult::ALL {
+            m.transactions.with_label_values(&[result.as_str()]);
+        }
+    }
+}
+
+/// A partition was revoked from this consumer: its lag is another's to report.
+pub struct PartitionRevoked<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+}
+
+impl Event for PartitionRevoked<'_> {
+    fn count(self, m: &Metrics) {
+        let partition = self.partition.to_string();
+        let _ = m
+            .consumer_lag
+            .remove_label_values(&[self.topic, &partition]);
+    }
+}
