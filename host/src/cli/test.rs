@@ -251,7 +251,7 @@ async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Re
     let (mut count, mut ok, mut failed, mut mismatches) = (0usize, 0usize, 0usize, Vec::new());
     let (mut total_time, mut peak) = (Duration::ZERO, 0usize);
     while let Some(batch) = source.next_batch(256).await? {
-        for incoming in batch {
+        for incoming in batch.records {
             let record = incoming.record;
             let line = record.source.offset;
             plugin.take_peak_memory();

@@ -35,7 +35,7 @@ use crate::config::KafkaConfig;
 use crate::metrics::{ConsumerLag, Metrics, PartitionRevoked};
 use crate::record::{Record, SourceMeta};
 use crate::sink::Lane;
-use crate::source::{Ack, AckStep, Incoming, Source, SourceError};
+use crate::source::{Ack, AckStep, Batch, Incoming, Source, SourceError};
 
 /// How long a batch waits for more records once its first record is in.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
@@ -184,7 +184,7 @@ impl ConsumerContext for SourceContext {
     }
 }
 
-/// Where each record of the last batch came from: partition, offset, assignment epoch.
+/// Where a record of a batch came from: partition, offset, assignment epoch.
 pub(super) type Position = (i32, i64, u64);
 
 /// Consumes one topic in a consumer group.
@@ -192,7 +192,6 @@ pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
     offsets: Arc<Mutex<OffsetTracker>>,
     topic: String,
-    last_batch: Vec<Position>,
     transactions: Option<Arc<Transactions>>,
     /// Records that arrived while paused, for the next batch.
     kept: Vec<(Incoming, Position)>,
@@ -200,6 +199,24 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
+    /// The acknowledgement of a batch of records at `positions`.
+    fn ack(&self, positions: Vec<Position>) -> Box<dyn Ack> {
+        Box::new(KafkaAck {
+            consumer: self.consumer.clone(),
+            offsets: self.offsets.clone(),
+            topic: self.topic.clone(),
+            positions,
+            transaction: self.transactions.as_ref().map(|transactions| {
+                BatchTransaction::new(
+                    transactions.clone(),
+                    self.consumer.clone(),
+                    self.offsets.clone(),
+                    self.topic.clone(),
+                )
+            }),
+        })
+    }
+
     /// Joins `kafka.group` and subscribes to `topic`; reports consumer lag to `metrics`. With
     /// `transactions` (exactly-once mode) offsets are committed in each batch's transaction.
     pub fn subscribe(
@@ -258,7 +275,6 @@ impl KafkaSource {
             consumer: Arc::new(consumer),
             offsets,
             topic: topic.to_owned(),
-            last_batch: Vec::new(),
             transactions,
             kept: Vec::new(),
             paused: false,
@@ -466,7 +482,7 @@ impl Source for KafkaSource {
         }
     }
 
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, SourceError> {
         self.resume();
         loop {
             let mut taken = std::mem::take(&mut self.kept);
@@ -499,28 +515,11 @@ impl Source for KafkaSource {
                 }
             }
             if !taken.is_empty() {
-                let (batch, positions) = taken.into_iter().unzip();
-                self.last_batch = positions;
-                return Ok(Some(batch));
+                let (records, positions) = taken.into_iter().unzip();
+                let ack = self.ack(positions);
+                return Ok(Some(Batch { records, ack }));
             }
         }
-    }
-
-    fn ack_last_batch(&mut self) -> Box<dyn Ack> {
-        Box::new(KafkaAck {
-            consumer: self.consumer.clone(),
-            offsets: self.offsets.clone(),
-            topic: self.topic.clone(),
-            positions: std::mem::take(&mut self.last_batch),
-            transaction: self.transactions.as_ref().map(|transactions| {
-                BatchTransaction::new(
-                    transactions.clone(),
-                    self.consumer.clone(),
-                    self.offsets.clone(),
-                    self.topic.clone(),
-                )
-            }),
-        })
     }
 
     async fn close(&mut self) -> Result<(), SourceError> {

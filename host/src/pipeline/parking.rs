@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::clock::now_ms;
 use crate::record::{Output, Record, headers};
-use crate::source::{Ack, Incoming, Source, SourceError};
+use crate::source::{Batch, Source, SourceError};
 
 /// What a parked record carries in its headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,12 +86,12 @@ pub struct ParkedSource(pub Box<dyn Source>);
 
 #[async_trait]
 impl Source for ParkedSource {
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, SourceError> {
         let Some(mut batch) = self.0.next_batch(max).await? else {
             return Ok(None);
         };
         let mut due_ms = 0;
-        for incoming in &mut batch {
+        for incoming in &mut batch.records {
             match Parked::of(&incoming.record) {
                 Some(parked) => {
                     incoming.record.source.attempt = parked.attempts + 1;
@@ -123,10 +123,6 @@ impl Source for ParkedSource {
 
     async fn keep_alive(&mut self) -> std::convert::Infallible {
         self.0.keep_alive().await
-    }
-
-    fn ack_last_batch(&mut self) -> Box<dyn Ack> {
-        self.0.ack_last_batch()
     }
 
     async fn close(&mut self) -> Result<(), SourceError> {

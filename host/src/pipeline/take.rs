@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use super::{PipelineError, Shared};
 use crate::metrics::RecordsTaken;
 use crate::record::record_id;
-use crate::source::{Ack, Incoming, Source};
+use crate::source::{Ack, Batch, Incoming, Source};
 
 /// A batch as read: its records, their ids and the token that acknowledges them.
 pub(super) struct Taken {
@@ -35,7 +35,13 @@ impl Shared {
                 () = self.failed.notified() => break,
                 batch = source.next_batch(self.settings.batch_size) => batch?,
             };
-            let Some(batch) = batch else { break };
+            let Some(Batch {
+                records: batch,
+                ack,
+            }) = batch
+            else {
+                break;
+            };
             (self.metrics).emit(RecordsTaken {
                 count: batch.len() as u64,
             });
@@ -47,7 +53,6 @@ impl Shared {
                         .unwrap_or_else(|| record_id(self.settings.id.as_ref(), &inc.record))
                 })
                 .collect();
-            let ack = source.ack_last_batch();
             // Waiting for room (a dependency may be away), the source keeps its place.
             let room = tokio::select! {
                 room = out.reserve() => room,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use super::{FileSource, Incoming, Source, SourceError};
+use super::{Batch, FileSource, Incoming, Source, SourceError};
 use crate::config::LineFormat;
 use crate::record::{DeadLetter, DeadLetterLine, ErrorInfo, replay_count, set_replay_count};
 use crate::record::{Record, SourceMeta};
@@ -60,13 +60,13 @@ pub fn parse_dead_letter(line: &[u8]) -> Result<DeadLetter, String> {
 
 #[async_trait]
 impl Source for DlqFileSource {
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, SourceError> {
         loop {
             let Some(lines) = self.lines.next_batch(max).await? else {
                 return Ok(None);
             };
-            let mut batch = Vec::with_capacity(lines.len());
-            for line in lines {
+            let mut batch = Vec::with_capacity(lines.records.len());
+            for line in lines.records {
                 match parse_dead_letter(&line.record.value) {
                     Ok(mut letter) => {
                         let count = replay_count(&letter.record);
@@ -90,7 +90,7 @@ impl Source for DlqFileSource {
                 }
             }
             if !batch.is_empty() {
-                return Ok(Some(batch));
+                return Ok(Some(Batch::unacknowledged(batch)));
             }
         }
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
-use super::{Incoming, Source, SourceError};
+use super::{Batch, Incoming, Source, SourceError};
 use crate::config::LineFormat;
 use crate::record::json::RecordJson;
 use crate::record::{Record, SourceMeta};
@@ -159,7 +159,7 @@ impl FileSource {
 
 #[async_trait]
 impl Source for FileSource {
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, SourceError> {
         let mut batch = Vec::with_capacity(max.min(4096));
         while batch.len() < max {
             if self.current.is_none() && !self.open_next().await? {
@@ -206,7 +206,7 @@ impl Source for FileSource {
             }
             self.buf.clear();
         }
-        Ok((!batch.is_empty()).then_some(batch))
+        Ok((!batch.is_empty()).then(|| Batch::unacknowledged(batch)))
     }
 }
 
@@ -222,7 +222,12 @@ mod tests {
         let mut source = FileSource::open(&path, LineFormat::Value)
             .expect("open")
             .follow(true);
-        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let batch = source
+            .next_batch(10)
+            .await
+            .expect("read")
+            .expect("some")
+            .records;
         assert_eq!(batch.len(), 1, "the unfinished line waits");
         // At the end, the source waits instead of ending.
         let waiting = tokio::time::timeout(Duration::from_millis(300), source.next_batch(10));
@@ -233,7 +238,12 @@ mod tests {
             .open(&path)
             .expect("append");
         file.write_all(b"2}\n{\"a\":3}\n").expect("append");
-        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let batch = source
+            .next_batch(10)
+            .await
+            .expect("read")
+            .expect("some")
+            .records;
         let values: Vec<&[u8]> = batch.iter().map(|i| i.record.value.as_slice()).collect();
         assert_eq!(values, [&b"{\"a\":2}"[..], b"{\"a\":3}"]);
         let lines: Vec<i64> = batch.iter().map(|i| i.record.source.offset).collect();
@@ -246,11 +256,21 @@ mod tests {
         let path = dir.path().join("in.jsonl");
         std::fs::write(&path, "{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}").expect("write");
         let mut source = FileSource::open(&path, LineFormat::Value).expect("open");
-        let batch = source.next_batch(2).await.expect("read").expect("some");
+        let batch = source
+            .next_batch(2)
+            .await
+            .expect("read")
+            .expect("some")
+            .records;
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[1].record.value, b"{\"a\":2}");
         assert_eq!(batch[1].record.source.offset, 3);
-        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let batch = source
+            .next_batch(10)
+            .await
+            .expect("read")
+            .expect("some")
+            .records;
         assert_eq!(batch[0].record.source.offset, 4);
         assert!(source.next_batch(10).await.expect("read").is_none());
     }
@@ -261,7 +281,12 @@ mod tests {
         let path = dir.path().join("in.jsonl");
         std::fs::write(&path, "not json\n{\"value\":\"v\",\"key\":\"k\"}\n").expect("write");
         let mut source = FileSource::open(&path, LineFormat::Envelope).expect("open");
-        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let batch = source
+            .next_batch(10)
+            .await
+            .expect("read")
+            .expect("some")
+            .records;
         assert!(
             batch[0]
                 .rejected
@@ -279,7 +304,12 @@ mod tests {
         std::fs::write(dir.path().join("a.jsonl"), "1\n2\n").expect("write");
         std::fs::write(dir.path().join("notes.txt"), "not input\n").expect("write");
         let mut source = FileSource::open(dir.path(), LineFormat::Value).expect("open");
-        let batch = source.next_batch(10).await.expect("read").expect("some");
+        let batch = source
+            .next_batch(10)
+            .await
+            .expect("read")
+            .expect("some")
+            .records;
         let values: Vec<&[u8]> = batch.iter().map(|i| i.record.value.as_slice()).collect();
         assert_eq!(values, vec![&b"1"[..], b"2", b"3"]);
         assert!(batch[2].record.source.stream.ends_with("b.jsonl"));

@@ -37,6 +37,23 @@ impl Incoming {
     }
 }
 
+/// A batch of records with the acknowledgement that settles it, handed out together (as
+/// Benthos's `ReadBatch`): nothing else ties an acknowledgement to its records.
+pub struct Batch {
+    pub records: Vec<Incoming>,
+    pub ack: Box<dyn Ack>,
+}
+
+impl Batch {
+    /// Records of a source with nothing to acknowledge ([`NoAck`]).
+    pub fn unacknowledged(records: Vec<Incoming>) -> Self {
+        Self {
+            records,
+            ack: Box::new(NoAck),
+        }
+    }
+}
+
 /// A source failure that stops the run (cannot open or read the input).
 #[derive(Debug, thiserror::Error)]
 #[error("{what}")]
@@ -104,15 +121,10 @@ impl Ack for NoAck {
 /// A stream of records, consumed in batches.
 #[async_trait]
 pub trait Source: Send {
-    /// Up to `max` records; `None` once the input is exhausted.
-    async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Incoming>>, SourceError>;
-
-    /// The [`Ack`] of the batch `next_batch` returned last. It may be used later, from
-    /// another task, after further batches were taken, and batches may be acknowledged in
-    /// any order.
-    fn ack_last_batch(&mut self) -> Box<dyn Ack> {
-        Box::new(NoAck)
-    }
+    /// Up to `max` records with their [`Ack`]; `None` once the input is exhausted. The ack
+    /// may be used later, from another task, after further batches were taken, and batches
+    /// may be acknowledged in any order.
+    async fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, SourceError>;
 
     /// The run is over: make the last commit durable.
     async fn close(&mut self) -> Result<(), SourceError> {

@@ -11,7 +11,7 @@ use weir::pipeline::{Backoff, Pipeline, Settings};
 use weir::record::{DeadLetter, Output, Record, SourceMeta};
 use weir::runtime::{ActivePlugin, Plugin, Runtime};
 use weir::sink::{DeadLetterSink, Durable, Lane, Sink, SinkError};
-use weir::source::{Incoming, Source, SourceError};
+use weir::source::{Batch, Incoming, Source, SourceError};
 use weir::state::EmbeddedStore;
 
 /// One record, then nothing more, ever (an idle topic).
@@ -21,12 +21,12 @@ struct OneThenIdle {
 
 #[async_trait]
 impl Source for OneThenIdle {
-    async fn next_batch(&mut self, _max: usize) -> Result<Option<Vec<Incoming>>, SourceError> {
+    async fn next_batch(&mut self, _max: usize) -> Result<Option<Batch>, SourceError> {
         if self.sent {
             return std::future::pending().await;
         }
         self.sent = true;
-        Ok(Some(vec![Incoming::new(Record {
+        Ok(Some(Batch::unacknowledged(vec![Incoming::new(Record {
             key: None,
             value: br#"{"id":"a"}"#.to_vec(),
             headers: Vec::new(),
@@ -37,7 +37,7 @@ impl Source for OneThenIdle {
                 offset: 0,
                 attempt: 1,
             },
-        })]))
+        })])))
     }
 }
 
