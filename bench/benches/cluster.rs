@@ -25,7 +25,8 @@
 //! cargo bench -p weir-bench --bench cluster                # WEIR_BENCH_RECORDS=1000000
 //! ```
 //!
-//! `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to every weir run.
+//! `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to every weir run;
+//! `WEIR_BENCH_RUNS` (e.g. `ab`) makes only those runs ((a) always runs: the ratios need it).
 //!
 //! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` compares two builds in
 //! one run: each weir run, (b), (c) and (d), is made with the baseline too, right before or
@@ -78,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         .max(1);
 
     let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
+    let only = std::env::var("WEIR_BENCH_RUNS").unwrap_or_else(|_| "abcd".into());
     let tags: &[&str] = if baseline.is_some() {
         &["", BASE]
     } else {
@@ -170,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             ),
         }
     };
-    let mut measured: Vec<[Measured; 4]> = Vec::new();
+    let mut measured: Vec<[Option<Measured>; 4]> = Vec::new();
     // (b), (c), (d) of the baseline build, by round.
     let mut baseline_runs: Vec<[Option<Measured>; 3]> = Vec::new();
     for round in 1..=rounds {
@@ -182,7 +184,7 @@ fn main() -> anyhow::Result<()> {
         }
         let mut runs: [Option<Measured>; 4] = Default::default();
         let mut base: [Option<Measured>; 3] = Default::default();
-        for kind in order {
+        for kind in order.into_iter().filter(|&k| k == 'a' || only.contains(k)) {
             let k = (kind as u8 - b'a') as usize;
             for &tag in builds.iter().filter(|&&tag| kind != 'a' || tag != BASE) {
                 eprintln!("round {round}: ({kind}){tag}");
@@ -193,7 +195,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        measured.push(runs.map(|r| r.expect("every run ran")));
+        measured.push(runs);
         baseline_runs.push(base);
     }
 
@@ -218,27 +220,27 @@ fn main() -> anyhow::Result<()> {
     let labels: Vec<String> = (1..=rounds)
         .flat_map(|round| names.map(|name| format!("{name}, round {round}")))
         .collect();
-    let rows: Vec<(&str, &Measured)> = labels
-        .iter()
-        .map(String::as_str)
+    let rows: Vec<(&str, &Measured)> = (labels.iter())
         .zip(measured.iter().flatten())
+        .filter_map(|(label, run)| Some((label.as_str(), run.as_ref()?)))
         .collect();
     print_table(n, &rows, "(a) of round 1");
-    let ratio = |of: usize, to: usize| -> (Vec<String>, f64) {
-        let mut ratios: Vec<f64> = measured
-            .iter()
-            .map(|runs| runs[of].rate(n) / runs[to].rate(n))
+    let ratio = |of: usize, to: usize| -> Option<(Vec<String>, f64)> {
+        let mut ratios: Vec<f64> = (measured.iter())
+            .filter_map(|runs| Some(runs[of].as_ref()?.rate(n) / runs[to].as_ref()?.rate(n)))
             .collect();
         let each = ratios.iter().map(|r| format!("{r:.2}")).collect();
         ratios.sort_by(f64::total_cmp);
-        (each, ratios[ratios.len() / 2])
+        Some((each, *ratios.get(ratios.len() / 2)?))
     };
     for (label, of, to, target) in [
         ("b/a", 1, 0, "≥ 0.9"),
         ("c/a", 2, 0, "≥ 0.6"),
         ("d/c", 3, 2, "≥ 0.9"),
     ] {
-        let (each, median) = ratio(of, to);
+        let Some((each, median)) = ratio(of, to) else {
+            continue;
+        };
         println!(
             "\n{label} round by round: {}; median {median:.2} (target {target})",
             each.join(", ")
@@ -255,7 +257,7 @@ fn main() -> anyhow::Result<()> {
 fn print_against_baseline(
     n: usize,
     path: &str,
-    measured: &[[Measured; 4]],
+    measured: &[[Option<Measured>; 4]],
     baseline: &[[Option<Measured>; 3]],
 ) {
     println!("\nThis build against the baseline ({path}):\n");
@@ -267,7 +269,7 @@ fn print_against_baseline(
     let mut ratios: [Vec<f64>; 3] = Default::default();
     for (round, (runs, base)) in measured.iter().zip(baseline).enumerate() {
         for (k, name) in names.iter().enumerate() {
-            let (Some(base), this) = (&base[k], &runs[k + 1]) else {
+            let (Some(base), Some(this)) = (&base[k], &runs[k + 1]) else {
                 continue;
             };
             let cpu = |m: &Measured| m.cpu[0] * 1e6 / n as f64;

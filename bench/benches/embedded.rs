@@ -5,6 +5,11 @@
 //! records/s (from the run summary: first record taken to last one done) and the worker's
 //! CPU-seconds per million records (user + system of the whole process, start-up included).
 //!
+//! Beside it, in each round, a plain native Rust loop does the same work without Weir: reads
+//! the lines, applies `enrich_core::enrich` (the plugin's own code) and writes the results
+//! to a file, no ids, no dedup, no sandbox. `weir ÷ native` is the ratio issue 19 targets
+//! (≥ 0.5).
+//!
 //! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` runs that build too,
 //! right before or after this one in each round (the order turns around every round), and
 //! prints this build's rate and CPU against it.
@@ -14,9 +19,10 @@
 //! cargo bench -p weir-bench --bench embedded       # WEIR_BENCH_RECORDS=200000
 //! ```
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
 
@@ -40,7 +46,14 @@ fn main() -> anyhow::Result<()> {
     println!("| build | round | records/s | worker CPU-s per 1M |");
     println!("|---|---:|---:|---:|");
     let mut ratios: Vec<(f64, f64)> = Vec::new();
+    let mut against_native: Vec<(f64, f64)> = Vec::new();
     for round in 1..=rounds {
+        let native_dir = dir.path().join(format!("native-{round}"));
+        let (native_rate, native_cpu) = native(&input, &native_dir, n)?;
+        println!(
+            "| native loop | {round} | {native_rate:.0} | {:.2} |",
+            native_cpu * 1e6 / n as f64
+        );
         let mut order: Vec<&(&str, String)> = builds.iter().collect();
         if round % 2 == 0 {
             order.reverse();
@@ -59,7 +72,19 @@ fn main() -> anyhow::Result<()> {
         if let (Some(this), Some(base)) = (of("this build"), of("baseline")) {
             ratios.push((this.0 / base.0, this.1 / base.1));
         }
+        if let Some(this) = of("this build") {
+            against_native.push((this.0 / native_rate, this.1 / native_cpu));
+        }
     }
+    let each: Vec<String> = (against_native.iter())
+        .map(|(rate, cpu)| format!("{rate:.2} (CPU × {cpu:.1})"))
+        .collect();
+    against_native.sort_by(|a, b| a.0.total_cmp(&b.0));
+    println!(
+        "\nweir ÷ native loop records/s round by round: {}; median {:.2} (target ≥ 0.5)",
+        each.join(", "),
+        against_native[against_native.len() / 2].0
+    );
     if !ratios.is_empty() {
         let each: Vec<String> = (ratios.iter())
             .map(|(rate, cpu)| format!("{rate:.2} (CPU {cpu:.2})"))
@@ -107,16 +132,48 @@ fn run(binary: &str, input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64,
     Ok((n as f64 / (elapsed_ms / 1000.0), cpu))
 }
 
+/// The native loop over `input` into a file in `dir`: its records/s and CPU-seconds.
+fn native(input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
+    std::fs::create_dir_all(dir)?;
+    let before = own_cpu();
+    let started = Instant::now();
+    let reader = std::io::BufReader::new(std::fs::File::open(input)?);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("out.jsonl"))?);
+    let mut done = 0;
+    for line in reader.split(b'\n') {
+        let enriched = enrich_core::enrich(&line?).map_err(anyhow::Error::msg)?;
+        out.write_all(&enriched)?;
+        out.write_all(b"\n")?;
+        done += 1;
+    }
+    out.into_inner()?.sync_all()?;
+    anyhow::ensure!(done == n, "the native loop enriched {done} of {n}");
+    Ok((
+        n as f64 / started.elapsed().as_secs_f64(),
+        own_cpu() - before,
+    ))
+}
+
+/// User + system CPU-seconds of this process so far (`/proc/self/stat`'s utime, stime).
+fn own_cpu() -> f64 {
+    stat_seconds(11, 12)
+}
+
 /// User + system CPU-seconds of the children waited for so far (`/proc/self/stat`'s
 /// cutime and cstime).
 fn children_cpu() -> f64 {
+    stat_seconds(13, 14)
+}
+
+/// The sum of two clock-tick fields of `/proc/self/stat`, counted after the command name
+/// (utime, stime are 11 and 12 there; cutime, cstime 13 and 14), in seconds.
+fn stat_seconds(a: usize, b: usize) -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<f64> = (rest.split_whitespace())
         .map(|f| f.parse().unwrap_or(0.0))
         .collect();
-    // After the command name: cutime and cstime are fields 16 and 17, here 13 and 14.
-    (fields.get(13).copied().unwrap_or(0.0) + fields.get(14).copied().unwrap_or(0.0)) / 100.0
+    (fields.get(a).copied().unwrap_or(0.0) + fields.get(b).copied().unwrap_or(0.0)) / 100.0
 }
 
 /// The cluster benchmark's events: small JSON objects with an id, a user, a time, an action.
