@@ -1,16 +1,22 @@
 //! JSON-lines output: the default destination and each named destination is a file (or
 //! stdout for `-`); dead letters are one JSON object per line (docs/architecture.md,
 //! "Public names").
-//! `flush` syncs files to disk, so a fate is durable before its id is marked done.
+//!
+//! A fate is durable before its id is marked done: `seal` hands what was written to the
+//! operating system and returns a future that completes once a syncer thread has synced it
+//! to disk. The syncer takes every request that came while it was syncing in one `fsync`
+//! (group commit), so the writing stage never waits for the disk and batches share syncs.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
-use super::{DeadLetterSink, Lane, Sink, SinkError, check_destination};
+use super::{DeadLetterSink, Durable, Lane, Sink, SinkError, already_durable, check_destination};
 use crate::config::LineFormat;
 use crate::record::Output;
 use crate::record::json::RecordJson;
@@ -20,7 +26,73 @@ use crate::record::{DeadLetter, DeadLetterLine};
 struct LineWriter {
     path: PathBuf,
     out: BufWriter<Box<dyn Write + Send>>,
-    file: Option<File>,
+    /// A file's syncer (stdout has none).
+    syncer: Option<Syncer>,
+    /// Whether lines were written since the last seal.
+    written: bool,
+}
+
+/// How far a file is synced: seals are numbered, and `up_to` is the last one on disk.
+#[derive(Clone, Default)]
+struct Synced {
+    up_to: u64,
+    /// A failed `fsync`: the file's later seals fail too.
+    failed: Option<String>,
+}
+
+/// The background thread that syncs one file, and the seals asked of it.
+struct Syncer {
+    requests: mpsc::Sender<u64>,
+    synced: watch::Receiver<Synced>,
+    /// The number of the last seal asked for.
+    requested: u64,
+}
+
+impl Syncer {
+    fn start(file: File) -> std::io::Result<Self> {
+        let (requests, asked) = mpsc::channel::<u64>();
+        let (done, synced) = watch::channel(Synced::default());
+        std::thread::Builder::new()
+            .name("weir-sync".into())
+            .spawn(move || {
+                while let Ok(mut up_to) = asked.recv() {
+                    // Everything asked for while the last sync ran is covered by this one.
+                    while let Ok(later) = asked.try_recv() {
+                        up_to = later;
+                    }
+                    let result = file.sync_data();
+                    done.send_modify(|synced| match result {
+                        Ok(()) => synced.up_to = up_to,
+                        Err(e) => synced.failed = Some(e.to_string()),
+                    });
+                }
+            })?;
+        Ok(Self {
+            requests,
+            synced,
+            requested: 0,
+        })
+    }
+
+    /// Durable once everything written before seal number `seal` is on disk.
+    fn durable(&self, seal: u64, path: &Path) -> Durable {
+        let mut synced = self.synced.clone();
+        let what = format!("cannot sync {}", path.display());
+        Box::pin(async move {
+            let failed = |reason: String| SinkError {
+                what: what.clone(),
+                source: std::io::Error::other(reason),
+            };
+            let state = (synced
+                .wait_for(|s| s.up_to >= seal || s.failed.is_some())
+                .await)
+                .map_err(|_| failed("its syncer thread stopped".into()))?;
+            match &state.failed {
+                Some(reason) => Err(failed(reason.clone())),
+                None => Ok(()),
+            }
+        })
+    }
 }
 
 impl LineWriter {
@@ -29,7 +101,8 @@ impl LineWriter {
             return Ok(Self {
                 path: path.to_owned(),
                 out: BufWriter::new(Box::new(std::io::stdout())),
-                file: None,
+                syncer: None,
+                written: false,
             });
         }
         let err = |source| SinkError {
@@ -47,26 +120,33 @@ impl LineWriter {
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::with_capacity(256 * 1024, Box::new(file.try_clone().map_err(err)?)),
-            file: Some(file),
+            syncer: Some(Syncer::start(file).map_err(err)?),
+            written: false,
         })
     }
 
     fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError> {
+        self.written = true;
         self.out
             .write_all(line)
             .and_then(|()| self.out.write_all(b"\n"))
             .map_err(|source| self.error("cannot write", source))
     }
 
-    fn flush(&mut self) -> Result<(), SinkError> {
+    /// Hands what was written to the operating system; durable once it is synced.
+    fn seal(&mut self) -> Result<Durable, SinkError> {
         self.out
             .flush()
             .map_err(|source| self.error("cannot write", source))?;
-        if let Some(file) = &self.file {
-            file.sync_data()
-                .map_err(|source| self.error("cannot sync", source))?;
+        let Some(syncer) = &mut self.syncer else {
+            return Ok(already_durable());
+        };
+        if std::mem::take(&mut self.written) {
+            syncer.requested += 1;
+            // A thread that stopped shows as a closed channel to the durable future.
+            let _ = syncer.requests.send(syncer.requested);
         }
-        Ok(())
+        Ok(syncer.durable(syncer.requested, &self.path))
     }
 
     fn error(&self, what: &str, source: std::io::Error) -> SinkError {
@@ -136,11 +216,20 @@ impl Sink for FileSink {
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
-        self.default.flush()?;
+        self.seal().await?.await
+    }
+
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        let mut all = vec![self.default.seal()?];
         for writer in self.destinations.values_mut() {
-            writer.flush()?;
+            all.push(writer.seal()?);
         }
-        Ok(())
+        Ok(Box::pin(async move {
+            for durable in all {
+                durable.await?;
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -168,6 +257,49 @@ impl DeadLetterSink for FileDeadLetters {
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
-        self.writer.flush()
+        self.writer.seal()?.await
+    }
+
+    async fn seal(&mut self) -> Result<Durable, SinkError> {
+        self.writer.seal()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(value: &str) -> Output {
+        Output {
+            destination: None,
+            key: None,
+            value: value.as_bytes().to_vec(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Seals answered out of order still each wait for their own writes, and a seal with
+    /// nothing new written waits for the last one asked.
+    #[tokio::test]
+    async fn every_seal_is_durable_once_its_writes_are_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.jsonl");
+        let mut sink = FileSink::open(&path, &BTreeMap::new(), LineFormat::Value).expect("open");
+        let mut seals = Vec::new();
+        for batch in 0..50 {
+            let outputs = (0..10).map(|i| output(&format!("{batch}-{i}"))).collect();
+            sink.send(outputs, Lane::default()).await.expect("send");
+            seals.push(sink.seal().await.expect("seal"));
+        }
+        seals.push(sink.seal().await.expect("an empty seal"));
+        for durable in seals.into_iter().rev() {
+            durable.await.expect("durable");
+        }
+        let written = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(written.lines().count(), 500);
+        assert_eq!(written.lines().last(), Some("49-9"));
+        let syncer = sink.default.syncer.as_ref().expect("a file has a syncer");
+        assert_eq!(syncer.requested, 50, "the empty seal asked for no sync");
+        assert!(syncer.synced.borrow().up_to >= 50);
     }
 }

@@ -54,7 +54,7 @@ pub struct SinkError {
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>>;
 
 /// A [`Durable`] for writes that are already durable.
-fn already_durable() -> Durable {
+pub(crate) fn already_durable() -> Durable {
     Box::pin(std::future::ready(Ok(())))
 }
 
