@@ -31,7 +31,8 @@
 //! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` compares two builds in
 //! one run: each weir run, (b), (c) and (d), is made with the baseline too, right before or
 //! after (the order turns around every round), and a second table gives this build's rate
-//! and worker CPU against the baseline's.
+//! and worker CPU against the baseline's. `WEIR_BENCH_WORKER=<path>` runs that build as "this
+//! build" instead of the one cargo just made (to compare two older builds).
 
 use std::io::BufRead;
 use std::path::Path;
@@ -79,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         .max(1);
 
     let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
+    let this = std::env::var("WEIR_BENCH_WORKER").unwrap_or_else(|_| WEIR.into());
     let only = std::env::var("WEIR_BENCH_RUNS").unwrap_or_else(|_| "abcd".into());
     let tags: &[&str] = if baseline.is_some() {
         &["", BASE]
@@ -123,7 +125,7 @@ fn main() -> anyhow::Result<()> {
         let name = format!("{kind}{round}{tag}");
         let weir = match (tag, &baseline) {
             (BASE, Some(path)) => path.as_str(),
-            _ => WEIR,
+            _ => this.as_str(),
         };
         // Each run has done marks of its own: the plugin's name names them.
         let plugin_name = format!("enrich-{name}");
