@@ -44,6 +44,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use weir_tests::kafka_broker::KafkaBroker;
+use weir_tests::measure::{cpu_seconds, env_usize};
 use weir_tests::redis_server::RedisServer;
 use weir_tests::worker::{Cluster, Worker};
 
@@ -59,25 +60,14 @@ const PASSTHROUGH: &str = "WEIR_BENCH_PASSTHROUGH";
 const PARTITIONS: i32 = 4;
 /// Records the passthrough has sent and not yet seen confirmed, at most.
 const IN_FLIGHT: usize = 10_000;
-/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
-const USER_HZ: f64 = 100.0;
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     if let Ok(args) = std::env::var(PASSTHROUGH) {
         return rt.block_on(passthrough(&args));
     }
-    let n: usize = std::env::var("WEIR_BENCH_RECORDS")
-        .ok()
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
-    let rounds: usize = std::env::var("WEIR_BENCH_ROUNDS")
-        .ok()
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(3)
-        .max(1);
+    let n = env_usize("WEIR_BENCH_RECORDS", 1_000_000)?;
+    let rounds = env_usize("WEIR_BENCH_ROUNDS", 3)?.max(1);
 
     let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
     let this = std::env::var("WEIR_BENCH_WORKER").unwrap_or_else(|_| WEIR.into());
@@ -329,19 +319,6 @@ impl Measured {
     }
 }
 
-/// User + system CPU-seconds a process has used so far (all its threads).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{pid}/stat: {stat}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / USER_HZ)
-}
-
 /// The local broker's and Redis's processes (none when they are external).
 struct Services {
     broker: Option<u32>,
@@ -351,12 +328,12 @@ struct Services {
 /// CPU-seconds of the worker, the broker and Redis at one instant.
 fn cpu_now(worker: u32, services: &Services) -> anyhow::Result<[f64; 3]> {
     let of = |pid: Option<u32>| {
-        pid.map(cpu_seconds)
+        pid.map(|pid| cpu_seconds(&pid.to_string(), false))
             .transpose()
             .map(Option::unwrap_or_default)
     };
     Ok([
-        cpu_seconds(worker)?,
+        cpu_seconds(&worker.to_string(), false)?,
         of(services.broker)?,
         of(services.redis)?,
     ])

@@ -24,16 +24,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use weir_tests::measure::cpu_seconds;
+
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
 
 fn main() -> anyhow::Result<()> {
-    let env = |name: &str, default: usize| -> anyhow::Result<usize> {
-        Ok(std::env::var(name)
-            .ok()
-            .map(|v| v.parse())
-            .transpose()?
-            .unwrap_or(default))
-    };
+    let env = weir_tests::measure::env_usize;
     let n = env("WEIR_BENCH_RECORDS", 200_000)?;
     let rounds = env("WEIR_BENCH_ROUNDS", 3)?.max(1);
     let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
@@ -118,9 +114,9 @@ fn run(binary: &str, input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64,
         .arg("--summary-json")
         .arg(&summary)
         .args(["--id", "/id", "--quiet"]);
-    let before = children_cpu();
+    let before = cpu_seconds("self", true)?;
     let status = command.status()?;
-    let cpu = children_cpu() - before;
+    let cpu = cpu_seconds("self", true)? - before;
     anyhow::ensure!(status.success(), "{binary} failed: {status}");
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
     let processed = summary["processed"].as_u64().unwrap_or(0);
@@ -135,7 +131,7 @@ fn run(binary: &str, input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64,
 /// The native loop over `input` into a file in `dir`: its records/s and CPU-seconds.
 fn native(input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
     std::fs::create_dir_all(dir)?;
-    let before = own_cpu();
+    let before = cpu_seconds("self", false)?;
     let started = Instant::now();
     let reader = std::io::BufReader::new(std::fs::File::open(input)?);
     let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("out.jsonl"))?);
@@ -148,32 +144,8 @@ fn native(input: &Path, dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
     }
     out.into_inner()?.sync_all()?;
     anyhow::ensure!(done == n, "the native loop enriched {done} of {n}");
-    Ok((
-        n as f64 / started.elapsed().as_secs_f64(),
-        own_cpu() - before,
-    ))
-}
-
-/// User + system CPU-seconds of this process so far (`/proc/self/stat`'s utime, stime).
-fn own_cpu() -> f64 {
-    stat_seconds(11, 12)
-}
-
-/// User + system CPU-seconds of the children waited for so far (`/proc/self/stat`'s
-/// cutime and cstime).
-fn children_cpu() -> f64 {
-    stat_seconds(13, 14)
-}
-
-/// The sum of two clock-tick fields of `/proc/self/stat`, counted after the command name
-/// (utime, stime are 11 and 12 there; cutime, cstime 13 and 14), in seconds.
-fn stat_seconds(a: usize, b: usize) -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<f64> = (rest.split_whitespace())
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    (fields.get(a).copied().unwrap_or(0.0) + fields.get(b).copied().unwrap_or(0.0)) / 100.0
+    let cpu = cpu_seconds("self", false)? - before;
+    Ok((n as f64 / started.elapsed().as_secs_f64(), cpu))
 }
 
 /// The cluster benchmark's events: small JSON objects with an id, a user, a time, an action.

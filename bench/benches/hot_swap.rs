@@ -37,13 +37,7 @@ const STEADY: Duration = Duration::from_secs(15);
 const STATE_CACHE_MB: u64 = 8;
 
 fn main() -> anyhow::Result<()> {
-    let env = |name: &str, default: usize| -> anyhow::Result<usize> {
-        Ok(std::env::var(name)
-            .ok()
-            .map(|v| v.parse())
-            .transpose()?
-            .unwrap_or(default))
-    };
+    let env = weir_tests::measure::env_usize;
     let (rate, swaps_wanted, versions) = (
         env("WEIR_BENCH_RATE", 20_000)?,
         env("WEIR_BENCH_SWAPS", SWAPS)?,

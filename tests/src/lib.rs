@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub mod http;
 pub mod kafka_broker;
 pub mod live;
+pub mod measure;
 pub mod redis_server;
 pub mod tls;
 pub mod worker;

@@ -12,26 +12,30 @@ pub trait Event {
     fn count(self, metrics: &Metrics);
 }
 
-/// A batch was taken from the source.
-pub struct RecordsTaken {
-    pub count: u64,
+/// An event that adds its `count` to one counter.
+macro_rules! counted {
+    ($(#[$doc:meta])* $event:ident => $counter:ident) => {
+        $(#[$doc])*
+        pub struct $event {
+            pub count: u64,
+        }
+
+        impl Event for $event {
+            fn count(self, m: &Metrics) {
+                m.$counter.inc_by(self.count);
+            }
+        }
+    };
 }
 
-impl Event for RecordsTaken {
-    fn count(self, m: &Metrics) {
-        m.records_in.inc_by(self.count);
-    }
+counted! {
+    /// A batch was taken from the source.
+    RecordsTaken => records_in
 }
 
-/// Records were skipped: their ids were done already (or repeated within their batch).
-pub struct RecordsDeduplicated {
-    pub count: u64,
-}
-
-impl Event for RecordsDeduplicated {
-    fn count(self, m: &Metrics) {
-        m.records_deduplicated.inc_by(self.count);
-    }
+counted! {
+    /// Records were skipped: their ids were done already (or repeated within their batch).
+    RecordsDeduplicated => records_deduplicated
 }
 
 /// The fates of a batch's records that one plugin version had, once they are durable.
@@ -85,48 +89,24 @@ impl Event for PluginCalled<'_> {
     }
 }
 
-/// Records the plugin called retryable are tried again.
-pub struct RetriesStarted {
-    pub count: u64,
+counted! {
+    /// Records the plugin called retryable are tried again.
+    RetriesStarted => retries
 }
 
-impl Event for RetriesStarted {
-    fn count(self, m: &Metrics) {
-        m.retries.inc_by(self.count);
-    }
+counted! {
+    /// Leases were taken by this worker.
+    LeasesAcquired => lease_acquired
 }
 
-/// Leases were taken by this worker.
-pub struct LeasesAcquired {
-    pub count: u64,
+counted! {
+    /// A claim found records leased by another live worker: they wait.
+    LeasesContended => lease_contended
 }
 
-impl Event for LeasesAcquired {
-    fn count(self, m: &Metrics) {
-        m.lease_acquired.inc_by(self.count);
-    }
-}
-
-/// A claim found records leased by another live worker: they wait.
-pub struct LeasesContended {
-    pub count: u64,
-}
-
-impl Event for LeasesContended {
-    fn count(self, m: &Metrics) {
-        m.lease_contended.inc_by(self.count);
-    }
-}
-
-/// Another worker took these records' leases over before this one marked them done.
-pub struct LeasesLost {
-    pub count: u64,
-}
-
-impl Event for LeasesLost {
-    fn count(self, m: &Metrics) {
-        m.lease_lost.inc_by(self.count);
-    }
+counted! {
+    /// Another worker took these records' leases over before this one marked them done.
+    LeasesLost => lease_lost
 }
 
 /// How an exactly-once transaction ended.
@@ -140,7 +120,7 @@ pub enum TransactionResult {
 }
 
 impl TransactionResult {
-    pub const ALL: [Self; 3] = [Self::Committed, Self::Aborted, Self::Fenced];
+    const ALL: [Self; 3] = [Self::Committed, Self::Aborted, Self::Fenced];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -210,7 +190,7 @@ pub enum UploadResult {
 }
 
 impl UploadResult {
-    pub const ALL: [Self; 10] = [
+    pub(super) const ALL: [Self; 10] = [
         Self::Created,
         Self::AlreadyStored,
         Self::Unauthorized,
@@ -223,7 +203,7 @@ impl UploadResult {
         Self::Error,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Created => "created",
             Self::AlreadyStored => "already_stored",
@@ -292,15 +272,9 @@ impl Event for VersionRetired {
     }
 }
 
-/// Dead letters were fed through a plugin again.
-pub struct DeadLettersReplayed {
-    pub count: u64,
-}
-
-impl Event for DeadLettersReplayed {
-    fn count(self, m: &Metrics) {
-        m.dlq_replayed.inc_by(self.count);
-    }
+counted! {
+    /// Dead letters were fed through a plugin again.
+    DeadLettersReplayed => dlq_replayed
 }
 
 /// Exactly-once mode began: its transactions' results are shown from zero.

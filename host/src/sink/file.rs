@@ -74,9 +74,9 @@ impl Syncer {
         })
     }
 
-    /// Durable once everything written before seal number `seal` is on disk.
-    fn durable(&self, seal: u64, path: &Path) -> Durable {
-        let mut synced = self.synced.clone();
+    /// Durable once everything written before the last seal asked for is on disk.
+    fn durable(&self, path: &Path) -> Durable {
+        let (seal, mut synced) = (self.requested, self.synced.clone());
         let what = format!("cannot sync {}", path.display());
         Box::pin(async move {
             let failed = |reason: String| SinkError {
@@ -146,7 +146,7 @@ impl LineWriter {
             // A thread that stopped shows as a closed channel to the durable future.
             let _ = syncer.requests.send(syncer.requested);
         }
-        Ok(syncer.durable(syncer.requested, &self.path))
+        Ok(syncer.durable(&self.path))
     }
 
     fn error(&self, what: &str, source: std::io::Error) -> SinkError {

@@ -214,6 +214,12 @@ impl Source for FileSource {
 mod tests {
     use super::*;
 
+    /// The records of the next batch, which must come.
+    async fn records(source: &mut FileSource, max: usize) -> Vec<Incoming> {
+        let batch = source.next_batch(max).await.expect("read");
+        batch.expect("a batch").records
+    }
+
     #[tokio::test]
     async fn a_followed_file_is_read_as_it_grows() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -222,12 +228,7 @@ mod tests {
         let mut source = FileSource::open(&path, LineFormat::Value)
             .expect("open")
             .follow(true);
-        let batch = source
-            .next_batch(10)
-            .await
-            .expect("read")
-            .expect("some")
-            .records;
+        let batch = records(&mut source, 10).await;
         assert_eq!(batch.len(), 1, "the unfinished line waits");
         // At the end, the source waits instead of ending.
         let waiting = tokio::time::timeout(Duration::from_millis(300), source.next_batch(10));
@@ -238,12 +239,7 @@ mod tests {
             .open(&path)
             .expect("append");
         file.write_all(b"2}\n{\"a\":3}\n").expect("append");
-        let batch = source
-            .next_batch(10)
-            .await
-            .expect("read")
-            .expect("some")
-            .records;
+        let batch = records(&mut source, 10).await;
         let values: Vec<&[u8]> = batch.iter().map(|i| i.record.value.as_slice()).collect();
         assert_eq!(values, [&b"{\"a\":2}"[..], b"{\"a\":3}"]);
         let lines: Vec<i64> = batch.iter().map(|i| i.record.source.offset).collect();
@@ -256,21 +252,11 @@ mod tests {
         let path = dir.path().join("in.jsonl");
         std::fs::write(&path, "{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}").expect("write");
         let mut source = FileSource::open(&path, LineFormat::Value).expect("open");
-        let batch = source
-            .next_batch(2)
-            .await
-            .expect("read")
-            .expect("some")
-            .records;
+        let batch = records(&mut source, 2).await;
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[1].record.value, b"{\"a\":2}");
         assert_eq!(batch[1].record.source.offset, 3);
-        let batch = source
-            .next_batch(10)
-            .await
-            .expect("read")
-            .expect("some")
-            .records;
+        let batch = records(&mut source, 10).await;
         assert_eq!(batch[0].record.source.offset, 4);
         assert!(source.next_batch(10).await.expect("read").is_none());
     }
@@ -281,12 +267,7 @@ mod tests {
         let path = dir.path().join("in.jsonl");
         std::fs::write(&path, "not json\n{\"value\":\"v\",\"key\":\"k\"}\n").expect("write");
         let mut source = FileSource::open(&path, LineFormat::Envelope).expect("open");
-        let batch = source
-            .next_batch(10)
-            .await
-            .expect("read")
-            .expect("some")
-            .records;
+        let batch = records(&mut source, 10).await;
         assert!(
             batch[0]
                 .rejected
@@ -304,12 +285,7 @@ mod tests {
         std::fs::write(dir.path().join("a.jsonl"), "1\n2\n").expect("write");
         std::fs::write(dir.path().join("notes.txt"), "not input\n").expect("write");
         let mut source = FileSource::open(dir.path(), LineFormat::Value).expect("open");
-        let batch = source
-            .next_batch(10)
-            .await
-            .expect("read")
-            .expect("some")
-            .records;
+        let batch = records(&mut source, 10).await;
         let values: Vec<&[u8]> = batch.iter().map(|i| i.record.value.as_slice()).collect();
         assert_eq!(values, vec![&b"1"[..], b"2", b"3"]);
         assert!(batch[2].record.source.stream.ends_with("b.jsonl"));
