@@ -1,9 +1,11 @@
 //! Who is alive in a cluster: every worker writes a heartbeat into Redis every
-//! [`HEARTBEAT_EVERY`] (its id, host, pipeline, partitions, plugin version, last seen), kept
-//! for [`HEARTBEAT_TTL`], so a dead worker drops out by itself. `weir cluster status` (and
-//! later the API) lists them.
+//! [`HEARTBEAT_EVERY`] (its id, host, pipeline, partitions, plugin version, last seen); one
+//! older than [`HEARTBEAT_TTL`] no longer counts, so a dead worker drops out by itself.
+//! `weir cluster status` (and the API) lists them.
 //!
-//! Key: `weir:<pipeline>:worker:<worker id>`, a JSON [`WorkerInfo`].
+//! Key: the hash `weir:workers`, field `<pipeline>/<worker id>`, a JSON [`WorkerInfo`] (one
+//! key, so one slot of a Redis Cluster); readers delete the heartbeats that ran out, and
+//! the whole hash goes once no worker has beaten for a [`HEARTBEAT_TTL`].
 
 use std::time::Duration;
 
@@ -17,6 +19,9 @@ use crate::state::RedisTarget;
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a heartbeat counts.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+
+/// The hash of every worker's heartbeat.
+const WORKERS: &str = "weir:workers";
 
 /// One worker, as its last heartbeat said.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,8 +38,8 @@ pub struct WorkerInfo {
     pub last_seen_ms: u64,
 }
 
-fn key(pipeline: &str, id: &str) -> String {
-    format!("weir:{pipeline}:worker:{id}")
+fn field(pipeline: &str, id: &str) -> String {
+    format!("{pipeline}/{id}")
 }
 
 /// Writes `info()` every [`HEARTBEAT_EVERY`] until the task is dropped or aborted; failures
@@ -43,22 +48,21 @@ pub async fn heartbeat(
     redis: RedisTarget,
     info: impl Fn() -> WorkerInfo + Send + 'static,
 ) -> Result<(), redis::RedisError> {
-    let client = redis.client()?;
-    let mut conn = client.get_connection_manager().await?;
+    let mut conn = redis.connect().await?;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     loop {
         tick.tick().await;
         let mut me = info();
         me.last_seen_ms = now_ms() as u64;
         let json = serde_json::to_string(&me).unwrap_or_default();
-        let set: Result<(), _> = conn
-            .pset_ex(
-                key(&me.pipeline, &me.id),
-                json,
-                HEARTBEAT_TTL.as_millis() as u64,
-            )
+        let beat: Result<(), _> = redis::pipe()
+            .hset(WORKERS, field(&me.pipeline, &me.id), json)
+            .ignore()
+            .pexpire(WORKERS, HEARTBEAT_TTL.as_millis() as i64)
+            .ignore()
+            .query_async(&mut conn)
             .await;
-        if let Err(e) = set {
+        if let Err(e) = beat {
             tracing::warn!("heartbeat to Redis failed: {e}");
         }
     }
@@ -70,9 +74,11 @@ pub async fn sign_off(
     pipeline: &str,
     id: &str,
 ) -> Result<(), redis::RedisError> {
-    let client = redis.client()?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    conn.del(key(pipeline, id)).await
+    redis
+        .connect()
+        .await?
+        .hdel(WORKERS, field(pipeline, id))
+        .await
 }
 
 /// Live workers of every pipeline (or of `pipeline`), ordered by pipeline and id.
@@ -80,22 +86,23 @@ pub async fn live_workers(
     redis: &RedisTarget,
     pipeline: Option<&str>,
 ) -> Result<Vec<WorkerInfo>, redis::RedisError> {
-    let client = redis.client()?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let pattern = key(pipeline.unwrap_or("*"), "*");
-    let mut keys: Vec<String> = Vec::new();
-    {
-        let mut iter = conn.scan_match::<_, String>(&pattern).await?;
-        while let Some(k) = iter.next_item().await {
-            keys.push(k?);
-        }
-    }
+    let mut conn = redis.connect().await?;
+    let beats: Vec<(String, String)> = conn.hgetall(WORKERS).await?;
+    let now = now_ms() as u64;
     let mut workers = Vec::new();
-    for k in keys {
-        let json: Option<String> = conn.get(&k).await?;
-        if let Some(info) = json.and_then(|j| serde_json::from_str::<WorkerInfo>(&j).ok()) {
+    let mut gone = Vec::new();
+    for (field, json) in beats {
+        let Ok(info) = serde_json::from_str::<WorkerInfo>(&json) else {
+            continue;
+        };
+        if now.saturating_sub(info.last_seen_ms) > HEARTBEAT_TTL.as_millis() as u64 {
+            gone.push(field);
+        } else if pipeline.is_none_or(|p| p == info.pipeline) {
             workers.push(info);
         }
+    }
+    if !gone.is_empty() {
+        let _: Result<(), _> = conn.hdel(WORKERS, gone).await;
     }
     workers.sort_by(|a, b| (&a.pipeline, &a.id).cmp(&(&b.pipeline, &b.id)));
     Ok(workers)

@@ -1,8 +1,8 @@
 //! Harness for Weir's integration tests: runs the real `weir` binary (built in this package
 //! as `weir-under-test`, so it is always fresh) over files in a temporary directory, and
-//! reads back outputs, dead letters and the run summary. For cluster mode: `redis_server`
-//! and `kafka_broker` start a real Redis and a real Apache Kafka, `worker` runs `weir`
-//! worker processes.
+//! reads back outputs, dead letters and the run summary. For cluster mode: `redis_server`,
+//! `redis_cluster` and `kafka_broker` start a real Redis, a real Redis Cluster and a real
+//! Apache Kafka, `worker` runs `weir` worker processes.
 //!
 //! The plugins come from `scripts/build-plugins.sh` (`target/wasm32-wasip2/release/`).
 
@@ -15,6 +15,7 @@ pub mod http;
 pub mod kafka_broker;
 pub mod live;
 pub mod measure;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod tls;
 pub mod worker;

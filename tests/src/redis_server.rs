@@ -25,6 +25,8 @@ pub struct RedisServer {
     port: u16,
     dir: Option<tempfile::TempDir>,
     secured: Option<Secured>,
+    /// More `redis-server` arguments (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -37,6 +39,7 @@ impl RedisServer {
                 port: 0,
                 dir: None,
                 secured: None,
+                extra: Vec::new(),
             };
         }
         Self::start_local()
@@ -45,16 +48,21 @@ impl RedisServer {
     /// Starts a fresh local server, even when `WEIR_REDIS_URL` is set (for tests that pause
     /// or kill it).
     pub fn start_local() -> Self {
-        Self::start_on(None)
+        Self::start_on(None, Vec::new())
+    }
+
+    /// Starts a fresh local server with more `redis-server` arguments.
+    pub fn start_with(extra: Vec<String>) -> Self {
+        Self::start_on(None, extra)
     }
 
     /// Starts a fresh local server that takes only TLS and `secured.user`; its URL is
     /// `rediss://<user>:<password>@127.0.0.1:<port>/`.
     pub fn start_secured(secured: Secured) -> Self {
-        Self::start_on(Some(secured))
+        Self::start_on(Some(secured), Vec::new())
     }
 
-    fn start_on(secured: Option<Secured>) -> Self {
+    fn start_on(secured: Option<Secured>, extra: Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = crate::free_port();
         let url = match &secured {
@@ -67,6 +75,7 @@ impl RedisServer {
             port,
             dir: Some(dir),
             secured,
+            extra,
         };
         server.spawn();
         server
@@ -116,6 +125,7 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
             .arg("--dir")
             .arg(self.data_dir())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -147,6 +157,16 @@ impl RedisServer {
     /// SIGCONT.
     pub fn resume(&self) {
         crate::signal(self.pid(), libc::SIGCONT);
+    }
+
+    /// The port it listens on (a local server's).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `kill -9` (a local server), for good.
+    pub fn kill_now(&mut self) {
+        self.kill();
     }
 
     /// The process id of a local server.

@@ -14,6 +14,9 @@ pub(super) enum ClusterCommand {
         /// The Redis the workers use (`rediss://` for TLS; `user:password@` for AUTH).
         #[arg(long, value_name = "URL")]
         redis: String,
+        /// `--redis` names nodes of a Redis Cluster (comma-separated).
+        #[arg(long)]
+        redis_cluster: bool,
         /// The CA certificate (PEM) a `rediss://` server's certificate must chain to.
         #[arg(long, value_name = "FILE")]
         redis_ca_file: Option<PathBuf>,
@@ -30,14 +33,17 @@ impl ClusterCommand {
     pub async fn execute(self) -> anyhow::Result<()> {
         let ClusterCommand::Status {
             redis,
+            redis_cluster,
             redis_ca_file,
             pipeline,
             json,
         } = self;
-        let redis = RedisTarget::new(
-            crate::config::secrets::resolve_in_url("--redis", &redis)?,
-            redis_ca_file,
-        );
+        let url = crate::config::secrets::resolve_in_url("--redis", &redis)?;
+        let redis = if redis_cluster {
+            RedisTarget::cluster(url)
+        } else {
+            RedisTarget::new(url, redis_ca_file)
+        };
         cluster_status(&redis, pipeline.as_deref(), json).await
     }
 }

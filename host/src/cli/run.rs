@@ -109,6 +109,9 @@ pub(super) struct RunArgs {
     /// rediss:// for TLS, user:password@ for AUTH, ${env:NAME} for a password).
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// --redis names nodes of a Redis Cluster (comma-separated; the client finds the rest).
+    #[arg(long)]
+    redis_cluster: bool,
     /// The CA certificate (PEM) a rediss:// server's certificate must chain to [default: the
     /// system's CAs].
     #[arg(long, value_name = "FILE")]
@@ -216,6 +219,7 @@ impl RunArgs {
         set!(self.output_topic => c.sink.topic);
         set!(self.dlq_topic => c.dlq.topic);
         set!(self.redis => c.state.redis_url);
+        c.state.redis_cluster |= self.redis_cluster;
         set!(self.redis_ca_file => c.state.redis_ca_file);
         set!(self.lease_ttl_ms => c.state.lease_ttl_ms);
         c.kafka

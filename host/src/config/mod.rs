@@ -129,6 +129,9 @@ pub struct StateConfig {
     /// `${file:PATH}` where the password is kept. Run it with AOF on, or fencing tokens go
     /// backwards after a restart.
     pub redis_url: Option<String>,
+    /// `redis_url` names nodes of a Redis Cluster (one or more, separated by commas; the
+    /// client finds the rest): leases and done marks spread over its masters.
+    pub redis_cluster: bool,
     /// The CA certificate (PEM) a `rediss://` server's certificate must chain to; unset: the
     /// system's CAs.
     pub redis_ca_file: Option<PathBuf>,
@@ -146,6 +149,7 @@ impl Default for StateConfig {
         Self {
             path: PathBuf::from(".weir/state"),
             redis_url: None,
+            redis_cluster: false,
             redis_ca_file: None,
             lease_ttl_ms: 30_000,
             done_ttl_secs: 0,

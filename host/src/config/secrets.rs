@@ -118,6 +118,14 @@ fn is_reference(value: &str) -> bool {
 /// `url` without the password of its user part (`rediss://weir:***@host:6380/`). A password
 /// that is a reference stays visible.
 pub fn redact_url(url: &str) -> String {
+    let urls = url_list(url);
+    if urls.len() > 1 {
+        return urls
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -134,6 +142,26 @@ pub fn redact_url(url: &str) -> String {
         None => "***".to_owned(),
     };
     format!("{scheme}://{shown}{}", &rest[at..])
+}
+
+/// The URLs of a comma-separated list (a Redis Cluster's seed nodes). It splits only at a
+/// comma before `redis://` or `rediss://`, since a password may hold a comma.
+pub fn url_list(urls: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = urls;
+    while let Some(i) = [",redis://", ",rediss://"]
+        .iter()
+        .filter_map(|sep| rest.find(sep))
+        .min()
+    {
+        out.push(&rest[..i]);
+        rest = &rest[i + 1..];
+    }
+    out.push(rest);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -208,6 +236,11 @@ mod tests {
         assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
         assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
         assert_eq!(redact_url("redis://u:a/b?c#d@h/0"), "redis://u:***@h/0");
+        // A cluster's seeds, each hidden; a comma in a password is no separator.
+        assert_eq!(
+            redact_url("redis://u:p,q@a:1,rediss://:x@b:2"),
+            "redis://u:***@a:1,rediss://:***@b:2"
+        );
         assert_eq!(
             redact_url("redis://weir:${env:PW}@h/"),
             "redis://weir:${env:PW}@h/"

@@ -154,12 +154,9 @@ impl Registry {
     /// The registry every worker of a cluster shares, in the Redis at `redis`. It listens
     /// for the changes other workers publish while it lives.
     pub async fn connect(redis: &crate::state::RedisTarget) -> Result<Self, RegistryError> {
-        let client = redis.client().map_err(store::redis_error)?;
-        let conn = redis::aio::ConnectionManager::new(client.clone())
-            .await
-            .map_err(store::redis_error)?;
+        let conn = redis.connect().await.map_err(store::redis_error)?;
         let registry = Self::with_store(Store::redis(conn));
-        tokio::spawn(listen(client, Arc::downgrade(&registry.changed)));
+        tokio::spawn(listen(redis.clone(), Arc::downgrade(&registry.changed)));
         Ok(registry)
     }
 
@@ -458,13 +455,21 @@ impl Registry {
 }
 
 /// Follows the changes other workers publish, bumping `changed`, until the registry is
-/// dropped. After a lost connection it subscribes again and reports one change, since some
-/// may have been missed.
-async fn listen(client: redis::Client, changed: Weak<tokio::sync::watch::Sender<u64>>) {
+/// dropped. After a lost connection it subscribes again (on a cluster, through the next
+/// seed node: a message published on any node reaches them all) and reports one change,
+/// since some may have been missed.
+async fn listen(redis: crate::state::RedisTarget, changed: Weak<tokio::sync::watch::Sender<u64>>) {
     use futures_util::StreamExt;
     let mut delay = Duration::from_millis(200);
+    let mut node = 0;
     while changed.strong_count() > 0 {
-        match client.get_async_pubsub().await {
+        let client = redis.node(node);
+        node += 1;
+        let pubsub = match client {
+            Ok(client) => client.get_async_pubsub().await,
+            Err(e) => Err(e),
+        };
+        match pubsub {
             Ok(mut pubsub) => match pubsub.subscribe(store::changes_channel()).await {
                 Ok(()) => {
                     delay = Duration::from_millis(200);

@@ -8,12 +8,12 @@
 use std::path::{Path, PathBuf};
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use super::RegistryError;
 
-/// The Redis keys of the registry start with this (pipelines use `weir:<pipeline>:`).
-pub const REDIS_PREFIX: &str = "weir-registry";
+/// The Redis keys of the registry start with this (pipelines use `weir:<pipeline>:`); the
+/// hash tag puts them all in one slot of a Redis Cluster, as its script needs.
+pub const REDIS_PREFIX: &str = "{weir-registry}";
 
 /// The Redis channel every index change is published on; the message is the plugin name.
 pub fn changes_channel() -> String {
@@ -35,7 +35,7 @@ return 1
 pub enum Store {
     Dir(PathBuf),
     Redis {
-        conn: ConnectionManager,
+        conn: crate::state::RedisConnection,
         swap: redis::Script,
     },
 }
@@ -60,7 +60,7 @@ impl Store {
         Ok(Self::Dir(dir.to_owned()))
     }
 
-    pub fn redis(conn: ConnectionManager) -> Self {
+    pub fn redis(conn: crate::state::RedisConnection) -> Self {
         Self::Redis {
             conn,
             swap: redis::Script::new(SWAP_INDEX),

@@ -7,7 +7,7 @@
 mod embedded;
 mod redis;
 
-pub use self::redis::{RedisStore, RedisTarget};
+pub use self::redis::{CLUSTER_BUCKETS, RedisConnection, RedisStore, RedisTarget, is_transient};
 pub use embedded::EmbeddedStore;
 
 use async_trait::async_trait;

@@ -418,24 +418,37 @@ fn state(config: &Config) -> Result<StatePlan, ConfigError> {
     // A URL that is a reference alone is checked once resolved, by the Redis client.
     let is_reference = |url: &str| url.starts_with("${");
     let store = match &s.redis_url {
-        Some(url)
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || is_reference(url)) =>
+        Some(urls)
+            if crate::config::secrets::url_list(urls).iter().any(|url| {
+                !(url.starts_with("redis://") || url.starts_with("rediss://") || is_reference(url))
+            }) =>
         {
             return Err(invalid(
                 "state.redis_url",
                 format!(
                     "`{}` is not a Redis URL like redis://127.0.0.1:6379",
-                    crate::config::secrets::redact_url(url)
+                    crate::config::secrets::redact_url(urls)
                 ),
             ));
         }
+        Some(url) if s.redis_cluster => Store::Redis(RedisTarget::cluster(url.clone())),
         Some(url) => Store::Redis(RedisTarget::new(url.clone(), s.redis_ca_file.clone())),
         None => Store::Embedded {
             cache_bytes: mib(s.cache_mb),
         },
     };
+    if s.redis_cluster && s.redis_url.is_none() {
+        return Err(invalid(
+            "state.redis_cluster",
+            "needs state.redis_url: one or more nodes of the cluster",
+        ));
+    }
+    if s.redis_cluster && s.redis_ca_file.is_some() {
+        return Err(invalid(
+            "state.redis_ca_file",
+            "is not supported with state.redis_cluster: use a Redis server, or the system's CAs",
+        ));
+    }
     if s.redis_ca_file.is_some()
         && !(s.redis_url.as_deref())
             .is_some_and(|url| url.starts_with("rediss://") || is_reference(url))

@@ -1,16 +1,22 @@
 //! The Redis state store against a real Redis: fencing tokens rise, a held lease is never
 //! granted twice, only the holder can finish, done marks deduplicate, a batch costs one
 //! script call each way, and fences keep rising across a `kill -9` restart (AOF). Also the
-//! plugin registry that a cluster's workers share in Redis.
+//! plugin registry that a cluster's workers share in Redis, and the store on a real
+//! 3-master Redis Cluster through a master's failover.
 
 use std::time::Duration;
 
-use weir::state::{Claim, RedisStore, StateStore};
+use weir::state::{CLUSTER_BUCKETS, Claim, RedisStore, RedisTarget, StateStore};
+use weir_tests::redis_cluster::RedisCluster;
 use weir_tests::redis_server::RedisServer;
 
 async fn store(redis: &RedisServer, owner: &str, lease_ms: u64) -> RedisStore {
+    store_at(&redis.target(), owner, lease_ms).await
+}
+
+async fn store_at(target: &RedisTarget, owner: &str, lease_ms: u64) -> RedisStore {
     RedisStore::connect(
-        &redis.target(),
+        target,
         "test-pipeline",
         owner,
         Duration::from_millis(lease_ms),
@@ -311,4 +317,78 @@ async fn two_workers_share_one_registry_in_redis() {
         .expect("b is told of a's activation")
         .expect("registry alive");
     assert_eq!(b.existing("p").await.expect("b").active, Some(3));
+}
+
+/// On a real Redis Cluster (three masters, a replica each): a batch's ids spread over every
+/// master, at most one script per bucket each way; dedup and leases hold across buckets; a
+/// master killed with `kill -9` pauses the calls until its replica took over, then they
+/// complete and every guarantee holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_redis_cluster_a_batch_spreads_over_the_masters_and_survives_a_failover() {
+    let mut cluster = tokio::task::block_in_place(RedisCluster::start);
+    let target = cluster.target();
+    let a = store_at(&target, "worker-a", 60_000).await;
+    let b = store_at(&target, "worker-b", 60_000).await;
+    // Warm up: the first use of a script on a node loads it.
+    let warm: Vec<String> = (0..500).map(|i| format!("warm-{i}")).collect();
+    for store in [&a, &b] {
+        store.claim(&warm).await.expect("claim");
+    }
+    let scripts = || {
+        let (evalsha, eval) = (
+            cluster.calls_per_master("evalsha"),
+            cluster.calls_per_master("eval"),
+        );
+        evalsha
+            .iter()
+            .zip(eval)
+            .map(|(s, e)| s + e)
+            .collect::<Vec<u64>>()
+    };
+
+    let batch: Vec<String> = (0..2_000).map(|i| format!("id-{i}")).collect();
+    let before = scripts();
+    let claims = a.claim(&batch).await.expect("claim");
+    let per_master: Vec<u64> = (scripts().iter().zip(&before))
+        .map(|(after, before)| after - before)
+        .collect();
+    println!("one claim of 2000 ids: scripts per master {per_master:?}");
+    assert_eq!(per_master.len(), 3);
+    assert!(
+        per_master.iter().all(|&n| n >= 1),
+        "every master takes part: {per_master:?}"
+    );
+    assert!(
+        per_master.iter().sum::<u64>() <= CLUSTER_BUCKETS as u64,
+        "one script per bucket at most: {per_master:?}"
+    );
+    let done: Vec<(String, u64)> = (batch.iter().cloned())
+        .zip(claims.iter().map(|&c| fence(c)))
+        .collect();
+    assert!(
+        (b.claim(&batch).await.expect("claim").iter()).all(|c| *c == Claim::HeldElsewhere),
+        "held by a, on whichever master"
+    );
+
+    // A master dies; a's finish waits for its replica to take over, then lands.
+    let victim = cluster.masters()[0];
+    cluster.kill(victim);
+    let killed = std::time::Instant::now();
+    let finished = a.finish(&done).await.expect("finish");
+    println!(
+        "master :{victim} killed: a finish of 2000 ids paused and completed after {:.1} s",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(finished.iter().all(|ok| *ok), "a's leases were still a's");
+    tokio::task::block_in_place(|| cluster.wait_until_served(Duration::from_secs(30)));
+    assert!(
+        (b.claim(&batch).await.expect("claim").iter()).all(|c| *c == Claim::Done),
+        "every id is done for every worker after the failover"
+    );
+    let fresh = fence(b.claim(&ids(&["after"])).await.expect("claim")[0]);
+    let newest = done.iter().map(|(_, f)| *f).max().unwrap_or(0);
+    assert!(
+        fresh > newest,
+        "fences still rise after the failover: {newest} then {fresh}"
+    );
 }
