@@ -25,7 +25,10 @@
 //! cargo bench -p weir-bench --bench cluster                # WEIR_BENCH_RECORDS=1000000
 //! ```
 //!
-//! `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to every weir run;
+//! `WEIR_BENCH_REDIS_CLUSTER=1` runs (c) and (d) on a local Redis Cluster instead (three
+//! masters and a replica each, `weir_tests::redis_cluster`); Redis CPU is then the sum over
+//! its six processes. `WEIR_BENCH_ARGS` (e.g. `"--batch-size 512"`) adds flags to every
+//! weir run;
 //! `WEIR_BENCH_RUNS` (e.g. `ab`) makes only those runs ((a) always runs: the ratios need it).
 //!
 //! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` compares two builds in
@@ -45,6 +48,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use weir_tests::kafka_broker::KafkaBroker;
 use weir_tests::measure::{cpu_seconds, env_usize};
+use weir_tests::redis_cluster::RedisCluster;
 use weir_tests::redis_server::RedisServer;
 use weir_tests::worker::{Cluster, Worker};
 
@@ -78,7 +82,23 @@ fn main() -> anyhow::Result<()> {
         &[""]
     };
     let broker = KafkaBroker::start();
-    let redis = RedisServer::start();
+    // One Redis server, or a Redis Cluster: its URL (seeds), the flags that say which, and
+    // its processes.
+    let (_server, _cluster, redis_url, redis_flags, redis_pids) =
+        if std::env::var("WEIR_BENCH_REDIS_CLUSTER").is_ok_and(|v| v == "1") {
+            let cluster = RedisCluster::start();
+            let (url, pids) = (cluster.url(), cluster.pids());
+            (None, Some(cluster), url, vec!["--redis-cluster"], pids)
+        } else {
+            let server = RedisServer::start();
+            let pids = server
+                .is_local()
+                .then(|| server.pid())
+                .into_iter()
+                .collect();
+            let url = server.url.clone();
+            (Some(server), None, url, vec![], pids)
+        };
     let dir = tempfile::tempdir()?;
     rt.block_on(async {
         broker.create_topic("bench-in", PARTITIONS).await;
@@ -109,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     };
     let services = Services {
         broker: broker.pid(),
-        redis: redis.is_local().then(|| redis.pid()),
+        redis: redis_pids,
     };
     let run = |kind: char, round: usize, tag: &str| -> anyhow::Result<Measured> {
         let name = format!("{kind}{round}{tag}");
@@ -139,27 +159,35 @@ fn main() -> anyhow::Result<()> {
             'c' => run_weir(
                 weir,
                 &services,
-                &cluster(&name, Some(&redis.url)),
+                &cluster(&name, Some(&redis_url)),
                 dir.path(),
                 "enrich",
-                &["--id", "/id", "--plugin-name", &plugin_name],
+                &[
+                    &["--id", "/id", "--plugin-name", &plugin_name],
+                    &redis_flags[..],
+                ]
+                .concat(),
                 n,
             ),
             _ => run_weir(
                 weir,
                 &services,
-                &cluster(&name, Some(&redis.url)),
+                &cluster(&name, Some(&redis_url)),
                 dir.path(),
                 "enrich",
                 &[
-                    "--id",
-                    "/id",
-                    "--plugin-name",
-                    &plugin_name,
-                    "--exactly-once",
-                    "--transactional-id",
-                    &transactional_id,
-                ],
+                    &[
+                        "--id",
+                        "/id",
+                        "--plugin-name",
+                        &plugin_name,
+                        "--exactly-once",
+                        "--transactional-id",
+                        &transactional_id,
+                    ],
+                    &redis_flags[..],
+                ]
+                .concat(),
                 n,
             ),
         }
@@ -254,9 +282,9 @@ fn print_against_baseline(
 ) {
     println!("\nThis build against the baseline ({path}):\n");
     println!(
-        "| run | round | baseline records/s | this records/s | rate ratio | baseline worker CPU-s per 1M | this | CPU ratio |"
+        "| run | round | baseline records/s | this records/s | rate ratio | baseline worker CPU-s per 1M | this | CPU ratio | baseline Redis CPU-s per 1M | this |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let names = ["(b)", "(c)", "(d)"];
     let mut ratios: [Vec<f64>; 3] = Default::default();
     for (round, (runs, base)) in measured.iter().zip(baseline).enumerate() {
@@ -265,16 +293,19 @@ fn print_against_baseline(
                 continue;
             };
             let cpu = |m: &Measured| m.cpu[0] * 1e6 / n as f64;
+            let redis = |m: &Measured| m.cpu[2] * 1e6 / n as f64;
             let ratio = this.rate(n) / base.rate(n);
             ratios[k].push(ratio);
             println!(
-                "| {name} | {} | {:.0} | {:.0} | {ratio:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {name} | {} | {:.0} | {:.0} | {ratio:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 round + 1,
                 base.rate(n),
                 this.rate(n),
                 cpu(base),
                 cpu(this),
-                cpu(this) / cpu(base)
+                cpu(this) / cpu(base),
+                redis(base),
+                redis(this)
             );
         }
     }
@@ -319,23 +350,22 @@ impl Measured {
     }
 }
 
-/// The local broker's and Redis's processes (none when they are external).
+/// The local broker's and Redis's processes (none when they are external; a Redis
+/// Cluster's six).
 struct Services {
     broker: Option<u32>,
-    redis: Option<u32>,
+    redis: Vec<u32>,
 }
 
 /// CPU-seconds of the worker, the broker and Redis at one instant.
 fn cpu_now(worker: u32, services: &Services) -> anyhow::Result<[f64; 3]> {
-    let of = |pid: Option<u32>| {
-        pid.map(|pid| cpu_seconds(&pid.to_string(), false))
-            .transpose()
-            .map(Option::unwrap_or_default)
+    let of = |pids: &mut dyn Iterator<Item = u32>| -> anyhow::Result<f64> {
+        pids.map(|pid| cpu_seconds(&pid.to_string(), false)).sum()
     };
     Ok([
         cpu_seconds(&worker.to_string(), false)?,
-        of(services.broker)?,
-        of(services.redis)?,
+        of(&mut services.broker.into_iter())?,
+        of(&mut services.redis.iter().copied())?,
     ])
 }
 

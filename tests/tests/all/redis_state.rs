@@ -1,8 +1,8 @@
 //! The Redis state store against a real Redis: fencing tokens rise, a held lease is never
 //! granted twice, only the holder can finish, done marks deduplicate, a batch costs one
-//! script call each way, and fences keep rising across a `kill -9` restart (AOF). Also the
-//! plugin registry that a cluster's workers share in Redis, and the store on a real
-//! 3-master Redis Cluster through a master's failover.
+//! script call each way, and fences and done marks (not leases) survive a `kill -9` restart
+//! (AOF). Also the plugin registry that a cluster's workers share in Redis, and the store on
+//! a real 3-master Redis Cluster through a master's failover.
 
 use std::time::Duration;
 
@@ -250,7 +250,7 @@ async fn a_batch_costs_one_script_call_each_way() {
 }
 
 #[tokio::test]
-async fn fences_keep_rising_across_a_redis_crash() {
+async fn fences_and_done_marks_survive_a_redis_crash_and_leases_do_not() {
     let mut redis = RedisServer::start();
     assert!(
         redis.is_local(),
@@ -258,6 +258,9 @@ async fn fences_keep_rising_across_a_redis_crash() {
     );
     let before = {
         let a = store(&redis, "worker-a", 60_000).await;
+        let done = fence(a.claim(&ids(&["d"])).await.expect("claim")[0]);
+        let finished = a.finish(&[("d".into(), done)]).await.expect("finish");
+        assert_eq!(finished, vec![true]);
         fence(a.claim(&ids(&["x"])).await.expect("claim")[0])
     };
     redis.kill_and_restart();
@@ -266,6 +269,14 @@ async fn fences_keep_rising_across_a_redis_crash() {
     assert!(
         after > before,
         "fence went from {before} to {after} across a restart"
+    );
+    // Done marks are in the AOF; leases are not (a's lease of x is gone with the restart).
+    let b = store(&redis, "worker-b", 60_000).await;
+    let claims = b.claim(&ids(&["d", "x"])).await.expect("claim");
+    assert_eq!(claims[0], Claim::Done, "the done mark survived");
+    assert!(
+        matches!(claims[1], Claim::Leased { .. }),
+        "the lease did not: {claims:?}"
     );
 }
 

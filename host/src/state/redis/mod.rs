@@ -24,7 +24,11 @@
 //! out before (`<owner>|<fence>|<deadline>|<deaths>`): a claim past the deadline takes the
 //! record over and returns the count, so crash-loop protection learns which records a dead
 //! worker had in flight at no extra cost. The leases hash lives 20 lease TTLs past its last
-//! claim or renewal. Its `CrashLog` is the hash `weir:<ns>:crashes` of the records a worker
+//! claim or renewal. Leases are kept in the master's memory only, out of the AOF and of
+//! replication (a third of the writes of a record, and the bulk of its bytes): a Redis
+//! restart or failover drops them, so a record in flight then may be processed twice, never
+//! lost, and its worker still finishes it (a lease gone with nobody on it since is still
+//! its). Its `CrashLog` is the hash `weir:<ns>:crashes` of the records a worker
 //! died with in the plugin (kept only for a dead worker's records, which run one at a time).
 //!
 //! Fences rise per bucket and never fall below Redis's clock in ms × 1000, so they keep
@@ -67,8 +71,16 @@ local KEEP, WINDOWS, CHUNK = 20, 4, 1000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local owner, done_ttl, lease_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local function lease(fence, ttl, deaths)
-  return owner .. '|' .. fence .. '|' .. (now + ttl) .. '|' .. deaths
+-- (Numbers shown as text once per call: formatting them is a good part of the cost.)
+local until_then = '|' .. (now + lease_ttl) .. '|'
+local function lease(fence, deaths)
+  return owner .. '|' .. fence .. until_then .. deaths
+end
+-- Leases live in this master's memory only: not in the AOF, not replicated (a restart or
+-- a failover drops them, and the records in flight then may be processed twice); done
+-- marks and fences are written through.
+local function leases_only_here(on)
+  redis.set_repl(on and redis.REPL_NONE or redis.REPL_ALL)
 end
 -- owner, fence, deadline, deaths of a lease
 local function parse(value)
@@ -154,19 +166,19 @@ for i = 1, n do
     out[i] = -1
   elseif not held[i] then
     writes[#writes + 1] = ids[i]
-    writes[#writes + 1] = lease(take(), lease_ttl, 0)
+    writes[#writes + 1] = lease(take(), 0)
     out[i] = tonumber(fence)
   else
     local holder, f, deadline, died = parse(held[i])
     if holder == owner then
       out[i], deaths = tonumber(f), died
       writes[#writes + 1] = ids[i]
-      writes[#writes + 1] = lease(f, lease_ttl, died)
+      writes[#writes + 1] = lease(f, died)
     elseif deadline < now then
       -- Its holder died or stalled with it in flight: ours now.
       deaths = died + 1
       writes[#writes + 1] = ids[i]
-      writes[#writes + 1] = lease(take(), lease_ttl, deaths)
+      writes[#writes + 1] = lease(take(), deaths)
       out[i] = tonumber(fence)
     else
       out[i] = 0
@@ -175,6 +187,7 @@ for i = 1, n do
   out[n + i] = deaths
 end
 if #writes > 0 then
+  leases_only_here(true)
   bulk('HSET', KEYS[2], writes)
   redis.call('PEXPIRE', KEYS[2], lease_ttl * KEEP)
 end
@@ -183,24 +196,44 @@ return out
 
 /// Marks done where the lease is still ours (or gone with nobody on it since); 1 per such
 /// id (or one already marked with its fence: a retried call), 0 where another worker's
-/// lease or done mark is.
+/// lease or done mark is. Done marks are only looked up where no lease is: while ours is
+/// there, nobody else can have marked the record.
 const FINISH: &str = r"
 local ids, fences = pairs_of_argv()
-local done, held = marks(ids), hmget(KEYS[2], ids)
+local held = hmget(KEYS[2], ids)
+local unleased, at = {}, {}
+for i = 1, #ids do
+  if not held[i] then
+    unleased[#unleased + 1] = ids[i]
+    at[#at + 1] = i
+  end
+end
+local marked = {}
+if #unleased > 0 then
+  local found = marks(unleased)
+  for j, i in ipairs(at) do
+    marked[i] = found[j]
+  end
+end
 local writes, freed, out = {}, {}, {}
 for i = 1, #ids do
-  local holder, f = nil, nil
+  local ours = false
   if held[i] then
-    holder, f = parse(held[i])
+    local prefix = owner .. '|' .. fences[i] .. '|'
+    ours = string.sub(held[i], 1, #prefix) == prefix
+  elseif marked[i] then
+    out[i] = (marked[i] == fences[i]) and 1 or 0
+  else
+    ours = true
   end
-  if done[i] then
-    out[i] = (done[i] == fences[i]) and 1 or 0
-  elseif not held[i] or (holder == owner and f == fences[i]) then
+  if ours then
     writes[#writes + 1] = ids[i]
     writes[#writes + 1] = fences[i]
-    freed[#freed + 1] = ids[i]
+    if held[i] then
+      freed[#freed + 1] = ids[i]
+    end
     out[i] = 1
-  else
+  elseif not out[i] then
     out[i] = 0
   end
 end
@@ -210,6 +243,9 @@ if #writes > 0 then
   if expiry then
     redis.call('PEXPIREAT', hashes[1], expiry)
   end
+end
+if #freed > 0 then
+  leases_only_here(true)
   bulk('HDEL', KEYS[2], freed)
 end
 return out
@@ -219,6 +255,7 @@ return out
 /// fence.
 const KEEP_OR_RELEASE: &str = r"
 local renew = done_ttl > 0 -- ARGV[2] here: 1 renews, 0 releases
+leases_only_here(true)
 local ids, fences = pairs_of_argv()
 local held = hmget(KEYS[2], ids)
 local writes, freed, out = {}, {}, {}
@@ -229,7 +266,7 @@ for i = 1, #ids do
     if holder == owner and f == fences[i] then
       if renew then
         writes[#writes + 1] = ids[i]
-        writes[#writes + 1] = lease(f, lease_ttl, deaths)
+        writes[#writes + 1] = lease(f, deaths)
       else
         freed[#freed + 1] = ids[i]
       end
