@@ -68,7 +68,7 @@ impl RedisCluster {
 
     /// Where it is, as the worker's library takes it.
     pub fn target(&self) -> weir::state::RedisTarget {
-        weir::state::RedisTarget::cluster(self.url())
+        weir::state::RedisTarget::cluster(self.url(), weir::state::DEFAULT_CLUSTER_BUCKETS)
     }
 
     /// Its processes.

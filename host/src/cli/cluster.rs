@@ -40,7 +40,7 @@ impl ClusterCommand {
         } = self;
         let url = crate::config::secrets::resolve_in_url("--redis", &redis)?;
         let redis = if redis_cluster {
-            RedisTarget::cluster(url)
+            RedisTarget::cluster(url, 1)
         } else {
             RedisTarget::new(url, redis_ca_file)
         };

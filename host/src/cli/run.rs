@@ -112,6 +112,9 @@ pub(super) struct RunArgs {
     /// --redis names nodes of a Redis Cluster (comma-separated; the client finds the rest).
     #[arg(long)]
     redis_cluster: bool,
+    /// On a Redis Cluster: how many buckets the ids spread over [default: 16].
+    #[arg(long, value_name = "N")]
+    redis_cluster_buckets: Option<u32>,
     /// The CA certificate (PEM) a rediss:// server's certificate must chain to [default: the
     /// system's CAs].
     #[arg(long, value_name = "FILE")]
@@ -220,6 +223,7 @@ impl RunArgs {
         set!(self.dlq_topic => c.dlq.topic);
         set!(self.redis => c.state.redis_url);
         c.state.redis_cluster |= self.redis_cluster;
+        set!(self.redis_cluster_buckets => c.state.redis_cluster_buckets);
         set!(self.redis_ca_file => c.state.redis_ca_file);
         set!(self.lease_ttl_ms => c.state.lease_ttl_ms);
         c.kafka

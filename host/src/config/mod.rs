@@ -132,6 +132,10 @@ pub struct StateConfig {
     /// `redis_url` names nodes of a Redis Cluster (one or more, separated by commas; the
     /// client finds the rest): leases and done marks spread over its masters.
     pub redis_cluster: bool,
+    /// On a Redis Cluster, how many buckets (each one slot) a pipeline's ids spread over:
+    /// up to this many masters share the work, and each costs a script per batch. Fixed
+    /// for a pipeline's life: a new count forgets its done marks.
+    pub redis_cluster_buckets: u32,
     /// The CA certificate (PEM) a `rediss://` server's certificate must chain to; unset: the
     /// system's CAs.
     pub redis_ca_file: Option<PathBuf>,
@@ -150,6 +154,7 @@ impl Default for StateConfig {
             path: PathBuf::from(".weir/state"),
             redis_url: None,
             redis_cluster: false,
+            redis_cluster_buckets: 16,
             redis_ca_file: None,
             lease_ttl_ms: 30_000,
             done_ttl_secs: 0,

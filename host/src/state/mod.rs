@@ -7,7 +7,9 @@
 mod embedded;
 mod redis;
 
-pub use self::redis::{CLUSTER_BUCKETS, RedisConnection, RedisStore, RedisTarget, is_transient};
+pub use self::redis::{
+    DEFAULT_CLUSTER_BUCKETS, RedisConnection, RedisStore, RedisTarget, is_transient,
+};
 pub use embedded::EmbeddedStore;
 
 use async_trait::async_trait;

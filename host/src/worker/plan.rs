@@ -431,12 +431,21 @@ fn state(config: &Config) -> Result<StatePlan, ConfigError> {
                 ),
             ));
         }
-        Some(url) if s.redis_cluster => Store::Redis(RedisTarget::cluster(url.clone())),
+        Some(url) if s.redis_cluster => Store::Redis(RedisTarget::cluster(
+            url.clone(),
+            s.redis_cluster_buckets as usize,
+        )),
         Some(url) => Store::Redis(RedisTarget::new(url.clone(), s.redis_ca_file.clone())),
         None => Store::Embedded {
             cache_bytes: mib(s.cache_mb),
         },
     };
+    if !(1..=1024).contains(&s.redis_cluster_buckets) {
+        return Err(invalid(
+            "state.redis_cluster_buckets",
+            format!("must be 1 to 1024, got {}", s.redis_cluster_buckets),
+        ));
+    }
     if s.redis_cluster && s.redis_url.is_none() {
         return Err(invalid(
             "state.redis_cluster",
@@ -673,6 +682,33 @@ mod tests {
         let plan = Plan::new(c).expect("valid");
         assert_eq!(plan.mode(), "cluster");
         assert!(plan.redis().is_some());
+    }
+
+    #[test]
+    fn a_redis_cluster_is_seeds_and_a_bucket_count() {
+        let mut c = cluster();
+        c.state.redis_url = Some("redis://a:7000,redis://:pw@b:7000".into());
+        c.state.redis_cluster = true;
+        c.state.redis_cluster_buckets = 6;
+        let plan = Plan::new(c.clone()).expect("valid");
+        let redis = plan.redis().expect("redis");
+        assert!(redis.is_cluster());
+        assert_eq!(redis.buckets(), 6);
+        assert_eq!(
+            redis.to_string(),
+            "the Redis Cluster of redis://a:7000,redis://:***@b:7000"
+        );
+        c.state.redis_cluster_buckets = 0;
+        assert!(
+            fails(&c).contains("state.redis_cluster_buckets"),
+            "{}",
+            fails(&c)
+        );
+        c.state.redis_cluster_buckets = 16;
+        c.state.redis_url = Some("http://a:7000,redis://b:7000".into());
+        assert!(fails(&c).contains("not a Redis URL"), "{}", fails(&c));
+        c.state.redis_url = None;
+        assert!(fails(&c).contains("state.redis_cluster"), "{}", fails(&c));
     }
 
     #[test]

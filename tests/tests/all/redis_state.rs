@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use weir::state::{CLUSTER_BUCKETS, Claim, RedisStore, RedisTarget, StateStore};
+use weir::state::{Claim, DEFAULT_CLUSTER_BUCKETS, RedisStore, RedisTarget, StateStore};
 use weir_tests::redis_cluster::RedisCluster;
 use weir_tests::redis_server::RedisServer;
 
@@ -370,7 +370,7 @@ async fn on_a_redis_cluster_a_batch_spreads_over_the_masters_and_survives_a_fail
         "every master takes part: {per_master:?}"
     );
     assert!(
-        per_master.iter().sum::<u64>() <= CLUSTER_BUCKETS as u64,
+        per_master.iter().sum::<u64>() <= DEFAULT_CLUSTER_BUCKETS as u64,
         "one script per bucket at most: {per_master:?}"
     );
     let done: Vec<(String, u64)> = (batch.iter().cloned())

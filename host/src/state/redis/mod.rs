@@ -2,7 +2,8 @@
 //! marks, in one Redis server or a Redis Cluster.
 //!
 //! Layout. The ids of a pipeline `<ns>` fall into buckets by the CRC16 of the id (one bucket
-//! on a server, [`CLUSTER_BUCKETS`] on a cluster). A bucket is three keys with one hash tag,
+//! on a server; on a cluster, as many as configured, [`DEFAULT_CLUSTER_BUCKETS`] unless
+//! said otherwise). A bucket is three keys with one hash tag,
 //! so they live in one slot and one Lua script may touch them all: `weir:<ns>:{<tag>}:leases`
 //! (a hash: id → lease), `…:done` (a hash: id → the fence that finished it; with a done TTL,
 //! one hash per quarter of the TTL, `…:done:<window>`, dropped whole once its marks are
@@ -56,8 +57,8 @@ use redis::Script;
 use super::{Claim, CrashLog, StateError, StateStore};
 use target::MAX_RETRY_DELAY;
 
-/// Buckets on a Redis Cluster: up to this many masters share the work.
-pub const CLUSTER_BUCKETS: usize = 16;
+/// Buckets on a Redis Cluster unless configured: up to this many masters share the work.
+pub const DEFAULT_CLUSTER_BUCKETS: usize = 16;
 
 // Every bucket script gets `KEYS` = the fence counter, the leases hash, the done hash (its
 // base name), and `ARGV` = owner, done TTL in ms (0: forever), lease TTL in ms, then ids
@@ -388,12 +389,7 @@ impl RedisStore {
                 }
             }
         };
-        let buckets = if target.is_cluster() {
-            CLUSTER_BUCKETS
-        } else {
-            1
-        };
-        let buckets = bucket_tags(buckets)
+        let buckets = bucket_tags(target.buckets())
             .into_iter()
             .map(|tag| {
                 let key = |what: &str| format!("weir:{namespace}:{{{tag}}}:{what}");
@@ -650,7 +646,7 @@ mod tests {
 
     #[test]
     fn bucket_tags_spread_evenly_over_the_slots() {
-        for n in [1, 3, CLUSTER_BUCKETS] {
+        for n in [1, 3, DEFAULT_CLUSTER_BUCKETS] {
             let tags = bucket_tags(n);
             assert_eq!(tags.len(), n);
             for (k, tag) in tags.iter().enumerate() {

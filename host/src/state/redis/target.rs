@@ -27,6 +27,8 @@ pub struct RedisTarget {
     url: String,
     ca_file: Option<PathBuf>,
     cluster: bool,
+    /// How many buckets a pipeline's ids fall into (1 on a server).
+    buckets: usize,
 }
 
 impl RedisTarget {
@@ -36,16 +38,24 @@ impl RedisTarget {
             url: url.into(),
             ca_file,
             cluster: false,
+            buckets: 1,
         }
     }
 
-    /// A Redis Cluster, reached through `seeds`: comma-separated node URLs.
-    pub fn cluster(seeds: impl Into<String>) -> Self {
+    /// A Redis Cluster, reached through `seeds` (comma-separated node URLs), over which a
+    /// pipeline's ids spread in `buckets` buckets.
+    pub fn cluster(seeds: impl Into<String>, buckets: usize) -> Self {
         Self {
             url: seeds.into(),
             ca_file: None,
             cluster: true,
+            buckets: buckets.max(1),
         }
+    }
+
+    /// How many buckets a pipeline's ids fall into: 1 on a server.
+    pub fn buckets(&self) -> usize {
+        self.buckets
     }
 
     pub fn is_cluster(&self) -> bool {
