@@ -151,11 +151,13 @@ local n = #ids
 local done, held = marks(ids), hmget(KEYS[2], ids)
 -- One fencing token for every lease this call takes: above every earlier one. As text:
 -- Lua shows a number of more than 14 digits in exponent form.
-local fence
+-- Made once per call: the fence (text and number) and a fresh lease's value.
+local fence, fence_n, fresh
 local function take()
   if not fence then
-    local next = math.max(tonumber(redis.call('GET', KEYS[1]) or 0) + 1, now * 1000)
-    fence = string.format('%.0f', next)
+    fence_n = math.max(tonumber(redis.call('GET', KEYS[1]) or 0) + 1, now * 1000)
+    fence = string.format('%.0f', fence_n)
+    fresh = lease(fence, 0)
     redis.call('SET', KEYS[1], fence)
   end
   return fence
@@ -166,9 +168,10 @@ for i = 1, n do
   if done[i] then
     out[i] = -1
   elseif not held[i] then
+    take()
     writes[#writes + 1] = ids[i]
-    writes[#writes + 1] = lease(take(), 0)
-    out[i] = tonumber(fence)
+    writes[#writes + 1] = fresh
+    out[i] = fence_n
   else
     local holder, f, deadline, died = parse(held[i])
     if holder == owner then
@@ -180,7 +183,7 @@ for i = 1, n do
       deaths = died + 1
       writes[#writes + 1] = ids[i]
       writes[#writes + 1] = lease(take(), deaths)
-      out[i] = tonumber(fence)
+      out[i] = fence_n
     else
       out[i] = 0
     end
@@ -216,11 +219,16 @@ if #unleased > 0 then
     marked[i] = found[j]
   end
 end
-local writes, freed, out = {}, {}, {}
+local writes, freed, out, prefixes = {}, {}, {}, {}
 for i = 1, #ids do
   local ours = false
   if held[i] then
-    local prefix = owner .. '|' .. fences[i] .. '|'
+    -- A batch's leases mostly share one fence: its prefix is made once.
+    local prefix = prefixes[fences[i]]
+    if not prefix then
+      prefix = owner .. '|' .. fences[i] .. '|'
+      prefixes[fences[i]] = prefix
+    end
     ours = string.sub(held[i], 1, #prefix) == prefix
   elseif marked[i] then
     out[i] = (marked[i] == fences[i]) and 1 or 0
