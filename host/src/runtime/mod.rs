@@ -32,6 +32,10 @@ pub use plugin::{Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, Wo
 
 use crate::config::LimitsConfig;
 
+/// Set (to anything) to write `/tmp/perf-<pid>.map`, so `perf report` names the functions
+/// of plugins' compiled code.
+pub const PERFMAP_ENV: &str = "WEIR_WASM_PERFMAP";
+
 /// How often the epoch ticks; deadlines are rounded up to whole ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -52,6 +56,10 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.consume_fuel(limits.fuel.is_some());
+        if std::env::var_os(PERFMAP_ENV).is_some() {
+            // Names plugin functions for `perf` (wasm[0]::function[N]::<name>).
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
 
         let instances = limits.max_instances;
         let mut pool = PoolingAllocationConfig::default();

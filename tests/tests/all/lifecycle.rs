@@ -431,3 +431,39 @@ fn a_config_file_runs_and_flags_override_it() {
     assert_eq!(read_json_lines(&weir.path("flag.dlq.jsonl")).len(), 1);
     assert!(!weir.path("from-file.jsonl").exists());
 }
+
+/// `WEIR_WASM_PERFMAP` (docs/plugins/rust.md) writes the perf map that names a plugin's
+/// functions in a profile.
+#[test]
+fn the_perf_map_names_the_plugins_functions() {
+    let weir = Weir::new(WEIR);
+    let input = weir.write_lines(
+        "in.jsonl",
+        [event("e1", json!({"user_id": "u1", "ts": 1_700_000_000}))],
+    );
+    let child = weir
+        .command([
+            "run".as_ref(),
+            "--plugin".as_ref(),
+            plugin("enrich").as_os_str(),
+            "--input".as_ref(),
+            input.as_os_str(),
+            "--output".as_ref(),
+            "out.jsonl".as_ref(),
+            "--quiet".as_ref(),
+        ])
+        .env("WEIR_WASM_PERFMAP", "1")
+        .spawn()
+        .expect("spawn weir");
+    let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+    let finished = child.wait_with_output().expect("weir ran");
+    assert!(finished.status.success(), "{finished:?}");
+    let text = std::fs::read_to_string(&map).unwrap_or_default();
+    let _ = std::fs::remove_file(&map);
+    assert!(
+        text.contains("enrich_core") && text.contains("transform-batch"),
+        "{} does not name enrich's functions:\n{}",
+        map.display(),
+        &text[..text.len().min(500)]
+    );
+}
