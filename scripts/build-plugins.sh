@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the plugins into target/wasm32-wasip2/release/:
-#   enrich, filter, split, faulty   Rust (the plugins/ workspace; installs the wasm32-wasip2 target if missing)
+#   enrich, metrics, filter, split, faulty, faulty_stateful   Rust (the plugins/ workspace; installs the wasm32-wasip2 target if missing)
 #   enrich-python                   Python, componentize-py   (with `all`)
 #   enrich-js                       JavaScript, componentize-js (with `all`)
 #   enrich-c                        C, clang + wit-bindgen + wasm-tools (with `all`)
@@ -16,7 +16,7 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 cargo build --release --locked --target wasm32-wasip2 \
   --manifest-path plugins/Cargo.toml --target-dir target
-built=(enrich filter split faulty)
+built=(enrich metrics filter split faulty faulty_stateful)
 
 if [ "$which" = all ]; then
   bash scripts/tools.sh

@@ -31,7 +31,7 @@ mkdir -p target && : > "$log"
 failed=0
 stage "tests: plugin logic (native)"
 cargo test --locked --no-fail-fast --manifest-path plugins/Cargo.toml --target-dir target \
-  -p enrich-core 2>&1 | tee -a "$log" || failed=1
+  -p enrich-core -p metrics-core 2>&1 | tee -a "$log" || failed=1
 
 # The cluster and exactly-once tests start an Apache Kafka (Java) and a Redis of their own.
 stage "tests: host, SDK and integration (against a real Apache Kafka and Redis)"

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use weir::config::LimitsConfig;
 use weir::record::{Record, SourceMeta};
-use weir::runtime::{Outcome, Plugin, Runtime};
+use weir::runtime::{CallContext, Outcome, Plugin, Runtime};
 
 fn records(n: usize) -> Vec<Record> {
     let actions = ["view", "click", "purchase", "add_to_cart", "share"];
@@ -65,10 +65,10 @@ fn best_of(rounds: usize, mut f: impl FnMut() -> usize) -> Duration {
 fn wasm(plugin: &Plugin, records: &[Record], batch: usize) -> usize {
     let mut ok = 0;
     for chunk in records.chunks(batch) {
-        let outcomes = plugin.transform(chunk).expect("plugin instance");
+        let outcomes = (plugin.transform(chunk, &CallContext::default())).expect("plugin instance");
         ok += outcomes
             .iter()
-            .filter(|o| matches!(o, Outcome::Outputs(_)))
+            .filter(|o| matches!(o, Outcome::Outputs { .. }))
             .count();
     }
     ok

@@ -43,12 +43,14 @@
 
 use std::sync::OnceLock;
 
-/// Bindings generated from the WIT contract (`weir:transform@0.1.0`, world `batch`).
+/// Bindings generated from the WIT contract (`weir:transform@0.1.0`, world `stateful`: the
+/// `batch` world plus the `state` import, which a plugin's component imports only when it
+/// calls [`state`]).
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "batch",
+        world: "stateful",
         pub_export_macro: true,
         export_macro_name: "__export_batch",
         default_bindings_module: "weir_sdk::bindings",
@@ -78,6 +80,8 @@ impl Config {
         &self.0
     }
 }
+
+pub mod state;
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
 

@@ -210,6 +210,31 @@ impl Weir {
     }
 }
 
+impl Weir {
+    /// `weir state dump` of `plugin_name`'s keyed state in `state/` (partition 0, as file
+    /// input has): key → value, both UTF-8.
+    pub fn keyed_state(&self, plugin_name: &str) -> std::collections::BTreeMap<String, String> {
+        let dump = self
+            .run([
+                "state",
+                "dump",
+                "--state",
+                "state",
+                "--plugin-name",
+                plugin_name,
+            ])
+            .success();
+        (dump.stdout().lines())
+            .map(|line| {
+                let entry: Value = serde_json::from_str(line).expect("a JSON line");
+                assert_eq!(entry["partition"], 0, "{line}");
+                let text = |field: &str| entry[field].as_str().expect(field).to_owned();
+                (text("key"), text("value"))
+            })
+            .collect()
+    }
+}
+
 /// The results of [`Weir::run_pipeline`] (outputs and dead letters accumulate across runs).
 #[derive(Debug)]
 pub struct Run {

@@ -28,6 +28,8 @@ enum Verdict {
     Component {
         digest: String,
         world: World,
+        #[serde(default)]
+        stateful: bool,
         size_bytes: usize,
         exports: Vec<String>,
         imports: Vec<String>,
@@ -44,6 +46,7 @@ impl From<Result<Inspection, LoadError>> for Verdict {
             Ok(i) => Self::Component {
                 digest: i.digest,
                 world: i.world,
+                stateful: i.stateful,
                 size_bytes: i.size_bytes,
                 exports: i.exports,
                 imports: i.imports,
@@ -63,12 +66,14 @@ impl Verdict {
             Self::Component {
                 digest,
                 world,
+                stateful,
                 size_bytes,
                 exports,
                 imports,
             } => Ok(Inspection {
                 digest,
                 world,
+                stateful,
                 size_bytes,
                 wit_version: WIT_VERSION,
                 exports,

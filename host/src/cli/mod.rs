@@ -16,6 +16,7 @@ mod dlq;
 mod pipeline;
 mod plugin;
 mod run;
+mod state;
 mod test;
 
 use std::path::Path;
@@ -50,6 +51,9 @@ enum Command {
     /// Inspect a cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Read a stateful plugin's keyed state (embedded store).
+    #[command(subcommand)]
+    State(state::StateCommand),
     /// Upload, list, activate and roll back plugin versions through a worker's API (--api).
     Plugin(plugin::PluginArgs),
     /// A running pipeline, through a worker's API (--api).
@@ -96,6 +100,7 @@ pub fn main() -> ExitCode {
             Command::Test(args) => args.execute().await,
             Command::Dlq(command) => command.execute().await,
             Command::Cluster(command) => command.execute().await,
+            Command::State(command) => command.execute().await,
             Command::Plugin(args) => args.execute().await,
             Command::Pipeline(args) => args.execute().await,
             Command::ValidateUpload => {

@@ -10,6 +10,7 @@
 //! for a blank input line.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,8 +20,9 @@ use serde_json::Value;
 
 use super::key_values;
 use crate::config::{Config, LineFormat};
-use crate::runtime::{Outcome, Plugin, Runtime};
+use crate::runtime::{CallContext, Outcome, Plugin, Runtime};
 use crate::source::{FileSource, Source};
+use crate::state::keyed::MemoryState;
 use crate::worker::Plan;
 
 #[derive(Args)]
@@ -209,7 +211,9 @@ fn mib(bytes: usize) -> f64 {
 impl From<Outcome> for Seen {
     fn from(outcome: Outcome) -> Self {
         match outcome {
-            Outcome::Outputs(outs) => Seen::Outputs(outs.into_iter().map(|o| o.value).collect()),
+            Outcome::Outputs { outputs, .. } => {
+                Seen::Outputs(outputs.into_iter().map(|o| o.value).collect())
+            }
             Outcome::Retryable(reason) => Seen::Failed {
                 class: "retryable".into(),
                 reason,
@@ -247,6 +251,12 @@ impl Seen {
 
 async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Result<()> {
     let expectations = expect.map(read_expectations).transpose()?;
+    // A stateful plugin's state lives for the whole test, from nothing.
+    let state = Arc::new(MemoryState::default());
+    let ctx = CallContext {
+        check: None,
+        state: Some(state.clone()),
+    };
     let mut source = FileSource::open(input, LineFormat::Value)?;
     let (mut count, mut ok, mut failed, mut mismatches) = (0usize, 0usize, 0usize, Vec::new());
     let (mut total_time, mut peak) = (Duration::ZERO, 0usize);
@@ -256,10 +266,14 @@ async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Re
             let line = record.source.offset;
             plugin.take_peak_memory();
             let started = Instant::now();
-            let outcome =
-                tokio::task::block_in_place(|| plugin.transform(std::slice::from_ref(&record)))?
-                    .pop()
-                    .context("the runtime returned no outcome")?;
+            let mut outcome = tokio::task::block_in_place(|| {
+                plugin.transform(std::slice::from_ref(&record), &ctx)
+            })?
+            .pop()
+            .context("the runtime returned no outcome")?;
+            if let Outcome::Outputs { writes, .. } = &mut outcome {
+                state.apply(std::mem::take(writes));
+            }
             let took = started.elapsed();
             let memory = plugin.take_peak_memory();
             total_time += took;

@@ -269,6 +269,12 @@ pub struct LimitsConfig {
     pub max_instances: u32,
     /// A warm instance is replaced after this many calls, so slow leaks never build up.
     pub max_calls_per_instance: u64,
+    /// Largest key (bytes) a stateful plugin may write.
+    pub state_key_bytes: usize,
+    /// Largest value (bytes) a stateful plugin may write.
+    pub state_value_bytes: usize,
+    /// Most state writes (sets and deletes) one record may make.
+    pub state_writes_per_record: usize,
 }
 
 impl Default for LimitsConfig {
@@ -282,6 +288,9 @@ impl Default for LimitsConfig {
             stderr_tail_bytes: 4_096,
             max_instances: 16,
             max_calls_per_instance: 10_000,
+            state_key_bytes: 1024,
+            state_value_bytes: 64 * 1024,
+            state_writes_per_record: 64,
         }
     }
 }

@@ -17,7 +17,7 @@
 //! A transactional producer (exactly-once mode) sends nothing again: a failed delivery
 //! fails its transaction, which the batch aborts, and its records are read again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use super::{LogContext, owned_headers};
 use crate::config::KafkaConfig;
 use crate::record::DeadLetter;
 use crate::record::Output;
-use crate::sink::{DeadLetterSink, Durable, Lane, Sink, SinkError, check_destination};
+use crate::sink::{DeadLetterSink, Durable, Lane, OutputCheck, Sink, SinkError, check_destination};
 
 /// Sends of one message, in all, before the worker gives up and stops (for failures that
 /// are not the broker being away).
@@ -338,8 +338,13 @@ impl KafkaSink {
     }
 }
 
-#[async_trait]
-impl Sink for KafkaSink {
+/// What a [`KafkaSink`] can take.
+struct KafkaCheck {
+    destinations: BTreeSet<String>,
+    max_value_bytes: usize,
+}
+
+impl OutputCheck for KafkaCheck {
     fn check(&self, output: &Output) -> Result<(), String> {
         check_destination(output, &self.destinations)?;
         if output.value.len() > self.max_value_bytes {
@@ -350,6 +355,16 @@ impl Sink for KafkaSink {
             ));
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn checker(&self) -> Arc<dyn OutputCheck> {
+        Arc::new(KafkaCheck {
+            destinations: self.destinations.keys().cloned().collect(),
+            max_value_bytes: self.max_value_bytes,
+        })
     }
 
     async fn send(&mut self, outputs: Vec<Output>, lane: Lane) -> Result<(), SinkError> {

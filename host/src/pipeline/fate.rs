@@ -13,6 +13,8 @@ use crate::state::Claim;
 
 /// What became of one record the plugin was asked about.
 pub(super) enum Verdict {
+    /// Processed, with these outputs (a stateful plugin's writes went to the batch's
+    /// pending writes when the plugin returned: `pipeline/keyed.rs`).
     Outputs(Vec<Output>),
     Failed(Failed),
     /// Retryable, to be parked in the retry topic until `due_ms`.
@@ -63,7 +65,7 @@ pub(super) fn answered(
     last_failure_ms: i64,
 ) -> Result<Verdict, String> {
     match outcome {
-        Outcome::Outputs(outputs) => Ok(Verdict::Outputs(outputs)),
+        Outcome::Outputs { outputs, .. } => Ok(Verdict::Outputs(outputs)),
         Outcome::Failed(failure) => Ok(Verdict::Failed(Failed {
             failure,
             attempts,
@@ -94,24 +96,6 @@ pub(super) fn refusal(
         ),
     );
     Some((failure, crashes))
-}
-
-/// The plugin's outputs of a record, unless the sink cannot take one of them (`bad_output`,
-/// naming why, after `attempts`).
-pub(super) fn checked(
-    outputs: Vec<Output>,
-    check: impl Fn(&Output) -> Result<(), String>,
-    attempts: u32,
-    now_ms: i64,
-) -> Verdict {
-    match outputs.iter().find_map(|o| check(o).err()) {
-        None => Verdict::Outputs(outputs),
-        Some(reason) => Verdict::Failed(Failed::at(
-            Failure::new(ErrorClass::BadOutput, reason),
-            attempts,
-            now_ms,
-        )),
-    }
 }
 
 /// A record still retryable after `attempts`: parked until its next attempt is due (at
@@ -231,7 +215,15 @@ mod tests {
             (3, 10, 20)
         );
         assert!(matches!(
-            answered(Outcome::Outputs(Vec::new()), 1, 0, 0),
+            answered(
+                Outcome::Outputs {
+                    outputs: Vec::new(),
+                    writes: Vec::new()
+                },
+                1,
+                0,
+                0
+            ),
             Ok(Verdict::Outputs(outs)) if outs.is_empty()
         ));
         assert_eq!(
@@ -272,24 +264,6 @@ mod tests {
             value: value.as_bytes().to_vec(),
             headers: Vec::new(),
         }
-    }
-
-    #[test]
-    fn one_output_the_sink_refuses_makes_the_record_bad_output() {
-        let check = |o: &Output| match o.value.as_slice() {
-            b"big" => Err("too big".to_owned()),
-            _ => Ok(()),
-        };
-        let Verdict::Outputs(outs) = checked(vec![output("a"), output("b")], check, 1, 5) else {
-            panic!("accepted outputs stay outputs");
-        };
-        assert_eq!(outs.len(), 2);
-        let Verdict::Failed(failed) = checked(vec![output("a"), output("big")], check, 2, 5) else {
-            panic!("a refused output fails the record");
-        };
-        assert_eq!(failed.failure.class, ErrorClass::BadOutput);
-        assert_eq!(failed.failure.message, "too big");
-        assert_eq!((failed.attempts, failed.first_failure_ms), (2, 5));
     }
 
     fn backoff(max_attempts: u32, max_elapsed_ms: u64) -> Backoff {

@@ -18,11 +18,12 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::PipelineError;
+use super::keyed::{BatchWrites, Pending};
 use crate::metrics::{LeasesLost, Metrics, RecordsDeduplicated, VersionFates};
 use crate::record::ErrorClass;
 use crate::sink::Durable;
 use crate::source::Ack;
-use crate::state::StateStore;
+use crate::state::{StateStore, Turn};
 
 /// Ids held by the batches under way, each with how many times it is held. Ids are kept as
 /// 64-bit hashes: two ids that collide only make a batch wait for nothing.
@@ -163,6 +164,9 @@ pub(super) struct Finished {
 /// acknowledged, counted.
 pub(super) struct Completion {
     pub writes: [Durable; 2],
+    /// A stateful plugin's pending writes, this batch's share of them, and its turn to
+    /// make them durable.
+    pub keyed: Option<(Arc<Pending>, BatchWrites, Turn)>,
     pub finished: Vec<Finished>,
     /// (id, fence) of the records parked in the retry topic: their leases are released.
     pub released: Vec<(String, u64)>,
@@ -194,7 +198,14 @@ impl Completion {
             let (marks, at): (Vec<(String, u64)>, Vec<usize>) = (self.finished.into_iter())
                 .map(|f| ((f.id, f.fence), f.at))
                 .unzip();
-            let held = self.state.finish(&marks).await?;
+            let held = match self.keyed {
+                Some((pending, batch, turn)) => {
+                    let held = self.state.finish_with(&marks, batch.writes, turn).await?;
+                    pending.durable_up_to(batch.last);
+                    held
+                }
+                None => self.state.finish(&marks).await?,
+            };
             for ((id, fence), (i, held)) in marks.iter().zip(at.into_iter().zip(held)) {
                 if !held {
                     tracing::warn!(

@@ -15,6 +15,9 @@
 //! sees that id's done mark. A stage that fails or panics stops the take stage; the others
 //! drain, and the run returns that stage's error.
 //!
+//! A stateful plugin's writes ([`keyed`]) are accepted as the plugin returns each processed
+//! record, read by the records after it, and made durable with the batch's done marks.
+//!
 //! Every consumed record ends in exactly one fate — processed, dead-lettered or
 //! deduplicated — and the counters in [`Metrics`] say which.
 
@@ -22,6 +25,7 @@ mod claim;
 mod crash;
 mod fate;
 mod in_flight;
+mod keyed;
 mod parking;
 mod retry;
 mod take;
@@ -40,10 +44,11 @@ pub use parking::ParkedSource;
 pub use retry::Backoff;
 
 use self::in_flight::Holds;
+use self::keyed::Pending;
 use crate::metrics::{Metrics, PluginActivated, Summary};
 use crate::record::IdSpec;
 use crate::runtime::{ActivePlugin, LoadError};
-use crate::sink::{DeadLetterSink, Sink, SinkError};
+use crate::sink::{DeadLetterSink, OutputCheck, Sink, SinkError};
 use crate::source::{Source, SourceError};
 use crate::state::{StateError, StateStore};
 
@@ -112,8 +117,11 @@ impl Pipeline {
             metrics,
             settings,
         } = self;
+        let keyed = state.keyed().map(|durable| Arc::new(Pending::new(durable)));
         let shared = Arc::new(Shared {
             plugin,
+            check: sink.checker(),
+            keyed,
             state,
             metrics,
             settings,
@@ -142,6 +150,10 @@ impl Pipeline {
 /// What the stages share.
 struct Shared {
     plugin: Arc<ActivePlugin>,
+    /// What the sink takes (checked as the plugin returns outputs).
+    check: Arc<dyn OutputCheck>,
+    /// Stateful plugins' writes not yet durable (when the store keeps keyed state).
+    keyed: Option<Arc<Pending>>,
     state: Arc<dyn StateStore>,
     metrics: Arc<Metrics>,
     settings: Settings,

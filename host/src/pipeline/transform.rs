@@ -10,12 +10,15 @@ use tokio::sync::mpsc;
 
 use super::claim::{Admitted, Claimed};
 use super::fate::{self, Verdict};
+use super::keyed::BatchWrites;
 use super::parking::Parked;
 use super::{PipelineError, Shared};
 use crate::clock::now_ms;
 use crate::metrics::{PluginCalled, RetriesStarted};
 use crate::record::Record;
-use crate::runtime::{Outcome, Plugin, Routing};
+use crate::runtime::{CallContext, Outcome, Plugin, Routing};
+use crate::state::StateError;
+use crate::state::keyed::KeyedRead;
 
 /// A claimed batch after the plugin: a verdict for each record of `work`.
 pub(super) struct Transformed {
@@ -25,6 +28,8 @@ pub(super) struct Transformed {
     pub routing: Routing,
     /// Per record of `work`: whether the canary transformed it (empty without a canary).
     pub on_canary: Vec<bool>,
+    /// A stateful plugin's writes of the batch's processed records.
+    pub writes: BatchWrites,
 }
 
 impl Shared {
@@ -64,11 +69,14 @@ impl Shared {
             for (admitted, record) in claimed.to_run.iter_mut().zip(work) {
                 admitted.record = record;
             }
+            let writes =
+                (self.keyed.as_ref()).map_or_else(BatchWrites::default, |p| p.take_batch());
             let transformed = Transformed {
                 claimed,
                 verdicts,
                 routing,
                 on_canary,
+                writes,
             };
             if out.send(transformed).await.is_err() {
                 break;
@@ -156,15 +164,35 @@ impl Shared {
         if records.is_empty() {
             return Ok((records, Vec::new()));
         }
+        let name = plugin.meta().name.clone();
         let plugin = plugin.clone();
+        let ctx = CallContext {
+            check: Some(self.check.clone()),
+            state: (self.keyed.clone()).map(|pending| pending as Arc<dyn KeyedRead>),
+        };
         let started = Instant::now();
         let (records, outcomes) = tokio::task::spawn_blocking(move || {
-            let outcomes = plugin.transform(&records);
+            let outcomes = plugin.transform(&records, &ctx);
             (records, outcomes)
         })
         .await?;
         let elapsed = started.elapsed();
-        let outcomes = outcomes?;
+        let mut outcomes = outcomes?;
+        for outcome in &mut outcomes {
+            let Outcome::Outputs { writes, .. } = outcome else {
+                continue;
+            };
+            if writes.is_empty() {
+                continue;
+            }
+            let Some(pending) = &self.keyed else {
+                return Err(StateError::new(format!(
+                    "plugin `{name}` writes keyed state, which this pipeline's state store does not keep"
+                ))
+                .into());
+            };
+            pending.accept(std::mem::take(writes));
+        }
         (self.metrics).emit(PluginCalled {
             elapsed,
             outcomes: &outcomes,

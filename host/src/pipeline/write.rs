@@ -11,13 +11,14 @@ use tokio::sync::mpsc;
 use super::claim::{Admitted, Claimed};
 use super::fate::{self, Verdict};
 use super::in_flight::{Completion, Counts, Finished, InFlight, Tally};
+use super::keyed::{BatchWrites, Pending};
 use super::parking::Parked;
 use super::transform::Transformed;
 use super::{PipelineError, Shared};
-use crate::clock::now_ms;
 use crate::record::{DeadLetter, Output};
 use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use crate::source::Ack;
+use crate::state::Turn;
 
 impl Shared {
     pub(super) async fn write_stage(
@@ -29,6 +30,8 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         let mut in_flight = InFlight::default();
         let mut last_progress = Instant::now();
+        // Batches' keyed-state writes reach the store in order (`Turn`).
+        let mut previous_turn = None;
         loop {
             let batch = tokio::select! {
                 biased;
@@ -36,7 +39,15 @@ impl Shared {
                 batch = input.recv() => batch,
             };
             let Some(batch) = batch else { break };
-            let completion = self.write(batch, sink.as_mut(), dlq.as_mut()).await?;
+            let turn = match self.keyed {
+                Some(_) => {
+                    let (turn, next) = Turn::after(previous_turn.take());
+                    previous_turn = Some(next);
+                    turn
+                }
+                None => Turn::free(),
+            };
+            let completion = self.write(batch, sink.as_mut(), dlq.as_mut(), turn).await?;
             in_flight.push(completion.run());
             in_flight.limit(self.settings.max_in_flight_batches).await?;
             if let Some(every) = self.settings.progress
@@ -56,19 +67,20 @@ impl Shared {
         batch: Transformed,
         sink: &mut dyn Sink,
         dlq: &mut dyn DeadLetterSink,
+        turn: Turn,
     ) -> Result<Completion, PipelineError> {
         let Transformed {
             mut claimed,
             verdicts,
             routing,
             on_canary,
+            writes: keyed_writes,
         } = batch;
         let to_run = std::mem::take(&mut claimed.to_run);
         let ids = &mut claimed.ids;
         let stable = routing.stable.meta();
         let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());
         let versions = [stable, candidate.unwrap_or(stable)].map(|m| m.version.to_string());
-        let now = now_ms();
         let mut outputs = Vec::new();
         let mut released = Vec::new();
         let mut tallies: BTreeMap<u64, Tally> = BTreeMap::new();
@@ -77,11 +89,6 @@ impl Shared {
             let on_canary = on_canary.get(k).copied().unwrap_or(false);
             let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
             let id = &ids[at];
-            let attempts = record.source.attempt;
-            let verdict = match verdict {
-                Verdict::Outputs(outs) => fate::checked(outs, |o| sink.check(o), attempts, now),
-                other => other,
-            };
             let tally = tallies.entry(meta.version).or_default();
             match verdict {
                 Verdict::Outputs(outs) => {
@@ -129,7 +136,8 @@ impl Shared {
         }
         let letters = std::mem::take(&mut claimed.letters);
         let writes = send(&mut claimed.ack, sink, dlq, outputs, letters).await?;
-        Ok(self.completion(claimed, writes, released, tallies))
+        let keyed = (self.keyed.clone()).map(|pending| (pending, keyed_writes, turn));
+        Ok(self.completion(claimed, writes, released, tallies, keyed))
     }
 
     /// The rest of a batch's lifecycle, once its writes are sent.
@@ -139,9 +147,11 @@ impl Shared {
         writes: [Durable; 2],
         released: Vec<(String, u64)>,
         by_version: BTreeMap<u64, Tally>,
+        keyed: Option<(Arc<Pending>, BatchWrites, Turn)>,
     ) -> Completion {
         Completion {
             writes,
+            keyed,
             finished: claimed.finished,
             released,
             ack: claimed.ack,

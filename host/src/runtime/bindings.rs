@@ -1,10 +1,12 @@
-//! The one `bindgen!` site: Rust types for the WIT contract in `wit/`, and the host's `log`
-//! import. Exports are looked up by name at load time (see `plugin.rs`) because a plugin may
+//! The one `bindgen!` site: Rust types for the WIT contract in `wit/`, and the host's
+//! imports (`log`, and `state` for stateful plugins). Exports are looked up by name at load time (see `plugin.rs`) because a plugin may
 //! implement either world.
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "batch",
+    world: "stateful",
+    // A state read that fails in the store ends the call (a trap the host recognises).
+    imports: { default: trappable },
     // The data types live in the record model, at the bottom of the crate.
     with: { "weir:transform/types": types },
 });
@@ -46,5 +48,7 @@ pub const BATCH_EXPORT: &str = "weir:transform/batch-transform@0.1.0";
 pub const RECORD_EXPORT: &str = "weir:transform/record-transform@0.1.0";
 /// Import name of the host interface.
 pub const HOST_IMPORT: &str = "weir:transform/host@0.1.0";
+/// Import name of the keyed-state interface (stateful plugins).
+pub const STATE_IMPORT: &str = "weir:transform/state@0.1.0";
 /// Import name of the shared types (an interface with no functions).
 pub const TYPES_IMPORT: &str = "weir:transform/types@0.1.0";

@@ -11,6 +11,7 @@
 
 mod active;
 mod bindings;
+mod keyed;
 mod limits;
 mod plugin;
 mod stdio;
@@ -28,7 +29,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use active::{ActivePlugin, Canary, Routing};
 pub use bindings::{Level, WIT_VERSION};
-pub use plugin::{Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
+pub use plugin::{CallContext, Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
 
 use crate::config::LimitsConfig;
 
@@ -82,6 +83,10 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         bindings::weir::transform::host::add_to_linker::<StoreState, HasSelf<StoreState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        bindings::weir::transform::state::add_to_linker::<StoreState, HasSelf<StoreState>>(
             &mut linker,
             |state| state,
         )?;
@@ -207,6 +212,8 @@ pub struct StoreState {
     table: ResourceTable,
     memory_cap: limits::MemoryCap,
     meta: Arc<PluginMeta>,
+    /// The keyed state a stateful plugin's current call reads and writes.
+    keyed: keyed::Session,
 }
 
 impl WasiView for StoreState {
@@ -222,7 +229,7 @@ impl WasiView for StoreState {
 impl bindings::types::Host for StoreState {}
 
 impl bindings::weir::transform::host::Host for StoreState {
-    fn log(&mut self, level: Level, message: String) {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let (plugin, version) = (self.meta.name.as_str(), self.meta.version);
         match level {
             Level::Trace => tracing::trace!(plugin, version, "{message}"),
@@ -231,5 +238,6 @@ impl bindings::weir::transform::host::Host for StoreState {
             Level::Warn => tracing::warn!(plugin, version, "{message}"),
             Level::Error => tracing::error!(plugin, version, "{message}"),
         }
+        Ok(())
     }
 }

@@ -17,12 +17,18 @@ use wasmtime::component::{
 use wasmtime::{Store, Trap, WasmBacktrace};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::{BATCH_EXPORT, HOST_IMPORT, RECORD_EXPORT, TYPES_IMPORT, WIT_VERSION};
+use super::bindings::{
+    BATCH_EXPORT, HOST_IMPORT, RECORD_EXPORT, STATE_IMPORT, TYPES_IMPORT, WIT_VERSION,
+};
+use super::keyed::Session;
 use super::stdio::TailBuffer;
 use super::{EPOCH_TICK, EpochTicker, Runtime, StoreState, limits::MemoryCap};
 use crate::config::LimitsConfig;
 use crate::record::ErrorClass;
 use crate::record::{Output, Record, TransformError};
+use crate::sink::OutputCheck;
+use crate::state::StateError;
+use crate::state::keyed::{KeyedRead, KeyedWrite, NoState};
 
 /// Largest backtrace kept with a failure (`weir.error.backtrace` ≤ 8 KiB).
 const MAX_BACKTRACE_BYTES: usize = 8 * 1024;
@@ -46,7 +52,18 @@ pub struct PluginMeta {
     /// `sha256:<hex>` of the component bytes.
     pub digest: String,
     pub world: World,
+    /// Whether it keeps keyed state (imports the WIT `state` interface).
+    pub stateful: bool,
     pub size_bytes: usize,
+}
+
+/// What a transform needs besides its records.
+#[derive(Clone, Default)]
+pub struct CallContext {
+    /// What the sink takes: an output it refuses makes its record `bad_output`.
+    pub check: Option<Arc<dyn OutputCheck>>,
+    /// The keyed state a stateful plugin reads (none: it starts from nothing).
+    pub state: Option<Arc<dyn KeyedRead>>,
 }
 
 /// Why a component cannot be used as a plugin.
@@ -68,19 +85,26 @@ pub enum LoadError {
     Compile(String),
     #[error("{0}")]
     Contract(String),
-    #[error("imports {0}, which this host does not provide (it provides WASI and {HOST_IMPORT})")]
+    #[error(
+        "imports {0}, which this host does not provide (it provides WASI, {HOST_IMPORT} and {STATE_IMPORT})"
+    )]
     ForbiddenImport(String),
     #[error("init refused the configuration: {0}")]
     Init(String),
     #[error("cannot be instantiated: {0}")]
     Instantiate(String),
+    #[error("keyed state: {0}")]
+    State(#[from] StateError),
 }
 
 /// The fate a plugin call gave one record.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Success: zero, one or many outputs.
-    Outputs(Vec<Output>),
+    /// Success: zero, one or many outputs, and (stateful plugins) the record's state writes.
+    Outputs {
+        outputs: Vec<Output>,
+        writes: Vec<KeyedWrite>,
+    },
     /// The plugin asked for a retry.
     Retryable(String),
     /// Dead-letter this record.
@@ -109,6 +133,7 @@ impl Failure {
 #[derive(Clone, Copy)]
 struct Entry {
     world: World,
+    stateful: bool,
     init: ComponentExportIndex,
     call: ComponentExportIndex,
 }
@@ -167,6 +192,7 @@ impl Plugin {
             version,
             digest: inspection.digest,
             world: entry.world,
+            stateful: entry.stateful,
             size_bytes: bytes.len(),
         });
         let plugin = Self {
@@ -212,13 +238,93 @@ impl Plugin {
 
     /// Runs the plugin over `records`, returning exactly one outcome per record, in order.
     /// Errors only when no instance can be created at all (an infrastructure problem).
-    pub fn transform(&self, records: &[Record]) -> Result<Vec<Outcome>, LoadError> {
+    /// A stateful plugin is called one record at a time (see `runtime/keyed.rs`); errors
+    /// also when its state cannot be read.
+    pub fn transform(
+        &self,
+        records: &[Record],
+        ctx: &CallContext,
+    ) -> Result<Vec<Outcome>, LoadError> {
         let mut outcomes = Vec::with_capacity(records.len());
         match self.entry.world {
-            World::Batch => self.transform_isolating(records, &mut outcomes)?,
-            World::PerRecord => self.transform_one_by_one(records, &mut outcomes)?,
+            _ if self.entry.stateful => self.transform_stateful(records, ctx, &mut outcomes)?,
+            World::Batch => self.transform_isolating(records, ctx, &mut outcomes)?,
+            World::PerRecord => self.transform_one_by_one(records, ctx, &mut outcomes)?,
         }
         Ok(outcomes)
+    }
+
+    /// Stateful plugins: one call per record, each record's writes accepted only when it is
+    /// processed; a fault costs only that record's instance.
+    fn transform_stateful(
+        &self,
+        records: &[Record],
+        ctx: &CallContext,
+        out: &mut Vec<Outcome>,
+    ) -> Result<(), LoadError> {
+        let reader = ctx.state.clone().unwrap_or_else(|| Arc::new(NoState));
+        let mut session = Session::default();
+        session.begin(reader, &self.limits);
+        let mut warm = None;
+        for record in records {
+            let mut instance = match warm.take() {
+                Some(w) => w,
+                None => self.check_out()?,
+            };
+            session.start_record(record.source.partition);
+            instance.store.data_mut().keyed = std::mem::take(&mut session);
+            let result = self.call_one(&mut instance, record);
+            session = std::mem::take(&mut instance.store.data_mut().keyed);
+            self.note_memory(&instance);
+            if let Some(failed) = session.take_failure() {
+                return Err(failed.into());
+            }
+            let outcome = match result {
+                Ok(result) => {
+                    warm = Some(instance);
+                    self.judge(result, ctx)
+                }
+                Err(failure) => Outcome::Failed(failure),
+            };
+            out.push(match outcome {
+                Outcome::Outputs { outputs, .. } => match session.finish_record(true) {
+                    Ok(writes) => Outcome::Outputs { outputs, writes },
+                    Err(reason) => Outcome::Failed(Failure::new(ErrorClass::BadOutput, reason)),
+                },
+                other => {
+                    let _dropped = session.finish_record(false);
+                    other
+                }
+            });
+        }
+        if let Some(w) = warm {
+            self.check_in(w);
+        }
+        Ok(())
+    }
+
+    /// One record through either world's entry point.
+    fn call_one(&self, warm: &mut Warm, record: &Record) -> Result<RecordResult, Failure> {
+        match self.entry.world {
+            World::PerRecord => warm
+                .call::<(&Record,), (RecordResult,)>(&self.limits, (record,))
+                .map(|(result,)| result),
+            World::Batch => {
+                let one = std::slice::from_ref(record);
+                let (results,) =
+                    warm.call::<(&[Record],), (BatchResults,)>(&self.limits, (one,))?;
+                let n = results.len();
+                match results.into_iter().next() {
+                    Some(result) if n == 1 => Ok(result),
+                    _ => Err(Failure::new(
+                        ErrorClass::BadOutput,
+                        format!(
+                            "transform-batch returned {n} results for 1 record (it must return one per record)"
+                        ),
+                    )),
+                }
+            }
+        }
     }
 
     /// Batch world: one call for the whole batch. When it faults (or returns the wrong
@@ -227,6 +333,7 @@ impl Plugin {
     fn transform_isolating(
         &self,
         records: &[Record],
+        ctx: &CallContext,
         out: &mut Vec<Outcome>,
     ) -> Result<(), LoadError> {
         if records.is_empty() {
@@ -238,7 +345,7 @@ impl Plugin {
         match result {
             Ok((results,)) if results.len() == records.len() => {
                 self.check_in(warm);
-                out.extend(results.into_iter().map(|r| self.judge(r)));
+                out.extend(results.into_iter().map(|r| self.judge(r, ctx)));
                 return Ok(());
             }
             Ok((results,)) if records.len() == 1 => {
@@ -260,7 +367,7 @@ impl Plugin {
             Err(_) => {} // `warm` is dropped: a faulted instance is never re-entered
         }
         for record in records {
-            self.transform_isolating(std::slice::from_ref(record), out)?;
+            self.transform_isolating(std::slice::from_ref(record), ctx, out)?;
         }
         Ok(())
     }
@@ -269,6 +376,7 @@ impl Plugin {
     fn transform_one_by_one(
         &self,
         records: &[Record],
+        ctx: &CallContext,
         out: &mut Vec<Outcome>,
     ) -> Result<(), LoadError> {
         let mut warm = None;
@@ -281,7 +389,7 @@ impl Plugin {
             self.note_memory(&instance);
             match result {
                 Ok((result,)) => {
-                    out.push(self.judge(result));
+                    out.push(self.judge(result, ctx));
                     warm = Some(instance);
                 }
                 Err(failure) => out.push(Outcome::Failed(failure)),
@@ -293,8 +401,9 @@ impl Plugin {
         Ok(())
     }
 
-    /// Turns one returned result into an outcome, enforcing the output limits.
-    fn judge(&self, result: Result<Vec<Output>, TransformError>) -> Outcome {
+    /// Turns one returned result into an outcome, enforcing the output limits and what the
+    /// sink takes.
+    fn judge(&self, result: Result<Vec<Output>, TransformError>, ctx: &CallContext) -> Outcome {
         match result {
             Ok(outputs) => {
                 let limits = &self.limits;
@@ -321,7 +430,15 @@ impl Plugin {
                         ),
                     ));
                 }
-                Outcome::Outputs(outputs)
+                let refused = (ctx.check.as_ref())
+                    .and_then(|check| outputs.iter().find_map(|o| check.check(o).err()));
+                if let Some(reason) = refused {
+                    return Outcome::Failed(Failure::new(ErrorClass::BadOutput, reason));
+                }
+                Outcome::Outputs {
+                    outputs,
+                    writes: Vec::new(),
+                }
             }
             Err(TransformError::Retryable(reason)) => Outcome::Retryable(reason),
             Err(TransformError::Invalid(reason)) => {
@@ -385,6 +502,7 @@ impl Plugin {
             table: ResourceTable::new(),
             memory_cap: MemoryCap::new(self.limits.memory_bytes()),
             meta: self.meta.clone(),
+            keyed: Session::default(),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.memory_cap);
@@ -550,6 +668,8 @@ pub struct Inspection {
     /// `sha256:<hex>` of the component bytes.
     pub digest: String,
     pub world: World,
+    /// Whether it keeps keyed state (imports the WIT `state` interface).
+    pub stateful: bool,
     pub size_bytes: usize,
     /// The WIT version of the contract it was built against (the one this host supports).
     pub wit_version: &'static str,
@@ -578,6 +698,7 @@ fn validate(
     let inspection = Inspection {
         digest: format!("sha256:{digest}"),
         world: entry.world,
+        stateful: entry.stateful,
         size_bytes: bytes.len(),
         wit_version: WIT_VERSION,
         exports: ty
@@ -604,7 +725,11 @@ fn check_imports(runtime: &Runtime, component: &Component) -> Result<(), LoadErr
     let ty = component.component_type();
     let mut foreign = Vec::new();
     for (name, _) in ty.imports(&runtime.engine) {
-        if name.starts_with("wasi:") || name == HOST_IMPORT || name == TYPES_IMPORT {
+        if name.starts_with("wasi:")
+            || name == HOST_IMPORT
+            || name == TYPES_IMPORT
+            || name == STATE_IMPORT
+        {
             continue;
         }
         if name.starts_with("weir:transform/") {
@@ -636,8 +761,11 @@ fn find_entry(runtime: &Runtime, component: &Component) -> Result<Entry, LoadErr
                     LoadError::Contract(format!("exports `{export}` without the function `{name}`"))
                 })
         };
+        let stateful = (component.component_type().imports(&runtime.engine))
+            .any(|(name, _)| name == STATE_IMPORT);
         return Ok(Entry {
             world,
+            stateful,
             init: function("init")?,
             call: function(func)?,
         });

@@ -7,16 +7,18 @@
 //! to disk. The syncer takes every request that came while it was syncing in one `fsync`
 //! (group commit), so the writing stage never waits for the disk and batches share syncs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{DeadLetterSink, Durable, Lane, Sink, SinkError, already_durable, check_destination};
+use super::{
+    DeadLetterSink, Durable, Lane, OutputCheck, Sink, SinkError, already_durable, check_destination,
+};
 use crate::config::LineFormat;
 use crate::record::Output;
 use crate::record::json::RecordJson;
@@ -157,6 +159,24 @@ impl LineWriter {
     }
 }
 
+/// What a [`FileSink`] can take.
+struct FileCheck {
+    destinations: BTreeSet<String>,
+    format: LineFormat,
+}
+
+impl OutputCheck for FileCheck {
+    fn check(&self, output: &Output) -> Result<(), String> {
+        check_destination(output, &self.destinations)?;
+        if self.format == LineFormat::Value && output.value.contains(&b'\n') {
+            return Err("output value contains a newline, which the value-per-line output format cannot hold \
+                        (use the envelope format)"
+                .into());
+        }
+        Ok(())
+    }
+}
+
 /// Writes outputs to the default file and to named destination files.
 pub struct FileSink {
     default: LineWriter,
@@ -183,14 +203,11 @@ impl FileSink {
 
 #[async_trait]
 impl Sink for FileSink {
-    fn check(&self, output: &Output) -> Result<(), String> {
-        check_destination(output, &self.destinations)?;
-        if self.format == LineFormat::Value && output.value.contains(&b'\n') {
-            return Err("output value contains a newline, which the value-per-line output format cannot hold \
-                        (use the envelope format)"
-                .into());
-        }
-        Ok(())
+    fn checker(&self) -> Arc<dyn OutputCheck> {
+        Arc::new(FileCheck {
+            destinations: self.destinations.keys().cloned().collect(),
+            format: self.format,
+        })
     }
 
     async fn send(&mut self, outputs: Vec<Output>, _lane: Lane) -> Result<(), SinkError> {

@@ -6,25 +6,35 @@ mod file;
 
 pub use file::{FileDeadLetters, FileSink};
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::record::DeadLetter;
 use crate::record::Output;
 
+/// What a sink can take at all (a known destination, a value the format can hold), checked
+/// for each output when the plugin returns it: a refusal dead-letters the record as
+/// `bad_output` with the reason, so a record that counts as processed has outputs its sink
+/// takes (and a stateful plugin's writes are accepted only then).
+pub trait OutputCheck: Send + Sync {
+    fn check(&self, output: &Output) -> Result<(), String>;
+}
+
 /// Refuses an output that names a destination the sink was not configured with.
-pub(crate) fn check_destination<T>(
+pub(crate) fn check_destination(
     output: &Output,
-    destinations: &std::collections::BTreeMap<String, T>,
+    destinations: &BTreeSet<String>,
 ) -> Result<(), String> {
     match &output.destination {
         Some(dest) if dest == crate::record::headers::RETRY_DESTINATION => Err(format!(
             "output names the destination `{dest}`, which is reserved for the retry topic"
         )),
-        Some(dest) if !destinations.contains_key(dest) => {
-            let known: Vec<&str> = destinations.keys().map(String::as_str).collect();
+        Some(dest) if !destinations.contains(dest) => {
+            let known: Vec<&str> = destinations.iter().map(String::as_str).collect();
             Err(format!(
                 "output names the destination `{dest}`, which is not configured (configured: [{}])",
                 known.join(", ")
@@ -61,9 +71,8 @@ pub(crate) fn already_durable() -> Durable {
 /// Receives output records.
 #[async_trait]
 pub trait Sink: Send {
-    /// Whether this sink can take `output` at all (a known destination, a value the format
-    /// can hold). A refusal dead-letters the record as `bad_output` with this reason.
-    fn check(&self, output: &Output) -> Result<(), String>;
+    /// What this sink can take (see [`OutputCheck`]).
+    fn checker(&self) -> Arc<dyn OutputCheck>;
 
     /// Queues outputs for writing through `lane`.
     async fn send(&mut self, outputs: Vec<Output>, lane: Lane) -> Result<(), SinkError>;

@@ -4,6 +4,10 @@
 //! fencing token is a counter raised once per opening, so outputs of later runs carry higher
 //! fences.
 //!
+//! Plugins' keyed state lives in the same database, one table per pipeline and plugin name
+//! (`keyed:<pipeline>/<plugin>`: partition and key → expiry and value), and its writes go
+//! into the same transactions as the done marks of their records.
+//!
 //! Done marks are written by one thread with group commit: every batch waiting to be marked
 //! when a write transaction starts goes into it, so a busy pipeline pays one commit (and one
 //! `fsync`) for several batches instead of queueing its batches behind redb's single writer.
@@ -16,12 +20,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Claim, StateError, StateStore};
+use super::keyed::{
+    KeyedEntry, KeyedRead, KeyedWrite, decode_value, encode_value, partition_key,
+    split_partition_key,
+};
+use super::{Claim, StateError, StateStore, Turn};
 use crate::clock::now_ms;
 
 /// The done marks of one pipeline: a table named `done:<pipeline>`, record id (its bytes:
 /// no UTF-8 check on every comparison) → expiry in ms since the epoch (0: never expires).
 type DoneTable<'a> = TableDefinition<'a, &'static [u8], u64>;
+/// Plugins' keyed state: partition and key → expiry and value (`state::keyed`).
+type KeyedTable<'a> = TableDefinition<'a, &'static [u8], &'static [u8]>;
 /// Small counters (the fence).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -32,6 +42,8 @@ pub struct EmbeddedStore {
     done_ttl: Option<Duration>,
     /// The name of the pipeline's table of done marks.
     table: Arc<str>,
+    /// The name of the table of the plugin's keyed state, once [`EmbeddedStore::keep_keyed_state`] named it.
+    keyed_table: Option<Arc<str>>,
     marker: Option<Marker>,
 }
 
@@ -39,6 +51,9 @@ pub struct EmbeddedStore {
 struct Marks {
     ids: Vec<String>,
     expiry: u64,
+    /// Keyed-state writes of those ids' records, in order, and their table.
+    writes: Vec<KeyedWrite>,
+    keyed_table: Option<Arc<str>>,
     durable: tokio::sync::oneshot::Sender<Result<(), Arc<redb::Error>>>,
 }
 
@@ -78,6 +93,30 @@ fn write_marks(db: &Database, done: DoneTable<'_>, group: &[Marks]) -> Result<()
         for marks in group {
             for id in &marks.ids {
                 table.insert(id.as_bytes(), marks.expiry)?;
+            }
+        }
+    }
+    for marks in group {
+        let Some(name) = marks
+            .keyed_table
+            .as_deref()
+            .filter(|_| !marks.writes.is_empty())
+        else {
+            continue;
+        };
+        let mut table = txn.open_table(KeyedTable::new(name))?;
+        for write in &marks.writes {
+            let key = partition_key(write.partition, &write.key);
+            match &write.value {
+                Some(value) => {
+                    table.insert(
+                        key.as_slice(),
+                        encode_value(value, write.expires_ms).as_slice(),
+                    )?;
+                }
+                None => {
+                    table.remove(key.as_slice())?;
+                }
             }
         }
     }
@@ -152,7 +191,88 @@ impl EmbeddedStore {
             fence,
             done_ttl,
             table,
+            keyed_table: None,
         })
+    }
+
+    /// Keeps the keyed state of the plugin named `plugin` (with the done marks' pipeline).
+    pub fn keep_keyed_state(mut self, plugin: &str) -> Self {
+        let namespace = self.table.trim_start_matches("done:");
+        self.keyed_table = Some(format!("keyed:{namespace}/{plugin}").into());
+        self
+    }
+}
+
+/// The live keyed state of `plugin` in `pipeline`, read from the database in `dir` without
+/// taking it over (`weir state`); entries in key order, one partition after another.
+pub fn read_keyed_state(
+    dir: &Path,
+    pipeline: &str,
+    plugin: &str,
+) -> Result<Vec<KeyedEntry>, StateError> {
+    let file = dir.join("weir.redb");
+    if !file.is_file() {
+        return Err(StateError::new(format!(
+            "no state database at {}",
+            file.display()
+        )));
+    }
+    let db = redb::ReadOnlyDatabase::open(&file).map_err(|e| {
+        StateError::caused_by(
+            format!(
+                "cannot open {} (a running worker holds it: ask its API, `GET /v1/state`)",
+                file.display()
+            ),
+            e,
+        )
+    })?;
+    let txn = db.begin_read().map_err(|e| err("begin read")(e.into()))?;
+    let name = format!("keyed:{pipeline}/{plugin}");
+    let table = match txn.open_table(KeyedTable::new(&name)) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(err("open keyed state")(e.into())),
+    };
+    let now = now_ms() as u64;
+    let mut entries = Vec::new();
+    for item in table
+        .iter()
+        .map_err(|e| err("read keyed state")(e.into()))?
+    {
+        let (key, value) = item.map_err(|e| err("read keyed state")(e.into()))?;
+        let (Some((partition, key)), Some(value)) = (
+            split_partition_key(key.value()),
+            decode_value(value.value(), now),
+        ) else {
+            continue;
+        };
+        entries.push(KeyedEntry {
+            partition,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Reads one plugin's keyed state from the database.
+struct EmbeddedKeyed {
+    db: Arc<Database>,
+    table: Arc<str>,
+}
+
+impl KeyedRead for EmbeddedKeyed {
+    fn get(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let txn = (self.db.begin_read()).map_err(|e| err("begin read")(e.into()))?;
+        let table = match txn.open_table(KeyedTable::new(&self.table)) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err("open keyed state")(e.into())),
+        };
+        let stored = table
+            .get(partition_key(partition, key).as_slice())
+            .map_err(|e| err("read keyed state")(e.into()))?;
+        Ok(stored.and_then(|v| decode_value(v.value(), now_ms() as u64).map(<[u8]>::to_vec)))
     }
 }
 
@@ -184,6 +304,20 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        self.finish_with(done, Vec::new(), Turn::free()).await
+    }
+
+    async fn finish_with(
+        &self,
+        done: &[(String, u64)],
+        writes: Vec<KeyedWrite>,
+        mut turn: Turn,
+    ) -> Result<Vec<bool>, StateError> {
+        if !writes.is_empty() && self.keyed_table.is_none() {
+            return Err(StateError::new(
+                "keyed-state writes for a store opened without keep_keyed_state",
+            ));
+        }
         let expiry = self
             .done_ttl
             .map_or(0, |ttl| now_ms() as u64 + ttl.as_millis() as u64);
@@ -191,16 +325,29 @@ impl StateStore for EmbeddedStore {
         let marks = Marks {
             ids: done.iter().map(|(id, _)| id.clone()).collect(),
             expiry,
+            writes,
+            keyed_table: self.keyed_table.clone(),
             durable,
         };
         let stopped = || StateError::new("the state writer thread has stopped");
         let marker = self.marker.as_ref().ok_or_else(stopped)?;
+        turn.wait().await;
         marker.marks.send(marks).map_err(|_| stopped())?;
+        // The writer thread takes marks in the order they are sent: the next batch may go.
+        drop(turn);
         written
             .await
             .map_err(|_| stopped())?
             .map_err(|e| StateError::caused_by("mark done", e))?;
         Ok(vec![true; done.len()])
+    }
+
+    fn keyed(&self) -> Option<Arc<dyn KeyedRead>> {
+        let table = self.keyed_table.clone()?;
+        Some(Arc::new(EmbeddedKeyed {
+            db: self.db.clone(),
+            table,
+        }))
     }
 }
 

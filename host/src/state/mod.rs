@@ -1,16 +1,17 @@
-//! Done marks and leases. [`StateStore`] is the seam: `embedded.rs` (a redb database in a
+//! Done marks, leases and plugins' keyed state ([`keyed`]). [`StateStore`] is the seam: `embedded.rs` (a redb database in a
 //! local directory) is the default; `redis.rs` is the shared store of cluster mode.
 //!
 //! Each batch costs at most two calls: [`StateStore::claim`] before the plugin runs and
 //! [`StateStore::finish`] once the batch's fates are durable.
 
 mod embedded;
+pub mod keyed;
 mod redis;
 
 pub use self::redis::{
     DEFAULT_CLUSTER_BUCKETS, RedisConnection, RedisStore, RedisTarget, is_transient,
 };
-pub use embedded::EmbeddedStore;
+pub use embedded::{EmbeddedStore, read_keyed_state};
 
 use async_trait::async_trait;
 
@@ -73,10 +74,75 @@ pub trait StateStore: Send + Sync {
         Ok(vec![true; leases.len()])
     }
 
+    /// Marks ids done as [`finish`](Self::finish) does, and makes the keyed-state `writes` of
+    /// their records durable in the same step: after a crash, a record finds both its done
+    /// mark and its writes, or neither. `turn` orders the batches' writes: the store waits
+    /// for it before it queues this batch's writes and passes it on right after.
+    async fn finish_with(
+        &self,
+        done: &[(String, u64)],
+        writes: Vec<keyed::KeyedWrite>,
+        mut turn: Turn,
+    ) -> Result<Vec<bool>, StateError> {
+        if !writes.is_empty() {
+            return Err(StateError::new(
+                "this state store does not keep plugins' keyed state (use the embedded store)",
+            ));
+        }
+        turn.wait().await;
+        drop(turn);
+        self.finish(done).await
+    }
+
+    /// Plugins' keyed state as this store keeps it durably (`None`: it keeps none).
+    fn keyed(&self) -> Option<std::sync::Arc<dyn keyed::KeyedRead>> {
+        None
+    }
+
     /// Gives leases up without marking the records done, so they may be claimed again at
     /// once; says per id whether the lease was still ours.
     async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         Ok(vec![true; leases.len()])
+    }
+}
+
+/// A batch's place in the order in which batches' keyed-state writes reach the store: it
+/// waits for the batch before it ([`wait`](Self::wait)) and, when dropped, lets the next
+/// one go. A batch whose predecessor failed goes at once (the run is stopping anyway).
+#[derive(Debug)]
+pub struct Turn {
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    _next: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// A turn that never waits (a batch alone, or a store that needs no order).
+    pub fn free() -> Self {
+        Self {
+            previous: None,
+            _next: None,
+        }
+    }
+
+    /// Turns for batches in order: each one's `next` is the following one's `previous`.
+    pub fn after(
+        previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (next, following) = tokio::sync::oneshot::channel();
+        (
+            Self {
+                previous,
+                _next: Some(next),
+            },
+            following,
+        )
+    }
+
+    /// Returns once the batch before this one has had its turn.
+    pub async fn wait(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            let _ = previous.await;
+        }
     }
 }
 

@@ -127,7 +127,8 @@ pub(super) async fn state_store(
                 &plan.pipeline_name,
                 state.done_ttl,
                 *cache_bytes,
-            )?;
+            )?
+            .keep_keyed_state(&plan.plugin.name);
             (Arc::new(store), None)
         }
     })

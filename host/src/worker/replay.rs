@@ -68,12 +68,10 @@ impl Replay {
                 LineFormat::Value,
             )?),
             dlq: Box::new(FileDeadLetters::open(&self.new_dlq)?),
-            state: Arc::new(EmbeddedStore::open(
-                &plan.state.dir,
-                name,
-                None,
-                cache_bytes,
-            )?),
+            state: Arc::new(
+                EmbeddedStore::open(&plan.state.dir, name, None, cache_bytes)?
+                    .keep_keyed_state(name),
+            ),
             metrics: metrics.clone(),
             settings: Settings {
                 batch_size: plan.lifecycle.batch_size,

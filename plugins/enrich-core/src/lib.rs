@@ -24,8 +24,26 @@ const VALID_ACTIONS: [&str; 4] = ["view", "click", "purchase", "add_to_cart"];
 /// The members `enrich` adds, replacing input members of the same name.
 const ADDED: [&str; 3] = ["segment", "cohort", "action_valid"];
 
-/// Enriches one JSON value; `Err` is the reason the input is invalid.
-pub fn enrich(input: &[u8]) -> Result<Vec<u8>, String> {
+/// The fields of a valid event that the transforms read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub id: Cow<'a, str>,
+    pub user_id: Cow<'a, str>,
+    /// Seconds since the Unix epoch.
+    pub ts: i64,
+    /// `action`, when it is a string.
+    pub action: Option<Cow<'a, str>>,
+}
+
+/// Reads and checks one event (the validation of `enrich`); `Err` is the reason the input
+/// is invalid, naming the field.
+pub fn event(input: &[u8]) -> Result<Event<'_>, String> {
+    let members = members(input)?;
+    checked(&members).map(|(event, _)| event)
+}
+
+/// An object's members, values as raw JSON.
+fn members(input: &[u8]) -> Result<Vec<(Cow<'_, str>, &RawValue)>, String> {
     let value: &RawValue =
         serde_json::from_slice(input).map_err(|e| format!("malformed JSON: {e}"))?;
     if type_name(value) != "an object" {
@@ -36,6 +54,11 @@ pub fn enrich(input: &[u8]) -> Result<Vec<u8>, String> {
     }
     let Members(members) =
         serde_json::from_str(value.get()).map_err(|e| format!("malformed JSON: {e}"))?;
+    Ok(members)
+}
+
+/// The event in `members`, and whether its action is valid.
+fn checked<'a>(members: &[(Cow<'a, str>, &'a RawValue)]) -> Result<(Event<'a>, bool), String> {
     let get = |name: &str| {
         // The last of repeated names counts, as when the object is parsed into a map.
         members
@@ -44,12 +67,28 @@ pub fn enrich(input: &[u8]) -> Result<Vec<u8>, String> {
             .find(|(n, _)| n == name)
             .map(|(_, v)| *v)
     };
-    non_empty_string(get("id"), "id")?;
+    let id = non_empty_string(get("id"), "id")?;
     let user_id = non_empty_string(get("user_id"), "user_id")?;
     let ts = timestamp(get("ts"))?;
-    let action_valid = get("action")
-        .and_then(string)
+    let action = get("action").and_then(string);
+    let action_valid = action
+        .as_ref()
         .is_some_and(|a| VALID_ACTIONS.contains(&a.as_ref()));
+    Ok((
+        Event {
+            id,
+            user_id,
+            ts,
+            action,
+        },
+        action_valid,
+    ))
+}
+
+/// Enriches one JSON value; `Err` is the reason the input is invalid.
+pub fn enrich(input: &[u8]) -> Result<Vec<u8>, String> {
+    let members = members(input)?;
+    let (Event { user_id, ts, .. }, action_valid) = checked(&members)?;
 
     let mut out = Vec::with_capacity(input.len() + 64);
     out.push(b'{');
@@ -227,6 +266,18 @@ fn year_of(days: i64) -> i64 {
     yoe + era * 400 + i64::from(month <= 2)
 }
 
+/// The UTC calendar day of a Unix timestamp, as `YYYY-MM-DD`.
+pub fn utc_day(ts: i64) -> String {
+    let days = ts.div_euclid(86_400);
+    let year = year_of(days);
+    let mut month = 1;
+    while month < 12 && days_from_civil(year, month + 1, 1) <= days {
+        month += 1;
+    }
+    let day = days - days_from_civil(year, month, 1) + 1;
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 /// ISO-8601 week-based year and week of a Unix timestamp, as `YYYY-Www`.
 pub fn iso_week(ts: i64) -> String {
     let days = ts.div_euclid(86_400);
@@ -257,6 +308,29 @@ mod tests {
         assert_eq!(iso_week(ts(1, 1, 1)), "0001-W01");
         assert_eq!(iso_week(TS_MAX), "9999-W52");
         assert_eq!(iso_week(-1), "1970-W01"); // 1969-12-31 is a Wednesday of 1970-W01
+    }
+
+    #[test]
+    fn utc_days() {
+        assert_eq!(utc_day(0), "1970-01-01");
+        assert_eq!(utc_day(-1), "1969-12-31");
+        assert_eq!(utc_day(ts(2024, 2, 29) + 86_399), "2024-02-29");
+        assert_eq!(utc_day(ts(2024, 3, 1)), "2024-03-01");
+        assert_eq!(utc_day(ts(2026, 12, 31)), "2026-12-31");
+        assert_eq!(utc_day(TS_MIN), "0001-01-01");
+        assert_eq!(utc_day(TS_MAX), "9999-12-31");
+    }
+
+    #[test]
+    fn events_are_read_with_enrichs_checks() {
+        let e = event(br#"{"id":"e\u0031","user_id":"u","ts":5,"action":"view"}"#).unwrap();
+        assert_eq!((e.id.as_ref(), e.user_id.as_ref(), e.ts), ("e1", "u", 5));
+        assert_eq!(e.action.as_deref(), Some("view"));
+        assert!(
+            event(br#"{"id":"a","ts":1}"#)
+                .unwrap_err()
+                .contains("`user_id`")
+        );
     }
 
     #[test]

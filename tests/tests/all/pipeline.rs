@@ -10,7 +10,7 @@ use weir::metrics::Metrics;
 use weir::pipeline::{Backoff, Pipeline, Settings};
 use weir::record::{DeadLetter, Output, Record, SourceMeta};
 use weir::runtime::{ActivePlugin, Plugin, Runtime};
-use weir::sink::{DeadLetterSink, Durable, Lane, Sink, SinkError};
+use weir::sink::{DeadLetterSink, Durable, Lane, OutputCheck, Sink, SinkError};
 use weir::source::{Batch, Incoming, Source, SourceError};
 use weir::state::EmbeddedStore;
 
@@ -41,6 +41,15 @@ impl Source for OneThenIdle {
     }
 }
 
+/// A sink that can take any output.
+struct TakesEverything;
+
+impl OutputCheck for TakesEverything {
+    fn check(&self, _output: &Output) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Takes outputs, but they never become durable.
 struct NeverDurable;
 
@@ -53,8 +62,8 @@ fn broker_gone() -> SinkError {
 
 #[async_trait]
 impl Sink for NeverDurable {
-    fn check(&self, _output: &Output) -> Result<(), String> {
-        Ok(())
+    fn checker(&self) -> Arc<dyn OutputCheck> {
+        Arc::new(TakesEverything)
     }
 
     async fn send(&mut self, _outputs: Vec<Output>, _lane: Lane) -> Result<(), SinkError> {
@@ -88,8 +97,8 @@ struct Panicking;
 
 #[async_trait]
 impl Sink for Panicking {
-    fn check(&self, _output: &Output) -> Result<(), String> {
-        Ok(())
+    fn checker(&self) -> Arc<dyn OutputCheck> {
+        Arc::new(TakesEverything)
     }
 
     async fn send(&mut self, _outputs: Vec<Output>, _lane: Lane) -> Result<(), SinkError> {

@@ -292,6 +292,7 @@ async fn two_workers_share_one_registry_in_redis() {
         let inspection = Inspection {
             digest: format!("sha256:{n:064x}"),
             world: World::Batch,
+            stateful: false,
             size_bytes: bytes.len(),
             wit_version: WIT_VERSION,
             exports: Vec::new(),

@@ -1,0 +1,159 @@
+//! Plugins' keyed state (the WIT `state` interface), as the stores keep it: one record's
+//! write ([`KeyedWrite`]), how a plugin's calls read state ([`KeyedRead`]), and the stored
+//! form of a value with its expiry.
+//!
+//! State is scoped to the pipeline, the plugin's name and the input partition; a store
+//! keeps one scope's state per pipeline (the scope is fixed when the store is opened).
+
+use super::StateError;
+
+/// One write of one record: set (`value` is some) or delete, in the record's partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedWrite {
+    pub partition: i32,
+    pub key: Vec<u8>,
+    /// `None`: delete the key.
+    pub value: Option<Vec<u8>>,
+    /// When the value expires, in ms since the epoch (`None`: never).
+    pub expires_ms: Option<u64>,
+}
+
+/// Reads keyed state as it stands now.
+pub trait KeyedRead: Send + Sync {
+    /// The value of `key` in `partition`; none when absent, deleted or expired. Called from
+    /// a blocking thread (inside a plugin call), never from the async reactor.
+    fn get(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
+}
+
+/// No state at all (a plugin tried out alone, e.g. by `weir test`, starts from nothing).
+pub struct NoState;
+
+impl KeyedRead for NoState {
+    fn get(&self, _partition: i32, _key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(None)
+    }
+}
+
+/// A key in its partition.
+pub(crate) type Slot = (i32, Vec<u8>);
+
+impl KeyedWrite {
+    /// The value this write leaves, unless it deleted the key or the value expired by `now_ms`.
+    pub(crate) fn live_value(&self, now_ms: u64) -> Option<Vec<u8>> {
+        let live = self.expires_ms.is_none_or(|at| at > now_ms);
+        self.value.clone().filter(|_| live)
+    }
+}
+
+/// Keyed state in memory: what `weir test` runs a stateful plugin against.
+#[derive(Default)]
+pub struct MemoryState {
+    entries: std::sync::Mutex<std::collections::BTreeMap<Slot, Vec<u8>>>,
+}
+
+impl MemoryState {
+    /// Applies a processed record's writes.
+    pub fn apply(&self, writes: Vec<KeyedWrite>) {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for write in writes {
+            let key = (write.partition, write.key);
+            match write.value {
+                Some(value) => entries.insert(key, encode_value(&value, write.expires_ms)),
+                None => entries.remove(&key),
+            };
+        }
+    }
+
+    /// Every live entry: (partition, key, value), in key order.
+    pub fn entries(&self, now_ms: u64) -> Vec<(i32, Vec<u8>, Vec<u8>)> {
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (entries.iter())
+            .filter_map(|((p, k), stored)| {
+                Some((*p, k.clone(), decode_value(stored, now_ms)?.to_vec()))
+            })
+            .collect()
+    }
+}
+
+impl KeyedRead for MemoryState {
+    fn get(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = crate::clock::now_ms() as u64;
+        Ok((entries.get(&(partition, key.to_vec())))
+            .and_then(|s| decode_value(s, now).map(<[u8]>::to_vec)))
+    }
+}
+
+/// A stored value: its expiry (ms since the epoch, 0 = never; 8 bytes, big-endian), then
+/// its bytes.
+pub(crate) fn encode_value(value: &[u8], expires_ms: Option<u64>) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(8 + value.len());
+    stored.extend_from_slice(&expires_ms.unwrap_or(0).to_be_bytes());
+    stored.extend_from_slice(value);
+    stored
+}
+
+/// The bytes of a stored value, unless it has expired by `now_ms` or is malformed.
+pub(crate) fn decode_value(stored: &[u8], now_ms: u64) -> Option<&[u8]> {
+    let (expiry, value) = stored.split_first_chunk::<8>()?;
+    match u64::from_be_bytes(*expiry) {
+        0 => Some(value),
+        expiry if expiry > now_ms => Some(value),
+        _ => None,
+    }
+}
+
+/// The stored key of `key` in `partition`: the partition (4 bytes, big-endian, so a
+/// partition's keys sort together), then the key's bytes.
+pub(crate) fn partition_key(partition: i32, key: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(4 + key.len());
+    stored.extend_from_slice(&partition.to_be_bytes());
+    stored.extend_from_slice(key);
+    stored
+}
+
+/// The partition and key of a stored key (see [`partition_key`]).
+pub(crate) fn split_partition_key(stored: &[u8]) -> Option<(i32, &[u8])> {
+    let (partition, key) = stored.split_first_chunk::<4>()?;
+    Some((i32::from_be_bytes(*partition), key))
+}
+
+/// One live entry of a plugin's keyed state, as `weir state` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedEntry {
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_carry_their_expiry() {
+        let forever = encode_value(b"v", None);
+        assert_eq!(decode_value(&forever, u64::MAX), Some(&b"v"[..]));
+        let until_10 = encode_value(b"w", Some(10));
+        assert_eq!(decode_value(&until_10, 9), Some(&b"w"[..]));
+        assert_eq!(decode_value(&until_10, 10), None);
+        assert_eq!(decode_value(b"short", 0), None);
+    }
+
+    #[test]
+    fn keys_carry_their_partition() {
+        assert_eq!(partition_key(-1, b"k"), [0xff, 0xff, 0xff, 0xff, b'k']);
+        let stored = partition_key(7, b"count/u1");
+        assert_eq!(split_partition_key(&stored), Some((7, &b"count/u1"[..])));
+        assert!(partition_key(1, b"z") < partition_key(2, b"a"));
+    }
+}
