@@ -44,16 +44,16 @@ fn truth(lines: &[String]) -> (Vec<Value>, BTreeMap<String, String>) {
     for line in lines {
         let e: Value = serde_json::from_str(line).expect("JSON");
         let (id, user, ts) = (
-            e["id"].as_str().unwrap(),
-            e["user_id"].as_str().unwrap(),
-            e["ts"].as_i64().unwrap(),
+            e["id"].as_str().expect("id"),
+            e["user_id"].as_str().expect("user_id"),
+            e["ts"].as_i64().expect("ts"),
         );
         if !seen_ids.insert(id.to_owned()) || user.is_empty() {
             continue; // a duplicate never runs; an invalid event writes nothing
         }
         let count = state
             .get(&format!("count/{user}"))
-            .map_or(0, |c: &String| c.parse::<u64>().unwrap());
+            .map_or(0, |c: &String| c.parse::<u64>().expect("a count"));
         state.insert(format!("count/{user}"), (count + 1).to_string());
         let day = chrono_day(ts);
         if state
@@ -62,7 +62,7 @@ fn truth(lines: &[String]) -> (Vec<Value>, BTreeMap<String, String>) {
         {
             outputs.push(json!({"type": "active_user", "user_id": user, "day": day, "id": id}));
         }
-        let action = e["action"].as_str().unwrap();
+        let action = e["action"].as_str().expect("action");
         if let Some(r) = rank(action) {
             let previous = state.get(&format!("stage/{user}")).cloned();
             if previous.as_deref().and_then(rank).is_none_or(|was| r > was) {
