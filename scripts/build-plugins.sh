@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the plugins into target/wasm32-wasip2/release/:
 #   enrich, metrics, filter, split, faulty, faulty_stateful   Rust (the plugins/ workspace; installs the wasm32-wasip2 target if missing)
-#   enrich-python                   Python, componentize-py   (with `all`)
+#   enrich-python, metrics-python   Python, componentize-py   (with `all`)
 #   enrich-js                       JavaScript, componentize-js (with `all`)
 #   enrich-c                        C, clang + wit-bindgen + wasm-tools (with `all`)
 # Usage: build-plugins.sh [rust|all]   (default: all). Tools come from scripts/tools.sh.
@@ -22,10 +22,15 @@ if [ "$which" = all ]; then
   bash scripts/tools.sh
   # Rebuild only when a source or the contract changed.
   stale() { [ ! -f "$1" ] || [ -n "$(find "${@:2}" -newer "$1" -type f | head -n 1)" ]; }
-  if stale "$out/enrich-python.wasm" plugins/python/enrich wit tools/requirements.txt; then
-    .tools/venv/bin/componentize-py --quiet -d wit -w batch componentize \
-      -p plugins/python/enrich app -o "$out/enrich-python.wasm"
-  fi
+  # Python plugins: (name, world); each is plugins/python/<name>/app.py plus the shared
+  # modules in plugins/python/common.
+  for entry in enrich:batch metrics:stateful; do
+    name=${entry%%:*} world=${entry#*:}
+    if stale "$out/$name-python.wasm" "plugins/python/$name" plugins/python/common wit tools/requirements.txt; then
+      .tools/venv/bin/componentize-py --quiet -d wit -w "$world" componentize \
+        -p "plugins/python/$name" -p plugins/python/common app -o "$out/$name-python.wasm"
+    fi
+  done
   if stale "$out/enrich-js.wasm" plugins/js/enrich wit tools/package-lock.json; then
     .tools/node/node_modules/.bin/componentize-js plugins/js/enrich/enrich.js \
       --wit wit --world-name per-record --disable http fetch-event -o "$out/enrich-js.wasm"
@@ -41,7 +46,7 @@ if [ "$which" = all ]; then
     .tools/cargo/bin/wasm-tools component new "$c/enrich.core.wasm" \
       --adapt "wasi_snapshot_preview1=$c/wasi_snapshot_preview1.reactor.wasm" -o "$out/enrich-c.wasm"
   fi
-  built+=(enrich-python enrich-js enrich-c)
+  built+=(enrich-python metrics-python enrich-js enrich-c)
 fi
 for p in "${built[@]}"; do
   ls -l "$out/$p.wasm" >&2

@@ -9,11 +9,13 @@
 //!   stopped together.
 //! - [`config`]: the one configuration tree as written, with the `${env:…}`/`${file:…}`
 //!   references to secrets in it and how it is shown with secrets hidden.
-//! - [`runtime`]: wasmtime engine, plugin loading, limits, per-record fault isolation.
+//! - [`sink`], [`source`], [`state`]: the seams to the outside, with the file connectors
+//!   and the state stores (redb embedded, Redis in cluster mode; done marks, leases and
+//!   plugins' keyed state).
+//! - [`runtime`]: wasmtime engine, plugin loading, limits, per-record fault isolation, the
+//!   keyed state a stateful plugin reads and writes in a call.
 //! - [`metrics`]: every metric, counted through typed events, and the run summary read
 //!   from them.
-//! - [`sink`], [`source`], [`state`]: the seams to the outside, with the file connectors
-//!   and the state stores (redb embedded, Redis in cluster mode).
 //! - [`kafka`]: everything Kafka: the clients a pipeline's plan asks for, consumer,
 //!   producer, offsets, exactly-once transactions, the dead-letter topic.
 //! - [`pipeline`]: the record lifecycle (ids, dedup, retries, dead letters, commit).

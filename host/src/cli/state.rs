@@ -76,7 +76,7 @@ impl StateCommand {
 }
 
 /// One entry as a JSON line, members in the order of the docs.
-fn line(entry: &KeyedEntry, base64: bool) -> String {
+pub(super) fn line(entry: &KeyedEntry, base64: bool) -> String {
     let mut line = format!(r#"{{"partition":{}"#, entry.partition);
     for (name, bytes) in [("key", &entry.key), ("value", &entry.value)] {
         let (name, text) = match std::str::from_utf8(bytes) {

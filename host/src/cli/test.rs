@@ -9,6 +9,7 @@
 //! `{"dead_letter": {"class": "invalid", "reason_contains": "user_id"}}`, or an empty line
 //! for a blank input line.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,10 +20,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::key_values;
+use crate::clock::now_ms;
 use crate::config::{Config, LineFormat};
 use crate::runtime::{CallContext, Outcome, Plugin, Runtime};
 use crate::source::{FileSource, Source};
-use crate::state::keyed::MemoryState;
+use crate::state::keyed::{KeyedEntry, MemoryState};
 use crate::worker::Plan;
 
 #[derive(Args)]
@@ -36,6 +38,11 @@ pub(super) struct TestArgs {
     /// {"dead_letter": {"class": ..., "reason_contains": ...}}. Exit 1 on any difference.
     #[arg(long)]
     expect: Option<PathBuf>,
+    /// A stateful plugin's expected state after the run, JSON lines
+    /// {"partition": P, "key": K, "value": V} as `weir state dump` prints them (partition 0
+    /// when left out). Exit 1 on any difference.
+    #[arg(long)]
+    expect_state: Option<PathBuf>,
     /// Configuration handed to the plugin's init: KEY=VALUE (repeatable).
     #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
     plugin_config: Vec<String>,
@@ -67,14 +74,38 @@ impl TestArgs {
             .with_context(|| format!("plugin {}", args.plugin.display()))?;
         let meta = plugin.meta();
         println!(
-            "{} ({:?} world, {:.1} MiB, {}) over {}\n",
+            "{} ({:?} world{}, {:.1} MiB, {}) over {}\n",
             args.plugin.display(),
             meta.world,
+            if meta.stateful { ", stateful" } else { "" },
             meta.size_bytes as f64 / (1024.0 * 1024.0),
             meta.digest,
             args.input.display()
         );
-        run(&plugin, &args.input, args.expect.as_deref()).await
+        let state = run(&plugin, &args.input, args.expect.as_deref()).await?;
+        if meta.stateful {
+            let entries = state.entries(now_ms() as u64);
+            println!("\nstate after the run ({} keys):", entries.len());
+            for entry in &entries {
+                println!("  {}", super::state::line(entry, false));
+            }
+        }
+        if let Some(want) = &args.expect_state {
+            let differences = state_differences(want, &state.entries(now_ms() as u64))?;
+            if !differences.is_empty() {
+                println!(
+                    "\n{} difference(s) from {}:",
+                    differences.len(),
+                    want.display()
+                );
+                for d in &differences {
+                    println!("  {d}");
+                }
+                bail!("the state differs from {}", want.display());
+            }
+            println!("the state matches {}", want.display());
+        }
+        Ok(())
     }
 }
 
@@ -249,7 +280,67 @@ impl Seen {
     }
 }
 
-async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Result<()> {
+/// The differences between the expected state in `want` (JSON lines) and `got`.
+fn state_differences(want: &Path, got: &[KeyedEntry]) -> anyhow::Result<Vec<String>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        #[serde(default)]
+        partition: i32,
+        key: String,
+        value: String,
+    }
+    let text =
+        std::fs::read_to_string(want).with_context(|| format!("cannot read {}", want.display()))?;
+    let mut expected = BTreeMap::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let e: Entry = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", want.display(), n + 1))?;
+        expected.insert((e.partition, e.key.into_bytes()), e.value.into_bytes());
+    }
+    let actual: BTreeMap<(i32, Vec<u8>), Vec<u8>> = (got.iter())
+        .map(|e| ((e.partition, e.key.clone()), e.value.clone()))
+        .collect();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let mut differences = Vec::new();
+    for ((partition, key), value) in &expected {
+        match actual.get(&(*partition, key.clone())) {
+            Some(v) if v == value => {}
+            Some(v) => differences.push(format!(
+                "partition {partition} key {:?}: expected {:?}, got {:?}",
+                text(key),
+                text(value),
+                text(v)
+            )),
+            None => differences.push(format!(
+                "partition {partition} key {:?}: expected {:?}, not set",
+                text(key),
+                text(value)
+            )),
+        }
+    }
+    for ((partition, key), value) in &actual {
+        if !expected.contains_key(&(*partition, key.clone())) {
+            differences.push(format!(
+                "partition {partition} key {:?}: not expected, set to {:?}",
+                text(key),
+                text(value)
+            ));
+        }
+    }
+    Ok(differences)
+}
+
+/// Runs the sample through the plugin; returns the state it left (a stateful plugin's).
+async fn run(
+    plugin: &Plugin,
+    input: &Path,
+    expect: Option<&Path>,
+) -> anyhow::Result<Arc<MemoryState>> {
     let expectations = expect.map(read_expectations).transpose()?;
     // A stateful plugin's state lives for the whole test, from nothing.
     let state = Arc::new(MemoryState::default());
@@ -330,5 +421,5 @@ async fn run(plugin: &Plugin, input: &Path, expect: Option<&Path>) -> anyhow::Re
         }
         println!("every record matches {}", expect.display());
     }
-    Ok(())
+    Ok(state)
 }

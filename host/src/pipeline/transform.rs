@@ -215,6 +215,9 @@ impl Shared {
         else {
             return self.invoke(&routing.stable, work).await;
         };
+        if routing.stable.meta().stateful || canary.plugin.meta().stateful {
+            return self.invoke_in_order(routing, on_canary, work).await;
+        }
         let (mut to_stable, mut to_canary) = (Vec::new(), Vec::new());
         for (record, &on) in work.into_iter().zip(on_canary) {
             if on {
@@ -231,6 +234,30 @@ impl Shared {
             .iter()
             .filter_map(|&on| if on { candidate.next() } else { stable.next() })
             .unzip())
+    }
+
+    /// A stateful plugin with a canary: runs of consecutive records on the same version, in
+    /// the batch's order, so every record reads the writes of the records before it.
+    async fn invoke_in_order(
+        &self,
+        routing: &Routing,
+        on_canary: &[bool],
+        work: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
+        let (mut records, mut verdicts) = (Vec::new(), Vec::new());
+        let mut work = work.into_iter();
+        for run in on_canary.chunk_by(|a, b| a == b) {
+            let plugin = match (run[0], &routing.canary) {
+                (true, Some(canary)) => &canary.plugin,
+                _ => &routing.stable,
+            };
+            let (done, judged) = self
+                .invoke(plugin, work.by_ref().take(run.len()).collect())
+                .await?;
+            records.extend(done);
+            verdicts.extend(judged);
+        }
+        Ok((records, verdicts))
     }
 
     /// Runs the plugin over `records` and retries `retryable` ones with backoff (or parks

@@ -67,15 +67,19 @@ impl MemoryState {
         }
     }
 
-    /// Every live entry: (partition, key, value), in key order.
-    pub fn entries(&self, now_ms: u64) -> Vec<(i32, Vec<u8>, Vec<u8>)> {
+    /// Every live entry, in key order.
+    pub fn entries(&self, now_ms: u64) -> Vec<KeyedEntry> {
         let entries = self
             .entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         (entries.iter())
-            .filter_map(|((p, k), stored)| {
-                Some((*p, k.clone(), decode_value(stored, now_ms)?.to_vec()))
+            .filter_map(|((partition, key), stored)| {
+                Some(KeyedEntry {
+                    partition: *partition,
+                    key: key.clone(),
+                    value: decode_value(stored, now_ms)?.to_vec(),
+                })
             })
             .collect()
     }

@@ -1,4 +1,5 @@
-//! Every language's `enrich` plugin passes every committed vector (tests/vectors/enrich)
+//! Every language's `enrich` plugin passes every committed vector (tests/vectors/enrich), and
+//! the Rust and Python `metrics` plugins theirs (tests/vectors/metrics, state included)
 //! through the host: outputs equal as RFC 8785 canonical JSON, DLQ classes and reasons.
 
 use crate::WEIR;
@@ -89,4 +90,50 @@ fn javascript_enrich_passes_every_vector() {
 #[test]
 fn c_enrich_passes_every_vector() {
     check_vectors(&plugin("enrich-c"));
+}
+
+/// `weir test` of a `metrics` plugin against tests/vectors/metrics: outputs, dead letters and
+/// the keyed state after the last record.
+fn check_metrics_vectors(plugin_file: &std::path::Path) {
+    let dir = repo_root().join("tests/vectors/metrics");
+    let path = |name: &str| dir.join(name).display().to_string();
+    let weir = Weir::new(WEIR);
+    let plugin_path = plugin_file.display().to_string();
+    let (input, expected, state) = (
+        path("input.jsonl"),
+        path("expected.jsonl"),
+        path("expected_state.jsonl"),
+    );
+    let finished = weir.run([
+        "test",
+        plugin_path.as_str(),
+        "--input",
+        &input,
+        "--expect",
+        &expected,
+        "--expect-state",
+        &state,
+    ]);
+    let stdout = finished.stdout();
+    assert!(
+        finished.output.status.success(),
+        "{stdout}\n{}",
+        finished.stderr()
+    );
+    assert!(stdout.contains("every record matches"), "{stdout}");
+    assert!(stdout.contains("the state matches"), "{stdout}");
+    assert!(
+        stdout.contains("20 records: 14 ok, 6 dead-lettered"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn rust_metrics_passes_every_vector() {
+    check_metrics_vectors(&plugin("metrics"));
+}
+
+#[test]
+fn python_metrics_passes_every_vector() {
+    check_metrics_vectors(&plugin("metrics-python"));
 }
