@@ -277,7 +277,7 @@ fn a_run_killed_half_way_and_run_again_leaves_the_state_of_one_clean_run() {
         "32",
         "--quiet",
     ];
-    let mut child = weir.command(&run_args).spawn().expect("spawn weir");
+    let mut child = weir.command(run_args).spawn().expect("spawn weir");
     let out = weir.path("out.jsonl");
     let started = std::time::Instant::now();
     while weir_tests::read_lines(&out).len() < want_outputs.len() / 3 {
@@ -292,7 +292,7 @@ fn a_run_killed_half_way_and_run_again_leaves_the_state_of_one_clean_run() {
     let _ = child.wait();
     let at_kill = weir_tests::read_lines(&out).len();
 
-    weir.run(&run_args).success();
+    weir.run(run_args).success();
     let written = weir_tests::read_lines(&out);
     // A line being written at the kill may be cut short (file sinks are not yet cut back to
     // their last durable length on start): such a line is counted, not hidden.
