@@ -18,12 +18,12 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::PipelineError;
-use super::keyed::{BatchWrites, Pending};
+use super::keyed::Pending;
 use crate::metrics::{LeasesLost, Metrics, RecordsDeduplicated, VersionFates};
 use crate::record::ErrorClass;
 use crate::sink::Durable;
 use crate::source::Ack;
-use crate::state::{StateStore, Turn};
+use crate::state::{Commit, StateStore, Turn};
 
 /// Ids held by the batches under way, each with how many times it is held. Ids are kept as
 /// 64-bit hashes: two ids that collide only make a batch wait for nothing.
@@ -164,9 +164,12 @@ pub(super) struct Finished {
 /// acknowledged, counted.
 pub(super) struct Completion {
     pub writes: [Durable; 2],
-    /// A stateful plugin's pending writes, this batch's share of them, and its turn to
-    /// make them durable.
-    pub keyed: Option<(Arc<Pending>, BatchWrites, Turn)>,
+    /// What becomes durable with the done marks: keyed-state writes, file lengths.
+    pub commit: Commit,
+    /// The batch's turn to commit (batches commit in order when that matters).
+    pub turn: Turn,
+    /// The pending keyed-state writes, and the number of this batch's last one.
+    pub keyed: Option<(Arc<Pending>, u64)>,
     pub finished: Vec<Finished>,
     /// (id, fence) of the records parked in the retry topic: their leases are released.
     pub released: Vec<(String, u64)>,
@@ -198,14 +201,12 @@ impl Completion {
             let (marks, at): (Vec<(String, u64)>, Vec<usize>) = (self.finished.into_iter())
                 .map(|f| ((f.id, f.fence), f.at))
                 .unzip();
-            let held = match self.keyed {
-                Some((pending, batch, turn)) => {
-                    let held = self.state.finish_with(&marks, batch.writes, turn).await?;
-                    pending.durable_up_to(batch.last);
-                    held
-                }
-                None => self.state.finish(&marks).await?,
-            };
+            let held = (self.state)
+                .finish_with(&marks, self.commit, self.turn)
+                .await?;
+            if let Some((pending, last)) = self.keyed {
+                pending.durable_up_to(last);
+            }
             for ((id, fence), (i, held)) in marks.iter().zip(at.into_iter().zip(held)) {
                 if !held {
                     tracing::warn!(

@@ -11,14 +11,14 @@ use tokio::sync::mpsc;
 use super::claim::{Admitted, Claimed};
 use super::fate::{self, Verdict};
 use super::in_flight::{Completion, Counts, Finished, InFlight, Tally};
-use super::keyed::{BatchWrites, Pending};
+use super::keyed::Pending;
 use super::parking::Parked;
 use super::transform::Transformed;
 use super::{PipelineError, Shared};
 use crate::record::{DeadLetter, Output};
 use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use crate::source::Ack;
-use crate::state::Turn;
+use crate::state::{Commit, Turn};
 
 impl Shared {
     pub(super) async fn write_stage(
@@ -30,7 +30,7 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         let mut in_flight = InFlight::default();
         let mut last_progress = Instant::now();
-        // Batches' keyed-state writes reach the store in order (`Turn`).
+        // Batches reach the store in order (`Turn`): keyed-state writes, file lengths.
         let mut previous_turn = None;
         loop {
             let batch = tokio::select! {
@@ -39,14 +39,8 @@ impl Shared {
                 batch = input.recv() => batch,
             };
             let Some(batch) = batch else { break };
-            let turn = match self.keyed {
-                Some(_) => {
-                    let (turn, next) = Turn::after(previous_turn.take());
-                    previous_turn = Some(next);
-                    turn
-                }
-                None => Turn::free(),
-            };
+            let (turn, next) = Turn::after(previous_turn.take());
+            previous_turn = Some(next);
             let completion = self.write(batch, sink.as_mut(), dlq.as_mut(), turn).await?;
             in_flight.push(completion.run());
             in_flight.limit(self.settings.max_in_flight_batches).await?;
@@ -136,8 +130,12 @@ impl Shared {
         }
         let letters = std::mem::take(&mut claimed.letters);
         let writes = send(&mut claimed.ack, sink, dlq, outputs, letters).await?;
-        let keyed = (self.keyed.clone()).map(|pending| (pending, keyed_writes, turn));
-        Ok(self.completion(claimed, writes, released, tallies, keyed))
+        let commit = Commit {
+            writes: keyed_writes.writes,
+            files: [sink.lengths(), dlq.lengths()].concat(),
+        };
+        let keyed = (self.keyed.clone()).map(|pending| (pending, keyed_writes.last));
+        Ok(self.completion(claimed, writes, released, tallies, (commit, turn, keyed)))
     }
 
     /// The rest of a batch's lifecycle, once its writes are sent.
@@ -147,10 +145,12 @@ impl Shared {
         writes: [Durable; 2],
         released: Vec<(String, u64)>,
         by_version: BTreeMap<u64, Tally>,
-        keyed: Option<(Arc<Pending>, BatchWrites, Turn)>,
+        (commit, turn, keyed): (Commit, Turn, Option<(Arc<Pending>, u64)>),
     ) -> Completion {
         Completion {
             writes,
+            commit,
+            turn,
             keyed,
             finished: claimed.finished,
             released,

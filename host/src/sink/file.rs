@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{
-    DeadLetterSink, Durable, Lane, OutputCheck, Sink, SinkError, already_durable, check_destination,
+    DeadLetterSink, Durable, FileLength, Lane, OutputCheck, Sink, SinkError, already_durable,
+    check_destination,
 };
 use crate::config::LineFormat;
 use crate::record::Output;
@@ -28,6 +29,8 @@ use crate::record::{DeadLetter, DeadLetterLine};
 struct LineWriter {
     path: PathBuf,
     out: BufWriter<Box<dyn Write + Send>>,
+    /// The file's length once everything written is handed over (a file; not stdout).
+    length: Option<u64>,
     /// A file's syncer (stdout has none).
     syncer: Option<Syncer>,
     /// Whether lines were written since the last seal.
@@ -103,6 +106,7 @@ impl LineWriter {
             return Ok(Self {
                 path: path.to_owned(),
                 out: BufWriter::new(Box::new(std::io::stdout())),
+                length: None,
                 syncer: None,
                 written: false,
             });
@@ -119,8 +123,10 @@ impl LineWriter {
             .append(true)
             .open(path)
             .map_err(err)?;
+        let length = file.metadata().map_err(err)?.len();
         Ok(Self {
             path: path.to_owned(),
+            length: Some(length),
             out: BufWriter::with_capacity(256 * 1024, Box::new(file.try_clone().map_err(err)?)),
             syncer: Some(Syncer::start(file).map_err(err)?),
             written: false,
@@ -129,6 +135,9 @@ impl LineWriter {
 
     fn write_line(&mut self, line: &[u8]) -> Result<(), SinkError> {
         self.written = true;
+        if let Some(length) = &mut self.length {
+            *length += line.len() as u64 + 1;
+        }
         self.out
             .write_all(line)
             .and_then(|()| self.out.write_all(b"\n"))
@@ -156,6 +165,14 @@ impl LineWriter {
             what: format!("{what} {}", self.path.display()),
             source,
         }
+    }
+
+    /// The file's length as of everything written so far (stdout: none).
+    fn length(&self) -> Option<FileLength> {
+        Some(FileLength {
+            path: self.path.clone(),
+            length: self.length?,
+        })
     }
 }
 
@@ -236,6 +253,13 @@ impl Sink for FileSink {
         self.seal().await?.await
     }
 
+    fn lengths(&self) -> Vec<FileLength> {
+        std::iter::once(&self.default)
+            .chain(self.destinations.values())
+            .filter_map(LineWriter::length)
+            .collect()
+    }
+
     async fn seal(&mut self) -> Result<Durable, SinkError> {
         let mut all = vec![self.default.seal()?];
         for writer in self.destinations.values_mut() {
@@ -279,6 +303,10 @@ impl DeadLetterSink for FileDeadLetters {
 
     async fn seal(&mut self) -> Result<Durable, SinkError> {
         self.writer.seal()
+    }
+
+    fn lengths(&self) -> Vec<FileLength> {
+        self.writer.length().into_iter().collect()
     }
 }
 

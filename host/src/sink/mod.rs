@@ -86,6 +86,12 @@ pub trait Sink: Send {
         self.flush().await?;
         Ok(already_durable())
     }
+
+    /// The lengths of the files this sink writes, as of everything sent (none for topics
+    /// and stdout).
+    fn lengths(&self) -> Vec<FileLength> {
+        Vec::new()
+    }
 }
 
 /// Receives dead letters.
@@ -102,4 +108,18 @@ pub trait DeadLetterSink: Send {
         self.flush().await?;
         Ok(already_durable())
     }
+
+    /// As [`Sink::lengths`].
+    fn lengths(&self) -> Vec<FileLength> {
+        Vec::new()
+    }
+}
+
+/// How long a file a sink writes is once everything sent to it so far is written: recorded
+/// with a batch's done marks, so a restart cuts off what later batches wrote but never
+/// marked done (`state::EmbeddedStore::cut_back`), and a rerun writes each line once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLength {
+    pub path: std::path::PathBuf,
+    pub length: u64,
 }

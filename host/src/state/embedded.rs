@@ -8,11 +8,16 @@
 //! (`keyed:<pipeline>/<plugin>`: partition and key → expiry and value), and its writes go
 //! into the same transactions as the done marks of their records.
 //!
+//! The same transactions record how long each output and dead-letter file is once the
+//! batches they mark done are written; on start, [`EmbeddedStore::cut_back`] cuts a file
+//! back to that length, so lines of batches never marked done are written once, by the
+//! rerun. (A file shorter than recorded is left as it is.)
+//!
 //! Done marks are written by one thread with group commit: every batch waiting to be marked
 //! when a write transaction starts goes into it, so a busy pipeline pays one commit (and one
 //! `fsync`) for several batches instead of queueing its batches behind redb's single writer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,8 +29,9 @@ use super::keyed::{
     KeyedEntry, KeyedRead, KeyedWrite, decode_value, encode_value, partition_key,
     split_partition_key,
 };
-use super::{Claim, StateError, StateStore, Turn};
+use super::{Claim, Commit, StateError, StateStore, Turn};
 use crate::clock::now_ms;
+use crate::sink::FileLength;
 
 /// The done marks of one pipeline: a table named `done:<pipeline>`, record id (its bytes:
 /// no UTF-8 check on every comparison) → expiry in ms since the epoch (0: never expires).
@@ -34,6 +40,16 @@ type DoneTable<'a> = TableDefinition<'a, &'static [u8], u64>;
 type KeyedTable<'a> = TableDefinition<'a, &'static [u8], &'static [u8]>;
 /// Small counters (the fence).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The committed length of each output and dead-letter file (absolute path → bytes).
+const FILES: TableDefinition<&str, u64> = TableDefinition::new("files");
+
+/// A file's key in [`FILES`]: its absolute path.
+fn file_key(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
 
 /// Done marks in a local redb database.
 pub struct EmbeddedStore {
@@ -54,6 +70,8 @@ struct Marks {
     /// Keyed-state writes of those ids' records, in order, and their table.
     writes: Vec<KeyedWrite>,
     keyed_table: Option<Arc<str>>,
+    /// The lengths of the files the ids' outputs went to.
+    files: Vec<FileLength>,
     durable: tokio::sync::oneshot::Sender<Result<(), Arc<redb::Error>>>,
 }
 
@@ -88,6 +106,12 @@ impl Marker {
 /// One write transaction for every id of `group`.
 fn write_marks(db: &Database, done: DoneTable<'_>, group: &[Marks]) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
+    if group.iter().any(|marks| !marks.files.is_empty()) {
+        let mut files = txn.open_table(FILES)?;
+        for length in group.iter().flat_map(|marks| &marks.files) {
+            files.insert(file_key(&length.path).as_str(), length.length)?;
+        }
+    }
     {
         let mut table = txn.open_table(done)?;
         for marks in group {
@@ -193,6 +217,48 @@ impl EmbeddedStore {
             table,
             keyed_table: None,
         })
+    }
+
+    /// Cuts each file back to the length recorded with the last done marks (what batches
+    /// wrote after them was never marked done, and their records run again), and records
+    /// the length of a file seen for the first time. Returns what was cut, to say so.
+    /// Call it before the files are opened for writing.
+    pub fn cut_back(&self, paths: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>, StateError> {
+        let txn = self.db.begin_write().map_err(|e| err("begin")(e.into()))?;
+        let mut cut = Vec::new();
+        {
+            let mut files = txn
+                .open_table(FILES)
+                .map_err(|e| err("open files")(e.into()))?;
+            for path in paths.iter().filter(|p| p.as_os_str() != "-") {
+                let key = file_key(path);
+                let on_disk = std::fs::metadata(path).map_or(0, |m| m.len());
+                let committed = (files.get(key.as_str()))
+                    .map_err(|e| err("read files")(e.into()))?
+                    .map(|v| v.value());
+                match committed {
+                    Some(length) if on_disk > length => {
+                        let file = std::fs::OpenOptions::new().write(true).open(path);
+                        file.and_then(|f| f.set_len(length).and_then(|()| f.sync_all()))
+                            .map_err(|e| {
+                                StateError::caused_by(
+                                    format!("cannot cut back {}", path.display()),
+                                    e,
+                                )
+                            })?;
+                        cut.push((path.clone(), on_disk - length));
+                    }
+                    Some(_) => {}
+                    None => {
+                        files
+                            .insert(key.as_str(), on_disk)
+                            .map_err(|e| err("write files")(e.into()))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| err("commit")(e.into()))?;
+        Ok(cut)
     }
 
     /// Keeps the keyed state of the plugin named `plugin` (with the done marks' pipeline).
@@ -304,15 +370,17 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
-        self.finish_with(done, Vec::new(), Turn::free()).await
+        self.finish_with(done, Commit::default(), Turn::free())
+            .await
     }
 
     async fn finish_with(
         &self,
         done: &[(String, u64)],
-        writes: Vec<KeyedWrite>,
+        with: Commit,
         mut turn: Turn,
     ) -> Result<Vec<bool>, StateError> {
+        let Commit { writes, files } = with;
         if !writes.is_empty() && self.keyed_table.is_none() {
             return Err(StateError::new(
                 "keyed-state writes for a store opened without keep_keyed_state",
@@ -327,6 +395,7 @@ impl StateStore for EmbeddedStore {
             expiry,
             writes,
             keyed_table: self.keyed_table.clone(),
+            files,
             durable,
         };
         let stopped = || StateError::new("the state writer thread has stopped");
@@ -432,5 +501,46 @@ mod tests {
             store.claim(&["a".into()]).await.expect("claim")[0],
             Claim::Leased { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn files_are_cut_back_to_the_length_marked_with_the_last_done_marks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (out, fresh) = (dir.path().join("out.jsonl"), dir.path().join("new.jsonl"));
+        std::fs::write(&out, "old\n").expect("write");
+        {
+            let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("open");
+            assert!(
+                store
+                    .cut_back(std::slice::from_ref(&out))
+                    .expect("cut")
+                    .is_empty()
+            );
+            std::fs::write(&out, "old\nmarked\n").expect("write");
+            let files = vec![FileLength {
+                path: out.clone(),
+                length: 11,
+            }];
+            let commit = Commit {
+                writes: Vec::new(),
+                files,
+            };
+            store
+                .finish_with(&[("a".into(), 1)], commit, Turn::free())
+                .await
+                .expect("finish");
+            std::fs::write(&out, "old\nmarked\nnever marked done\n").expect("write");
+        }
+        let store = EmbeddedStore::open(dir.path(), "p", None, TEST_CACHE).expect("reopen");
+        let cut = store.cut_back(&[out.clone(), fresh.clone()]).expect("cut");
+        assert_eq!(cut, vec![(out.clone(), 18)]);
+        assert_eq!(
+            std::fs::read_to_string(&out).expect("read"),
+            "old\nmarked\n"
+        );
+        std::fs::write(&fresh, "x\n").expect("write");
+        // A file seen for the first time was recorded as it was (absent: 0 bytes).
+        let cut = store.cut_back(std::slice::from_ref(&fresh)).expect("cut");
+        assert_eq!(cut, vec![(fresh, 2)]);
     }
 }

@@ -74,17 +74,18 @@ pub trait StateStore: Send + Sync {
         Ok(vec![true; leases.len()])
     }
 
-    /// Marks ids done as [`finish`](Self::finish) does, and makes the keyed-state `writes` of
-    /// their records durable in the same step: after a crash, a record finds both its done
-    /// mark and its writes, or neither. `turn` orders the batches' writes: the store waits
-    /// for it before it queues this batch's writes and passes it on right after.
+    /// Marks ids done as [`finish`](Self::finish) does, and makes `with` durable in the same
+    /// step: the keyed-state writes of their records and the lengths of the files their
+    /// outputs went to, so after a crash a record finds both its done mark and its writes,
+    /// or neither. `turn` orders the batches: the store waits for it before it queues this
+    /// batch and passes it on right after.
     async fn finish_with(
         &self,
         done: &[(String, u64)],
-        writes: Vec<keyed::KeyedWrite>,
+        with: Commit,
         mut turn: Turn,
     ) -> Result<Vec<bool>, StateError> {
-        if !writes.is_empty() {
+        if !with.writes.is_empty() {
             return Err(StateError::new(
                 "this state store does not keep plugins' keyed state (use the embedded store)",
             ));
@@ -104,6 +105,16 @@ pub trait StateStore: Send + Sync {
     async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
         Ok(vec![true; leases.len()])
     }
+}
+
+/// What a batch makes durable together with its done marks.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Its records' keyed-state writes, in the order they were accepted.
+    pub writes: Vec<keyed::KeyedWrite>,
+    /// The lengths of the output and dead-letter files once its lines are written (stores
+    /// that keep them cut a file back to its last recorded length on start).
+    pub files: Vec<crate::sink::FileLength>,
 }
 
 /// A batch's place in the order in which batches' keyed-state writes reach the store: it

@@ -1,6 +1,7 @@
 //! Where a run reads, writes and keeps state: JSON-lines files and the embedded store, or
 //! Kafka topics and Redis.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -129,6 +130,19 @@ pub(super) async fn state_store(
                 *cache_bytes,
             )?
             .keep_keyed_state(&plan.plugin.name);
+            if let Io::Files(files) = &plan.io {
+                let paths: Vec<PathBuf> = std::iter::once(&files.output)
+                    .chain(files.destinations.values())
+                    .chain([&files.dlq])
+                    .cloned()
+                    .collect();
+                for (path, bytes) in store.cut_back(&paths)? {
+                    eprintln!(
+                        "weir: cut {bytes} bytes off the end of {}: lines of batches never marked done (their records run again)",
+                        path.display()
+                    );
+                }
+            }
             (Arc::new(store), None)
         }
     })

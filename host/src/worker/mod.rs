@@ -93,8 +93,9 @@ impl Worker {
         let (plugin, control) = plugin::start(&plan, runtime, &metrics, &tasks).await?;
         let ready = http::serve(&plan, &metrics, control, &tasks).await?;
         let id = worker_id();
-        let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
+        // The state store first: it cuts output files back before they are opened.
         let (state, redis) = state_store(&plan, &id, &metrics).await?;
+        let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
         check_keyed_state(&plan, &plugin.current(), state.as_ref())?;
         let lifecycle = &plan.lifecycle;
         let settings = Settings {
