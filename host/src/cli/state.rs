@@ -1,11 +1,13 @@
 //! `weir state dump|get`: a stateful plugin's keyed state, read-only, from the embedded
 //! store. One JSON object per key: `{"partition":P,"key":K,"value":V}`, key and value as
-//! UTF-8 text when they are, else (or with `--base64`) as `key_base64` / `value_base64`.
+//! UTF-8 text when they are, else (or with `--base64`) as base64 with `"key_base64":true` /
+//! `"value_base64":true` beside them (as in dead letters).
 
 use std::path::PathBuf;
 
 use anyhow::bail;
 use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -75,18 +77,19 @@ impl StateCommand {
     }
 }
 
-/// One entry as a JSON line, members in the order of the docs.
+/// One entry as a JSON line, members in the order of the docs; bytes that are not UTF-8 (or
+/// all, with `base64`) as base64 with a `*_base64: true` flag, as in dead letters.
 pub(super) fn line(entry: &KeyedEntry, base64: bool) -> String {
     let mut line = format!(r#"{{"partition":{}"#, entry.partition);
     for (name, bytes) in [("key", &entry.key), ("value", &entry.value)] {
-        let (name, text) = match std::str::from_utf8(bytes) {
-            Ok(text) if !base64 => (name.to_owned(), text.to_owned()),
-            _ => (
-                format!("{name}_base64"),
-                base64::engine::general_purpose::STANDARD.encode(bytes),
-            ),
+        let (text, is_base64) = match base64 {
+            true => (BASE64.encode(bytes), true),
+            false => crate::record::json::encode(bytes),
         };
-        line.push_str(&format!(",{}:{}", Value::from(name), Value::from(text)));
+        line.push_str(&format!(",\"{name}\":{}", Value::from(text)));
+        if is_base64 {
+            line.push_str(&format!(",\"{name}_base64\":true"));
+        }
     }
     line.push('}');
     line
@@ -105,11 +108,11 @@ mod tests {
         };
         assert_eq!(
             line(&entry, false),
-            r#"{"partition":2,"key":"count/u1","value_base64":"/wA="}"#
+            r#"{"partition":2,"key":"count/u1","value":"/wA=","value_base64":true}"#
         );
         assert_eq!(
             line(&entry, true),
-            r#"{"partition":2,"key_base64":"Y291bnQvdTE=","value_base64":"/wA="}"#
+            r#"{"partition":2,"key":"Y291bnQvdTE=","key_base64":true,"value":"/wA=","value_base64":true}"#
         );
     }
 }

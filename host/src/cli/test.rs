@@ -345,8 +345,8 @@ async fn run(
     // A stateful plugin's state lives for the whole test, from nothing.
     let state = Arc::new(MemoryState::default());
     let ctx = CallContext {
-        check: None,
         state: Some(state.clone()),
+        ..CallContext::default()
     };
     let mut source = FileSource::open(input, LineFormat::Value)?;
     let (mut count, mut ok, mut failed, mut mismatches) = (0usize, 0usize, 0usize, Vec::new());

@@ -89,6 +89,22 @@ impl Event for PluginCalled<'_> {
     }
 }
 
+/// A stateful plugin's call read keyed state `reads` times and had `writes` writes of
+/// `bytes` bytes (keys and values) accepted.
+pub struct StateUsed {
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes: u64,
+}
+
+impl Event for StateUsed {
+    fn count(self, m: &Metrics) {
+        m.state_reads.inc_by(self.reads);
+        m.state_writes.inc_by(self.writes);
+        m.state_write_bytes.inc_by(self.bytes);
+    }
+}
+
 counted! {
     /// Records the plugin called retryable are tried again.
     RetriesStarted => retries

@@ -12,7 +12,7 @@ mod summary;
 pub use events::{
     ConsumerLag, DeadLettersReplayed, Dependency, Event, ExactlyOnceStarted, HotSwapped,
     LeasesAcquired, LeasesContended, LeasesLost, PartitionRevoked, PluginActivated, PluginCalled,
-    RecordsDeduplicated, RecordsTaken, RetiredBy, RetriesStarted, TransactionEnded,
+    RecordsDeduplicated, RecordsTaken, RetiredBy, RetriesStarted, StateUsed, TransactionEnded,
     TransactionResult, UploadAnswered, UploadResult, VersionFates, VersionRetired,
 };
 pub use summary::{Summary, VersionCounts};
@@ -116,6 +116,20 @@ const TRANSACTIONS: Def = (
      no longer in the group)",
 );
 
+const STATE_READS: Def = (
+    "weir_state_reads_total",
+    "Keyed-state reads (get) by stateful plugins",
+);
+const STATE_WRITES: Def = (
+    "weir_state_writes_total",
+    "Keyed-state writes (set, delete) of processed records, accepted to be made durable with \
+     their done marks",
+);
+const STATE_WRITE_BYTES: Def = (
+    "weir_state_write_bytes_total",
+    "Bytes of keys and values in the accepted keyed-state writes",
+);
+
 /// The registry and every metric in it.
 pub struct Metrics {
     registry: Registry,
@@ -139,6 +153,9 @@ pub struct Metrics {
     circuit_open: IntGaugeVec,
     consumer_lag: IntGaugeVec,
     transactions: IntCounterVec,
+    state_reads: IntCounter,
+    state_writes: IntCounter,
+    state_write_bytes: IntCounter,
     /// Fates per plugin version, for `/v1/status` (and canary decisions).
     by_version: Mutex<BTreeMap<u64, VersionCounts>>,
 }
@@ -190,6 +207,9 @@ impl Metrics {
             circuit_open: gauge_vec(CIRCUIT_OPEN, &["dependency"]),
             consumer_lag: gauge_vec(CONSUMER_LAG, &["topic", "partition"]),
             transactions: counter_vec(TRANSACTIONS, "result"),
+            state_reads: counter(STATE_READS),
+            state_writes: counter(STATE_WRITES),
+            state_write_bytes: counter(STATE_WRITE_BYTES),
             by_version: Mutex::default(),
             registry,
         };

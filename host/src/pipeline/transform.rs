@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -14,7 +15,7 @@ use super::keyed::BatchWrites;
 use super::parking::Parked;
 use super::{PipelineError, Shared};
 use crate::clock::now_ms;
-use crate::metrics::{PluginCalled, RetriesStarted};
+use crate::metrics::{PluginCalled, RetriesStarted, StateUsed};
 use crate::record::Record;
 use crate::runtime::{CallContext, Outcome, Plugin, Routing};
 use crate::state::StateError;
@@ -166,9 +167,11 @@ impl Shared {
         }
         let name = plugin.meta().name.clone();
         let plugin = plugin.clone();
+        let reads = Arc::new(AtomicU64::new(0));
         let ctx = CallContext {
             check: Some(self.check.clone()),
             state: (self.keyed.clone()).map(|pending| pending as Arc<dyn KeyedRead>),
+            reads: reads.clone(),
         };
         let started = Instant::now();
         let (records, outcomes) = tokio::task::spawn_blocking(move || {
@@ -178,6 +181,11 @@ impl Shared {
         .await?;
         let elapsed = started.elapsed();
         let mut outcomes = outcomes?;
+        let mut used = StateUsed {
+            reads: reads.load(Ordering::Relaxed),
+            writes: 0,
+            bytes: 0,
+        };
         for outcome in &mut outcomes {
             let Outcome::Outputs { writes, .. } = outcome else {
                 continue;
@@ -191,7 +199,12 @@ impl Shared {
                 ))
                 .into());
             };
+            used.writes += writes.len() as u64;
+            used.bytes += writes.iter().map(|w| w.bytes() as u64).sum::<u64>();
             pending.accept(std::mem::take(writes));
+        }
+        if used.reads > 0 || used.writes > 0 {
+            self.metrics.emit(used);
         }
         (self.metrics).emit(PluginCalled {
             elapsed,

@@ -8,7 +8,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 /// Bytes as text, or base64 when they are not UTF-8.
-fn encode(bytes: &[u8]) -> (String, bool) {
+/// Bytes as text when they are UTF-8, else as base64 (the flag says which).
+pub(crate) fn encode(bytes: &[u8]) -> (String, bool) {
     match std::str::from_utf8(bytes) {
         Ok(text) => (text.to_owned(), false),
         Err(_) => (BASE64.encode(bytes), true),

@@ -32,6 +32,8 @@ pub(super) struct Session {
     refused: Option<String>,
     /// A read the store failed: the call traps, and the transform returns this error.
     failed: Option<StateError>,
+    /// `get` calls in this transform.
+    reads: u64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -84,12 +86,18 @@ impl Session {
         Ok(writes)
     }
 
+    /// `get` calls in this transform.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads
+    }
+
     /// The store error of a failed read, if the last call had one.
     pub(super) fn take_failure(&mut self) -> Option<StateError> {
         self.failed.take()
     }
 
     fn get(&mut self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.reads += 1;
         let now = now_ms() as u64;
         let partition = self.partition;
         let mine = (self.record.iter().rev()).find(|w| w.partition == partition && w.key == key);

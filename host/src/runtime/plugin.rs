@@ -64,6 +64,8 @@ pub struct CallContext {
     pub check: Option<Arc<dyn OutputCheck>>,
     /// The keyed state a stateful plugin reads (none: it starts from nothing).
     pub state: Option<Arc<dyn KeyedRead>>,
+    /// Counts a stateful plugin's reads (`get` calls).
+    pub reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Why a component cannot be used as a plugin.
@@ -300,6 +302,7 @@ impl Plugin {
         if let Some(w) = warm {
             self.check_in(w);
         }
+        ctx.reads.fetch_add(session.reads(), Ordering::Relaxed);
         Ok(())
     }
 

@@ -38,6 +38,11 @@ impl KeyedRead for NoState {
 pub(crate) type Slot = (i32, Vec<u8>);
 
 impl KeyedWrite {
+    /// Bytes of its key and value.
+    pub fn bytes(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+
     /// The value this write leaves, unless it deleted the key or the value expired by `now_ms`.
     pub(crate) fn live_value(&self, now_ms: u64) -> Option<Vec<u8>> {
         let live = self.expires_ms.is_none_or(|at| at > now_ms);

@@ -320,3 +320,72 @@ fn a_run_killed_half_way_and_run_again_leaves_the_state_and_outputs_of_one_clean
         "state after the kill and the rerun differs from one clean run's"
     );
 }
+
+/// The value of a counter in a Prometheus text exposition (0 when absent).
+fn counter(exposition: &str, name: &str) -> f64 {
+    (exposition.lines())
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn state_reads_writes_and_bytes_are_counted() {
+    use std::io::Write;
+    let weir = Weir::new(WEIR);
+    let port = weir_tests::free_port();
+    let plugin_path = plugin("faulty_stateful").display().to_string();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut child = weir
+        .command([
+            "run",
+            "--plugin",
+            &plugin_path,
+            "--input",
+            "-",
+            "--output",
+            "out.jsonl",
+            "--state",
+            "state",
+            "--id",
+            "/id",
+            "--quiet",
+            "--metrics",
+            &metrics_addr,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Each record reads `count` once and writes `seen/<id>` = 1 and `count`; the invalid
+    // one's two writes are undone, its read still counted.
+    for line in [
+        event("a", json!({})),
+        event("b", json!({})),
+        event("c", json!({"fault": "invalid"})),
+    ] {
+        writeln!(stdin, "{line}").expect("write");
+    }
+    stdin.flush().expect("flush");
+    let started = std::time::Instant::now();
+    let exposition = loop {
+        let (_, body) = weir_tests::http::request(port, "", "GET", "/metrics", b"");
+        let text = String::from_utf8(body).expect("UTF-8");
+        let fated = counter(&text, "weir_records_processed_total")
+            + counter(&text, "weir_records_dead_lettered_total{class=\"invalid\"}");
+        if fated >= 3.0 {
+            break text;
+        }
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "3 records not done in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(stdin);
+    let _ = child.wait();
+    assert_eq!(counter(&exposition, "weir_state_reads_total"), 3.0);
+    assert_eq!(counter(&exposition, "weir_state_writes_total"), 4.0);
+    // "seen/a" + "1", "count" + "1"; "seen/b" + "1", "count" + "2".
+    assert_eq!(counter(&exposition, "weir_state_write_bytes_total"), 26.0);
+}
