@@ -1,10 +1,11 @@
 //! The HTTP server of a worker: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and
 //! the plugin API under `/v1` (`plugins.rs`) when the worker has a registry, with the
-//! validation of uploads (`validate.rs`). HTTP only: what a route changes goes through
+//! validation of uploads (`validate.rs`) and a stateful plugin's keyed state (`state.rs`). HTTP only: what a route changes goes through
 //! [`crate::control`]. [`router`] builds it from shared state, so tests drive it
 //! in-process with `oneshot`.
 
 mod plugins;
+mod state;
 mod validate;
 
 pub use plugins::{ADMIN_TOKEN_ENV, DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_UPLOAD_BYTES, PluginApi};
@@ -32,6 +33,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The plugin registry and who may change it; `None`: no `/v1` plugin routes.
     pub api: Option<Arc<PluginApi>>,
+    /// The keyed state of this worker's stateful plugin (`GET /v1/state`).
+    pub keyed: Option<Arc<dyn crate::state::keyed::KeyedRead>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -40,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/status", get(plugins::status))
         .route("/cluster", get(plugins::cluster))
+        .route("/state", get(state::state))
         .route("/plugins", get(plugins::list))
         .route("/plugins/{name}", post(plugins::upload).get(plugins::show))
         .route("/plugins/{name}/activate", post(plugins::activate))
@@ -157,6 +161,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(ready)),
             api: None,
+            keyed: None,
         }
     }
 

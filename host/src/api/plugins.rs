@@ -109,7 +109,7 @@ impl PluginApi {
         }
     }
 
-    fn check_read(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(super) fn check_read(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.open_reads {
             Ok(())
         } else {
@@ -132,7 +132,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn plugin_api(state: &AppState) -> Result<&Arc<PluginApi>, ApiError> {
+pub(super) fn plugin_api(state: &AppState) -> Result<&Arc<PluginApi>, ApiError> {
     state.api.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,

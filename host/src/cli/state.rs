@@ -6,12 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::{Args, Subcommand};
-use serde_json::Value;
 
-use crate::state::keyed::KeyedEntry;
 use crate::state::read_keyed_state;
 
 #[derive(Subcommand)]
@@ -67,52 +63,12 @@ impl StateCommand {
             {
                 continue;
             }
-            println!("{}", line(&entry, scope.base64));
+            println!("{}", entry.json_line(scope.base64));
             shown += 1;
         }
         if keys.is_some() && shown == 0 {
             bail!("none of those keys is set");
         }
         Ok(())
-    }
-}
-
-/// One entry as a JSON line, members in the order of the docs; bytes that are not UTF-8 (or
-/// all, with `base64`) as base64 with a `*_base64: true` flag, as in dead letters.
-pub(super) fn line(entry: &KeyedEntry, base64: bool) -> String {
-    let mut line = format!(r#"{{"partition":{}"#, entry.partition);
-    for (name, bytes) in [("key", &entry.key), ("value", &entry.value)] {
-        let (text, is_base64) = match base64 {
-            true => (BASE64.encode(bytes), true),
-            false => crate::record::json::encode(bytes),
-        };
-        line.push_str(&format!(",\"{name}\":{}", Value::from(text)));
-        if is_base64 {
-            line.push_str(&format!(",\"{name}_base64\":true"));
-        }
-    }
-    line.push('}');
-    line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_stays_text_and_bytes_become_base64() {
-        let entry = KeyedEntry {
-            partition: 2,
-            key: b"count/u1".to_vec(),
-            value: vec![0xff, 0x00],
-        };
-        assert_eq!(
-            line(&entry, false),
-            r#"{"partition":2,"key":"count/u1","value":"/wA=","value_base64":true}"#
-        );
-        assert_eq!(
-            line(&entry, true),
-            r#"{"partition":2,"key":"Y291bnQvdTE=","key_base64":true,"value":"/wA=","value_base64":true}"#
-        );
     }
 }

@@ -20,11 +20,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::key_values;
-use crate::clock::now_ms;
 use crate::config::{Config, LineFormat};
 use crate::runtime::{CallContext, Outcome, Plugin, Runtime};
 use crate::source::{FileSource, Source};
-use crate::state::keyed::{KeyedEntry, MemoryState};
+use crate::state::keyed::{KeyedEntry, KeyedRead, MemoryState};
 use crate::worker::Plan;
 
 #[derive(Args)]
@@ -84,14 +83,14 @@ impl TestArgs {
         );
         let state = run(&plugin, &args.input, args.expect.as_deref()).await?;
         if meta.stateful {
-            let entries = state.entries(now_ms() as u64);
+            let entries = state.entries()?;
             println!("\nstate after the run ({} keys):", entries.len());
             for entry in &entries {
-                println!("  {}", super::state::line(entry, false));
+                println!("  {}", entry.json_line(false));
             }
         }
         if let Some(want) = &args.expect_state {
-            let differences = state_differences(want, &state.entries(now_ms() as u64))?;
+            let differences = state_differences(want, &state.entries()?)?;
             if !differences.is_empty() {
                 println!(
                     "\n{} difference(s) from {}:",

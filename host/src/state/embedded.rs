@@ -292,9 +292,13 @@ pub fn read_keyed_state(
             e,
         )
     })?;
+    entries(&db, &format!("keyed:{pipeline}/{plugin}"))
+}
+
+/// The live entries of the keyed-state table `name`, in key order.
+fn entries(db: &impl ReadableDatabase, name: &str) -> Result<Vec<KeyedEntry>, StateError> {
     let txn = db.begin_read().map_err(|e| err("begin read")(e.into()))?;
-    let name = format!("keyed:{pipeline}/{plugin}");
-    let table = match txn.open_table(KeyedTable::new(&name)) {
+    let table = match txn.open_table(KeyedTable::new(name)) {
         Ok(table) => table,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(e) => return Err(err("open keyed state")(e.into())),
@@ -339,6 +343,10 @@ impl KeyedRead for EmbeddedKeyed {
             .get(partition_key(partition, key).as_slice())
             .map_err(|e| err("read keyed state")(e.into()))?;
         Ok(stored.and_then(|v| decode_value(v.value(), now_ms() as u64).map(<[u8]>::to_vec)))
+    }
+
+    fn entries(&self) -> Result<Vec<KeyedEntry>, StateError> {
+        entries(self.db.as_ref(), &self.table)
     }
 }
 

@@ -23,6 +23,11 @@ pub trait KeyedRead: Send + Sync {
     /// The value of `key` in `partition`; none when absent, deleted or expired. Called from
     /// a blocking thread (inside a plugin call), never from the async reactor.
     fn get(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
+
+    /// Every live entry, in key order (for inspection: `weir state`, `GET /v1/state`).
+    fn entries(&self) -> Result<Vec<KeyedEntry>, StateError> {
+        Err(StateError::new("this state store cannot list keyed state"))
+    }
 }
 
 /// No state at all (a plugin tried out alone, e.g. by `weir test`, starts from nothing).
@@ -71,23 +76,6 @@ impl MemoryState {
             };
         }
     }
-
-    /// Every live entry, in key order.
-    pub fn entries(&self, now_ms: u64) -> Vec<KeyedEntry> {
-        let entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (entries.iter())
-            .filter_map(|((partition, key), stored)| {
-                Some(KeyedEntry {
-                    partition: *partition,
-                    key: key.clone(),
-                    value: decode_value(stored, now_ms)?.to_vec(),
-                })
-            })
-            .collect()
-    }
 }
 
 impl KeyedRead for MemoryState {
@@ -99,6 +87,23 @@ impl KeyedRead for MemoryState {
         let now = crate::clock::now_ms() as u64;
         Ok((entries.get(&(partition, key.to_vec())))
             .and_then(|s| decode_value(s, now).map(<[u8]>::to_vec)))
+    }
+
+    fn entries(&self) -> Result<Vec<KeyedEntry>, StateError> {
+        let now_ms = crate::clock::now_ms() as u64;
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok((entries.iter())
+            .filter_map(|((partition, key), stored)| {
+                Some(KeyedEntry {
+                    partition: *partition,
+                    key: key.clone(),
+                    value: decode_value(stored, now_ms)?.to_vec(),
+                })
+            })
+            .collect())
     }
 }
 
@@ -144,6 +149,31 @@ pub struct KeyedEntry {
     pub value: Vec<u8>,
 }
 
+impl KeyedEntry {
+    /// One JSON line, `{"partition":P,"key":K,"value":V}`: key and value as UTF-8 text when
+    /// they are, else (all, with `base64`) as base64 with `"key_base64":true` /
+    /// `"value_base64":true` beside them, as in dead letters.
+    pub fn json_line(&self, base64: bool) -> String {
+        use base64::Engine;
+        let mut line = format!(r#"{{"partition":{}"#, self.partition);
+        for (name, bytes) in [("key", &self.key), ("value", &self.value)] {
+            let (text, is_base64) = match base64 {
+                true => (
+                    base64::engine::general_purpose::STANDARD.encode(bytes),
+                    true,
+                ),
+                false => crate::record::json::encode(bytes),
+            };
+            line.push_str(&format!(r#","{name}":{}"#, serde_json::Value::from(text)));
+            if is_base64 {
+                line.push_str(&format!(r#","{name}_base64":true"#));
+            }
+        }
+        line.push('}');
+        line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +186,23 @@ mod tests {
         assert_eq!(decode_value(&until_10, 9), Some(&b"w"[..]));
         assert_eq!(decode_value(&until_10, 10), None);
         assert_eq!(decode_value(b"short", 0), None);
+    }
+
+    #[test]
+    fn text_stays_text_and_bytes_become_base64() {
+        let entry = KeyedEntry {
+            partition: 2,
+            key: b"count/u1".to_vec(),
+            value: vec![0xff, 0x00],
+        };
+        assert_eq!(
+            entry.json_line(false),
+            r#"{"partition":2,"key":"count/u1","value":"/wA=","value_base64":true}"#
+        );
+        assert_eq!(
+            entry.json_line(true),
+            r#"{"partition":2,"key":"Y291bnQvdTE=","key_base64":true,"value":"/wA=","value_base64":true}"#
+        );
     }
 
     #[test]

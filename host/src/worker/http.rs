@@ -9,6 +9,7 @@ use anyhow::Context;
 use super::plan::Plan;
 use crate::api::{self, AppState, PluginApi};
 use crate::metrics::Metrics;
+use crate::state::keyed::KeyedRead;
 use crate::tasks::Tasks;
 
 /// Serves metrics, and the plugin API, where addresses are configured; returns the flag
@@ -17,6 +18,7 @@ pub(super) async fn serve(
     plan: &Plan,
     metrics: &Arc<Metrics>,
     plugin_api: Option<Arc<PluginApi>>,
+    keyed: Option<Arc<dyn KeyedRead>>,
     tasks: &Tasks,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     let ready = Arc::new(AtomicBool::new(false));
@@ -24,6 +26,7 @@ pub(super) async fn serve(
         metrics: metrics.clone(),
         ready: ready.clone(),
         api,
+        keyed: keyed.clone(),
     };
     if let Some(addr) = plan.metrics_addr {
         let bound = serve_on(addr, state(None), tasks).await?;

@@ -91,10 +91,10 @@ impl Worker {
         let metrics = Arc::new(Metrics::new());
         let tasks = Tasks::default();
         let (plugin, control) = plugin::start(&plan, runtime, &metrics, &tasks).await?;
-        let ready = http::serve(&plan, &metrics, control, &tasks).await?;
         let id = worker_id();
-        // The state store first: it cuts output files back before they are opened.
+        // The state store before the files: it cuts output files back before they are opened.
         let (state, redis) = state_store(&plan, &id, &metrics).await?;
+        let ready = http::serve(&plan, &metrics, control, state.keyed(), &tasks).await?;
         let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
         check_keyed_state(&plan, &plugin.current(), state.as_ref())?;
         let lifecycle = &plan.lifecycle;

@@ -58,6 +58,7 @@ impl Api {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(true)),
             api: Some(Arc::new(plugin_api)),
+            keyed: None,
         };
         Self { state, _dir: dir }
     }
@@ -745,4 +746,53 @@ async fn the_cluster_route_lists_live_workers_from_redis() {
         worker["last_seen_ms"].as_u64().is_some_and(|ms| ms > 0),
         "{workers}"
     );
+}
+
+#[tokio::test]
+async fn the_state_route_shows_a_stateful_plugins_keyed_state() {
+    use weir::state::keyed::{KeyedWrite, MemoryState};
+    let mut api = Api::new(Some(TOKEN), false, api::DEFAULT_MAX_UPLOAD_BYTES);
+    let (status, body) = api.json("GET", "/v1/state", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(error(&body).contains("keeps no keyed state"), "{body}");
+
+    let state = Arc::new(MemoryState::default());
+    let set = |partition, key: &str, value: &[u8]| KeyedWrite {
+        partition,
+        key: key.into(),
+        value: Some(value.to_vec()),
+        expires_ms: None,
+    };
+    state.apply(vec![
+        set(0, "count/ann", b"7"),
+        set(1, "count/bob", &[0xff]),
+    ]);
+    api.state.keyed = Some(state);
+    let (status, _) = api.call("GET", "/v1/state", None, vec![]).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "reads need the token here"
+    );
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("UTF-8");
+    let (status, all) = api.call("GET", "/v1/state", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        text(all),
+        "{\"partition\":0,\"key\":\"count/ann\",\"value\":\"7\"}\n\
+         {\"partition\":1,\"key\":\"count/bob\",\"value\":\"/w==\",\"value_base64\":true}\n"
+    );
+    let (_, one) = api
+        .call("GET", "/v1/state?key=count%2Fann", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(text(one).lines().count(), 1);
+    let (_, by_partition) = api
+        .call("GET", "/v1/state?partition=1", Some(TOKEN), vec![])
+        .await;
+    assert!(text(by_partition).contains("count/bob"));
+    let (status, body) = api
+        .json("GET", "/v1/state?nope=1", Some(TOKEN), vec![])
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error(&body).contains("unknown parameter `nope`"), "{body}");
 }
