@@ -7,11 +7,11 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use super::watch::watch_canary;
-use super::{Control, ControlError, Running};
+use super::{Control, ControlError, NO_KEYED_STATE, Running};
 use crate::errors::chain;
 use crate::metrics::{HotSwapped, PluginActivated};
 use crate::registry::PluginInfo;
-use crate::runtime::Plugin;
+use crate::runtime::{LoadError, Plugin};
 
 /// How often the registry is read again without a notification.
 const RECHECK_EVERY: Duration = Duration::from_secs(2);
@@ -163,6 +163,12 @@ impl Control {
             Plugin::load(&runtime, &bytes, &name, version, config)
         });
         match loading.await {
+            Ok(Ok(plugin)) if plugin.meta().stateful && !running.keeps_keyed_state => {
+                Err(ControlError::CannotRun {
+                    version,
+                    source: LoadError::Contract(format!("version {version} {NO_KEYED_STATE}")),
+                })
+            }
             Ok(Ok(plugin)) => Ok(Some(Arc::new(plugin))),
             Ok(Err(source)) => Err(ControlError::CannotRun { version, source }),
             Err(source) => Err(ControlError::Loading { version, source }),

@@ -55,23 +55,13 @@ pub struct Worker {
     tasks: Tasks,
 }
 
-/// Refuses a stateful plugin where its state cannot be kept as promised (so far: the
-/// embedded store, not Redis or exactly-once mode).
-fn check_keyed_state(
-    plan: &Plan,
-    plugin: &crate::runtime::Plugin,
-    state: &dyn crate::state::StateStore,
-) -> anyhow::Result<()> {
-    if !plugin.meta().stateful {
-        return Ok(());
-    }
-    let name = &plugin.meta().name;
-    let exactly_once = matches!(&plan.io, Io::Kafka(kafka) if kafka.transactional_id.is_some());
-    if state.keyed().is_none() || exactly_once {
+/// Refuses a stateful plugin where its state cannot be kept as promised.
+fn check_keyed_state(plan: &Plan, plugin: &crate::runtime::Plugin) -> anyhow::Result<()> {
+    if plugin.meta().stateful && !plan.keeps_keyed_state() {
         anyhow::bail!(
-            "plugin `{name}` keeps keyed state (it imports weir:transform/state), which this \
-             build keeps only in the embedded state store, without --redis and without \
-             --exactly-once (docs/state.md)"
+            "plugin `{}` {}",
+            plugin.meta().name,
+            crate::control::NO_KEYED_STATE
         );
     }
     Ok(())
@@ -96,7 +86,7 @@ impl Worker {
         let (state, redis) = state_store(&plan, &id, &metrics).await?;
         let ready = http::serve(&plan, &metrics, control, state.keyed(), &tasks).await?;
         let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
-        check_keyed_state(&plan, &plugin.current(), state.as_ref())?;
+        check_keyed_state(&plan, &plugin.current())?;
         let lifecycle = &plan.lifecycle;
         let settings = Settings {
             batch_size: lifecycle.batch_size,

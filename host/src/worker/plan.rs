@@ -179,6 +179,13 @@ impl Plan {
         }
     }
 
+    /// Whether this worker can keep a stateful plugin's keyed state (so far: the embedded
+    /// store, not exactly-once mode; docs/state.md).
+    pub fn keeps_keyed_state(&self) -> bool {
+        let exactly_once = matches!(&self.io, Io::Kafka(k) if k.transactional_id.is_some());
+        self.redis().is_none() && !exactly_once
+    }
+
     /// Which mode, in words.
     pub fn mode(&self) -> &'static str {
         match self.io {

@@ -569,6 +569,8 @@ async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
         // Version 1, activated once: what the registry will say after the first activation.
         applied: tokio::sync::Mutex::new((1, 1)),
         reserve: Default::default(),
+        // As a worker with Redis: a stateful version is refused (below).
+        keeps_keyed_state: false,
     };
     let api = Api::with(
         Some(TOKEN),
@@ -621,6 +623,15 @@ async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
         !Arc::ptr_eq(&active.current(), &v1),
         "version 1 was two swaps back: loaded anew"
     );
+    // A stateful version cannot run where its state cannot be kept.
+    let (status, _) = api
+        .json("POST", "/v1/plugins/p", Some(TOKEN), component("metrics"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = activate(4).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("keeps keyed state"), "{body}");
+    assert_eq!(running_version(), 1, "still version 1");
 
     // Deleting the version in reserve (2) frees it, once the worker follows the registry.
     let deleted = Arc::downgrade(&v2);
