@@ -81,12 +81,12 @@ impl Worker {
         let metrics = Arc::new(Metrics::new());
         let tasks = Tasks::default();
         let (plugin, control) = plugin::start(&plan, runtime, &metrics, &tasks).await?;
+        check_keyed_state(&plan, &plugin.current())?;
         let id = worker_id();
         // The state store before the files: it cuts output files back before they are opened.
         let (state, redis) = state_store(&plan, &id, &metrics).await?;
         let ready = http::serve(&plan, &metrics, control, state.keyed(), &tasks).await?;
         let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
-        check_keyed_state(&plan, &plugin.current())?;
         let lifecycle = &plan.lifecycle;
         let settings = Settings {
             batch_size: lifecycle.batch_size,

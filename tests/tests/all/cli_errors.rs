@@ -174,3 +174,28 @@ fn init_refusing_the_config_is_reported() {
     run_with_plugin(&weir, filter.to_str().expect("utf-8"))
         .fails_with(&["init refused the configuration", "`field` is required"]);
 }
+
+#[test]
+fn a_stateful_plugin_where_state_cannot_be_kept_is_refused_before_connecting() {
+    let weir = Weir::new(WEIR);
+    let metrics = plugin("metrics").display().to_string();
+    // Nothing listens on these ports: the refusal comes before any connection.
+    weir.run([
+        "run",
+        "--plugin",
+        &metrics,
+        "--kafka",
+        "127.0.0.1:1",
+        "--group",
+        "g",
+        "--input-topic",
+        "in",
+        "--output-topic",
+        "out",
+        "--dlq-topic",
+        "dlq",
+        "--redis",
+        "redis://127.0.0.1:1",
+    ])
+    .fails_with(&["plugin `metrics` keeps keyed state", "embedded state store"]);
+}
