@@ -6,6 +6,10 @@
 //! (in the order they were accepted) to its completion, which makes them durable with the
 //! batch's done marks, batches in order ([`Turn`](crate::state::Turn)); then they leave
 //! the pending set.
+//!
+//! When this process is the store's only writer (the embedded store), the values it wrote
+//! stay in a bounded cache once durable, and so do keys the store does not have, so a hot
+//! key costs no store read.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,16 +18,25 @@ use crate::clock::now_ms;
 use crate::state::StateError;
 use crate::state::keyed::{KeyedRead, KeyedWrite, Slot};
 
+/// Durable values kept in memory at most (then the cache starts again empty).
+const CACHED_ENTRIES: usize = 100_000;
+
+type Map<V> = HashMap<Slot, V, foldhash::fast::RandomState>;
+
 /// Accepted writes not yet durable, over the durable state.
 pub(super) struct Pending {
     durable: Arc<dyn KeyedRead>,
+    /// Whether durable values may be cached (no other writer changes them).
+    cache: bool,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
     /// The latest pending write of each (partition, key), with its sequence number.
-    latest: HashMap<Slot, (u64, KeyedWrite)>,
+    latest: Map<(u64, KeyedWrite)>,
+    /// Durable values written here, and keys known absent (`None`), when caching.
+    cached: Map<Option<KeyedWrite>>,
     /// The writes accepted for the batch in the transform stage, in order.
     batch: Vec<KeyedWrite>,
     /// The number of the last write accepted.
@@ -40,6 +53,7 @@ pub(super) struct BatchWrites {
 impl Pending {
     pub(super) fn new(durable: Arc<dyn KeyedRead>) -> Self {
         Self {
+            cache: durable.sole_writer(),
             durable,
             inner: Mutex::default(),
         }
@@ -71,21 +85,49 @@ impl Pending {
         }
     }
 
-    /// Every write up to number `last` is durable: the store answers for them now.
+    /// Every write up to number `last` is durable: the store answers for them now (or the
+    /// cache, which keeps them).
     pub(super) fn durable_up_to(&self, last: u64) {
-        self.lock().latest.retain(|_, (seq, _)| *seq > last);
+        let mut inner = self.lock();
+        let Inner { latest, cached, .. } = &mut *inner;
+        latest.retain(|slot, (seq, write)| {
+            if *seq > last {
+                return true;
+            }
+            if self.cache {
+                cached.insert(slot.clone(), Some(write.clone()));
+            }
+            false
+        });
+        if cached.len() > CACHED_ENTRIES {
+            cached.clear();
+        }
     }
 }
 
 impl KeyedRead for Pending {
     fn get(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let slot = (partition, key.to_vec());
         {
             let inner = self.lock();
-            if let Some((_, write)) = inner.latest.get(&(partition, key.to_vec())) {
+            if let Some((_, write)) = inner.latest.get(&slot) {
                 return Ok(write.live_value(now_ms() as u64));
             }
+            if let Some(known) = inner.cached.get(&slot) {
+                return Ok(known.as_ref().and_then(|w| w.live_value(now_ms() as u64)));
+            }
         }
-        self.durable.get(partition, key)
+        let value = self.durable.get(partition, key)?;
+        // An absent key is cached (it cannot expire); a value read back is not (its expiry
+        // is the store's), only values written here, once durable.
+        if self.cache && value.is_none() {
+            let mut inner = self.lock();
+            // A write accepted meanwhile wins over what was read.
+            if !inner.latest.contains_key(&slot) {
+                inner.cached.insert(slot, None);
+            }
+        }
+        Ok(value)
     }
 }
 
@@ -128,5 +170,44 @@ mod tests {
         );
         pending.durable_up_to(second.last);
         assert_eq!(pending.get(0, b"a").unwrap(), None);
+    }
+
+    /// A store with one key, counting its reads, and (like the embedded store) this
+    /// process as its only writer.
+    #[derive(Default)]
+    struct Counted(std::sync::atomic::AtomicU64);
+
+    impl KeyedRead for Counted {
+        fn get(&self, _partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok((key == b"stored").then(|| b"s".to_vec()))
+        }
+
+        fn sole_writer(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn with_one_writer_durable_writes_and_absent_keys_are_cached() {
+        let store = Arc::new(Counted::default());
+        let reads = || store.0.load(std::sync::atomic::Ordering::Relaxed);
+        let pending = Pending::new(store.clone());
+        pending.accept(vec![set("a", "1")]);
+        pending.durable_up_to(pending.take_batch().last);
+        assert_eq!(pending.get(0, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(reads(), 0, "a durable write of this process is cached");
+        assert_eq!(pending.get(0, b"none").unwrap(), None);
+        assert_eq!(pending.get(0, b"none").unwrap(), None);
+        assert_eq!(reads(), 1, "an absent key is read once");
+        assert_eq!(pending.get(0, b"stored").unwrap(), Some(b"s".to_vec()));
+        assert_eq!(pending.get(0, b"stored").unwrap(), Some(b"s".to_vec()));
+        assert_eq!(
+            reads(),
+            3,
+            "a value read back is not cached (its expiry is the store's)"
+        );
+        pending.accept(vec![set("none", "now")]);
+        assert_eq!(pending.get(0, b"none").unwrap(), Some(b"now".to_vec()));
     }
 }

@@ -348,6 +348,10 @@ impl KeyedRead for EmbeddedKeyed {
     fn entries(&self) -> Result<Vec<KeyedEntry>, StateError> {
         entries(self.db.as_ref(), &self.table)
     }
+
+    fn sole_writer(&self) -> bool {
+        true
+    }
 }
 
 #[async_trait]

@@ -24,6 +24,12 @@ pub trait KeyedRead: Send + Sync {
     /// a blocking thread (inside a plugin call), never from the async reactor.
     fn get(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
 
+    /// Whether the values read here change only through this process (so they may be
+    /// cached): true of the embedded store, which one process holds.
+    fn sole_writer(&self) -> bool {
+        false
+    }
+
     /// Every live entry, in key order (for inspection: `weir state`, `GET /v1/state`).
     fn entries(&self) -> Result<Vec<KeyedEntry>, StateError> {
         Err(StateError::new("this state store cannot list keyed state"))
