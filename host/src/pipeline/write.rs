@@ -30,7 +30,8 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         let mut in_flight = InFlight::default();
         let mut last_progress = Instant::now();
-        // Batches reach the store in order (`Turn`): keyed-state writes, file lengths.
+        // With keyed state (the embedded store), batches reach the store in order (`Turn`):
+        // keyed-state writes and file lengths must not go back.
         let mut previous_turn = None;
         loop {
             let batch = tokio::select! {
@@ -39,8 +40,15 @@ impl Shared {
                 batch = input.recv() => batch,
             };
             let Some(batch) = batch else { break };
-            let (turn, next) = Turn::after(previous_turn.take());
-            previous_turn = Some(next);
+            // Only keyed state needs the order; other batches finish in any order.
+            let turn = match self.keyed {
+                Some(_) => {
+                    let (turn, next) = Turn::after(previous_turn.take());
+                    previous_turn = Some(next);
+                    turn
+                }
+                None => Turn::free(),
+            };
             let completion = self.write(batch, sink.as_mut(), dlq.as_mut(), turn).await?;
             in_flight.push(completion.run());
             in_flight.limit(self.settings.max_in_flight_batches).await?;
