@@ -389,3 +389,23 @@ fn state_reads_writes_and_bytes_are_counted() {
     // "seen/a" + "1", "count" + "1"; "seen/b" + "1", "count" + "2".
     assert_eq!(counter(&exposition, "weir_state_write_bytes_total"), 26.0);
 }
+
+#[test]
+fn a_value_set_to_expire_is_gone_after_its_time() {
+    let weir = Weir::new(WEIR);
+    let input = weir.write_lines("in.jsonl", [event("x", json!({"fault": "expiring"}))]);
+    weir.run_pipeline(&plugin("faulty_stateful"), &input, &["--id", "/id"]);
+    assert_eq!(
+        weir.keyed_state("faulty_stateful")
+            .get("ttl/x")
+            .map(String::as_str),
+        Some("1")
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let state = weir.keyed_state("faulty_stateful");
+    assert!(
+        !state.contains_key("ttl/x"),
+        "expired, still shown: {state:?}"
+    );
+    assert_eq!(state["seen/x"], "1", "what does not expire stays");
+}
