@@ -263,8 +263,8 @@ impl EmbeddedStore {
 
     /// Keeps the keyed state of the plugin named `plugin` (with the done marks' pipeline).
     pub fn keep_keyed_state(mut self, plugin: &str) -> Self {
-        let namespace = self.table.trim_start_matches("done:");
-        self.keyed_table = Some(format!("keyed:{namespace}/{plugin}").into());
+        let pipeline = self.table.trim_start_matches("done:");
+        self.keyed_table = Some(keyed_table(pipeline, plugin).into());
         self
     }
 }
@@ -292,7 +292,12 @@ pub fn read_keyed_state(
             e,
         )
     })?;
-    entries(&db, &format!("keyed:{pipeline}/{plugin}"))
+    entries(&db, &keyed_table(pipeline, plugin))
+}
+
+/// The name of the table of `plugin`'s keyed state in `pipeline`.
+fn keyed_table(pipeline: &str, plugin: &str) -> String {
+    format!("keyed:{pipeline}/{plugin}")
 }
 
 /// The live entries of the keyed-state table `name`, in key order.

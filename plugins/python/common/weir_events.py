@@ -1,6 +1,10 @@
 """What the example plugins share: reading an event with `enrich`'s checks
-(tests/vectors/enrich/README.md), reasons naming the field."""
+(tests/vectors/enrich/README.md), reasons naming the field, and the batch export's results
+of a transform from a value to output values."""
 import json
+
+from componentize_py_types import Err, Ok
+from wit_world.imports.types import Output, TransformError_Invalid
 
 TS_MIN, TS_MAX = -62135596800, 253402300799
 
@@ -63,4 +67,17 @@ def event(value: bytes):
     user_id = non_empty_string(obj, "user_id")
     ts = timestamp(obj)
     return obj, user_id, ts
+
+
+def results(records, transform):
+    """One result per record: Ok with an output per value `transform` returns, or `invalid`
+    with the reason when it raises Invalid."""
+    out = []
+    for record in records:
+        try:
+            values = transform(record.value)
+            out.append(Ok([Output(destination=None, key=None, value=v, headers=[]) for v in values]))
+        except Invalid as e:
+            out.append(Err(TransformError_Invalid(str(e))))
+    return out
 

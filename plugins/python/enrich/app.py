@@ -6,10 +6,8 @@ component boundary once instead of once per record, which matters for an interpr
 import datetime
 import json
 
-from componentize_py_types import Err, Ok
 from wit_world import exports
-from wit_world.imports.types import Output, TransformError_Invalid
-from weir_events import Invalid, event
+from weir_events import event, results
 
 VALID_ACTIONS = {"view", "click", "purchase", "add_to_cart"}
 EPOCH = datetime.date(1970, 1, 1)
@@ -36,16 +34,9 @@ def enrich(value: bytes) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def transform_one(record):
-    try:
-        return Ok([Output(destination=None, key=None, value=enrich(record.value), headers=[])])
-    except Invalid as e:
-        return Err(TransformError_Invalid(str(e)))
-
-
 class BatchTransform(exports.BatchTransform):
     def init(self, config):
         return None
 
     def transform_batch(self, records):
-        return [transform_one(r) for r in records]
+        return results(records, lambda value: [enrich(value)])

@@ -7,11 +7,9 @@ record: it takes effect only if that record is processed.
 import datetime
 import json
 
-from componentize_py_types import Err, Ok
 from wit_world import exports
 from wit_world.imports import state
-from wit_world.imports.types import Output, TransformError_Invalid
-from weir_events import Invalid, event
+from weir_events import event, results
 
 STAGES = ["view", "add_to_cart", "purchase"]
 EPOCH = datetime.date(1970, 1, 1)
@@ -52,16 +50,9 @@ def metrics(value: bytes):
     return [dumps(o) for o in outputs]
 
 
-def transform_one(record):
-    try:
-        return Ok([Output(destination=None, key=None, value=v, headers=[]) for v in metrics(record.value)])
-    except Invalid as e:
-        return Err(TransformError_Invalid(str(e)))
-
-
 class BatchTransform(exports.BatchTransform):
     def init(self, config):
         return None
 
     def transform_batch(self, records):
-        return [transform_one(r) for r in records]
+        return results(records, lambda value: metrics(value))
