@@ -31,6 +31,11 @@
 //! weir run;
 //! `WEIR_BENCH_RUNS` (e.g. `ab`) makes only those runs ((a) always runs: the ratios need it).
 //!
+//! `WEIR_BENCH_PLUGIN=metrics` runs the stateful `metrics` plugin instead (keyed state,
+//! docs/state.md): (b) with its state in the embedded store, (c) in Redis (there is no (d):
+//! exactly-once mode keeps no keyed state yet); the table adds worker CPU per state write,
+//! and the difference (c) − (b) per write.
+//!
 //! `WEIR_BENCH_BASELINE=<path of another build's weir-bench-worker>` compares two builds in
 //! one run: each weir run, (b), (c) and (d), is made with the baseline too, right before or
 //! after (the order turns around every round), and a second table gives this build's rate
@@ -75,7 +80,9 @@ fn main() -> anyhow::Result<()> {
 
     let baseline = std::env::var("WEIR_BENCH_BASELINE").ok();
     let this = std::env::var("WEIR_BENCH_WORKER").unwrap_or_else(|_| WEIR.into());
-    let only = std::env::var("WEIR_BENCH_RUNS").unwrap_or_else(|_| "abcd".into());
+    let stateful = std::env::var("WEIR_BENCH_PLUGIN").is_ok_and(|p| p == "metrics");
+    let default_runs = if stateful { "abc" } else { "abcd" };
+    let only = std::env::var("WEIR_BENCH_RUNS").unwrap_or_else(|_| default_runs.into());
     let tags: &[&str] = if baseline.is_some() {
         &["", BASE]
     } else {
@@ -142,6 +149,15 @@ fn main() -> anyhow::Result<()> {
         let transactional_id = format!("bench-{name}");
         match kind {
             'a' => run_passthrough(&services, &cluster(&name, None), n),
+            'b' if stateful => run_weir(
+                weir,
+                &services,
+                &cluster(&name, None),
+                dir.path(),
+                "metrics",
+                &["--id", "/id", "--state", &format!("state-{name}")],
+                n,
+            ),
             'b' => run_weir(
                 weir,
                 &services,
@@ -161,7 +177,7 @@ fn main() -> anyhow::Result<()> {
                 &services,
                 &cluster(&name, Some(&redis_url)),
                 dir.path(),
-                "enrich",
+                if stateful { "metrics" } else { "enrich" },
                 &[
                     &["--id", "/id", "--plugin-name", &plugin_name],
                     &redis_flags[..],
@@ -231,12 +247,21 @@ fn main() -> anyhow::Result<()> {
         "\nKafka → Kafka on {on}, {n} records, {PARTITIONS} partitions, one worker process, \
          {rounds} rounds:\n"
     );
-    let names = [
-        "(a) rdkafka passthrough",
-        "(b) weir, identity, no Redis",
-        "(c) weir, enrich + Redis",
-        "(d) the same, exactly-once",
-    ];
+    let names = if stateful {
+        [
+            "(a) rdkafka passthrough",
+            "(b) weir, metrics, state in the embedded store",
+            "(c) weir, metrics, state in Redis",
+            "(d) the same, exactly-once",
+        ]
+    } else {
+        [
+            "(a) rdkafka passthrough",
+            "(b) weir, identity, no Redis",
+            "(c) weir, enrich + Redis",
+            "(d) the same, exactly-once",
+        ]
+    };
     let labels: Vec<String> = (1..=rounds)
         .flat_map(|round| names.map(|name| format!("{name}, round {round}")))
         .collect();
@@ -266,10 +291,39 @@ fn main() -> anyhow::Result<()> {
             each.join(", ")
         );
     }
+    if stateful {
+        print_state_writes(&measured);
+    }
     if let Some(path) = &baseline {
         print_against_baseline(n, path, &measured, &baseline_runs);
     }
     Ok(())
+}
+
+/// Worker CPU per keyed-state write of (b) (embedded store) and (c) (Redis), round by
+/// round, and what Redis adds per write: (c) − (b).
+fn print_state_writes(measured: &[[Option<Measured>; 4]]) {
+    println!(
+        "
+Worker CPU per state write (metrics):
+"
+    );
+    println!("| round | writes | (b) µs per write | (c) µs per write | (c) − (b) µs per write |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (round, runs) in measured.iter().enumerate() {
+        let (Some(b), Some(c)) = (&runs[1], &runs[2]) else {
+            continue;
+        };
+        let per_write = |m: &Measured| m.cpu[0] * 1e6 / m.state_writes.max(1.0);
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            round + 1,
+            c.state_writes,
+            per_write(b),
+            per_write(c),
+            per_write(c) - per_write(b)
+        );
+    }
 }
 
 /// This build's (b), (c), (d) against the baseline build's, round by round: the rate's
@@ -342,6 +396,8 @@ fn print_table(n: usize, runs: &[(&str, &Measured)], first: &str) {
 struct Measured {
     seconds: f64,
     cpu: [f64; 3],
+    /// Keyed-state writes of a stateful plugin.
+    state_writes: f64,
 }
 
 impl Measured {
@@ -373,6 +429,7 @@ fn measured(start: (Instant, [f64; 3]), end: (Instant, [f64; 3])) -> Measured {
     Measured {
         seconds: (end.0 - start.0).as_secs_f64(),
         cpu: std::array::from_fn(|i| end.1[i] - start.1[i]),
+        state_writes: 0.0,
     }
 }
 
@@ -447,7 +504,13 @@ fn run_weir(
     let first = wait_for("weir_records_in_total", 1.0)?;
     let last = wait_for("weir_records_processed_total", n as f64)?;
     let out = worker.metric("weir_records_out_total").unwrap_or(0.0);
-    anyhow::ensure!(out >= n as f64, "{}: only {out} outputs", cluster.group);
+    let state_writes = worker.metric("weir_state_writes_total").unwrap_or(0.0);
+    // A stateful plugin emits derived events, not one output per record.
+    anyhow::ensure!(
+        out >= n as f64 || state_writes > 0.0,
+        "{}: only {out} outputs",
+        cluster.group
+    );
     if let Some(committed) = worker.metric_where("weir_transactions_total", "result=\"committed\"")
     {
         eprintln!(
@@ -467,7 +530,10 @@ fn run_weir(
         );
     }
     anyhow::ensure!(worker.stop().success(), "{} failed", cluster.group);
-    Ok(measured(first, last))
+    Ok(Measured {
+        state_writes,
+        ..measured(first, last)
+    })
 }
 
 /// Runs the passthrough (this executable again) until it has forwarded `n` records. It

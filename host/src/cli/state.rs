@@ -1,5 +1,5 @@
 //! `weir state dump|get`: a stateful plugin's keyed state, read-only, from the embedded
-//! store. One JSON object per key: `{"partition":P,"key":K,"value":V}`, key and value as
+//! store or (`--redis`) from a cluster's Redis. One JSON object per key: `{"partition":P,"key":K,"value":V}`, key and value as
 //! UTF-8 text when they are, else (or with `--base64`) as base64 with `"key_base64":true` /
 //! `"value_base64":true` beside them (as in dead letters).
 
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 
-use crate::state::read_keyed_state;
+use crate::state::{RedisTarget, read_keyed_state, read_redis_keyed_state};
 
 #[derive(Subcommand)]
 pub(super) enum StateCommand {
@@ -34,8 +34,15 @@ pub(super) struct Scope {
     #[arg(long)]
     pipeline: Option<String>,
     /// The state directory of the run.
-    #[arg(long, default_value = ".weir/state")]
+    #[arg(long, default_value = ".weir/state", conflicts_with = "redis")]
     state: PathBuf,
+    /// Read the state of a cluster from its Redis instead (`rediss://` for TLS;
+    /// `user:password@` for AUTH).
+    #[arg(long)]
+    redis: Option<String>,
+    /// The CA certificate (PEM) a `rediss://` server's certificate must chain to.
+    #[arg(long, requires = "redis")]
+    redis_ca_file: Option<PathBuf>,
     /// Only this partition.
     #[arg(long)]
     partition: Option<i32>,
@@ -51,7 +58,14 @@ impl StateCommand {
             StateCommand::Get { scope, keys } => (scope, Some(keys)),
         };
         let pipeline = scope.pipeline.as_deref().unwrap_or(&scope.plugin);
-        let entries = read_keyed_state(&scope.state, pipeline, &scope.plugin)?;
+        let entries = match &scope.redis {
+            Some(url) => {
+                let url = crate::config::secrets::resolve_in_url("--redis", url)?;
+                let target = RedisTarget::new(url, scope.redis_ca_file.clone());
+                read_redis_keyed_state(&target, pipeline, &scope.plugin).await?
+            }
+            None => read_keyed_state(&scope.state, pipeline, &scope.plugin)?,
+        };
         let mut shown = 0usize;
         for entry in entries {
             if scope.partition.is_some_and(|p| p != entry.partition) {

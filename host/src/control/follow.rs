@@ -7,7 +7,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use super::watch::watch_canary;
-use super::{Control, ControlError, NO_KEYED_STATE, Running};
+use super::{Control, ControlError, Running, no_keyed_state};
 use crate::errors::chain;
 use crate::metrics::{HotSwapped, PluginActivated};
 use crate::registry::PluginInfo;
@@ -163,10 +163,14 @@ impl Control {
             Plugin::load(&runtime, &bytes, &name, version, config)
         });
         match loading.await {
-            Ok(Ok(plugin)) if plugin.meta().stateful && !running.keeps_keyed_state => {
+            Ok(Ok(plugin)) if plugin.meta().stateful && running.keyed_state_refusal.is_some() => {
+                let why = running.keyed_state_refusal.unwrap_or_default();
                 Err(ControlError::CannotRun {
                     version,
-                    source: LoadError::Contract(format!("version {version} {NO_KEYED_STATE}")),
+                    source: LoadError::Contract(format!(
+                        "version {version} {}",
+                        no_keyed_state(why)
+                    )),
                 })
             }
             Ok(Ok(plugin)) => Ok(Some(Arc::new(plugin))),

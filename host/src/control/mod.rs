@@ -52,14 +52,17 @@ pub struct Running {
     pub applied: tokio::sync::Mutex<(u64, u64)>,
     /// The version swapped out last, kept loaded for a rollback (`follow.rs`).
     pub reserve: std::sync::Mutex<Option<Arc<Plugin>>>,
-    /// Whether the worker can keep a stateful version's keyed state (others are refused).
-    pub keeps_keyed_state: bool,
+    /// Why the worker cannot keep a stateful version's keyed state, if it cannot (such
+    /// versions are refused).
+    pub keyed_state_refusal: Option<&'static str>,
 }
 
-/// Why a stateful plugin cannot run on a worker that cannot keep its state.
-pub const NO_KEYED_STATE: &str = "keeps keyed state (it imports weir:transform/state), which \
-     this build keeps only in the embedded state store, without --redis and without \
-     --exactly-once (docs/state.md)";
+/// Why a stateful plugin cannot run on a worker that cannot keep its state (`why`).
+pub fn no_keyed_state(why: &str) -> String {
+    format!(
+        "keeps keyed state (it imports weir:transform/state), which this worker cannot keep: {why} (docs/state.md)"
+    )
+}
 
 /// Why a version could not be made to run.
 #[derive(Debug, thiserror::Error)]

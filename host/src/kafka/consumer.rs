@@ -395,6 +395,15 @@ impl Ack for KafkaAck {
         })
     }
 
+    fn partitions(&self) -> Vec<(i32, u64)> {
+        let mut partitions: Vec<(i32, u64)> = (self.positions.iter())
+            .map(|&(partition, _, epoch)| (partition, epoch))
+            .collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
+    }
+
     fn ack(self: Box<Self>, unfinished: &[usize]) {
         // Stored under the lock, so acknowledgements from several tasks store in order.
         let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);

@@ -105,6 +105,26 @@ impl Event for StateUsed {
     }
 }
 
+/// A partition's keyed state taken over and loaded.
+pub struct StateRestored<'a>(pub &'a crate::state::Restored);
+
+impl Event for StateRestored<'_> {
+    fn count(self, m: &Metrics) {
+        let restored = self.0;
+        tracing::info!(
+            partition = restored.partition,
+            epoch = restored.epoch,
+            keys = restored.keys,
+            "took the partition's keyed state over: loaded {} keys in {:.3} s",
+            restored.keys,
+            restored.took.as_secs_f64()
+        );
+        let partition = restored.partition.to_string();
+        (m.state_restore_seconds.with_label_values(&[&partition])).set(restored.took.as_secs_f64());
+        (m.state_restored_keys.with_label_values(&[&partition])).set(restored.keys as i64);
+    }
+}
+
 counted! {
     /// Records the plugin called retryable are tried again.
     RetriesStarted => retries

@@ -12,8 +12,9 @@ mod summary;
 pub use events::{
     ConsumerLag, DeadLettersReplayed, Dependency, Event, ExactlyOnceStarted, HotSwapped,
     LeasesAcquired, LeasesContended, LeasesLost, PartitionRevoked, PluginActivated, PluginCalled,
-    RecordsDeduplicated, RecordsTaken, RetiredBy, RetriesStarted, StateUsed, TransactionEnded,
-    TransactionResult, UploadAnswered, UploadResult, VersionFates, VersionRetired,
+    RecordsDeduplicated, RecordsTaken, RetiredBy, RetriesStarted, StateRestored, StateUsed,
+    TransactionEnded, TransactionResult, UploadAnswered, UploadResult, VersionFates,
+    VersionRetired,
 };
 pub use summary::{Summary, VersionCounts};
 
@@ -130,6 +131,15 @@ const STATE_WRITE_BYTES: Def = (
     "Bytes of keys and values in the accepted keyed-state writes",
 );
 
+const STATE_RESTORE_SECONDS: Def = (
+    "weir_state_restore_seconds",
+    "How long the last takeover of a partition's keyed state took to load it (cluster mode)",
+);
+const STATE_RESTORED_KEYS: Def = (
+    "weir_state_restored_keys",
+    "Live keys loaded by the last takeover of a partition's keyed state (cluster mode)",
+);
+
 /// The registry and every metric in it.
 pub struct Metrics {
     registry: Registry,
@@ -156,6 +166,8 @@ pub struct Metrics {
     state_reads: IntCounter,
     state_writes: IntCounter,
     state_write_bytes: IntCounter,
+    state_restore_seconds: prometheus::GaugeVec,
+    state_restored_keys: IntGaugeVec,
     /// Fates per plugin version, for `/v1/status` (and canary decisions).
     by_version: Mutex<BTreeMap<u64, VersionCounts>>,
 }
@@ -210,6 +222,14 @@ impl Metrics {
             state_reads: counter(STATE_READS),
             state_writes: counter(STATE_WRITES),
             state_write_bytes: counter(STATE_WRITE_BYTES),
+            state_restore_seconds: registered(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(STATE_RESTORE_SECONDS.0, STATE_RESTORE_SECONDS.1),
+                    &["partition"],
+                ),
+            ),
+            state_restored_keys: gauge_vec(STATE_RESTORED_KEYS, &["partition"]),
             by_version: Mutex::default(),
             registry,
         };

@@ -126,12 +126,14 @@ impl Shared {
                 Some((failure, attempts)) => {
                     let failed = Failed::at(failure, attempts, now_ms());
                     let stable = self.plugin.current();
+                    let partition = incoming.record.source.partition;
                     let letter = fate::dead_letter(stable.meta(), incoming.record, &ids[i], failed);
                     claimed.letters.push(letter);
                     claimed.finished.push(Finished {
                         id: ids[i].clone(),
                         fence,
                         at: i,
+                        partition,
                     });
                 }
                 None => {

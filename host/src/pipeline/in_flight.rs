@@ -158,6 +158,8 @@ pub(super) struct Finished {
     pub fence: u64,
     /// Where it sits in the batch, for the source's acknowledgement.
     pub at: usize,
+    /// The input partition it was read from (its keyed state's).
+    pub partition: i32,
 }
 
 /// The rest of a batch's lifecycle once its writes are sent: durable, marked done,
@@ -198,12 +200,14 @@ impl Completion {
         }
         let mut unfinished = Vec::new();
         if !self.finished.is_empty() {
+            let mut commit = self.commit;
             let (marks, at): (Vec<(String, u64)>, Vec<usize>) = (self.finished.into_iter())
-                .map(|f| ((f.id, f.fence), f.at))
+                .map(|f| {
+                    commit.partitions.push(f.partition);
+                    ((f.id, f.fence), f.at)
+                })
                 .unzip();
-            let held = (self.state)
-                .finish_with(&marks, self.commit, self.turn)
-                .await?;
+            let held = (self.state).finish_with(&marks, commit, self.turn).await?;
             if let Some((pending, last)) = self.keyed {
                 pending.durable_up_to(last);
             }

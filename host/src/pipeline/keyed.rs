@@ -43,11 +43,13 @@ struct Inner {
     seq: u64,
 }
 
-/// A batch's writes, in the order they were accepted, and the number of its last one.
+/// A batch's writes, in the order they were accepted, the number of its last one, and
+/// the epochs of the partitions' state it ran under ([`crate::state::Ownership`]).
 #[derive(Default)]
 pub(super) struct BatchWrites {
     pub writes: Vec<KeyedWrite>,
     pub last: u64,
+    pub epochs: Vec<(i32, u64)>,
 }
 
 impl Pending {
@@ -82,7 +84,20 @@ impl Pending {
         BatchWrites {
             writes: std::mem::take(&mut inner.batch),
             last: inner.seq,
+            epochs: Vec::new(),
         }
+    }
+
+    /// The state of `partitions` was taken over anew: the pending writes there (of batches
+    /// that ran under an earlier epoch, which the store will refuse) are read no more.
+    pub(super) fn forget(&self, partitions: &[i32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        let Inner { latest, cached, .. } = &mut *inner;
+        latest.retain(|(partition, _), _| !partitions.contains(partition));
+        cached.retain(|(partition, _), _| !partitions.contains(partition));
     }
 
     /// Every write up to number `last` is durable: the store answers for them now (or the
@@ -170,6 +185,25 @@ mod tests {
         );
         pending.durable_up_to(second.last);
         assert_eq!(pending.get(0, b"a").unwrap(), None);
+    }
+
+    #[test]
+    fn pending_writes_of_a_partition_taken_over_anew_are_forgotten() {
+        let pending = Pending::new(Arc::new(NoState));
+        let mut other = set("a", "other");
+        other.partition = 1;
+        pending.accept(vec![set("a", "1"), other]);
+        let batch = pending.take_batch();
+        pending.forget(&[0]);
+        assert_eq!(
+            pending.get(0, b"a").unwrap(),
+            None,
+            "the store answers again"
+        );
+        assert_eq!(pending.get(1, b"a").unwrap(), Some(b"other".to_vec()));
+        assert_eq!(batch.writes.len(), 2, "the batch still carries its writes");
+        pending.durable_up_to(batch.last);
+        assert_eq!(pending.get(1, b"a").unwrap(), None);
     }
 
     /// A store with one key, counting its reads, and (like the embedded store) this

@@ -15,7 +15,7 @@ use super::keyed::BatchWrites;
 use super::parking::Parked;
 use super::{PipelineError, Shared};
 use crate::clock::now_ms;
-use crate::metrics::{PluginCalled, RetriesStarted, StateUsed};
+use crate::metrics::{PluginCalled, RetriesStarted, StateRestored, StateUsed};
 use crate::record::Record;
 use crate::runtime::{CallContext, Outcome, Plugin, Routing};
 use crate::state::StateError;
@@ -44,12 +44,14 @@ impl Shared {
             let work: Vec<Record> = (claimed.to_run.iter_mut())
                 .map(|admitted| std::mem::take(&mut admitted.record))
                 .collect();
+            let partitions = claimed.ack.partitions();
             let running = async {
                 // A quarantined plugin with nothing to fall back to: the batch waits (its
                 // leases renewed) until an operator activates a version.
                 self.plugin.serving().await;
                 // The batch runs on these versions to the end, retries included.
                 let routing = self.plugin.routing();
+                let epochs = self.own_keyed(&routing, &partitions).await?;
                 let on_canary: Vec<bool> = match &routing.canary {
                     Some(canary) => (claimed.to_run.iter())
                         .map(|admitted| canary.takes(&claimed.ids[admitted.at]))
@@ -62,16 +64,17 @@ impl Shared {
                 let (work, verdicts) = self
                     .invoke_guarded(&routing, &on_canary, work, &ids, claimed.suspect)
                     .await?;
-                Ok::<_, PipelineError>((work, verdicts, routing, on_canary))
+                Ok::<_, PipelineError>((work, verdicts, routing, on_canary, epochs))
             };
-            let (work, verdicts, routing, on_canary) = self
+            let (work, verdicts, routing, on_canary, epochs) = self
                 .renewing(&claimed.ids, &claimed.to_run, running)
                 .await??;
             for (admitted, record) in claimed.to_run.iter_mut().zip(work) {
                 admitted.record = record;
             }
-            let writes =
+            let mut writes =
                 (self.keyed.as_ref()).map_or_else(BatchWrites::default, |p| p.take_batch());
+            writes.epochs = epochs;
             let transformed = Transformed {
                 claimed,
                 verdicts,
@@ -84,6 +87,29 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// When a version the batch runs on is stateful: takes the keyed state of the batch's
+    /// `partitions` (with their assignments) over where this worker was assigned them anew,
+    /// and returns the epochs it runs under.
+    async fn own_keyed(
+        &self,
+        routing: &Routing,
+        partitions: &[(i32, u64)],
+    ) -> Result<Vec<(i32, u64)>, PipelineError> {
+        let stateful = std::iter::once(&routing.stable)
+            .chain(routing.canary.iter().map(|c| &c.plugin))
+            .any(|plugin| plugin.meta().stateful);
+        let Some(pending) = self.keyed.as_ref().filter(|_| stateful) else {
+            return Ok(Vec::new());
+        };
+        let ownership = self.state.own_keyed(partitions).await?;
+        let restored: Vec<i32> = ownership.restored.iter().map(|r| r.partition).collect();
+        pending.forget(&restored);
+        for restored in &ownership.restored {
+            self.metrics.emit(StateRestored(restored));
+        }
+        Ok(ownership.epochs)
     }
 
     /// Runs `work` (whose ids are `ids`) on `routing`, noting what is in the plugin for the

@@ -88,6 +88,7 @@ impl Shared {
         let mut tallies: BTreeMap<u64, Tally> = BTreeMap::new();
         for (k, (admitted, verdict)) in to_run.into_iter().zip(verdicts).enumerate() {
             let Admitted { record, at, fence } = admitted;
+            let partition = record.source.partition;
             let on_canary = on_canary.get(k).copied().unwrap_or(false);
             let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
             let id = &ids[at];
@@ -130,6 +131,7 @@ impl Shared {
                 id: std::mem::take(&mut ids[at]),
                 fence,
                 at,
+                partition,
             });
         }
         for letter in &claimed.letters {
@@ -141,6 +143,8 @@ impl Shared {
         let commit = Commit {
             writes: keyed_writes.writes,
             files: [sink.lengths(), dlq.lengths()].concat(),
+            partitions: Vec::new(),
+            epochs: keyed_writes.epochs,
         };
         let keyed = (self.keyed.clone()).map(|pending| (pending, keyed_writes.last));
         Ok(self.completion(claimed, writes, released, tallies, (commit, turn, keyed)))

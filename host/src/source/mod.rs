@@ -108,6 +108,14 @@ pub trait Ack: Send {
         let _ = why;
         Box::pin(std::future::ready(Ok(false)))
     }
+
+    /// The partitions the batch's records were read from, each with the number of the
+    /// assignment it was read under (larger for a later one): a worker takes a partition's
+    /// keyed state over when it is assigned the partition anew. A file is partition 0,
+    /// assigned once.
+    fn partitions(&self) -> Vec<(i32, u64)> {
+        vec![(0, 0)]
+    }
 }
 
 /// The [`Ack`] of a source that re-reads its input on every run (done marks skip what was

@@ -397,7 +397,7 @@ impl StateStore for EmbeddedStore {
         with: Commit,
         mut turn: Turn,
     ) -> Result<Vec<bool>, StateError> {
-        let Commit { writes, files } = with;
+        let Commit { writes, files, .. } = with;
         if !writes.is_empty() && self.keyed_table.is_none() {
             return Err(StateError::new(
                 "keyed-state writes for a store opened without keep_keyed_state",
@@ -539,8 +539,8 @@ mod tests {
                 length: 11,
             }];
             let commit = Commit {
-                writes: Vec::new(),
                 files,
+                ..Commit::default()
             };
             store
                 .finish_with(&[("a".into(), 1)], commit, Turn::free())

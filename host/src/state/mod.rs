@@ -1,5 +1,6 @@
-//! Done marks, leases and plugins' keyed state ([`keyed`]). [`StateStore`] is the seam: `embedded.rs` (a redb database in a
-//! local directory) is the default; `redis.rs` is the shared store of cluster mode.
+//! Done marks, leases and plugins' keyed state ([`keyed`]). [`StateStore`] is the seam:
+//! `embedded.rs` (a redb database in a local directory) is the default; `redis/` is the
+//! shared store of cluster mode.
 //!
 //! Each batch costs at most two calls: [`StateStore::claim`] before the plugin runs and
 //! [`StateStore::finish`] once the batch's fates are durable.
@@ -10,6 +11,7 @@ mod redis;
 
 pub use self::redis::{
     DEFAULT_CLUSTER_BUCKETS, RedisConnection, RedisStore, RedisTarget, is_transient,
+    read_redis_keyed_state,
 };
 pub use embedded::{EmbeddedStore, read_keyed_state};
 
@@ -100,6 +102,14 @@ pub trait StateStore: Send + Sync {
         None
     }
 
+    /// Before a stateful plugin runs a batch: makes sure this worker holds the keyed state
+    /// of the batch's `partitions` (each with its assignment number, `Ack::partitions`),
+    /// taking a partition's state over, and loading it, when the partition was assigned
+    /// anew. A store with one writer holds all of it all along.
+    async fn own_keyed(&self, partitions: &[(i32, u64)]) -> Result<Ownership, StateError> {
+        Ok(Ownership::all_along(partitions))
+    }
+
     /// Gives leases up without marking the records done, so they may be claimed again at
     /// once; says per id whether the lease was still ours.
     async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
@@ -115,6 +125,43 @@ pub struct Commit {
     /// The lengths of the output and dead-letter files once its lines are written (stores
     /// that keep them cut a file back to its last recorded length on start).
     pub files: Vec<crate::sink::FileLength>,
+    /// The input partition of each done mark, in order (a store that several workers share
+    /// refuses the records of a partition whose keyed state another worker took over).
+    pub partitions: Vec<i32>,
+    /// The epochs under which the batch ran ([`Ownership::epochs`]).
+    pub epochs: Vec<(i32, u64)>,
+}
+
+/// A batch's hold on its partitions' keyed state ([`StateStore::own_keyed`]).
+#[derive(Debug, Default, Clone)]
+pub struct Ownership {
+    /// Per partition, the epoch of this worker's hold on its state: its writes count only
+    /// while no other worker has taken the partition's state over since.
+    pub epochs: Vec<(i32, u64)>,
+    /// The partitions whose state was just taken over and loaded: writes of earlier epochs
+    /// not yet durable will never be, and must not be read any more.
+    pub restored: Vec<Restored>,
+}
+
+impl Ownership {
+    /// The hold of a store with one writer, which holds every partition all along (epoch 0).
+    pub fn all_along(partitions: &[(i32, u64)]) -> Self {
+        Self {
+            epochs: partitions.iter().map(|&(p, _)| (p, 0)).collect(),
+            restored: Vec::new(),
+        }
+    }
+}
+
+/// A partition's keyed state taken over and loaded.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub partition: i32,
+    pub epoch: u64,
+    /// Live keys loaded.
+    pub keys: usize,
+    /// How long loading took.
+    pub took: std::time::Duration,
 }
 
 /// A batch's place in the order in which batches' keyed-state writes reach the store: it
@@ -123,7 +170,22 @@ pub struct Commit {
 #[derive(Debug)]
 pub struct Turn {
     previous: Option<tokio::sync::oneshot::Receiver<()>>,
-    _next: Option<tokio::sync::oneshot::Sender<()>>,
+    next: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Turn {
+    /// A turn given up without waiting (a batch with nothing to commit) passes on only
+    /// after the batch before it: the one after must not overtake that one.
+    fn drop(&mut self) {
+        if let (Some(previous), Some(next)) = (self.previous.take(), self.next.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = previous.await;
+                drop(next);
+            });
+        }
+    }
 }
 
 impl Turn {
@@ -131,7 +193,7 @@ impl Turn {
     pub fn free() -> Self {
         Self {
             previous: None,
-            _next: None,
+            next: None,
         }
     }
 
@@ -143,7 +205,7 @@ impl Turn {
         (
             Self {
                 previous,
-                _next: Some(next),
+                next: Some(next),
             },
             following,
         )
@@ -170,4 +232,26 @@ pub trait CrashLog: Send + Sync {
 
     /// Notes that these records left the plugin alive: their note and crashes are cleared.
     async fn leave(&self, ids: &[&str]) -> Result<(), StateError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_turn_given_up_unwaited_passes_on_only_after_the_one_before() {
+        let (mut first, next) = Turn::after(None);
+        let (skipped, next) = Turn::after(Some(next));
+        let (mut third, _) = Turn::after(Some(next));
+        drop(skipped);
+        let waiting = tokio::spawn(async move { third.wait().await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the third overtook the first");
+        first.wait().await;
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the third's turn came")
+            .expect("joined");
+    }
 }

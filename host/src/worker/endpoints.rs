@@ -118,6 +118,11 @@ pub(super) async fn state_store(
             )
             .await?
             .with_circuit_gauge(metrics.circuit(Dependency::Redis));
+            // Where it can be kept, a version activated later may keep state too.
+            let store = match plan.keyed_state_refusal() {
+                None => store.keep_keyed_state(&plan.plugin.name)?,
+                Some(_) => store,
+            };
             eprintln!("weir: worker {worker}: leases and done marks in Redis at {redis}");
             let store = Arc::new(store);
             (store.clone(), Some(store))

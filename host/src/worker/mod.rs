@@ -57,11 +57,14 @@ pub struct Worker {
 
 /// Refuses a stateful plugin where its state cannot be kept as promised.
 fn check_keyed_state(plan: &Plan, plugin: &crate::runtime::Plugin) -> anyhow::Result<()> {
-    if plugin.meta().stateful && !plan.keeps_keyed_state() {
+    if let Some(why) = plan
+        .keyed_state_refusal()
+        .filter(|_| plugin.meta().stateful)
+    {
         anyhow::bail!(
             "plugin `{}` {}",
             plugin.meta().name,
-            crate::control::NO_KEYED_STATE
+            crate::control::no_keyed_state(why)
         );
     }
     Ok(())

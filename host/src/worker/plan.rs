@@ -179,11 +179,26 @@ impl Plan {
         }
     }
 
-    /// Whether this worker can keep a stateful plugin's keyed state (so far: the embedded
-    /// store, not exactly-once mode; docs/state.md).
-    pub fn keeps_keyed_state(&self) -> bool {
-        let exactly_once = matches!(&self.io, Io::Kafka(k) if k.transactional_id.is_some());
-        self.redis().is_none() && !exactly_once
+    /// Why this worker cannot keep a stateful plugin's keyed state, if it cannot
+    /// (docs/state.md).
+    pub fn keyed_state_refusal(&self) -> Option<&'static str> {
+        if matches!(&self.io, Io::Kafka(k) if k.transactional_id.is_some()) {
+            return Some("exactly-once mode (--exactly-once) does not keep it yet");
+        }
+        if self.redis().is_some_and(RedisTarget::is_cluster) {
+            return Some(
+                "a Redis Cluster cannot keep it with the done marks in one step (their slots \
+                 differ): use one Redis server",
+            );
+        }
+        if self.retry.topic.is_some() {
+            return Some(
+                "records parked in a retry topic (retry.topic) would run where their \
+                 partition's state is not held: leave retry.topic unset, and the records \
+                 retry in place",
+            );
+        }
+        None
     }
 
     /// Which mode, in words.

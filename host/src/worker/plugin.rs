@@ -41,7 +41,7 @@ pub(super) async fn start(
         metrics: metrics.clone(),
         applied: tokio::sync::Mutex::new((version, activations)),
         reserve: std::sync::Mutex::new(None),
-        keeps_keyed_state: plan.keeps_keyed_state(),
+        keyed_state_refusal: plan.keyed_state_refusal(),
     });
     let control = Arc::new(control);
     tasks.spawn(control::follow(control.clone()));

@@ -179,8 +179,7 @@ fn init_refusing_the_config_is_reported() {
 fn a_stateful_plugin_where_state_cannot_be_kept_is_refused_before_connecting() {
     let weir = Weir::new(WEIR);
     let metrics = plugin("metrics").display().to_string();
-    // Nothing listens on these ports: the refusal comes before any connection.
-    weir.run([
+    let cluster = [
         "run",
         "--plugin",
         &metrics,
@@ -196,6 +195,18 @@ fn a_stateful_plugin_where_state_cannot_be_kept_is_refused_before_connecting() {
         "dlq",
         "--redis",
         "redis://127.0.0.1:1",
-    ])
-    .fails_with(&["plugin `metrics` keeps keyed state", "embedded state store"]);
+    ];
+    // Nothing listens on these ports: each refusal comes before any connection, and says why.
+    let refusals: [(&[&str], &str); 3] = [
+        (
+            &["--exactly-once", "--transactional-id", "t"],
+            "exactly-once mode (--exactly-once) does not keep it yet",
+        ),
+        (&["--redis-cluster"], "use one Redis server"),
+        (&["--retry-topic", "parked"], "leave retry.topic unset"),
+    ];
+    for (extra, why) in refusals {
+        weir.run(cluster.iter().chain(extra))
+            .fails_with(&["plugin `metrics` keeps keyed state", why]);
+    }
 }

@@ -33,12 +33,12 @@ const DLQ_HEADERS: [&str; 12] = [
 
 /// A broker, a Redis (a server, or a `RedisCluster`) and topics `in` (`partitions`), `out`
 /// and `dlq`.
-struct Setup<R = RedisServer> {
-    rt: tokio::runtime::Runtime,
-    broker: KafkaBroker,
-    redis: R,
-    cluster: Cluster,
-    dir: tempfile::TempDir,
+pub(crate) struct Setup<R = RedisServer> {
+    pub rt: tokio::runtime::Runtime,
+    pub broker: KafkaBroker,
+    pub redis: R,
+    pub cluster: Cluster,
+    pub dir: tempfile::TempDir,
 }
 
 impl Setup {
@@ -46,7 +46,12 @@ impl Setup {
         Self::with(name, partitions, KafkaBroker::start(), RedisServer::start())
     }
 
-    fn with(name: &str, partitions: i32, broker: KafkaBroker, redis: RedisServer) -> Self {
+    pub(crate) fn with(
+        name: &str,
+        partitions: i32,
+        broker: KafkaBroker,
+        redis: RedisServer,
+    ) -> Self {
         let url = redis.url.clone();
         Self::with_redis(name, partitions, broker, redis, url)
     }
@@ -103,7 +108,7 @@ impl<R> Setup<R> {
         self.worker_of("enrich", name, extra)
     }
 
-    fn worker_of(&self, plugin: &str, name: &str, extra: &[&str]) -> Worker {
+    pub(crate) fn worker_of(&self, plugin: &str, name: &str, extra: &[&str]) -> Worker {
         self.worker_with_env(plugin, name, extra, &[])
     }
 
@@ -155,6 +160,29 @@ impl<R> Setup<R> {
             }
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+
+    /// Worker flags for a quick takeover of a dead worker's partitions: short session
+    /// timeout (under `protocol`), rebalance timeout (max.poll.interval.ms: how long the
+    /// group waits for members to rejoin) and lease TTL; inline retries must then end within
+    /// half the poll interval. Batches of 64.
+    pub(crate) fn quick_takeover(&self, protocol: Protocol) -> Vec<String> {
+        let config = self.dir.path().join("quick.toml");
+        std::fs::write(&config, "[retry]\nmax_elapsed_ms = 4000\n").expect("config");
+        let flags = [
+            "--config",
+            &config.display().to_string(),
+            "--kafka-option",
+            "max.poll.interval.ms=10000",
+            "--lease-ttl-ms",
+            "5000",
+            "--batch-size",
+            "64",
+        ]
+        .map(str::to_owned);
+        (flags.into_iter())
+            .chain(protocol.flags().iter().map(|f| (*f).to_owned()))
+            .collect()
     }
 
     fn cluster_status(&self) -> serde_json::Value {
@@ -486,17 +514,17 @@ fn an_unreachable_broker_at_start_is_reported_and_retried() {
 /// `consumer` protocol, under which the broker sets the session timeout and heartbeat
 /// interval (the harness's broker: 6 s and 1 s) and a client that sets them is refused.
 #[derive(Debug, Clone, Copy)]
-enum Protocol {
+pub(crate) enum Protocol {
     Classic,
     Consumer,
 }
 
 impl Protocol {
     /// The session timeout both protocols get here.
-    const SESSION: Duration = Duration::from_secs(6);
+    pub(crate) const SESSION: Duration = Duration::from_secs(6);
 
     /// The worker flags for a 6 s session under this protocol.
-    fn flags(self) -> &'static [&'static str] {
+    pub(crate) fn flags(self) -> &'static [&'static str] {
         match self {
             Self::Classic => &[
                 "--kafka-option",
@@ -533,26 +561,8 @@ fn kill_nine_of_one_of_two_workers_loses_nothing(protocol: Protocol) {
     let n = 24_000;
     let input = events(n, 0);
     s.produce(&input[..4_000]);
-    // Short session timeout, rebalance timeout (max.poll.interval.ms: how long the group
-    // waits for members to rejoin) and lease TTL, so the takeover is quick; inline retries
-    // must then end within half the poll interval.
-    let config = s.dir.path().join("quick.toml");
-    std::fs::write(&config, "[retry]\nmax_elapsed_ms = 4000\n").expect("config");
-    let config = config.display().to_string();
-    let opts = [
-        &[
-            "--config",
-            &config,
-            "--kafka-option",
-            "max.poll.interval.ms=10000",
-            "--lease-ttl-ms",
-            "5000",
-            "--batch-size",
-            "64",
-        ],
-        protocol.flags(),
-    ]
-    .concat();
+    let opts = s.quick_takeover(protocol);
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
     let mut a = s.worker("a", &opts);
     let b = s.worker("b", &opts);
     // Both are live in `weir cluster status`, and share the six partitions between them. (One

@@ -10,7 +10,7 @@ use weir_tests::{Weir, event, plugin};
 
 /// `n` events of 37 users over 5 UTC days, with actions of every kind, some invalid
 /// (empty `user_id`) and some repeated (the same id again).
-fn events(n: usize) -> Vec<String> {
+pub(crate) fn events(n: usize) -> Vec<String> {
     let actions = ["view", "click", "add_to_cart", "purchase", "share", "view"];
     let mut lines: Vec<String> = Vec::new();
     for i in 0..n {
@@ -33,7 +33,7 @@ fn events(n: usize) -> Vec<String> {
 }
 
 /// What `metrics` must make of `lines`, computed from its spec: (outputs in order, state).
-fn truth(lines: &[String]) -> (Vec<Value>, BTreeMap<String, String>) {
+pub(crate) fn truth(lines: &[String]) -> (Vec<Value>, BTreeMap<String, String>) {
     let rank = |a: &str| {
         ["view", "add_to_cart", "purchase"]
             .iter()

@@ -13,6 +13,7 @@ mod exactly_once;
 mod faults;
 mod guides;
 mod hot_swap;
+mod keyed_cluster;
 mod keyed_state;
 mod lifecycle;
 mod memory;

@@ -569,8 +569,8 @@ async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
         // Version 1, activated once: what the registry will say after the first activation.
         applied: tokio::sync::Mutex::new((1, 1)),
         reserve: Default::default(),
-        // As a worker with Redis: a stateful version is refused (below).
-        keeps_keyed_state: false,
+        // As a worker that cannot keep keyed state: a stateful version is refused (below).
+        keyed_state_refusal: Some("this test's worker keeps none"),
     };
     let api = Api::with(
         Some(TOKEN),
@@ -630,7 +630,11 @@ async fn the_version_swapped_out_is_kept_loaded_for_a_rollback() {
     assert_eq!(status, StatusCode::CREATED);
     let (status, body) = activate(4).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    assert!(body.to_string().contains("keeps keyed state"), "{body}");
+    assert!(
+        body.to_string()
+            .contains("keeps keyed state (it imports weir:transform/state), which this worker cannot keep: this test's worker keeps none"),
+        "{body}"
+    );
     assert_eq!(running_version(), 1, "still version 1");
 
     // Deleting the version in reserve (2) frees it, once the worker follows the registry.

@@ -1,12 +1,17 @@
 //! The Redis state store against a real Redis: fencing tokens rise, a held lease is never
 //! granted twice, only the holder can finish, done marks deduplicate, a batch costs one
 //! script call each way, and fences and done marks (not leases) survive a `kill -9` restart
-//! (AOF). Also the plugin registry that a cluster's workers share in Redis, and the store on
+//! (AOF). Plugins' keyed state: a worker that lost a partition's state can no longer write it
+//! (the lost update a rebalance would otherwise make). Also the plugin registry that a cluster's workers share in Redis, and the store on
 //! a real 3-master Redis Cluster through a master's failover.
 
 use std::time::Duration;
 
-use weir::state::{Claim, DEFAULT_CLUSTER_BUCKETS, RedisStore, RedisTarget, StateStore};
+use weir::state::keyed::KeyedWrite;
+use weir::state::{
+    Claim, Commit, DEFAULT_CLUSTER_BUCKETS, RedisStore, RedisTarget, StateStore, Turn,
+    read_redis_keyed_state,
+};
 use weir_tests::redis_cluster::RedisCluster;
 use weir_tests::redis_server::RedisServer;
 
@@ -217,6 +222,94 @@ async fn an_expired_lease_nobody_took_can_still_be_finished() {
         vec![true],
         "finishing again (a retried call) is answered the same"
     );
+}
+
+/// A batch of partition 0 whose record `id` (leased with `fence`) sets `count` to `value`,
+/// run under `epochs`.
+async fn finish_count(
+    store: &RedisStore,
+    id: &str,
+    fence: u64,
+    value: &str,
+    epochs: &[(i32, u64)],
+) -> bool {
+    let commit = Commit {
+        writes: vec![KeyedWrite {
+            partition: 0,
+            key: b"count".to_vec(),
+            value: Some(value.as_bytes().to_vec()),
+            expires_ms: None,
+        }],
+        partitions: vec![0],
+        epochs: epochs.to_vec(),
+        ..Commit::default()
+    };
+    let held = (store.finish_with(&[(id.to_owned(), fence)], commit, Turn::free()))
+        .await
+        .expect("finish");
+    held[0]
+}
+
+#[tokio::test]
+async fn keyed_state_taken_over_is_out_of_the_old_owners_reach() {
+    let redis = RedisServer::start();
+    let keyed = |store: RedisStore| store.keep_keyed_state("counter").expect("one server");
+    let a = keyed(store(&redis, "worker-a", 60_000).await);
+    let b = keyed(store(&redis, "worker-b", 60_000).await);
+    let count = |store: &RedisStore| {
+        let value = store.keyed().expect("keyed").get(0, b"count").expect("get");
+        value.map(|v| String::from_utf8(v).expect("utf-8"))
+    };
+    let in_redis = || async {
+        let entries = read_redis_keyed_state(&redis.target(), "test-pipeline", "counter")
+            .await
+            .expect("read");
+        (entries.iter())
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+            .collect::<Vec<_>>()
+    };
+
+    // a is assigned partition 0 (assignment 1) and counts r1.
+    let held_a = a.own_keyed(&[(0, 1)]).await.expect("own");
+    assert_eq!(held_a.restored.len(), 1, "taken over and loaded");
+    let r1 = fence(a.claim(&ids(&["r1"])).await.expect("claim")[0]);
+    assert!(finish_count(&a, "r1", r1, "1", &held_a.epochs).await);
+    assert_eq!(
+        count(&a).as_deref(),
+        Some("1"),
+        "a reads its own durable write"
+    );
+
+    // a counts r2 (count 2, not durable yet) when a rebalance gives the partition to b.
+    let r2 = fence(a.claim(&ids(&["r2"])).await.expect("claim")[0]);
+    let held_b = b.own_keyed(&[(0, 1)]).await.expect("own");
+    assert_eq!(held_b.restored[0].keys, 1, "b loaded what a made durable");
+    assert!(held_b.epochs[0].1 > held_a.epochs[0].1, "a new epoch");
+    assert_eq!(count(&b).as_deref(), Some("1"));
+    // a's batch comes too late: refused, r2 not done, and its lease given up at once.
+    assert!(!finish_count(&a, "r2", r2, "2", &held_a.epochs).await);
+    assert_eq!(in_redis().await, ["1"], "the stale write did not land");
+    let r2 = fence(b.claim(&ids(&["r2"])).await.expect("claim")[0]);
+    assert!(finish_count(&b, "r2", r2, "2", &held_b.epochs).await);
+    assert_eq!(in_redis().await, ["2"], "r2 counted once, by b");
+
+    // a, still running a batch it read under the old assignment, does not take the state back.
+    let stale = a.own_keyed(&[(0, 1)]).await.expect("own");
+    assert!(stale.restored.is_empty(), "b holds it: {stale:?}");
+    let r3 = fence(a.claim(&ids(&["r3"])).await.expect("claim")[0]);
+    assert!(!finish_count(&a, "r3", r3, "3", &stale.epochs).await);
+    assert_eq!(in_redis().await, ["2"]);
+
+    // Assigned the partition anew (assignment 2), a takes it over and reads b's writes.
+    let again = a.own_keyed(&[(0, 2)]).await.expect("own");
+    assert_eq!(again.restored.len(), 1);
+    assert_eq!(count(&a).as_deref(), Some("2"));
+    let r3 = fence(a.claim(&ids(&["r3"])).await.expect("claim")[0]);
+    assert!(finish_count(&a, "r3", r3, "3", &again.epochs).await);
+    // And b, which lost it, is refused in turn.
+    let r4 = fence(b.claim(&ids(&["r4"])).await.expect("claim")[0]);
+    assert!(!finish_count(&b, "r4", r4, "4", &held_b.epochs).await);
+    assert_eq!(in_redis().await, ["3"]);
 }
 
 #[tokio::test]

@@ -43,18 +43,23 @@
 //! script is idempotent for its owner: a claim re-finds the owner's own leases, and a finish
 //! whose first attempt did land finds the done mark with its fence.
 
+mod keyed;
 mod target;
 
+pub use keyed::read_redis_keyed_state;
 pub use target::{RedisConnection, RedisTarget, is_transient};
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use prometheus::IntGauge;
 use redis::Script;
 
-use super::{Claim, CrashLog, StateError, StateStore};
+use super::keyed::KeyedRead;
+use super::{Claim, Commit, CrashLog, Ownership, StateError, StateStore, Turn};
+use keyed::{KeyedState, Need};
 use target::MAX_RETRY_DELAY;
 
 /// Buckets on a Redis Cluster unless configured: up to this many masters share the work.
@@ -138,6 +143,72 @@ local function pairs_of_argv()
   end
   return ids, fences
 end
+-- Whether each id may be marked done with its fence: 'lease' (our lease is there), 'free'
+-- (no lease and no mark: nobody took it since), 'marked' (done already with its fence: a
+-- retried call) or false (another worker's lease or done mark). Done marks are only looked
+-- up where no lease is: while ours is there, nobody else can have marked the record.
+local function judge(ids, fences)
+  local held = hmget(KEYS[2], ids)
+  local unleased, at = {}, {}
+  for i = 1, #ids do
+    if not held[i] then
+      unleased[#unleased + 1] = ids[i]
+      at[#at + 1] = i
+    end
+  end
+  local marked = {}
+  if #unleased > 0 then
+    local found = marks(unleased)
+    for j, i in ipairs(at) do
+      marked[i] = found[j]
+    end
+  end
+  local verdicts, prefixes = {}, {}
+  for i = 1, #ids do
+    if held[i] then
+      -- A batch's leases mostly share one fence: its prefix is made once.
+      local prefix = prefixes[fences[i]]
+      if not prefix then
+        prefix = owner .. '|' .. fences[i] .. '|'
+        prefixes[fences[i]] = prefix
+      end
+      verdicts[i] = string.sub(held[i], 1, #prefix) == prefix and 'lease'
+    elseif marked[i] then
+      verdicts[i] = marked[i] == fences[i] and 'marked'
+    else
+      verdicts[i] = 'free'
+    end
+  end
+  return verdicts
+end
+-- Marks done the ids judged 'lease' or 'free' and frees their leases; per id 1 where it is
+-- done with its fence now, else 0.
+local function mark(ids, fences, verdicts)
+  local writes, freed, out = {}, {}, {}
+  for i = 1, #ids do
+    local v = verdicts[i]
+    if v == 'lease' or v == 'free' then
+      writes[#writes + 1] = ids[i]
+      writes[#writes + 1] = fences[i]
+      if v == 'lease' then
+        freed[#freed + 1] = ids[i]
+      end
+    end
+    out[i] = v and 1 or 0
+  end
+  if #writes > 0 then
+    local hashes, expiry = done_hashes()
+    bulk('HSET', hashes[1], writes)
+    if expiry then
+      redis.call('PEXPIREAT', hashes[1], expiry)
+    end
+  end
+  if #freed > 0 then
+    leases_only_here(true)
+    bulk('HDEL', KEYS[2], freed)
+  end
+  return out
+end
 ";
 
 /// Leases what nobody holds; returns a claim per id (-1 done, 0 held elsewhere, else the
@@ -200,64 +271,10 @@ return out
 
 /// Marks done where the lease is still ours (or gone with nobody on it since); 1 per such
 /// id (or one already marked with its fence: a retried call), 0 where another worker's
-/// lease or done mark is. Done marks are only looked up where no lease is: while ours is
-/// there, nobody else can have marked the record.
+/// lease or done mark is.
 const FINISH: &str = r"
 local ids, fences = pairs_of_argv()
-local held = hmget(KEYS[2], ids)
-local unleased, at = {}, {}
-for i = 1, #ids do
-  if not held[i] then
-    unleased[#unleased + 1] = ids[i]
-    at[#at + 1] = i
-  end
-end
-local marked = {}
-if #unleased > 0 then
-  local found = marks(unleased)
-  for j, i in ipairs(at) do
-    marked[i] = found[j]
-  end
-end
-local writes, freed, out, prefixes = {}, {}, {}, {}
-for i = 1, #ids do
-  local ours = false
-  if held[i] then
-    -- A batch's leases mostly share one fence: its prefix is made once.
-    local prefix = prefixes[fences[i]]
-    if not prefix then
-      prefix = owner .. '|' .. fences[i] .. '|'
-      prefixes[fences[i]] = prefix
-    end
-    ours = string.sub(held[i], 1, #prefix) == prefix
-  elseif marked[i] then
-    out[i] = (marked[i] == fences[i]) and 1 or 0
-  else
-    ours = true
-  end
-  if ours then
-    writes[#writes + 1] = ids[i]
-    writes[#writes + 1] = fences[i]
-    if held[i] then
-      freed[#freed + 1] = ids[i]
-    end
-    out[i] = 1
-  elseif not out[i] then
-    out[i] = 0
-  end
-end
-if #writes > 0 then
-  local hashes, expiry = done_hashes()
-  bulk('HSET', hashes[1], writes)
-  if expiry then
-    redis.call('PEXPIREAT', hashes[1], expiry)
-  end
-end
-if #freed > 0 then
-  leases_only_here(true)
-  bulk('HDEL', KEYS[2], freed)
-end
-return out
+return mark(ids, fences, judge(ids, fences))
 ";
 
 /// Renews (`ARGV[2]` 1) or releases (0) leases, each only if still this owner's with that
@@ -335,6 +352,13 @@ pub struct RedisStore {
     enter: Script,
     leave: Script,
     circuit: Option<IntGauge>,
+    /// The pipeline's name.
+    namespace: String,
+    /// The plugin's keyed state, once [`RedisStore::keep_keyed_state`] named it.
+    keyed: Option<Arc<KeyedState>>,
+    take: Script,
+    page: Script,
+    finish_keyed: Script,
 }
 
 /// Redis Cluster's slot of `key` (CRC16 of the key, or of its `{hash tag}`, modulo 16384).
@@ -419,7 +443,25 @@ impl RedisStore {
             enter: Script::new(ENTER),
             leave: Script::new(LEAVE),
             circuit: None,
+            namespace: namespace.to_owned(),
+            keyed: None,
+            take: Script::new(keyed::TAKE),
+            page: Script::new(keyed::PAGE),
+            finish_keyed: script(keyed::FINISH_KEYED),
         })
+    }
+
+    /// Keeps the keyed state of the plugin named `plugin` (`keyed.rs`). Needs one Redis
+    /// server: on a Redis Cluster a batch's done marks and its state would lie in different
+    /// slots, out of reach of one script.
+    pub fn keep_keyed_state(mut self, plugin: &str) -> Result<Self, StateError> {
+        if self.buckets.len() != 1 {
+            return Err(StateError::new(
+                "keyed state needs one Redis server, not a Redis Cluster",
+            ));
+        }
+        self.keyed = Some(Arc::new(KeyedState::new(&self.namespace, plugin)));
+        Ok(self)
     }
 
     /// Reports outages on `gauge` (1 while Redis does not answer).
@@ -479,12 +521,12 @@ impl RedisStore {
 
     /// Runs the invocations at once (each routed to the node of its keys); while Redis is
     /// unavailable, tries those that failed again with backoff until it answers.
-    async fn run(
+    async fn run<T: redis::FromRedisValue>(
         &self,
         invocations: &[&redis::ScriptInvocation<'_>],
         what: &str,
-    ) -> Result<Vec<Vec<i64>>, StateError> {
-        let mut answers: Vec<Option<Vec<i64>>> = vec![None; invocations.len()];
+    ) -> Result<Vec<T>, StateError> {
+        let mut answers: Vec<Option<T>> = invocations.iter().map(|_| None).collect();
         let mut delay = Duration::from_millis(50);
         let mut outage: Option<std::time::Instant> = None;
         loop {
@@ -493,7 +535,7 @@ impl RedisStore {
                 .collect();
             let tries = pending.iter().map(|&i| {
                 let mut conn = self.conn.clone();
-                async move { invocations[i].invoke_async::<Vec<i64>>(&mut conn).await }
+                async move { invocations[i].invoke_async::<T>(&mut conn).await }
             });
             let tried = join_all(tries).await;
             let mut failed = None;
@@ -556,8 +598,172 @@ fn check_length(what: &str, out: &[i64], expected: usize) -> Result<(), StateErr
     )))
 }
 
+impl RedisStore {
+    /// Takes `partition`'s keyed state over (only if nobody else holds it, with
+    /// `only_if_free`): the new epoch, or `None` when another worker holds it.
+    async fn take(
+        &self,
+        keyed: &KeyedState,
+        partition: i32,
+        only_if_free: bool,
+    ) -> Result<Option<u64>, StateError> {
+        let mut invocation = self.take.prepare_invoke();
+        (invocation
+            .key(keyed.owner(partition))
+            .key(keyed.partitions()))
+        .arg(&self.owner)
+        .arg(u8::from(only_if_free))
+        .arg(partition);
+        let answers: Vec<u64> = self.run(&[&invocation], "keyed state takeover").await?;
+        Ok(answers.first().copied().filter(|&epoch| epoch > 0))
+    }
+
+    /// Loads `partition`'s keyed state, page by page.
+    async fn load(&self, keyed: &KeyedState, partition: i32) -> Result<keyed::Values, StateError> {
+        let hash = keyed.hash(partition);
+        let mut values = keyed::Values::default();
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut invocation = self.page.prepare_invoke();
+            invocation.key(&hash).arg(&cursor);
+            let mut pages: Vec<(String, Vec<Vec<u8>>)> =
+                self.run(&[&invocation], "keyed state load").await?;
+            let (next, page) = pages.pop().unwrap_or_default();
+            keyed::load_page(page, &mut values);
+            if next == "0" || next.is_empty() {
+                return Ok(values);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Marks a batch done with its keyed-state writes (`keyed::FINISH_KEYED`), on the
+    /// batch's turn; per id whether it is done with its fence.
+    async fn finish_keyed(
+        &self,
+        keyed: &KeyedState,
+        done: &[(String, u64)],
+        commit: Commit,
+        mut turn: Turn,
+    ) -> Result<Vec<bool>, StateError> {
+        let Commit {
+            writes,
+            partitions,
+            mut epochs,
+            ..
+        } = commit;
+        // Every partition a record or a write is in (one the batch did not run under has
+        // epoch 0, which is never ours).
+        for &p in partitions.iter().chain(writes.iter().map(|w| &w.partition)) {
+            if !epochs.iter().any(|&(q, _)| q == p) {
+                epochs.push((p, 0));
+            }
+        }
+        let by_partition: Vec<Vec<&super::keyed::KeyedWrite>> = (epochs.iter())
+            .map(|&(p, _)| writes.iter().filter(|w| w.partition == p).collect())
+            .collect();
+        let [fence, leases, done_key] = &self.buckets[0];
+        let mut invocation = self.finish_keyed.prepare_invoke();
+        invocation.key(fence).key(leases).key(done_key);
+        for &(p, _) in &epochs {
+            invocation.key(keyed.hash(p)).key(keyed.owner(p));
+        }
+        (invocation.arg(&self.owner))
+            .arg(self.done_ttl.map_or(0, Self::ms))
+            .arg(Self::ms(self.lease_ttl))
+            .arg(epochs.len());
+        for (&(_, epoch), writes) in epochs.iter().zip(&by_partition) {
+            invocation.arg(epoch).arg(writes.len());
+            for write in writes {
+                invocation.arg(&write.key).arg(keyed::stored(write));
+            }
+        }
+        for ((id, fence), p) in done.iter().zip(&partitions) {
+            let j = epochs.iter().position(|(q, _)| q == p).unwrap_or(0) + 1;
+            invocation.arg(id).arg(fence).arg(j);
+        }
+        turn.wait().await;
+        let mut answers: Vec<Vec<i64>> = self.run(&[&invocation], "finish").await?;
+        let out = answers.pop().unwrap_or_default();
+        check_length("finish", &out, done.len() + epochs.len())?;
+        let (held, taken) = out.split_at(done.len());
+        for ((&(p, epoch), writes), &taken) in epochs.iter().zip(&by_partition).zip(taken) {
+            if taken == 1 {
+                keyed.apply(p, epoch, writes);
+            } else {
+                keyed.lose(p, epoch);
+                tracing::warn!(
+                    partition = p,
+                    epoch,
+                    "keyed state: this batch's records of the partition were refused (another worker holds its state now, or one of them went to another worker); they are left to the partition's owner"
+                );
+            }
+        }
+        drop(turn);
+        Ok(held.iter().map(|&v| v == 1).collect())
+    }
+}
+
 #[async_trait]
 impl StateStore for RedisStore {
+    async fn finish_with(
+        &self,
+        done: &[(String, u64)],
+        with: Commit,
+        turn: Turn,
+    ) -> Result<Vec<bool>, StateError> {
+        match &self.keyed {
+            Some(keyed) if !with.epochs.is_empty() => {
+                self.finish_keyed(keyed, done, with, turn).await
+            }
+            _ if !with.writes.is_empty() => Err(StateError::new(
+                "keyed-state writes of a batch that holds no partition's state",
+            )),
+            _ => {
+                // Only keyed state needs the batches in order.
+                drop(turn);
+                self.finish(done).await
+            }
+        }
+    }
+
+    fn keyed(&self) -> Option<Arc<dyn KeyedRead>> {
+        (self.keyed.clone()).map(|keyed| keyed as Arc<dyn KeyedRead>)
+    }
+
+    async fn own_keyed(&self, partitions: &[(i32, u64)]) -> Result<Ownership, StateError> {
+        let Some(keyed) = &self.keyed else {
+            return Ok(Ownership::all_along(partitions));
+        };
+        let mut ownership = Ownership::default();
+        for &(partition, assignment) in partitions {
+            let only_if_free = match keyed.need(partition, assignment) {
+                Need::Runs(epoch) => {
+                    ownership.epochs.push((partition, epoch));
+                    continue;
+                }
+                Need::Takeover { only_if_free } => only_if_free,
+            };
+            let Some(epoch) = self.take(keyed, partition, only_if_free).await? else {
+                // Another worker holds it: the batch runs, and its writes are refused.
+                ownership.epochs.push((partition, keyed.epoch(partition)));
+                continue;
+            };
+            let started = Instant::now();
+            let values = self.load(keyed, partition).await?;
+            let keys = values.len();
+            keyed.install(partition, assignment, epoch, values);
+            ownership.epochs.push((partition, epoch));
+            ownership.restored.push(super::Restored {
+                partition,
+                epoch,
+                keys,
+                took: started.elapsed(),
+            });
+        }
+        Ok(ownership)
+    }
+
     async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, StateError> {
         let records = ids.iter().map(|id| (id.as_str(), id));
         let ttl = self.done_ttl.map_or(0, Self::ms);
