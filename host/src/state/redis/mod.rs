@@ -37,6 +37,10 @@
 //! increments (a bucket would need a thousand claims in one millisecond to outrun it).
 //! Needs Redis 7.0 or later.
 //!
+//! Plugins' keyed state (`keyed.rs`, one server only): per partition a hash held by one
+//! worker at a time, with an epoch; a batch's writes go in the same script as its done marks
+//! (`FINISH_KEYED`, which shares `judge` and `mark` with `FINISH`).
+//!
 //! A Redis outage (or a cluster's failover) pauses the worker instead of stopping it: every
 //! call has a response timeout and is retried with backoff until Redis answers
 //! (`weir_circuit_open{dependency="redis"}` is 1 meanwhile). Retrying is safe because every
