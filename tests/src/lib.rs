@@ -25,6 +25,17 @@ use serde_json::Value;
 /// The Apache Kafka the tests run (`tools/kafka/pom.xml` pins the same version).
 pub const KAFKA_VERSION: &str = "4.4.0";
 
+/// What `command` prints, once it succeeded (else the test fails with its stderr).
+pub fn stdout_of(command: &mut std::process::Command) -> String {
+    let out = command.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A free loopback port (for a server a test starts).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -8,12 +8,15 @@
 //!   dead letters ([`KafkaDeadLetters`]);
 //! - `transactions.rs`: exactly-once mode, each batch's outputs, dead letters and offsets
 //!   in one transaction ([`Transactions`]);
-//! - `dlq_topic.rs`: `weir dlq list|replay` of a dead-letter topic.
+//! - `dlq_topic.rs`: `weir dlq list|replay` of a dead-letter topic;
+//! - `changelog.rs`: keyed state in a compacted changelog topic (exactly-once mode's store,
+//!   in the making: the topic and reading it back).
 //!
 //! This file holds what they share: the librdkafka properties (our defaults, then the
 //! user's `kafka.options` as they are), the client context that routes librdkafka's logs
 //! and errors into `tracing`, and the start-up reachability check.
 
+pub mod changelog;
 mod connect;
 mod consumer;
 pub mod dlq_topic;

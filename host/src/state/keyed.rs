@@ -103,11 +103,7 @@ impl KeyedRead for MemoryState {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok((entries.iter())
             .filter_map(|((partition, key), stored)| {
-                Some(KeyedEntry {
-                    partition: *partition,
-                    key: key.clone(),
-                    value: decode_value(stored, now_ms)?.to_vec(),
-                })
+                KeyedEntry::live(*partition, key.clone(), stored, now_ms)
             })
             .collect())
     }
@@ -156,6 +152,16 @@ pub struct KeyedEntry {
 }
 
 impl KeyedEntry {
+    /// The entry of `key` in `partition` with the value `stored` (its stored form), unless
+    /// that has expired by `now_ms`.
+    pub(crate) fn live(partition: i32, key: Vec<u8>, stored: &[u8], now_ms: u64) -> Option<Self> {
+        Some(Self {
+            partition,
+            key,
+            value: decode_value(stored, now_ms)?.to_vec(),
+        })
+    }
+
     /// One JSON line, `{"partition":P,"key":K,"value":V}`: key and value as UTF-8 text when
     /// they are, else (all, with `base64`) as base64 with `"key_base64":true` /
     /// `"value_base64":true` beside them, as in dead letters.

@@ -186,17 +186,12 @@ impl<R> Setup<R> {
     }
 
     fn cluster_status(&self) -> serde_json::Value {
-        let out = std::process::Command::new(WEIR)
-            .args(["cluster", "status", "--json", "--redis"])
-            .arg(self.cluster.redis.as_deref().expect("redis"))
-            .output()
-            .expect("weir cluster status");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = weir_tests::stdout_of(
+            std::process::Command::new(WEIR)
+                .args(["cluster", "status", "--json", "--redis"])
+                .arg(self.cluster.redis.as_deref().expect("redis")),
         );
-        serde_json::from_slice(&out.stdout).expect("JSON")
+        serde_json::from_str(&out).expect("JSON")
     }
 
     /// The output and DLQ topics, read until they hold `expected` records in all (or stay

@@ -4,7 +4,7 @@
 //! `read_committed` consumer reads it, where every input id must appear exactly once and in
 //! its input partition's order, whatever happened to the workers: `kill -9` bounces, a
 //! worker frozen past its session and fenced by the broker, a record parked in a retry
-//! topic.
+//! topic. Also the changelog topic that is to keep keyed state in this mode.
 
 use crate::WEIR;
 use std::collections::{BTreeMap, BTreeSet};
@@ -585,4 +585,142 @@ fn a_parked_record_comes_back_exactly_once() {
     committed.assert_exactly_once_in_order(&["e5"], || worker.log());
     let log = worker.log();
     assert!(worker.stop().success(), "{log}");
+}
+
+/// Keyed state's changelog topic (`kafka/changelog.rs`, for exactly-once mode's state): made
+/// compacted with the input's partitions (another count is refused), and read back to the
+/// end a `read_committed` consumer sees — committed transactions only, promptly even while
+/// a transaction is open on the partition.
+#[test]
+fn a_changelog_partition_reads_back_what_committed_transactions_wrote() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use weir::kafka::changelog::{ensure_changelog, read_changelog, read_changelog_state};
+
+    let broker = KafkaBroker::start();
+    let kafka = weir::config::KafkaConfig {
+        bootstrap: Some(broker.bootstrap.clone()),
+        ..Default::default()
+    };
+    let topic = format!(
+        "changelog-{}-{}",
+        std::process::id(),
+        weir_tests::free_port()
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(ensure_changelog(&kafka, &topic, 3))
+        .expect("created");
+    rt.block_on(ensure_changelog(&kafka, &topic, 3))
+        .expect("there already: fine");
+    let compacted = rt.block_on(async {
+        use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .create()
+            .expect("admin");
+        let configs = admin
+            .describe_configs([&ResourceSpecifier::Topic(&topic)], &AdminOptions::new())
+            .await
+            .expect("describe");
+        let config = configs
+            .into_iter()
+            .next()
+            .expect("one")
+            .expect("its config");
+        config.get("cleanup.policy").and_then(|e| e.value.clone())
+    });
+    assert_eq!(compacted.as_deref(), Some("compact"));
+    let refused = rt
+        .block_on(ensure_changelog(&kafka, &topic, 4))
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("has 3 partitions, the input topic 4"),
+        "{refused:#}"
+    );
+
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("transactional.id", format!("{topic}-writer"))
+        .create()
+        .expect("producer");
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).expect("init");
+    // Values in the stored form: 8 bytes of expiry (0: never), then the bytes.
+    let stored = |v: &str| [&[0u8; 8][..], v.as_bytes()].concat();
+    let send = |key: &str, value: Option<&str>| {
+        let value = value.map(stored);
+        let mut record = BaseRecord::<str, [u8]>::to(&topic).partition(1).key(key);
+        if let Some(value) = &value {
+            record = record.payload(value);
+        }
+        producer.send(record).map_err(|(e, _)| e).expect("send");
+    };
+    let transaction = |writes: &[(&str, Option<&str>)], commit: bool| {
+        producer.begin_transaction().expect("begin");
+        for &(key, value) in writes {
+            send(key, value);
+        }
+        if commit {
+            producer.commit_transaction(timeout).expect("commit");
+        } else {
+            producer.abort_transaction(timeout).expect("abort");
+        }
+    };
+    transaction(&[("a", Some("1")), ("b", Some("1"))], true);
+    transaction(&[("a", Some("99"))], false);
+    transaction(&[("b", None)], true);
+    // One left open, its records in the log.
+    producer.begin_transaction().expect("begin");
+    send("c", Some("1"));
+    producer.flush(timeout).expect("flush");
+
+    let read_back = || {
+        let mut records = Vec::new();
+        let started = Instant::now();
+        read_changelog(&kafka, &topic, 1, |key, value| {
+            let value = value.map(|v| String::from_utf8_lossy(&v[8..]).into_owned());
+            records.push((String::from_utf8(key).expect("utf-8"), value));
+        })
+        .expect("read back");
+        (records, started.elapsed())
+    };
+    let (records, took) = read_back();
+    let want = |more: &[(&str, Option<&str>)]| -> Vec<(String, Option<String>)> {
+        [("a", Some("1")), ("b", Some("1")), ("b", None)]
+            .iter()
+            .chain(more)
+            .map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned)))
+            .collect()
+    };
+    assert_eq!(records, want(&[]), "committed only, in order");
+    assert!(
+        took < Duration::from_secs(20),
+        "the open transaction held the read back for {took:?}"
+    );
+    producer.commit_transaction(timeout).expect("commit");
+    assert_eq!(read_back().0, want(&[("c", Some("1"))]));
+
+    let entries = read_changelog_state(&kafka, &topic).expect("state");
+    let shown: Vec<(i32, String, String)> = (entries.iter())
+        .map(|e| {
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (e.partition, text(&e.key), text(&e.value))
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [(1, "a".into(), "1".into()), (1, "c".into(), "1".into())],
+        "the tombstone deleted b"
+    );
+    let out = weir_tests::stdout_of(
+        std::process::Command::new(WEIR)
+            .args(["state", "dump", "--plugin-name", "p", "--kafka"])
+            .args([&broker.bootstrap, "--changelog-topic", &topic]),
+    );
+    assert_eq!(
+        out,
+        "{\"partition\":1,\"key\":\"a\",\"value\":\"1\"}\n{\"partition\":1,\"key\":\"c\",\"value\":\"1\"}\n"
+    );
 }

@@ -18,24 +18,16 @@ use weir_tests::redis_server::RedisServer;
 /// keys found in more than one partition.
 fn state_in_redis(s: &Setup) -> (BTreeMap<String, String>, Vec<String>) {
     let redis = s.cluster.redis.as_deref().expect("redis");
-    let out = std::process::Command::new(WEIR)
-        .args([
-            "state",
-            "dump",
-            "--plugin-name",
-            "metrics",
-            "--redis",
-            redis,
-        ])
-        .output()
-        .expect("weir state dump");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = weir_tests::stdout_of(std::process::Command::new(WEIR).args([
+        "state",
+        "dump",
+        "--plugin-name",
+        "metrics",
+        "--redis",
+        redis,
+    ]));
     let (mut state, mut twice) = (BTreeMap::new(), Vec::new());
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in out.lines() {
         let entry: Value = serde_json::from_str(line).expect("JSON");
         let key = entry["key"].as_str().expect("text key").to_owned();
         let value = entry["value"].as_str().expect("text value").to_owned();

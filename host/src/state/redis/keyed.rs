@@ -272,13 +272,10 @@ pub async fn read_redis_keyed_state(
             .await
             .map_err(cannot)?;
         values.sort_unstable();
-        entries.extend(values.into_iter().filter_map(|(key, stored)| {
-            Some(KeyedEntry {
-                partition,
-                key,
-                value: decode_value(&stored, now)?.to_vec(),
-            })
-        }));
+        entries.extend(
+            (values.into_iter())
+                .filter_map(|(key, stored)| KeyedEntry::live(partition, key, &stored, now)),
+        );
     }
     Ok(entries)
 }
@@ -312,11 +309,7 @@ impl KeyedRead for KeyedState {
             .filter(|(_, h)| !h.lost)
             .flat_map(|(&partition, h)| {
                 (h.values.iter()).filter_map(move |(key, stored)| {
-                    Some(KeyedEntry {
-                        partition,
-                        key: key.clone(),
-                        value: decode_value(stored, now)?.to_vec(),
-                    })
+                    KeyedEntry::live(partition, key.clone(), stored, now)
                 })
             })
             .collect();
