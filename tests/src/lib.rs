@@ -36,6 +36,18 @@ pub fn stdout_of(command: &mut std::process::Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The first ten keys whose value in `got` is not the one in `want`, each with both.
+pub fn differences(
+    want: &std::collections::BTreeMap<String, String>,
+    got: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    (want.iter())
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {:?}, want {v}", got.get(k)))
+        .take(10)
+        .collect()
+}
+
 /// A free loopback port (for a server a test starts).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,11 +6,14 @@
 //! to its end, which for such a consumer is the last stable offset: only what committed
 //! transactions wrote.
 //!
-//! This file: the topic's name, its creation, and reading a partition back.
+//! This file: the topic's name, its creation, reading a partition back, and the state
+//! store of exactly-once mode over it ([`ChangelogStore`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,7 +23,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{LogContext, client_config, creation_error};
 use crate::config::KafkaConfig;
-use crate::state::keyed::KeyedEntry;
+use crate::state::held::{HeldPartitions, Need, Values};
+use crate::state::keyed::{KeyedEntry, KeyedRead, KeyedWrite, decode_value};
+use crate::state::{Claim, Commit, Ownership, Restored, StateError, StateStore, Turn};
 
 /// How long reading a partition back may go without a message or its end.
 const RESTORE_STALL: Duration = Duration::from_secs(30);
@@ -30,13 +35,18 @@ pub fn changelog_topic(pipeline: &str, plugin: &str) -> String {
     format!("weir-{pipeline}-{plugin}-changelog")
 }
 
-/// Creates `topic` compacted, with `partitions` partitions, unless it exists; refuses one
-/// that exists with another number of partitions (state partition P lives in partition P).
-pub async fn ensure_changelog(
-    kafka: &KafkaConfig,
-    topic: &str,
-    partitions: i32,
-) -> anyhow::Result<()> {
+/// Creates `topic` compacted, with as many partitions as the `input` topic, unless it
+/// exists; refuses one that exists with another number of partitions (state partition P
+/// lives in partition P).
+pub async fn ensure_changelog(kafka: &KafkaConfig, topic: &str, input: &str) -> anyhow::Result<()> {
+    let partitions = tokio::task::spawn_blocking({
+        let (config, input) = (client_config(kafka, &[]), input.to_owned());
+        move || partitions_of(&config, &input)
+    })
+    .await??;
+    if partitions == 0 {
+        bail!("topic `{input}` does not exist");
+    }
     let admin: AdminClient<DefaultClientContext> = (client_config(kafka, &[]).create())
         .map_err(|e| anyhow::anyhow!("kafka admin client: {}", creation_error(e)))?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
@@ -154,4 +164,127 @@ pub fn read_changelog_state(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<
         );
     }
     Ok(entries)
+}
+
+/// Where exactly-once mode keeps a stateful plugin's keyed state: a changelog topic, read
+/// with these client settings.
+#[derive(Debug, Clone)]
+pub struct Changelog {
+    pub kafka: KafkaConfig,
+    pub topic: String,
+}
+
+/// Exactly-once mode's state store: the done marks and leases of `inner`, and the keyed
+/// state of the partitions this worker holds, in memory: restored from the changelog when
+/// a partition is assigned anew, or read again after an aborted transaction (the source
+/// gives it a new assignment number then, and the pending writes of the aborted batches are
+/// forgotten), and brought up to date by each committed batch's writes, which the sink sent
+/// to the changelog in the batch's transaction. Made anew with each set of Kafka clients.
+pub struct ChangelogStore {
+    inner: Arc<dyn StateStore>,
+    changelog: Changelog,
+    held: Arc<HeldPartitions>,
+}
+
+impl ChangelogStore {
+    pub fn new(inner: Arc<dyn StateStore>, changelog: Changelog) -> Self {
+        Self {
+            inner,
+            changelog,
+            held: Arc::default(),
+        }
+    }
+
+    /// Reads `partition`'s state back from the changelog.
+    async fn restore(&self, partition: i32) -> Result<Values, StateError> {
+        let Changelog { kafka, topic } = self.changelog.clone();
+        let restored = tokio::task::spawn_blocking(move || {
+            let mut values = Values::default();
+            read_changelog(&kafka, &topic, partition, |key, stored| match stored {
+                Some(stored) => {
+                    values.insert(key, stored);
+                }
+                None => {
+                    values.remove(&key);
+                }
+            })
+            .map(|_| values)
+        })
+        .await
+        .map_err(|e| StateError::caused_by("restoring keyed state", e))?;
+        let mut values = restored.map_err(|e| {
+            StateError::new(format!(
+                "cannot restore partition {partition}'s keyed state from `{}`: {e:#}",
+                self.changelog.topic
+            ))
+        })?;
+        let now = crate::clock::now_ms() as u64;
+        values.retain(|_, stored| decode_value(stored, now).is_some());
+        Ok(values)
+    }
+}
+
+#[async_trait]
+impl StateStore for ChangelogStore {
+    async fn claim(&self, ids: &[String]) -> Result<Vec<Claim>, StateError> {
+        self.inner.claim(ids).await
+    }
+
+    async fn finish(&self, done: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        self.inner.finish(done).await
+    }
+
+    async fn renew(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        self.inner.renew(leases).await
+    }
+
+    async fn release(&self, leases: &[(String, u64)]) -> Result<Vec<bool>, StateError> {
+        self.inner.release(leases).await
+    }
+
+    /// The batch committed, its writes in the changelog: they join the state held here, in
+    /// the batches' order; then its records are marked done.
+    async fn finish_with(
+        &self,
+        done: &[(String, u64)],
+        with: Commit,
+        mut turn: Turn,
+    ) -> Result<Vec<bool>, StateError> {
+        turn.wait().await;
+        for &(partition, epoch) in &with.epochs {
+            let writes: Vec<&KeyedWrite> = (with.writes.iter())
+                .filter(|w| w.partition == partition)
+                .collect();
+            self.held.apply(partition, epoch, &writes);
+        }
+        drop(turn);
+        self.inner.finish(done).await
+    }
+
+    fn keyed(&self) -> Option<Arc<dyn KeyedRead>> {
+        Some(self.held.clone())
+    }
+
+    async fn own_keyed(&self, partitions: &[(i32, u64)]) -> Result<Ownership, StateError> {
+        let mut ownership = Ownership::default();
+        for &(partition, assignment) in partitions {
+            if let Need::Runs(epoch) = self.held.need(partition, assignment) {
+                ownership.epochs.push((partition, epoch));
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let values = self.restore(partition).await?;
+            let keys = values.len();
+            // The assignment is the epoch: a new one for each assignment and reading again.
+            self.held.install(partition, assignment, assignment, values);
+            ownership.epochs.push((partition, assignment));
+            ownership.restored.push(Restored {
+                partition,
+                epoch: assignment,
+                keys,
+                took: started.elapsed(),
+            });
+        }
+        Ok(ownership)
+    }
 }

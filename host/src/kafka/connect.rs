@@ -26,6 +26,8 @@ pub struct KafkaPlan {
     pub transactional_id: Option<String>,
     /// The largest output value the sink accepts.
     pub max_output_bytes: usize,
+    /// Exactly-once mode: the changelog topic of a stateful plugin's keyed state.
+    pub changelog: Option<String>,
 }
 
 /// One consumer with the sinks that write what it consumed.
@@ -57,6 +59,9 @@ impl KafkaPlan {
             .cloned()
             .collect();
         super::wait_for_topics(&self.client, &topics).await?;
+        if let Some(changelog) = &self.changelog {
+            super::changelog::ensure_changelog(&self.client, changelog, &self.input).await?;
+        }
         let slot = self.transactional_id.as_ref().map(|id| match restart {
             0 => id.clone(),
             n => format!("{id}.{n}"),
@@ -104,7 +109,8 @@ impl KafkaPlan {
                 destinations,
                 self.max_output_bytes,
                 Some(metrics.circuit(Dependency::Sink)),
-            ),
+            )
+            .with_changelog(self.changelog.clone()),
             dlq: KafkaDeadLetters::new(
                 &producer,
                 &self.dlq,

@@ -9,8 +9,8 @@
 //! - `transactions.rs`: exactly-once mode, each batch's outputs, dead letters and offsets
 //!   in one transaction ([`Transactions`]);
 //! - `dlq_topic.rs`: `weir dlq list|replay` of a dead-letter topic;
-//! - `changelog.rs`: keyed state in a compacted changelog topic (exactly-once mode's store,
-//!   in the making: the topic and reading it back).
+//! - `changelog.rs`: exactly-once mode's keyed state, in a compacted changelog topic written
+//!   in the transactions and read back when a partition is assigned ([`changelog::ChangelogStore`]).
 //!
 //! This file holds what they share: the librdkafka properties (our defaults, then the
 //! user's `kafka.options` as they are), the client context that routes librdkafka's logs

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::state::keyed::{KeyedWrite, encode_value};
 use async_trait::async_trait;
 use prometheus::IntGauge;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -318,6 +319,8 @@ pub struct KafkaSink {
     topic: String,
     destinations: BTreeMap<String, String>,
     max_value_bytes: usize,
+    /// Exactly-once mode: the changelog topic keyed-state writes go to.
+    changelog: Option<String>,
 }
 
 impl KafkaSink {
@@ -334,7 +337,14 @@ impl KafkaSink {
             topic: topic.to_owned(),
             destinations,
             max_value_bytes,
+            changelog: None,
         }
+    }
+
+    /// Sends keyed-state writes to `changelog` (`kafka/changelog.rs`), when there is one.
+    pub fn with_changelog(mut self, changelog: Option<String>) -> Self {
+        self.changelog = changelog;
+        self
     }
 }
 
@@ -375,6 +385,26 @@ impl Sink for KafkaSink {
             };
             let headers = owned_headers(&output.headers);
             let record = record(topic, output.key.as_deref(), &output.value, headers);
+            self.deliveries.send(lane, record).await?;
+        }
+        Ok(())
+    }
+
+    /// Each write to the changelog partition of its input partition: the key, and the
+    /// stored value (with its expiry), or none to delete it.
+    async fn send_keyed(&mut self, writes: &[KeyedWrite], lane: Lane) -> Result<(), SinkError> {
+        let Some(topic) = &self.changelog else {
+            return Ok(());
+        };
+        for write in writes {
+            let stored = (write.value.as_ref()).map(|v| encode_value(v, write.expires_ms));
+            let record = FutureRecord::to(topic)
+                .partition(write.partition)
+                .key(&write.key[..]);
+            let record = match &stored {
+                Some(stored) => record.payload(&stored[..]),
+                None => record,
+            };
             self.deliveries.send(lane, record).await?;
         }
         Ok(())

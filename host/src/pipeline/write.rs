@@ -18,6 +18,7 @@ use super::{PipelineError, Shared};
 use crate::record::{DeadLetter, Output};
 use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use crate::source::Ack;
+use crate::state::keyed::KeyedWrite;
 use crate::state::{Commit, Turn};
 
 impl Shared {
@@ -139,7 +140,14 @@ impl Shared {
             tally.dead.push(letter.error.class);
         }
         let letters = std::mem::take(&mut claimed.letters);
-        let writes = send(&mut claimed.ack, sink, dlq, outputs, letters).await?;
+        let writes = send(
+            &mut claimed.ack,
+            (sink, dlq),
+            outputs,
+            letters,
+            &keyed_writes.writes,
+        )
+        .await?;
         let commit = Commit {
             writes: keyed_writes.writes,
             files: [sink.lengths(), dlq.lengths()].concat(),
@@ -178,20 +186,22 @@ impl Shared {
     }
 }
 
-/// Sends a batch's outputs and dead letters once its acknowledgement has begun (in
-/// exactly-once mode: joined a transaction, so they commit with the source's position), and
+/// Sends a batch's outputs, keyed-state writes (to a sink that carries them) and dead
+/// letters once its acknowledgement has begun (in exactly-once mode: joined a transaction,
+/// so they commit with the source's position), and
 /// returns what says when each is durable. Durable downstream first, then done marks, then
 /// the source. A failure to send is handled as one to deliver (`Completion::run`).
 async fn send(
     ack: &mut Box<dyn Ack>,
-    sink: &mut dyn Sink,
-    dlq: &mut dyn DeadLetterSink,
+    (sink, dlq): (&mut dyn Sink, &mut dyn DeadLetterSink),
     outputs: Vec<Output>,
     letters: Vec<DeadLetter>,
+    keyed: &[KeyedWrite],
 ) -> Result<[Durable; 2], PipelineError> {
     let lane = ack.begin().await?;
     let sent = async {
         sink.send(outputs, lane).await?;
+        sink.send_keyed(keyed, lane).await?;
         dlq.send(letters, lane).await?;
         Ok::<_, SinkError>([sink.seal().await?, dlq.seal().await?])
     };

@@ -77,6 +77,18 @@ pub trait Sink: Send {
     /// Queues outputs for writing through `lane`.
     async fn send(&mut self, outputs: Vec<Output>, lane: Lane) -> Result<(), SinkError>;
 
+    /// Queues a batch's keyed-state writes with its outputs, where the sink carries keyed
+    /// state (exactly-once mode: the changelog topic, in the batch's transaction). A sink
+    /// that does not leaves them to the state store, which keeps them with the done marks.
+    async fn send_keyed(
+        &mut self,
+        writes: &[crate::state::keyed::KeyedWrite],
+        lane: Lane,
+    ) -> Result<(), SinkError> {
+        let _ = (writes, lane);
+        Ok(())
+    }
+
     /// Returns once everything sent is durable.
     async fn flush(&mut self) -> Result<(), SinkError>;
 

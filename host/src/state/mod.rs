@@ -6,6 +6,7 @@
 //! [`StateStore::finish`] once the batch's fates are durable.
 
 mod embedded;
+pub(crate) mod held;
 pub mod keyed;
 mod redis;
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::plan::{FilesPlan, Io, Plan, Store};
+use crate::kafka::changelog::{Changelog, ChangelogStore};
 use crate::kafka::{Clients, Connected, KafkaPlan, KafkaProducer};
 use crate::metrics::{Dependency, Metrics};
 use crate::pipeline::{CrashFiles, CrashGuard, ParkedSource};
@@ -27,6 +28,8 @@ pub(super) struct Endpoints {
     pub(super) transactional: Vec<KafkaProducer>,
     /// The retry topic's source and sinks (`retry.topic`), for the retry pipeline.
     pub(super) retry: Option<RetryEndpoints>,
+    /// Exactly-once mode: the changelog topic of keyed state.
+    pub(super) changelog: Option<Changelog>,
 }
 
 /// Where the retry pipeline reads (the retry topic, in the group `<group>.retry`) and
@@ -67,7 +70,17 @@ impl Endpoints {
             dlq_name: files.dlq.display().to_string(),
             transactional: Vec::new(),
             retry: None,
+            changelog: None,
         })
+    }
+
+    /// The state store of a pipeline on these endpoints: `store`, with keyed state in the
+    /// changelog topic in exactly-once mode (a store of its own for each set of clients).
+    pub(super) fn state(&self, store: &Arc<dyn StateStore>) -> Arc<dyn StateStore> {
+        match &self.changelog {
+            Some(changelog) => Arc::new(ChangelogStore::new(store.clone(), changelog.clone())),
+            None => store.clone(),
+        }
     }
 
     /// Cluster mode: Kafka topics; a retry topic's records come back through the retry
@@ -95,6 +108,10 @@ impl Endpoints {
                 sink: Box::new(retry.sink),
                 dlq: Box::new(retry.dlq),
             }),
+            changelog: (kafka.changelog.clone()).map(|topic| Changelog {
+                kafka: kafka.client.clone(),
+                topic,
+            }),
         })
     }
 }
@@ -118,10 +135,12 @@ pub(super) async fn state_store(
             )
             .await?
             .with_circuit_gauge(metrics.circuit(Dependency::Redis));
-            // Where it can be kept, a version activated later may keep state too.
+            // Where it can be kept, a version activated later may keep state too; in
+            // exactly-once mode it is kept in the changelog topic instead.
+            let in_changelog = matches!(&plan.io, Io::Kafka(k) if k.changelog.is_some());
             let store = match plan.keyed_state_refusal() {
-                None => store.keep_keyed_state(&plan.plugin.name)?,
-                Some(_) => store,
+                None if !in_changelog => store.keep_keyed_state(&plan.plugin.name)?,
+                _ => store,
             };
             eprintln!("weir: worker {worker}: leases and done marks in Redis at {redis}");
             let store = Arc::new(store);

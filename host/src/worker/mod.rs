@@ -88,7 +88,12 @@ impl Worker {
         let id = worker_id();
         // The state store before the files: it cuts output files back before they are opened.
         let (state, redis) = state_store(&plan, &id, &metrics).await?;
-        let ready = http::serve(&plan, &metrics, control, state.keyed(), &tasks).await?;
+        // In exactly-once mode keyed state is in the changelog topic (`weir state --kafka`).
+        let keyed = match &plan.io {
+            Io::Kafka(kafka) if kafka.changelog.is_some() => None,
+            _ => state.keyed(),
+        };
+        let ready = http::serve(&plan, &metrics, control, keyed, &tasks).await?;
         let endpoints = Endpoints::open(&plan, &metrics, 0).await?;
         let lifecycle = &plan.lifecycle;
         let settings = Settings {
@@ -139,20 +144,22 @@ impl Worker {
         if let Some(redis) = &redis {
             tasks.spawn(heartbeat::beat(info, redis.clone(), &plugin, &partitions));
         }
-        let pipeline = |source, sink, dlq| Pipeline {
+        let pipeline = |source, sink, dlq, state| Pipeline {
             plugin: plugin.clone(),
             source,
             sink,
             dlq,
-            state: state.clone(),
+            state,
             metrics: metrics.clone(),
             settings: settings.clone(),
         };
         let mut restarts = Restarts::default();
         let summary = loop {
             let transactional = std::mem::take(&mut endpoints.transactional);
-            let retry = (endpoints.retry.take()).map(|r| pipeline(r.source, r.sink, r.dlq));
-            let main = pipeline(endpoints.source, endpoints.sink, endpoints.dlq);
+            let store = endpoints.state(&state);
+            let retry =
+                (endpoints.retry.take()).map(|r| pipeline(r.source, r.sink, r.dlq, store.clone()));
+            let main = pipeline(endpoints.source, endpoints.sink, endpoints.dlq, store);
             ready.store(true, Ordering::Relaxed);
             let summary = run_pipelines(main, retry, &mut shutdown).await;
             ready.store(false, Ordering::Relaxed);

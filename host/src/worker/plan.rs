@@ -168,7 +168,23 @@ impl Plan {
             limits: config.limits,
             canary: config.canary,
             quarantine: config.quarantine,
-        })
+        }
+        .with_changelog())
+    }
+
+    /// Exactly-once mode keeps stateful plugins' keyed state in a changelog topic
+    /// (`kafka/changelog.rs`), made at start where state can be kept.
+    fn with_changelog(mut self) -> Self {
+        let topic =
+            crate::kafka::changelog::changelog_topic(&self.pipeline_name, &self.plugin.name);
+        let keeps = self.keyed_state_refusal().is_none();
+        if let Io::Kafka(kafka) = &mut self.io
+            && kafka.transactional_id.is_some()
+            && keeps
+        {
+            kafka.changelog = Some(topic);
+        }
+        self
     }
 
     /// The Redis of a cluster, when the state is kept there.
@@ -182,9 +198,6 @@ impl Plan {
     /// Why this worker cannot keep a stateful plugin's keyed state, if it cannot
     /// (docs/state.md).
     pub fn keyed_state_refusal(&self) -> Option<&'static str> {
-        if matches!(&self.io, Io::Kafka(k) if k.transactional_id.is_some()) {
-            return Some("exactly-once mode (--exactly-once) does not keep it yet");
-        }
         if self.redis().is_some_and(RedisTarget::is_cluster) {
             return Some(
                 "a Redis Cluster cannot keep it with the done marks in one step (their slots \
@@ -314,6 +327,7 @@ fn kafka(config: &Config) -> Result<KafkaPlan, ConfigError> {
         retry,
         transactional_id,
         max_output_bytes: config.limits.max_output_bytes,
+        changelog: None,
     })
 }
 

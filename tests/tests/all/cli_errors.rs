@@ -197,11 +197,7 @@ fn a_stateful_plugin_where_state_cannot_be_kept_is_refused_before_connecting() {
         "redis://127.0.0.1:1",
     ];
     // Nothing listens on these ports: each refusal comes before any connection, and says why.
-    let refusals: [(&[&str], &str); 3] = [
-        (
-            &["--exactly-once", "--transactional-id", "t"],
-            "exactly-once mode (--exactly-once) does not keep it yet",
-        ),
+    let refusals: [(&[&str], &str); 2] = [
         (&["--redis-cluster"], "use one Redis server"),
         (&["--retry-topic", "parked"], "leave retry.topic unset"),
     ];

@@ -608,9 +608,15 @@ fn a_changelog_partition_reads_back_what_committed_transactions_wrote() {
         weir_tests::free_port()
     );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(ensure_changelog(&kafka, &topic, 3))
+    // Input topics of three and four partitions.
+    let (in3, in4) = (format!("{topic}-in3"), format!("{topic}-in4"));
+    rt.block_on(async {
+        broker.create_topic(&in3, 3).await;
+        broker.create_topic(&in4, 4).await;
+    });
+    rt.block_on(ensure_changelog(&kafka, &topic, &in3))
         .expect("created");
-    rt.block_on(ensure_changelog(&kafka, &topic, 3))
+    rt.block_on(ensure_changelog(&kafka, &topic, &in3))
         .expect("there already: fine");
     let compacted = rt.block_on(async {
         use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -631,7 +637,7 @@ fn a_changelog_partition_reads_back_what_committed_transactions_wrote() {
     });
     assert_eq!(compacted.as_deref(), Some("compact"));
     let refused = rt
-        .block_on(ensure_changelog(&kafka, &topic, 4))
+        .block_on(ensure_changelog(&kafka, &topic, &in4))
         .unwrap_err();
     assert!(
         refused
@@ -723,4 +729,138 @@ fn a_changelog_partition_reads_back_what_committed_transactions_wrote() {
         out,
         "{\"partition\":1,\"key\":\"a\",\"value\":\"1\"}\n{\"partition\":1,\"key\":\"c\",\"value\":\"1\"}\n"
     );
+}
+
+/// Keyed state in exactly-once mode (docs/state.md): `metrics` over events keyed by user,
+/// two worker slots, slot a killed with `kill -9` three times and started again. Each
+/// takeover restores the partitions' state from the changelog topic; the `read_committed`
+/// output holds exactly the events one clean run makes — one `active_user` per user and
+/// day, exactly the funnel transitions — and the changelog's final state is the input's.
+#[test]
+fn metrics_state_and_outputs_are_exact_through_three_kill_nine_bounces() {
+    use crate::keyed_state::{events, truth};
+    let (broker, cluster, _) = cluster("keyed", 4, &[]);
+    // Without repeated ids: each worker's done marks are its own (no Redis here).
+    let mut seen = BTreeSet::new();
+    let lines: Vec<String> = (events(40_000).into_iter())
+        .filter(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).expect("JSON");
+            seen.insert(event["id"].as_str().expect("id").to_owned())
+        })
+        .collect();
+    let (want_outputs, want_state) = truth(&lines);
+    let records = lines.iter().map(|line| {
+        let event: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        let user = event["user_id"].as_str().expect("user_id").to_owned();
+        (Some(user), line.clone(), Vec::new())
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(broker.produce(&cluster.input, records));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The plugin's name (and so the pipeline's) is this run's: its changelog topic too.
+    let name = cluster.group.trim_end_matches("-group").to_owned();
+    let start = |slot: &str| {
+        let id = format!("{}-{slot}", cluster.group);
+        let state = format!("state-{slot}");
+        let flags = [
+            "--plugin-name",
+            &name,
+            "--id",
+            "/id",
+            "--quiet",
+            "--exactly-once",
+            "--transactional-id",
+            &id,
+            "--state",
+            &state,
+            "--kafka-option",
+            "session.timeout.ms=6000",
+        ];
+        Worker::start(
+            WEIR,
+            dir.path(),
+            slot,
+            &cluster,
+            &weir_tests::plugin("metrics"),
+            &flags,
+        )
+    };
+    let started = Instant::now();
+    let mut a = start("a");
+    let b = start("b");
+    let mut restores = 0;
+    for bounce in 1..=3 {
+        a.wait_metric(
+            "weir_records_processed_total",
+            3_000.0,
+            Duration::from_secs(300),
+        );
+        let log = a.log();
+        restores += log.matches("took the partition's keyed state over").count();
+        a.kill();
+        println!(
+            "bounce {bounce}: slot a killed {:.1} s in",
+            started.elapsed().as_secs_f64()
+        );
+        a = start("a");
+    }
+    let state = || {
+        let out = weir_tests::stdout_of(
+            std::process::Command::new(WEIR)
+                .args(["state", "dump", "--plugin-name", &name, "--kafka"])
+                .arg(&broker.bootstrap),
+        );
+        (out.lines())
+            .map(|line| {
+                let entry: serde_json::Value = serde_json::from_str(line).expect("JSON");
+                let text = |f: &str| entry[f].as_str().expect("text").to_owned();
+                (text("key"), text("value"))
+            })
+            .collect::<BTreeMap<String, String>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut got_state = state();
+    while got_state != want_state && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(3));
+        got_state = state();
+    }
+    let wrong = weir_tests::differences(&want_state, &got_state);
+    assert!(
+        got_state == want_state,
+        "{} keys, {} wanted; e.g. {wrong:?}\n{}",
+        got_state.len(),
+        want_state.len(),
+        logs(&a, &b)
+    );
+    let canonical = |values: &mut dyn Iterator<Item = serde_json::Value>| {
+        let mut all: Vec<String> = values.map(|v| weir_tests::canonical(&v)).collect();
+        all.sort();
+        all
+    };
+    let want = canonical(&mut want_outputs.into_iter());
+    let out = broker.read_topic(&cluster.output, Duration::from_secs(5), |r| {
+        r.len() >= want.len()
+    });
+    let got = canonical(
+        &mut out
+            .iter()
+            .map(|r| serde_json::from_str::<serde_json::Value>(&r.value_text()).expect("JSON")),
+    );
+    let missing: Vec<&String> = want.iter().filter(|o| !got.contains(o)).take(5).collect();
+    let extra: Vec<&String> = got.iter().filter(|o| !want.contains(o)).take(5).collect();
+    println!(
+        "keyed state through 3 kill -9 bounces in {:.1} s: {} keys equal the input's truth; \
+         {} restores by the killed workers; outputs read_committed {} (one clean run: {})",
+        started.elapsed().as_secs_f64(),
+        got_state.len(),
+        restores,
+        got.len(),
+        want.len()
+    );
+    assert!(
+        got == want,
+        "outputs differ from one clean run's: missing e.g. {missing:?}, extra e.g. {extra:?}"
+    );
+    assert!(a.stop().success());
+    assert!(b.stop().success());
 }

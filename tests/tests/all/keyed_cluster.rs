@@ -109,11 +109,7 @@ fn metrics_state_is_exact_after_kill_nine_of_one_of_two_workers() {
         after_kill.iter().any(|l| !l.contains("loaded 0 keys")),
         "b took no state over from a: {after_kill:?}\n{b_log}"
     );
-    let wrong: Vec<String> = (want_state.iter())
-        .filter(|(k, v)| state.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k}: {:?}, want {v}", state.get(k)))
-        .take(10)
-        .collect();
+    let wrong = weir_tests::differences(&want_state, &state);
     assert!(
         state == want_state,
         "{} keys, {} wanted; e.g. {wrong:?}\n--- b:\n{}\n--- a:\n{}",

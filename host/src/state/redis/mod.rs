@@ -61,9 +61,10 @@ use futures_util::future::join_all;
 use prometheus::IntGauge;
 use redis::Script;
 
+use super::held::{Need, Values};
 use super::keyed::KeyedRead;
 use super::{Claim, Commit, CrashLog, Ownership, StateError, StateStore, Turn};
-use keyed::{KeyedState, Need};
+use keyed::KeyedState;
 use target::MAX_RETRY_DELAY;
 
 /// Buckets on a Redis Cluster unless configured: up to this many masters share the work.
@@ -623,9 +624,9 @@ impl RedisStore {
     }
 
     /// Loads `partition`'s keyed state, page by page.
-    async fn load(&self, keyed: &KeyedState, partition: i32) -> Result<keyed::Values, StateError> {
+    async fn load(&self, keyed: &KeyedState, partition: i32) -> Result<Values, StateError> {
         let hash = keyed.hash(partition);
-        let mut values = keyed::Values::default();
+        let mut values = Values::default();
         let mut cursor = "0".to_owned();
         loop {
             let mut invocation = self.page.prepare_invoke();
@@ -693,9 +694,9 @@ impl RedisStore {
         let (held, taken) = out.split_at(done.len());
         for ((&(p, epoch), writes), &taken) in epochs.iter().zip(&by_partition).zip(taken) {
             if taken == 1 {
-                keyed.apply(p, epoch, writes);
+                keyed.held.apply(p, epoch, writes);
             } else {
-                keyed.lose(p, epoch);
+                keyed.held.lose(p, epoch);
                 tracing::warn!(
                     partition = p,
                     epoch,
@@ -732,7 +733,7 @@ impl StateStore for RedisStore {
     }
 
     fn keyed(&self) -> Option<Arc<dyn KeyedRead>> {
-        (self.keyed.clone()).map(|keyed| keyed as Arc<dyn KeyedRead>)
+        (self.keyed.as_ref()).map(|keyed| keyed.held.clone() as Arc<dyn KeyedRead>)
     }
 
     async fn own_keyed(&self, partitions: &[(i32, u64)]) -> Result<Ownership, StateError> {
@@ -741,7 +742,7 @@ impl StateStore for RedisStore {
         };
         let mut ownership = Ownership::default();
         for &(partition, assignment) in partitions {
-            let only_if_free = match keyed.need(partition, assignment) {
+            let only_if_free = match keyed.held.need(partition, assignment) {
                 Need::Runs(epoch) => {
                     ownership.epochs.push((partition, epoch));
                     continue;
@@ -750,13 +751,15 @@ impl StateStore for RedisStore {
             };
             let Some(epoch) = self.take(keyed, partition, only_if_free).await? else {
                 // Another worker holds it: the batch runs, and its writes are refused.
-                ownership.epochs.push((partition, keyed.epoch(partition)));
+                ownership
+                    .epochs
+                    .push((partition, keyed.held.epoch(partition)));
                 continue;
             };
             let started = Instant::now();
             let values = self.load(keyed, partition).await?;
             let keys = values.len();
-            keyed.install(partition, assignment, epoch, values);
+            keyed.held.install(partition, assignment, epoch, values);
             ownership.epochs.push((partition, epoch));
             ownership.restored.push(super::Restored {
                 partition,
