@@ -3,10 +3,10 @@
 //!
 //! Map of the crate, from the bottom up (a module uses only those on its line or above it,
 //! `tests/tests/all/architecture.rs` checks it):
-//! - [`record`]: records and outputs as the WIT contract has them, dead letters, error
-//!   classes, ids, every `weir.*` header name; [`clock`]: the wall clock of timestamps;
-//!   [`errors`]: how an error and its causes are shown; [`tasks`]: background tasks
-//!   stopped together.
+//! - [`record`]: records and outputs as the WIT contract has them, keyed-state writes, dead
+//!   letters, error classes, ids, every `weir.*` header name; [`clock`]: the wall clock of
+//!   timestamps; [`errors`]: how an error and its causes are shown; [`tasks`]: background
+//!   tasks stopped together.
 //! - [`config`]: the one configuration tree as written, with the `${env:…}`/`${file:…}`
 //!   references to secrets in it and how it is shown with secrets hidden.
 //! - [`sink`], [`source`], [`state`]: the seams to the outside, with the file connectors

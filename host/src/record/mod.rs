@@ -8,9 +8,11 @@ mod dead_letter;
 pub mod headers;
 mod id;
 pub mod json;
+mod keyed;
 pub mod wit;
 
 pub use class::ErrorClass;
 pub use dead_letter::{DeadLetter, DeadLetterLine, ErrorInfo, replay_count, set_replay_count};
 pub use id::{IdSpec, record_id};
+pub use keyed::KeyedWrite;
 pub use wit::{Output, Record, SourceMeta, TransformError};

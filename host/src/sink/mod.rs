@@ -82,7 +82,7 @@ pub trait Sink: Send {
     /// that does not leaves them to the state store, which keeps them with the done marks.
     async fn send_keyed(
         &mut self,
-        writes: &[crate::state::keyed::KeyedWrite],
+        writes: &[crate::record::KeyedWrite],
         lane: Lane,
     ) -> Result<(), SinkError> {
         let _ = (writes, lane);
