@@ -749,13 +749,19 @@ fn metrics_state_and_outputs_are_exact_through_three_kill_nine_bounces() {
         })
         .collect();
     let (want_outputs, want_state) = truth(&lines);
-    let records = lines.iter().map(|line| {
-        let event: serde_json::Value = serde_json::from_str(line).expect("JSON");
-        let user = event["user_id"].as_str().expect("user_id").to_owned();
-        (Some(user), line.clone(), Vec::new())
-    });
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(broker.produce(&cluster.input, records));
+    // Keyed by user; in four parts, one before the start and one after each bounce, so each
+    // new a has records to take over.
+    let produce = |lines: &[String]| {
+        let records = lines.iter().map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).expect("JSON");
+            let user = event["user_id"].as_str().expect("user_id").to_owned();
+            (Some(user), line.clone(), Vec::new())
+        });
+        rt.block_on(broker.produce(&cluster.input, records));
+    };
+    let parts: Vec<&[String]> = lines.chunks(lines.len().div_ceil(4)).collect();
+    produce(parts[0]);
     let dir = tempfile::tempdir().expect("tempdir");
     // The plugin's name (and so the pipeline's) is this run's: its changelog topic too.
     let name = cluster.group.trim_end_matches("-group").to_owned();
@@ -792,7 +798,7 @@ fn metrics_state_and_outputs_are_exact_through_three_kill_nine_bounces() {
     for bounce in 1..=3 {
         a.wait_metric(
             "weir_records_processed_total",
-            3_000.0,
+            1_500.0,
             Duration::from_secs(300),
         );
         let log = a.log();
@@ -803,6 +809,7 @@ fn metrics_state_and_outputs_are_exact_through_three_kill_nine_bounces() {
             started.elapsed().as_secs_f64()
         );
         a = start("a");
+        produce(parts[bounce]);
     }
     let state = || {
         let out = weir_tests::stdout_of(
