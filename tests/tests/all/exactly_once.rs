@@ -795,7 +795,7 @@ fn metrics_state_and_outputs_are_exact_through_three_kill_nine_bounces() {
     let mut a = start("a");
     let b = start("b");
     let mut restores = 0;
-    for bounce in 1..=3 {
+    for (bounce, next) in (1..=3).zip(&parts[1..]) {
         a.wait_metric(
             "weir_records_processed_total",
             1_500.0,
@@ -809,7 +809,7 @@ fn metrics_state_and_outputs_are_exact_through_three_kill_nine_bounces() {
             started.elapsed().as_secs_f64()
         );
         a = start("a");
-        produce(parts[bounce]);
+        produce(next);
     }
     let state = || {
         let out = weir_tests::stdout_of(
