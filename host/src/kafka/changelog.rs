@@ -24,7 +24,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{LogContext, client_config, creation_error};
 use crate::config::KafkaConfig;
 use crate::state::held::{HeldPartitions, Need, Values};
-use crate::state::keyed::{KeyedEntry, KeyedRead, KeyedWrite, decode_value};
+use crate::state::keyed::{
+    DoneMarks, KeyedEntry, KeyedRead, KeyedWrite, decode_value, is_host_key,
+};
 use crate::state::{Claim, Commit, Ownership, Restored, StateError, StateStore, Turn};
 
 /// How long reading a partition back may go without a message or its end.
@@ -140,7 +142,7 @@ pub fn read_changelog(
 }
 
 /// The live entries of every partition of the changelog `topic` (`weir state`), in key
-/// order, one partition after another. Blocking.
+/// order, one partition after another; not the host's done marks. Blocking.
 pub fn read_changelog_state(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<KeyedEntry>> {
     let partitions = partitions_of(&client_config(kafka, &[]), topic)?;
     if partitions == 0 {
@@ -160,6 +162,7 @@ pub fn read_changelog_state(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<
         })?;
         entries.extend(
             (state.into_iter())
+                .filter(|(key, _)| !is_host_key(key))
                 .filter_map(|(key, stored)| KeyedEntry::live(partition, key, &stored, now)),
         );
     }
@@ -179,19 +182,28 @@ pub struct Changelog {
 /// a partition is assigned anew, or read again after an aborted transaction (the source
 /// gives it a new assignment number then, and the pending writes of the aborted batches are
 /// forgotten), and brought up to date by each committed batch's writes, which the sink sent
-/// to the changelog in the batch's transaction. Made anew with each set of Kafka clients.
+/// to the changelog in the batch's transaction. A stateful batch's done marks go to the
+/// changelog with its writes ([`DoneMarks`]), so a repeated id is judged with the state.
+/// Made anew with each set of Kafka clients.
 pub struct ChangelogStore {
     inner: Arc<dyn StateStore>,
     changelog: Changelog,
     held: Arc<HeldPartitions>,
+    done: DoneMarks,
 }
 
 impl ChangelogStore {
-    pub fn new(inner: Arc<dyn StateStore>, changelog: Changelog) -> Self {
+    /// Over `inner`'s leases and done marks, whose marks are kept for `done_ttl`.
+    pub fn new(
+        inner: Arc<dyn StateStore>,
+        changelog: Changelog,
+        done_ttl: Option<Duration>,
+    ) -> Self {
         Self {
             inner,
             changelog,
             held: Arc::default(),
+            done: DoneMarks { ttl: done_ttl },
         }
     }
 
@@ -268,6 +280,10 @@ impl StateStore for ChangelogStore {
 
     fn keyed(&self) -> Option<Arc<dyn KeyedRead>> {
         Some(self.held.clone())
+    }
+
+    fn done_marks_in_keyed_state(&self) -> Option<DoneMarks> {
+        Some(self.done)
     }
 
     async fn own_keyed(&self, partitions: &[(i32, u64)]) -> Result<Ownership, StateError> {

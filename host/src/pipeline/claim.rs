@@ -47,6 +47,31 @@ pub(super) struct Admitted {
     pub fence: u64,
 }
 
+impl Claimed {
+    /// Takes the records of `to_run` that are repeats (per record: its partition, when it
+    /// is one) out: marked done as they are, not run (fate `deduplicated`).
+    pub(super) fn skip_repeated(&mut self, repeated: &[Option<i32>]) {
+        if repeated.iter().all(Option::is_none) {
+            return;
+        }
+        let mut repeats = repeated.iter();
+        let to_run = std::mem::take(&mut self.to_run);
+        for admitted in to_run {
+            let Some(&Some(partition)) = repeats.next() else {
+                self.to_run.push(admitted);
+                continue;
+            };
+            self.deduplicated += 1;
+            self.finished.push(Finished {
+                id: self.ids[admitted.at].clone(),
+                fence: admitted.fence,
+                at: admitted.at,
+                partition,
+            });
+        }
+    }
+}
+
 impl Shared {
     /// Claims up to [`CONCURRENT_CLAIMS`] batches at once (a state store round trip each),
     /// handing them on in the order they were taken.

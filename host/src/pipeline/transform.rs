@@ -19,7 +19,7 @@ use crate::metrics::{PluginCalled, RetriesStarted, StateRestored, StateUsed};
 use crate::record::Record;
 use crate::runtime::{CallContext, Outcome, Plugin, Routing};
 use crate::state::StateError;
-use crate::state::keyed::KeyedRead;
+use crate::state::keyed::{DoneMarks, KeyedRead};
 
 /// A claimed batch after the plugin: a verdict for each record of `work`.
 pub(super) struct Transformed {
@@ -52,26 +52,36 @@ impl Shared {
                 // The batch runs on these versions to the end, retries included.
                 let routing = self.plugin.routing();
                 let epochs = self.own_keyed(&routing, &partitions).await?;
+                let repeated = self.repeated(&epochs, &claimed.to_run, &claimed.ids, &work)?;
+                let (work, admitted): (Vec<Record>, Vec<&Admitted>) = (work.into_iter())
+                    .zip(&claimed.to_run)
+                    .zip(&repeated)
+                    .filter(|(_, repeat)| repeat.is_none())
+                    .map(|(runs, _)| runs)
+                    .unzip();
                 let on_canary: Vec<bool> = match &routing.canary {
-                    Some(canary) => (claimed.to_run.iter())
+                    Some(canary) => (admitted.iter())
                         .map(|admitted| canary.takes(&claimed.ids[admitted.at]))
                         .collect(),
                     None => Vec::new(),
                 };
-                let ids: Vec<&str> = (claimed.to_run.iter())
+                let ids: Vec<&str> = (admitted.iter())
                     .map(|admitted| claimed.ids[admitted.at].as_str())
                     .collect();
                 let (work, verdicts) = self
                     .invoke_guarded(&routing, &on_canary, work, &ids, claimed.suspect)
                     .await?;
-                Ok::<_, PipelineError>((work, verdicts, routing, on_canary, epochs))
+                Ok::<_, PipelineError>((work, verdicts, routing, on_canary, epochs, repeated))
             };
-            let (work, verdicts, routing, on_canary, epochs) = self
+            let (work, verdicts, routing, on_canary, epochs, repeated) = self
                 .renewing(&claimed.ids, &claimed.to_run, running)
                 .await??;
+            let refused = claimed.finished.len();
+            claimed.skip_repeated(&repeated);
             for (admitted, record) in claimed.to_run.iter_mut().zip(work) {
                 admitted.record = record;
             }
+            self.mark_done_in_keyed_state(&epochs, &claimed, refused, &verdicts);
             let mut writes =
                 (self.keyed.as_ref()).map_or_else(BatchWrites::default, |p| p.take_batch());
             writes.epochs = epochs;
@@ -110,6 +120,57 @@ impl Shared {
             self.metrics.emit(StateRestored(restored));
         }
         Ok(ownership.epochs)
+    }
+
+    /// Exactly-once mode, a stateful batch (`epochs` not empty): per record of `to_run`
+    /// (whose records are `work`, whose ids are in `ids`), its partition if that partition's keyed state marks its
+    /// id done already ([`DoneMarks`]): a repeat of a record committed before, whose worker
+    /// died before marking it done in the state store. Otherwise none is a repeat.
+    fn repeated(
+        &self,
+        epochs: &[(i32, u64)],
+        to_run: &[Admitted],
+        ids: &[String],
+        work: &[Record],
+    ) -> Result<Vec<Option<i32>>, PipelineError> {
+        let judged = (self.state.done_marks_in_keyed_state())
+            .filter(|_| !epochs.is_empty() && !self.settings.bypass_done);
+        let (Some(_), Some(pending)) = (judged, &self.keyed) else {
+            return Ok(vec![None; work.len()]);
+        };
+        // The store that keeps these marks holds its state in memory: no blocking read.
+        let mut repeated = Vec::with_capacity(work.len());
+        for (admitted, record) in to_run.iter().zip(work) {
+            let (partition, key) = (record.source.partition, DoneMarks::key(&ids[admitted.at]));
+            repeated.push(pending.get(partition, &key)?.map(|_| partition));
+        }
+        Ok(repeated)
+    }
+
+    /// Exactly-once mode, a stateful batch: marks the records that ran and have a fate (all
+    /// but the parked), and the first `refused` of `finished` (dead-lettered before the
+    /// plugin; the rest are repeats, marked already), done in their partitions' keyed state,
+    /// after their writes, so the marks commit with them.
+    fn mark_done_in_keyed_state(
+        &self,
+        epochs: &[(i32, u64)],
+        claimed: &Claimed,
+        refused: usize,
+        verdicts: &[Verdict],
+    ) {
+        let marks = (self.state.done_marks_in_keyed_state()).filter(|_| !epochs.is_empty());
+        let (Some(marks), Some(pending)) = (marks, &self.keyed) else {
+            return;
+        };
+        let now = now_ms() as u64;
+        let ran = (claimed.to_run.iter().zip(verdicts))
+            .filter(|(_, verdict)| !matches!(verdict, Verdict::Parked { .. }))
+            .map(|(admitted, _)| (admitted.record.source.partition, admitted.at));
+        let refused = (claimed.finished[..refused].iter()).map(|f| (f.partition, f.at));
+        let writes = (ran.chain(refused))
+            .map(|(partition, at)| marks.mark(partition, &claimed.ids[at], now))
+            .collect();
+        pending.accept(writes);
     }
 
     /// Runs `work` (whose ids are `ids`) on `routing`, noting what is in the plugin for the

@@ -16,7 +16,7 @@ use super::bindings::weir::transform::state::Host;
 use crate::clock::now_ms;
 use crate::config::LimitsConfig;
 use crate::state::StateError;
-use crate::state::keyed::{KeyedRead, KeyedWrite, Slot};
+use crate::state::keyed::{HOST_KEY_BYTE, KeyedRead, KeyedWrite, Slot, is_host_key};
 
 /// The state the current call sees (empty outside a stateful transform).
 #[derive(Default)]
@@ -98,6 +98,9 @@ impl Session {
 
     fn get(&mut self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
         self.reads += 1;
+        if is_host_key(key) {
+            return Ok(None);
+        }
         let now = now_ms() as u64;
         let partition = self.partition;
         let mine = (self.record.iter().rev()).find(|w| w.partition == partition && w.key == key);
@@ -121,7 +124,11 @@ impl Session {
             return;
         }
         let limits = self.limits;
-        let refused = if key.len() > limits.key_bytes {
+        let refused = if is_host_key(&key) {
+            Some(format!(
+                "a state key beginning with byte 0x{HOST_KEY_BYTE:02x}, which marks the host's keys"
+            ))
+        } else if key.len() > limits.key_bytes {
             Some(format!(
                 "a state key of {} bytes; the limit is {} bytes (limits.state_key_bytes)",
                 key.len(),

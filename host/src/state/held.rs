@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use super::StateError;
-use super::keyed::{KeyedEntry, KeyedRead, KeyedWrite, decode_value, encode_value};
+use super::keyed::{KeyedEntry, KeyedRead, KeyedWrite, decode_value, encode_value, is_host_key};
 use crate::clock::now_ms;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -31,7 +31,13 @@ struct Held {
     lost: bool,
     /// Key → stored value.
     values: Values,
+    /// How many values there were after expired ones were last dropped.
+    swept: usize,
 }
+
+/// Expired values are dropped from memory whenever a partition's values have doubled since
+/// the last time, from this many on (amortized: a constant cost per write).
+const SWEEP_FROM: usize = 4096;
 
 /// What a batch of one partition needs before it runs.
 pub(crate) enum Need {
@@ -71,6 +77,7 @@ impl HeldPartitions {
             assignment,
             epoch,
             lost: false,
+            swept: values.len(),
             values,
         };
         self.held().insert(partition, held);
@@ -93,6 +100,12 @@ impl HeldPartitions {
                     held.values.remove(&write.key);
                 }
             }
+        }
+        if held.values.len() >= SWEEP_FROM.max(2 * held.swept) {
+            let now = now_ms() as u64;
+            held.values
+                .retain(|_, stored| decode_value(stored, now).is_some());
+            held.swept = held.values.len();
         }
     }
 
@@ -123,9 +136,11 @@ impl KeyedRead for HeldPartitions {
         let mut entries: Vec<KeyedEntry> = (held.iter())
             .filter(|(_, h)| !h.lost)
             .flat_map(|(&partition, h)| {
-                (h.values.iter()).filter_map(move |(key, stored)| {
-                    KeyedEntry::live(partition, key.clone(), stored, now)
-                })
+                (h.values.iter())
+                    .filter(|(key, _)| !is_host_key(key))
+                    .filter_map(move |(key, stored)| {
+                        KeyedEntry::live(partition, key.clone(), stored, now)
+                    })
             })
             .collect();
         entries.sort_by(|a, b| (a.partition, &a.key).cmp(&(b.partition, &b.key)));
@@ -195,6 +210,28 @@ mod tests {
         assert!(
             state.entries().unwrap().is_empty(),
             "what it lost is not shown"
+        );
+    }
+
+    #[test]
+    fn expired_values_leave_memory_as_a_partition_grows_and_host_keys_are_not_shown() {
+        let state = HeldPartitions::default();
+        state.install(3, 1, 1, Values::default());
+        let expired: Vec<KeyedWrite> = (0..SWEEP_FROM - 1)
+            .map(|i| KeyedWrite {
+                expires_ms: Some(1),
+                ..write(&format!("old/{i}"), Some("1"))
+            })
+            .collect();
+        state.apply(3, 1, &expired.iter().collect::<Vec<_>>());
+        let mark = super::super::keyed::DoneMarks::default().mark(3, "e1", 0);
+        state.apply(3, 1, &[&mark]);
+        let held = |p: i32| state.held().get(&p).map_or(0, |h| h.values.len());
+        assert_eq!(held(3), 1, "the expired values were dropped");
+        assert_eq!(state.get(3, &mark.key).unwrap(), Some(b"1".to_vec()));
+        assert!(
+            state.entries().unwrap().is_empty(),
+            "the done mark is the host's"
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Plugins' keyed state (the WIT `state` interface), as the stores keep it: one record's
 //! write ([`KeyedWrite`]), how a plugin's calls read state ([`KeyedRead`]), and the stored
-//! form of a value with its expiry.
+//! form of a value with its expiry, and the keys that are the host's ([`DoneMarks`]).
 //!
 //! State is scoped to the pipeline, the plugin's name and the input partition; a store
 //! keeps one scope's state per pipeline (the scope is fixed when the store is opened).
@@ -24,6 +24,47 @@ pub trait KeyedRead: Send + Sync {
     /// Every live entry, in key order (for inspection: `weir state`, `GET /v1/state`).
     fn entries(&self) -> Result<Vec<KeyedEntry>, StateError> {
         Err(StateError::new("this state store cannot list keyed state"))
+    }
+}
+
+/// Keys beginning with this byte are the host's: it is never part of UTF-8 text, so no text
+/// key collides. A plugin's writes of such keys are refused and its reads see none.
+pub const HOST_KEY_BYTE: u8 = 0xff;
+
+/// Whether `key` is the host's ([`HOST_KEY_BYTE`]).
+pub fn is_host_key(key: &[u8]) -> bool {
+    key.first() == Some(&HOST_KEY_BYTE)
+}
+
+/// Done marks kept as keyed state entries of the record's partition (exactly-once mode's
+/// changelog store): written with the record's own writes, in the same transaction as its
+/// outputs and offsets, and restored with the partition's state, so a repeat of a record in
+/// its partition is skipped even when the worker that ran it died before marking it done
+/// in the state store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DoneMarks {
+    /// How long a mark is kept (`None`: forever), as the state store's done marks.
+    pub ttl: Option<std::time::Duration>,
+}
+
+impl DoneMarks {
+    /// The key of record `id`'s done mark.
+    pub fn key(id: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(6 + id.len());
+        key.push(HOST_KEY_BYTE);
+        key.extend_from_slice(b"done:");
+        key.extend_from_slice(id.as_bytes());
+        key
+    }
+
+    /// The write that marks record `id` of `partition` done at `now_ms`.
+    pub fn mark(&self, partition: i32, id: &str, now_ms: u64) -> KeyedWrite {
+        KeyedWrite {
+            partition,
+            key: Self::key(id),
+            value: Some(b"1".to_vec()),
+            expires_ms: (self.ttl).map(|ttl| now_ms.saturating_add(ttl.as_millis() as u64)),
+        }
     }
 }
 

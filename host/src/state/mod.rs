@@ -103,6 +103,12 @@ pub trait StateStore: Send + Sync {
         None
     }
 
+    /// Whether a stateful batch's done marks are also kept as keyed state, where its repeats
+    /// are judged (exactly-once mode: [`keyed::DoneMarks`]).
+    fn done_marks_in_keyed_state(&self) -> Option<keyed::DoneMarks> {
+        None
+    }
+
     /// Before a stateful plugin runs a batch: makes sure this worker holds the keyed state
     /// of the batch's `partitions` (each with its assignment number, `Ack::partitions`),
     /// taking a partition's state over, and loading it, when the partition was assigned

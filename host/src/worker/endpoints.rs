@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -76,9 +77,18 @@ impl Endpoints {
 
     /// The state store of a pipeline on these endpoints: `store`, with keyed state in the
     /// changelog topic in exactly-once mode (a store of its own for each set of clients).
-    pub(super) fn state(&self, store: &Arc<dyn StateStore>) -> Arc<dyn StateStore> {
+    /// Done marks there are kept for `done_ttl`, as in `store`.
+    pub(super) fn state(
+        &self,
+        store: &Arc<dyn StateStore>,
+        done_ttl: Option<Duration>,
+    ) -> Arc<dyn StateStore> {
         match &self.changelog {
-            Some(changelog) => Arc::new(ChangelogStore::new(store.clone(), changelog.clone())),
+            Some(changelog) => Arc::new(ChangelogStore::new(
+                store.clone(),
+                changelog.clone(),
+                done_ttl,
+            )),
             None => store.clone(),
         }
     }

@@ -156,7 +156,7 @@ impl Worker {
         let mut restarts = Restarts::default();
         let summary = loop {
             let transactional = std::mem::take(&mut endpoints.transactional);
-            let store = endpoints.state(&state);
+            let store = endpoints.state(&state, plan.state.done_ttl);
             let retry =
                 (endpoints.retry.take()).map(|r| pipeline(r.source, r.sink, r.dlq, store.clone()));
             let main = pipeline(endpoints.source, endpoints.sink, endpoints.dlq, store);

@@ -140,6 +140,7 @@ fn a_record_that_fails_after_writing_leaves_no_trace_in_state() {
         ("k", "big_key"),
         ("v", "big_value"),
         ("w", "many_writes"),
+        ("h", "host_key"),
     ];
     let mut lines = vec![event("ok1", json!({}))];
     lines.extend(
@@ -177,6 +178,7 @@ fn a_record_that_fails_after_writing_leaves_no_trace_in_state() {
         ("k", "bad_output"),
         ("v", "bad_output"),
         ("w", "bad_output"),
+        ("h", "bad_output"),
     ]
     .into_iter()
     .map(|(id, class)| (id.to_owned(), class.to_owned()))
@@ -205,6 +207,8 @@ fn a_record_that_fails_after_writing_leaves_no_trace_in_state() {
         "{}",
         reason("w")
     );
+
+    assert!(reason("h").contains("byte 0xff"), "{}", reason("h"));
 
     let state = weir.keyed_state("faulty_stateful");
     let keys: BTreeSet<&str> = state.keys().map(String::as_str).collect();
