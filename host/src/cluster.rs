@@ -4,8 +4,9 @@
 //! `weir cluster status` (and the API) lists them.
 //!
 //! Key: the hash `weir:workers`, field `<pipeline>/<worker id>`, a JSON [`WorkerInfo`] (one
-//! key, so one slot of a Redis Cluster); readers delete the heartbeats that ran out, and
-//! the whole hash goes once no worker has beaten for a [`HEARTBEAT_TTL`].
+//! key, so one slot of a Redis Cluster); the workers of a pipeline delete its heartbeats that
+//! ran out (and count them: `weir_heartbeats_missed_total`), and the whole hash goes once no
+//! worker has beaten for a [`HEARTBEAT_TTL`].
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
-use crate::state::RedisTarget;
+use crate::state::{RedisConnection, RedisTarget};
 
 /// How often a worker says it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -42,11 +43,13 @@ fn field(pipeline: &str, id: &str) -> String {
     format!("{pipeline}/{id}")
 }
 
-/// Writes `info()` every [`HEARTBEAT_EVERY`] until the task is dropped or aborted; failures
-/// are logged (the pipeline itself pauses on a Redis outage).
+/// Writes `info()` every [`HEARTBEAT_EVERY`] until the task is dropped or aborted, and after
+/// each beat tells `seen` who of its pipeline is alive and whose heartbeats it found out of
+/// date ([`roll_call`]); failures are logged (the pipeline itself pauses on a Redis outage).
 pub async fn heartbeat(
     redis: RedisTarget,
     info: impl Fn() -> WorkerInfo + Send + 'static,
+    seen: impl Fn(&[WorkerInfo], &[WorkerInfo]) + Send + 'static,
 ) -> Result<(), redis::RedisError> {
     let mut conn = redis.connect().await?;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
@@ -62,8 +65,12 @@ pub async fn heartbeat(
             .ignore()
             .query_async(&mut conn)
             .await;
-        if let Err(e) = beat {
-            tracing::warn!("heartbeat to Redis failed: {e}");
+        match beat {
+            Ok(()) => match roll_call(&mut conn, Some(&me.pipeline), true).await {
+                Ok((live, missed)) => seen(&live, &missed),
+                Err(e) => tracing::warn!("reading heartbeats from Redis failed: {e}"),
+            },
+            Err(e) => tracing::warn!("heartbeat to Redis failed: {e}"),
         }
     }
 }
@@ -87,25 +94,40 @@ pub async fn live_workers(
     pipeline: Option<&str>,
 ) -> Result<Vec<WorkerInfo>, redis::RedisError> {
     let mut conn = redis.connect().await?;
+    Ok(roll_call(&mut conn, pipeline, false).await?.0)
+}
+
+/// The workers of every pipeline (or of `pipeline`) whose heartbeat counts, ordered by
+/// pipeline and id; and, when `remove`, those of them whose heartbeat this call found out of
+/// date and removed (a worker that signs off removes its own, so these stopped without:
+/// killed, hung, cut off). Only the workers of a pipeline remove its heartbeats, and each is
+/// removed, and returned, by one of them.
+async fn roll_call(
+    conn: &mut RedisConnection,
+    pipeline: Option<&str>,
+    remove: bool,
+) -> Result<(Vec<WorkerInfo>, Vec<WorkerInfo>), redis::RedisError> {
     let beats: Vec<(String, String)> = conn.hgetall(WORKERS).await?;
     let now = now_ms() as u64;
-    let mut workers = Vec::new();
-    let mut gone = Vec::new();
+    let (mut live, mut missed) = (Vec::new(), Vec::new());
     for (field, json) in beats {
         let Ok(info) = serde_json::from_str::<WorkerInfo>(&json) else {
             continue;
         };
-        if now.saturating_sub(info.last_seen_ms) > HEARTBEAT_TTL.as_millis() as u64 {
-            gone.push(field);
-        } else if pipeline.is_none_or(|p| p == info.pipeline) {
-            workers.push(info);
+        if !pipeline.is_none_or(|p| p == info.pipeline) {
+            continue;
+        }
+        if now.saturating_sub(info.last_seen_ms) <= HEARTBEAT_TTL.as_millis() as u64 {
+            live.push(info);
+        } else if remove {
+            let removed: u64 = conn.hdel(WORKERS, field).await?;
+            if removed == 1 {
+                missed.push(info);
+            }
         }
     }
-    if !gone.is_empty() {
-        let _: Result<(), _> = conn.hdel(WORKERS, gone).await;
-    }
-    workers.sort_by(|a, b| (&a.pipeline, &a.id).cmp(&(&b.pipeline, &b.id)));
-    Ok(workers)
+    live.sort_by(|a, b| (&a.pipeline, &a.id).cmp(&(&b.pipeline, &b.id)));
+    Ok((live, missed))
 }
 
 /// `weir cluster status`: one line per live worker.

@@ -25,6 +25,23 @@ use serde_json::Value;
 /// The Apache Kafka the tests run (`tools/kafka/pom.xml` pins the same version).
 pub const KAFKA_VERSION: &str = "4.4.0";
 
+/// The sum of the samples of `name` in a Prometheus text `exposition` whose labels include
+/// `labels` (a worker's series carry its `pipeline` and `worker` besides).
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let lines = exposition.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    (scrape.samples.iter())
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(n)
+            | prometheus_parse::Value::Gauge(n)
+            | prometheus_parse::Value::Untyped(n) => n,
+            _ => 0.0,
+        })
+        .sum()
+}
+
 /// What `command` prints, once it succeeded (else the test fails with its stderr).
 pub fn stdout_of(command: &mut std::process::Command) -> String {
     let out = command.output().expect("spawn");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::watch::watch_canary;
 use super::{Control, ControlError, Running, no_keyed_state};
 use crate::errors::chain;
-use crate::metrics::{HotSwapped, PluginActivated};
+use crate::metrics::{CanaryRouted, HotSwapped, PluginActivated};
 use crate::registry::PluginInfo;
 use crate::runtime::{LoadError, Plugin};
 
@@ -119,6 +119,7 @@ impl Control {
                     .spawn(watch_canary(self.clone(), active, version));
             }
         }
+        running.metrics.emit(CanaryRouted(wanted));
         Ok(())
     }
 

@@ -298,13 +298,64 @@ pub enum RetiredBy {
 /// The host took a version out of service.
 pub struct VersionRetired(pub RetiredBy);
 
-impl Event for VersionRetired {
-    fn count(self, m: &Metrics) {
-        let reason = match self.0 {
+impl RetiredBy {
+    pub const ALL: [RetiredBy; 2] = [RetiredBy::Canary, RetiredBy::Quarantine];
+
+    /// Its `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
             RetiredBy::Canary => "canary",
             RetiredBy::Quarantine => "quarantine",
-        };
-        m.rollbacks.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
+impl Event for VersionRetired {
+    fn count(self, m: &Metrics) {
+        m.rollbacks.with_label_values(&[self.0.as_str()]).inc();
+    }
+}
+
+/// A worker started: where it reads and writes (topic names, or file paths).
+pub struct WorkerStarted<'a> {
+    pub input: &'a str,
+    pub output: &'a str,
+    pub dlq: &'a str,
+}
+
+impl Event for WorkerStarted<'_> {
+    fn count(self, m: &Metrics) {
+        m.worker_info.reset();
+        let labels = [self.input, self.output, self.dlq];
+        m.worker_info.with_label_values(&labels).set(1);
+    }
+}
+
+/// A heartbeat found `live` workers of this worker's pipeline in Redis, and the heartbeats of
+/// `missed` more out of date (each named in the log, once, by the worker that removed it).
+pub struct ClusterSeen<'a> {
+    pub live: usize,
+    pub missed: &'a [String],
+}
+
+impl Event for ClusterSeen<'_> {
+    fn count(self, m: &Metrics) {
+        m.cluster_workers.set(self.live as i64);
+        for worker in self.missed {
+            tracing::warn!(%worker, "a worker of this pipeline stopped beating without signing off (killed, hung, or cut off from Redis)");
+        }
+        m.heartbeats_missed.inc_by(self.missed.len() as u64);
+    }
+}
+
+/// The canary now: `version` gets `percent` of the records (`None`: no canary).
+pub struct CanaryRouted(pub Option<(u64, f64)>);
+
+impl Event for CanaryRouted {
+    fn count(self, m: &Metrics) {
+        let (version, percent) = self.0.unwrap_or_default();
+        m.canary_version.set(version as i64);
+        m.canary_share.set(percent / 100.0);
     }
 }
 

@@ -10,11 +10,11 @@ mod events;
 mod summary;
 
 pub use events::{
-    ConsumerLag, DeadLettersReplayed, Dependency, Event, ExactlyOnceStarted, HotSwapped,
-    LeasesAcquired, LeasesContended, LeasesLost, PartitionRevoked, PluginActivated, PluginCalled,
-    RecordsDeduplicated, RecordsTaken, RetiredBy, RetriesStarted, StateRestored, StateUsed,
-    TransactionEnded, TransactionResult, UploadAnswered, UploadResult, VersionFates,
-    VersionRetired,
+    CanaryRouted, ClusterSeen, ConsumerLag, DeadLettersReplayed, Dependency, Event,
+    ExactlyOnceStarted, HotSwapped, LeasesAcquired, LeasesContended, LeasesLost, PartitionRevoked,
+    PluginActivated, PluginCalled, RecordsDeduplicated, RecordsTaken, RetiredBy, RetriesStarted,
+    StateRestored, StateUsed, TransactionEnded, TransactionResult, UploadAnswered, UploadResult,
+    VersionFates, VersionRetired, WorkerStarted,
 };
 pub use summary::{Summary, VersionCounts};
 
@@ -117,6 +117,30 @@ const TRANSACTIONS: Def = (
      no longer in the group)",
 );
 
+const WORKER_INFO: Def = (
+    "weir_worker_info",
+    "Where this worker reads and writes (value 1): its input, output and dead-letter queue \
+     (topics, or files)",
+);
+const CLUSTER_WORKERS: Def = (
+    "weir_cluster_workers",
+    "Live workers of this pipeline, as this worker's last heartbeat found them in Redis \
+     (cluster mode)",
+);
+const HEARTBEATS_MISSED: Def = (
+    "weir_heartbeats_missed_total",
+    "Workers of this pipeline whose heartbeat this worker found out of date in Redis, without \
+     a sign-off: killed, hung or cut off (cluster mode; the log names each)",
+);
+const CANARY_SHARE: Def = (
+    "weir_canary_share",
+    "The share of records (0 to 1) routed to a canary version; 0 without a canary",
+);
+const CANARY_VERSION: Def = (
+    "weir_canary_version",
+    "The version a canary runs; 0 without a canary",
+);
+
 const STATE_READS: Def = (
     "weir_state_reads_total",
     "Keyed-state reads (get) by stateful plugins",
@@ -168,6 +192,11 @@ pub struct Metrics {
     state_write_bytes: IntCounter,
     state_restore_seconds: prometheus::GaugeVec,
     state_restored_keys: IntGaugeVec,
+    worker_info: IntGaugeVec,
+    cluster_workers: IntGauge,
+    heartbeats_missed: IntCounter,
+    canary_share: prometheus::Gauge,
+    canary_version: IntGauge,
     /// Fates per plugin version, for `/v1/status` (and canary decisions).
     by_version: Mutex<BTreeMap<u64, VersionCounts>>,
 }
@@ -183,8 +212,21 @@ fn registered<M: Collector + Clone + 'static>(
 }
 
 impl Metrics {
+    /// Metrics without labels of their own (a replay, `weir test`, tests).
     pub fn new() -> Self {
-        let registry = Registry::new();
+        Self::in_registry(Registry::new())
+    }
+
+    /// A worker's metrics: every series carries its `pipeline` and `worker`, so dashboards
+    /// and alerts tell pipelines and workers apart whatever the scrape configuration.
+    pub fn of_worker(pipeline: &str, worker: &str) -> Self {
+        let labels = [("pipeline", pipeline), ("worker", worker)]
+            .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        let registry = Registry::new_custom(None, Some(labels.into_iter().collect()));
+        Self::in_registry(registry.expect("static label names"))
+    }
+
+    fn in_registry(registry: Registry) -> Self {
         let counter = |(name, help): Def| registered(&registry, IntCounter::new(name, help));
         let counter_vec = |(name, help): Def, label| {
             registered(
@@ -230,6 +272,20 @@ impl Metrics {
                 ),
             ),
             state_restored_keys: gauge_vec(STATE_RESTORED_KEYS, &["partition"]),
+            worker_info: gauge_vec(WORKER_INFO, &["input", "output", "dlq"]),
+            cluster_workers: registered(
+                &registry,
+                IntGauge::new(CLUSTER_WORKERS.0, CLUSTER_WORKERS.1),
+            ),
+            heartbeats_missed: counter(HEARTBEATS_MISSED),
+            canary_share: registered(
+                &registry,
+                prometheus::Gauge::new(CANARY_SHARE.0, CANARY_SHARE.1),
+            ),
+            canary_version: registered(
+                &registry,
+                IntGauge::new(CANARY_VERSION.0, CANARY_VERSION.1),
+            ),
             by_version: Mutex::default(),
             registry,
         };
@@ -239,6 +295,12 @@ impl Metrics {
         }
         for result in UploadResult::ALL {
             metrics.plugin_uploads.with_label_values(&[result.as_str()]);
+        }
+        for class in ErrorClass::ALL.into_iter().filter(|c| c.is_plugin_fault()) {
+            metrics.plugin_traps.with_label_values(&[class.as_str()]);
+        }
+        for reason in RetiredBy::ALL {
+            metrics.rollbacks.with_label_values(&[reason.as_str()]);
         }
         metrics
     }

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::cluster::WorkerInfo;
+use crate::metrics::{ClusterSeen, Metrics};
 use crate::runtime::ActivePlugin;
 use crate::state::RedisTarget;
 
@@ -18,10 +19,11 @@ pub(super) fn beat(
     redis: RedisTarget,
     plugin: &Arc<ActivePlugin>,
     partitions: &Partitions,
+    metrics: &Arc<Metrics>,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let (active, partitions) = (plugin.clone(), partitions.clone());
+    let (active, partitions, metrics) = (plugin.clone(), partitions.clone(), metrics.clone());
     async move {
-        let beats = crate::cluster::heartbeat(redis, move || {
+        let me = move || {
             let running = active.current();
             let partitions = partitions.lock().unwrap_or_else(PoisonError::into_inner);
             WorkerInfo {
@@ -30,7 +32,18 @@ pub(super) fn beat(
                 plugin_digest: running.meta().digest.clone(),
                 ..info.clone()
             }
-        });
+        };
+        let seen = move |live: &[WorkerInfo], missed: &[WorkerInfo]| {
+            let missed: Vec<String> = missed
+                .iter()
+                .map(|w| format!("{} on {}", w.id, w.host))
+                .collect();
+            metrics.emit(ClusterSeen {
+                live: live.len(),
+                missed: &missed,
+            });
+        };
+        let beats = crate::cluster::heartbeat(redis, me, seen);
         if let Err(e) = beats.await {
             tracing::warn!("heartbeats stopped: {e}");
         }

@@ -34,7 +34,7 @@ pub use self::plan::{ApiPlan, FilesPlan, Io, Lifecycle, Plan, PluginPlan, StateP
 pub use self::replay::{Replay, ReplayReport};
 use self::restarts::Restarts;
 use crate::cluster::WorkerInfo;
-use crate::metrics::{Metrics, Summary};
+use crate::metrics::{Metrics, Summary, WorkerStarted};
 use crate::pipeline::{Backoff, Pipeline, PipelineError, Settings};
 use crate::runtime::{ActivePlugin, Runtime};
 use crate::state::StateStore;
@@ -81,11 +81,22 @@ impl Worker {
     /// Sets up a worker from its plan, whose secrets are resolved.
     pub async fn build(plan: Plan) -> anyhow::Result<Self> {
         let runtime = Arc::new(Runtime::new(&plan.limits)?);
-        let metrics = Arc::new(Metrics::new());
+        let id = worker_id();
+        let metrics = Arc::new(Metrics::of_worker(&plan.pipeline_name, &id));
+        let (input, output, dlq) = match &plan.io {
+            Io::Kafka(kafka) => (kafka.input.clone(), kafka.output.clone(), kafka.dlq.clone()),
+            Io::Files(files) => [&files.input, &files.output, &files.dlq]
+                .map(|path| path.display().to_string())
+                .into(),
+        };
+        metrics.emit(WorkerStarted {
+            input: &input,
+            output: &output,
+            dlq: &dlq,
+        });
         let tasks = Tasks::default();
         let (plugin, control) = plugin::start(&plan, runtime, &metrics, &tasks).await?;
         check_keyed_state(&plan, &plugin.current())?;
-        let id = worker_id();
         // The state store before the files: it cuts output files back before they are opened.
         let (state, redis) = state_store(&plan, &id, &metrics).await?;
         // In exactly-once mode keyed state is in the changelog topic (`weir state --kafka`).
@@ -142,7 +153,13 @@ impl Worker {
         // Heartbeats say which worker holds which partitions: cluster mode only.
         let redis = (plan.redis().cloned()).filter(|_| matches!(plan.io, Io::Kafka(_)));
         if let Some(redis) = &redis {
-            tasks.spawn(heartbeat::beat(info, redis.clone(), &plugin, &partitions));
+            tasks.spawn(heartbeat::beat(
+                info,
+                redis.clone(),
+                &plugin,
+                &partitions,
+                &metrics,
+            ));
         }
         let pipeline = |source, sink, dlq, state| Pipeline {
             plugin: plugin.clone(),

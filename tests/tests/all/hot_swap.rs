@@ -169,7 +169,11 @@ fn a_faulting_version_is_quarantined_back_to_the_previous_one() {
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
-        metrics.contains(r#"weir_rollbacks_total{reason="quarantine"} 1"#),
+        weir_tests::metric_sum(
+            &metrics,
+            "weir_rollbacks_total",
+            &[("reason", "quarantine")]
+        ) == 1.0,
         "{metrics}"
     );
     let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");
@@ -321,7 +325,7 @@ fn a_failing_canary_is_rolled_back_by_the_worker() {
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
-        metrics.contains(r#"weir_rollbacks_total{reason="canary"} 1"#),
+        weir_tests::metric_sum(&metrics, "weir_rollbacks_total", &[("reason", "canary")]) == 1.0,
         "{metrics}"
     );
     let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");
@@ -633,7 +637,11 @@ fn an_upload_compiling_over_the_memory_cap_is_refused() {
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
-        metrics.contains(r#"weir_plugin_uploads_total{result="compile_memory"} 1"#),
+        weir_tests::metric_sum(
+            &metrics,
+            "weir_plugin_uploads_total",
+            &[("result", "compile_memory")]
+        ) == 1.0,
         "{metrics}"
     );
     let audit = std::fs::read_to_string(weir.path("state/registry/audit.jsonl")).expect("audit");

@@ -6,7 +6,7 @@ use crate::WEIR;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde_json::{Value, json};
-use weir_tests::{Weir, event, plugin};
+use weir_tests::{Weir, event, metric_sum, plugin};
 
 /// `n` events of 37 users over 5 UTC days, with actions of every kind, some invalid
 /// (empty `user_id`) and some repeated (the same id again).
@@ -325,14 +325,6 @@ fn a_run_killed_half_way_and_run_again_leaves_the_state_and_outputs_of_one_clean
     );
 }
 
-/// The value of a counter in a Prometheus text exposition (0 when absent).
-fn counter(exposition: &str, name: &str) -> f64 {
-    (exposition.lines())
-        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn state_reads_writes_and_bytes_are_counted() {
     use std::io::Write;
@@ -375,8 +367,12 @@ fn state_reads_writes_and_bytes_are_counted() {
     let exposition = loop {
         let (_, body) = weir_tests::http::request(port, "", "GET", "/metrics", b"");
         let text = String::from_utf8(body).expect("UTF-8");
-        let fated = counter(&text, "weir_records_processed_total")
-            + counter(&text, "weir_records_dead_lettered_total{class=\"invalid\"}");
+        let fated = metric_sum(&text, "weir_records_processed_total", &[])
+            + metric_sum(
+                &text,
+                "weir_records_dead_lettered_total",
+                &[("class", "invalid")],
+            );
         if fated >= 3.0 {
             break text;
         }
@@ -388,10 +384,13 @@ fn state_reads_writes_and_bytes_are_counted() {
     };
     drop(stdin);
     let _ = child.wait();
-    assert_eq!(counter(&exposition, "weir_state_reads_total"), 3.0);
-    assert_eq!(counter(&exposition, "weir_state_writes_total"), 4.0);
+    assert_eq!(metric_sum(&exposition, "weir_state_reads_total", &[]), 3.0);
+    assert_eq!(metric_sum(&exposition, "weir_state_writes_total", &[]), 4.0);
     // "seen/a" + "1", "count" + "1"; "seen/b" + "1", "count" + "2".
-    assert_eq!(counter(&exposition, "weir_state_write_bytes_total"), 26.0);
+    assert_eq!(
+        metric_sum(&exposition, "weir_state_write_bytes_total", &[]),
+        26.0
+    );
 }
 
 #[test]

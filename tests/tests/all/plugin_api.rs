@@ -739,9 +739,11 @@ async fn the_cluster_route_lists_live_workers_from_redis() {
         plugin_digest: "sha256:ab".into(),
         last_seen_ms: 0,
     };
-    let beating = tokio::spawn(weir::cluster::heartbeat(redis.target(), move || {
-        info.clone()
-    }));
+    let beating = tokio::spawn(weir::cluster::heartbeat(
+        redis.target(),
+        move || info.clone(),
+        |_, _| {},
+    ));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let workers = loop {
         let (status, workers) = api.json("GET", "/v1/cluster", None, vec![]).await;

@@ -497,3 +497,72 @@ async fn on_a_redis_cluster_a_batch_spreads_over_the_masters_and_survives_a_fail
         "fences still rise after the failover: {newest} then {fresh}"
     );
 }
+
+/// A worker that stopped beating without signing off is noticed by the live workers of its
+/// pipeline: reported once (by whichever removes its heartbeat first), with the live count;
+/// another pipeline's stale heartbeat is left to that pipeline's workers.
+#[tokio::test]
+async fn a_stale_heartbeat_is_reported_once_by_the_workers_of_its_pipeline() {
+    use std::sync::{Arc, Mutex};
+    use weir::cluster::WorkerInfo;
+    let redis = RedisServer::start();
+    let worker = |pipeline: &str, id: &str, last_seen_ms| WorkerInfo {
+        id: id.into(),
+        host: "h".into(),
+        pipeline: pipeline.into(),
+        topic: "in".into(),
+        partitions: vec![],
+        plugin: "p".into(),
+        plugin_version: 1,
+        plugin_digest: "sha256:ab".into(),
+        last_seen_ms,
+    };
+    let client = redis::Client::open(redis.url.as_str()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for dead in [worker("p", "dead", 1), worker("other", "gone", 1)] {
+        let field = format!("{}/{}", dead.pipeline, dead.id);
+        let json = serde_json::to_string(&dead).expect("JSON");
+        let () = redis::cmd("HSET")
+            .arg("weir:workers")
+            .arg(field)
+            .arg(json)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+    }
+    let missed = Arc::new(Mutex::new(Vec::new()));
+    let live = Arc::new(Mutex::new(0));
+    let beating: Vec<_> = ["w1", "w2"]
+        .map(|id| {
+            let me = worker("p", id, 0);
+            let (missed, live) = (missed.clone(), live.clone());
+            let seen = move |now: &[WorkerInfo], gone: &[WorkerInfo]| {
+                *live.lock().unwrap() = now.len();
+                missed
+                    .lock()
+                    .unwrap()
+                    .extend(gone.iter().map(|w| w.id.clone()));
+            };
+            tokio::spawn(weir::cluster::heartbeat(
+                redis.target(),
+                move || me.clone(),
+                seen,
+            ))
+        })
+        .into();
+    // Two beats each (one every 2 s).
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    beating.iter().for_each(|b| b.abort());
+    assert_eq!(*missed.lock().unwrap(), ["dead"], "reported once");
+    assert_eq!(*live.lock().unwrap(), 2, "both live workers of `p`");
+    let left: Vec<String> = redis::cmd("HKEYS")
+        .arg("weir:workers")
+        .query_async(&mut conn)
+        .await
+        .expect("HKEYS");
+    assert!(left.contains(&"other/gone".to_owned()), "{left:?}");
+    assert!(!left.contains(&"p/dead".to_owned()), "{left:?}");
+}
