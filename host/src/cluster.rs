@@ -114,7 +114,7 @@ async fn roll_call(
         let Ok(info) = serde_json::from_str::<WorkerInfo>(&json) else {
             continue;
         };
-        if !pipeline.is_none_or(|p| p == info.pipeline) {
+        if pipeline.is_some_and(|p| p != info.pipeline) {
             continue;
         }
         if now.saturating_sub(info.last_seen_ms) <= HEARTBEAT_TTL.as_millis() as u64 {
