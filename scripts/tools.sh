@@ -32,14 +32,16 @@ fi
 # From Debian: clang 14 with wasi-libc and the wasm32 compiler runtime (C plugins),
 # redis-server (the tests start their own on a free port; built with TLS), OpenSSL's headers
 # and pkg-config (librdkafka's TLS and SASL, native-tls for Redis), Java 17 and Maven (the
-# Kafka broker the tests start), and the openssl command (the TLS tests' certificates)...
+# Kafka broker the tests start), the openssl command (the TLS tests' certificates), and
+# Prometheus with promtool (the alert rules' tests; without the node exporter it recommends)...
 packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 redis-server libssl-dev pkg-config
   openssl openjdk-17-jre-headless maven)
-if ! dpkg -s "${packages[@]}" > /dev/null 2>&1; then
-  echo "tools: installing ${packages[*]} (apt)" >&2
+if ! dpkg -s "${packages[@]}" prometheus > /dev/null 2>&1; then
+  echo "tools: installing ${packages[*]} prometheus (apt)" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${packages[@]}" > /dev/null
+  apt-get install -y -qq --no-install-recommends prometheus > /dev/null
 fi
 
 # ...wasm-tools and wit-bindgen from crates.io, pinned, into .tools/cargo, with only the

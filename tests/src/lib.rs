@@ -15,6 +15,7 @@ pub mod http;
 pub mod kafka_broker;
 pub mod live;
 pub mod measure;
+pub mod prometheus;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod tls;

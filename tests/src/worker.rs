@@ -88,6 +88,11 @@ impl Worker {
         }
     }
 
+    /// The port of its `/metrics`.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

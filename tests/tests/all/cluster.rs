@@ -42,7 +42,7 @@ pub(crate) struct Setup<R = RedisServer> {
 }
 
 impl Setup {
-    fn new(name: &str, partitions: i32) -> Self {
+    pub(crate) fn new(name: &str, partitions: i32) -> Self {
         Self::with(name, partitions, KafkaBroker::start(), RedisServer::start())
     }
 

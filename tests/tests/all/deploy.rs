@@ -6,7 +6,7 @@
 
 use crate::WEIR;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_yaml::Value;
@@ -196,6 +196,42 @@ fn compose_workers_validate_and_prometheus_scrapes_them() {
         .and_then(|p| p.rsplit(':').next().map(str::to_owned))
         .expect("prometheus port");
     assert_eq!(url, format!("http://prometheus:{port}"));
+
+    // Prometheus loads the shipped alert rules, and Grafana the shipped dashboard, which
+    // queries that data source.
+    let inside = |service_name: &str, path: &str| {
+        mounts(service(&compose, service_name))
+            .into_iter()
+            .find_map(|(host, inside)| {
+                let rest = Path::new(path).strip_prefix(&inside).ok()?;
+                Some(host.join(rest))
+            })
+            .unwrap_or_else(|| panic!("{service_name} does not mount {path}"))
+    };
+    for rules in strings(&prometheus["rule_files"]) {
+        let host = inside("prometheus", &rules);
+        assert_eq!(
+            host,
+            repo_root().join("deploy/prometheus/alerts.yml"),
+            "{rules}"
+        );
+    }
+    assert!(
+        !strings(&prometheus["rule_files"]).is_empty(),
+        "no rule_files"
+    );
+    let providers: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(provisioning.join("dashboards/weir.yml")).expect("read"),
+    )
+    .expect("YAML");
+    let folder = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .expect("path");
+    let dashboard = inside("grafana", &format!("{folder}/weir.json"));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard).expect("read")).expect("JSON");
+    let uid = datasources["datasources"][0]["uid"].as_str().expect("uid");
+    assert_eq!(dashboard["panels"][0]["datasource"]["uid"], uid);
 }
 
 #[test]

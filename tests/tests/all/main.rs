@@ -17,6 +17,7 @@ mod keyed_cluster;
 mod keyed_state;
 mod lifecycle;
 mod memory;
+mod observability;
 mod pipeline;
 mod plugin_api;
 mod plugin_test;
