@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
-use super::{key_values, write_summary};
+use super::{kafka_of, key_values, write_summary};
 use crate::record::DeadLetterLine;
 use crate::worker::{Replay, ReplayReport};
 
@@ -150,15 +150,8 @@ fn list_file(path: &Path, show: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kafka_of(bootstrap: &str) -> crate::config::KafkaConfig {
-    crate::config::KafkaConfig {
-        bootstrap: Some(bootstrap.to_owned()),
-        ..Default::default()
-    }
-}
-
 async fn list_topic(bootstrap: &str, topic: &str, show: usize) -> anyhow::Result<()> {
-    let letters = crate::kafka::dlq_topic::read_all(&kafka_of(bootstrap), topic).await?;
+    let letters = crate::kafka::read_topic(&kafka_of(bootstrap), topic).await?;
     print!(
         "{}",
         crate::kafka::dlq_topic::render_list(topic, &letters, show)
@@ -175,7 +168,7 @@ async fn replay_topic(args: ReplayArgs) -> anyhow::Result<()> {
         bail!("--to-topic must differ from --dlq-topic ({from})");
     }
     let kafka = kafka_of(bootstrap);
-    let letters = crate::kafka::dlq_topic::read_all(&kafka, from).await?;
+    let letters = crate::kafka::read_topic(&kafka, from).await?;
     let done = crate::kafka::dlq_topic::replay(
         &kafka,
         letters,

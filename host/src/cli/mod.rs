@@ -15,6 +15,7 @@ mod cluster;
 mod dlq;
 mod pipeline;
 mod plugin;
+mod reconcile;
 mod run;
 mod state;
 mod test;
@@ -51,6 +52,9 @@ enum Command {
     /// Inspect a cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Audit a pipeline against the log: every input id in the output or the DLQ, ids
+    /// missing or repeated in the output (files, or topics).
+    Reconcile(reconcile::ReconcileArgs),
     /// Read a stateful plugin's keyed state (embedded store).
     #[command(subcommand)]
     State(state::StateCommand),
@@ -62,6 +66,14 @@ enum Command {
     /// in which the API validates an upload, so its memory can be capped.
     #[command(hide = true)]
     ValidateUpload,
+}
+
+/// Client settings for the Kafka at `bootstrap` (`weir dlq`, `weir reconcile`).
+fn kafka_of(bootstrap: &str) -> crate::config::KafkaConfig {
+    crate::config::KafkaConfig {
+        bootstrap: Some(bootstrap.to_owned()),
+        ..Default::default()
+    }
 }
 
 /// Entry point of the `weir` binary.
@@ -100,6 +112,7 @@ pub fn main() -> ExitCode {
             Command::Test(args) => args.execute().await,
             Command::Dlq(command) => command.execute().await,
             Command::Cluster(command) => command.execute().await,
+            Command::Reconcile(args) => args.execute().await,
             Command::State(command) => command.execute().await,
             Command::Plugin(args) => args.execute().await,
             Command::Pipeline(args) => args.execute().await,

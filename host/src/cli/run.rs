@@ -129,7 +129,7 @@ pub(super) struct RunArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Format {
+pub(super) enum Format {
     Value,
     Envelope,
 }

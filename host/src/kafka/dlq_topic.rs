@@ -6,20 +6,12 @@
 //! purpose and still deduplicates a replay run twice.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
-
-use super::{KafkaProducer, KafkaSink, LogContext, TopicRecord, client_config};
+use super::{KafkaProducer, KafkaSink, TopicRecord};
 use crate::config::KafkaConfig;
 use crate::record::Output;
 use crate::record::headers;
 use crate::sink::{Lane, Sink};
-
-/// How long the topic must stay quiet before it counts as read to its end.
-const QUIET: Duration = Duration::from_secs(2);
 
 /// What a dead letter read from the topic carries besides the original record.
 impl TopicRecord {
@@ -33,56 +25,6 @@ impl TopicRecord {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
-}
-
-/// Every record of `topic`, from the start until it stays quiet for two seconds.
-pub async fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
-    let kafka = kafka.clone();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_all_blocking(&kafka, &topic)).await?
-}
-
-fn read_all_blocking(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
-    let consumer: BaseConsumer<LogContext> = client_config(
-        kafka,
-        &[
-            ("group.id", "weir-dlq-reader"),
-            ("enable.auto.commit", "false"),
-        ],
-    )
-    .create_with_context(LogContext)
-    .map_err(|e| anyhow!("kafka client: {}", crate::kafka::creation_error(e)))?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("topic `{topic}`"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        bail!("topic `{topic}` does not exist");
-    }
-    // Read from the start of every partition until the topic stays quiet for QUIET (the
-    // high watermarks are not a reliable end on every Kafka-protocol broker: some lag).
-    let mut tpl = TopicPartitionList::new();
-    for &p in &partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let mut letters = Vec::new();
-    let mut last = Instant::now();
-    while last.elapsed() < QUIET {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let m = message.with_context(|| format!("topic `{topic}`"))?;
-        last = Instant::now();
-        letters.push(TopicRecord::of(&m));
-    }
-    Ok(letters)
 }
 
 /// `weir dlq list` for a topic: counts by class and the first `show` letters of each.

@@ -29,8 +29,9 @@ pub use consumer::KafkaSource;
 pub use producer::{DELIVERY_ATTEMPTS, KafkaDeadLetters, KafkaProducer, KafkaSink};
 pub use transactions::Transactions;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::{Context, anyhow, bail};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -108,6 +109,8 @@ pub struct TopicRecord {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Its timestamp, in ms since the epoch, when it has one.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl TopicRecord {
@@ -118,6 +121,7 @@ impl TopicRecord {
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().unwrap_or_default().to_vec(),
             headers: headers_of(message),
+            timestamp_ms: message.timestamp().to_millis(),
         }
     }
 
@@ -133,6 +137,61 @@ impl TopicRecord {
     pub fn value_text(&self) -> String {
         String::from_utf8_lossy(&self.value).into_owned()
     }
+}
+
+/// How long a topic must stay quiet before [`read_topic`] counts it as read to its end.
+const QUIET: Duration = Duration::from_secs(2);
+
+/// Every record of `topic` a `read_committed` consumer sees, from the start until it stays
+/// quiet for two seconds (`weir dlq`, `weir reconcile`).
+pub async fn read_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
+    let kafka = kafka.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_topic_blocking(&kafka, &topic)).await?
+}
+
+fn read_topic_blocking(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
+    let consumer: BaseConsumer<LogContext> = client_config(
+        kafka,
+        &[
+            ("group.id", "weir-topic-reader"),
+            ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+        ],
+    )
+    .create_with_context(LogContext)
+    .map_err(|e| anyhow!("kafka client: {}", creation_error(e)))?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("topic `{topic}`"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("topic `{topic}` does not exist");
+    }
+    // Read from the start of every partition until the topic stays quiet for QUIET (the
+    // high watermarks are not a reliable end on every Kafka-protocol broker: some lag).
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut letters = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < QUIET {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = message.with_context(|| format!("topic `{topic}`"))?;
+        last = Instant::now();
+        letters.push(TopicRecord::of(&m));
+    }
+    Ok(letters)
 }
 
 /// `(name, bytes)` pairs as headers to produce.

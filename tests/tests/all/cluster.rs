@@ -92,7 +92,7 @@ impl<R> Setup<R> {
     }
 
     /// Produces events (`id` keys) to the input topic.
-    fn produce(&self, events: &[String]) {
+    pub(crate) fn produce(&self, events: &[String]) {
         let records = events.iter().map(|e| {
             let id = serde_json::from_str::<serde_json::Value>(e)
                 .ok()
@@ -104,7 +104,7 @@ impl<R> Setup<R> {
     }
 
     /// A worker running `enrich` with ids from `/id`.
-    fn worker(&self, name: &str, extra: &[&str]) -> Worker {
+    pub(crate) fn worker(&self, name: &str, extra: &[&str]) -> Worker {
         self.worker_of("enrich", name, extra)
     }
 
@@ -217,7 +217,7 @@ fn rand_suffix() -> u32 {
 }
 
 /// `n` events `e0..`; every `poison_every`-th lacks `user_id` (enrich says `invalid`).
-fn events(n: usize, poison_every: usize) -> Vec<String> {
+pub(crate) fn events(n: usize, poison_every: usize) -> Vec<String> {
     let actions = ["view", "click", "purchase", "add_to_cart", "refund"];
     (0..n)
         .map(|i| {

@@ -21,6 +21,7 @@ mod observability;
 mod pipeline;
 mod plugin_api;
 mod plugin_test;
+mod reconcile;
 mod redis_state;
 mod security;
 mod vectors;
