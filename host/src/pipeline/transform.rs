@@ -123,9 +123,10 @@ impl Shared {
     }
 
     /// Exactly-once mode, a stateful batch (`epochs` not empty): per record of `to_run`
-    /// (whose records are `work`, whose ids are in `ids`), its partition if that partition's keyed state marks its
-    /// id done already ([`DoneMarks`]): a repeat of a record committed before, whose worker
-    /// died before marking it done in the state store. Otherwise none is a repeat.
+    /// (whose records are `work`, whose ids are in `ids`), its partition if that partition's
+    /// keyed state marks its id done already ([`DoneMarks`]): a repeat of a record committed
+    /// before, whose worker died before marking it done in the state store. Otherwise none
+    /// is a repeat.
     fn repeated(
         &self,
         epochs: &[(i32, u64)],
