@@ -36,7 +36,9 @@ fi
 # Prometheus with promtool (the alert rules' tests; without the node exporter it recommends)...
 packages=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 redis-server libssl-dev pkg-config
   openssl openjdk-17-jre-headless maven)
-if ! dpkg -s "${packages[@]}" prometheus > /dev/null 2>&1; then
+# (`dpkg -s` also succeeds for a package removed with its configuration left: ask for the status.)
+installed() { dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null | grep -c '^install ok installed$'; }
+if [ "$(installed "${packages[@]}" prometheus)" -ne $((${#packages[@]} + 1)) ]; then
   echo "tools: installing ${packages[*]} prometheus (apt)" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
