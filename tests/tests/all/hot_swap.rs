@@ -472,19 +472,8 @@ fn activation_and_rollback_swap_the_running_plugin() {
     // `/metrics` parses as Prometheus text, with the control plane's counts.
     let (_, metrics) = http(port, "GET", "/metrics", b"");
     let metrics = String::from_utf8_lossy(&metrics);
-    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text");
     let value = |name: &str, label: Option<(&str, &str)>| {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Gauge(n) => n,
-                _ => panic!("{name} is not a counter or gauge"),
-            })
-            .sum::<f64>()
+        weir_tests::metric_sum(&metrics, name, label.as_slice())
     };
     assert_eq!(value("weir_hot_swaps_total", None), 2.0, "{metrics}");
     assert_eq!(

@@ -252,19 +252,7 @@ fn metrics_after_a_run_equal_the_summary() {
         {
             let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
                 .expect("Prometheus text");
-            let value = |name: &str| -> f64 {
-                parsed
-                    .samples
-                    .iter()
-                    .filter(|s| s.metric == name)
-                    .map(|s| match s.value {
-                        prometheus_parse::Value::Counter(v)
-                        | prometheus_parse::Value::Untyped(v)
-                        | prometheus_parse::Value::Gauge(v) => v,
-                        _ => 0.0,
-                    })
-                    .sum()
-            };
+            let value = |name: &str| weir_tests::metric_sum(&body, name, &[]);
             let fated = value("weir_records_processed_total")
                 + value("weir_records_dead_lettered_total")
                 + value("weir_records_deduplicated_total");
