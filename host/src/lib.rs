@@ -15,7 +15,8 @@
 //! - [`runtime`]: wasmtime engine, plugin loading, limits, per-record fault isolation, the
 //!   keyed state a stateful plugin reads and writes in a call.
 //! - [`metrics`]: every metric, counted through typed events, and the run summary read
-//!   from them.
+//!   from them; [`traces`]: OpenTelemetry spans of batches and records, and the W3C trace
+//!   context in records' headers.
 //! - [`kafka`]: everything Kafka: the clients a pipeline's plan asks for, consumer,
 //!   producer, offsets, exactly-once transactions, the dead-letter topic.
 //! - [`pipeline`]: the record lifecycle (ids, dedup, retries, dead letters, commit).
@@ -44,4 +45,5 @@ pub mod sink;
 pub mod source;
 pub mod state;
 pub mod tasks;
+pub mod traces;
 pub mod worker;

@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 client for the workers' API: one request per connection, waiting for
-//! a worker that is still starting.
+//! A minimal HTTP/1.1 client for the workers' API (and Jaeger's): one request per
+//! connection, waiting for a server that is still starting.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -39,7 +39,32 @@ pub fn request(port: u16, token: &str, method: &str, path: &str, body: &[u8]) ->
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status");
-    (status, response[split + 4..].to_vec())
+    let body = &response[split + 4..];
+    let chunked = (head.lines()).any(|line| {
+        let line = line.to_ascii_lowercase();
+        line.starts_with("transfer-encoding:") && line.contains("chunked")
+    });
+    match chunked {
+        true => (status, dechunk(body)),
+        false => (status, body.to_vec()),
+    }
+}
+
+/// A body sent with `Transfer-Encoding: chunked`, put back together.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut whole = Vec::new();
+    while let Some(end) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&body[..end]);
+        let size = size.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size, 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        let chunk = &body[end + 2..];
+        whole.extend_from_slice(&chunk[..size]);
+        body = &chunk[size + 2..];
+    }
+    whole
 }
 
 /// As [`request`], the body parsed as JSON (`null` when it is not).

@@ -2,7 +2,8 @@
 //! as `weir-under-test`, so it is always fresh) over files in a temporary directory, and
 //! reads back outputs, dead letters and the run summary. For cluster mode: `redis_server`,
 //! `redis_cluster` and `kafka_broker` start a real Redis, a real Redis Cluster and a real
-//! Apache Kafka, `worker` runs `weir` worker processes.
+//! Apache Kafka, `worker` runs `weir` worker processes; `prometheus` and `jaeger` start a
+//! real Prometheus and a real Jaeger.
 //!
 //! The plugins come from `scripts/build-plugins.sh` (`target/wasm32-wasip2/release/`).
 
@@ -12,6 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod http;
+pub mod jaeger;
 pub mod kafka_broker;
 pub mod live;
 pub mod measure;

@@ -47,6 +47,10 @@ pub(super) struct RunArgs {
     /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9090).
     #[arg(long)]
     metrics: Option<String>,
+    /// Send traces of batches and records to this OTLP/HTTP receiver (its /v1/traces),
+    /// e.g. http://127.0.0.1:4318 (tracing.otlp_endpoint) [default: no traces].
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Keep reading the input file as it grows (like tail -f), until stopped.
     #[arg(long)]
     follow: bool,
@@ -203,6 +207,7 @@ impl RunArgs {
         set!(self.state => c.state.path);
         set!(self.id => c.pipeline.id);
         set!(self.metrics => c.metrics.addr);
+        set!(self.otlp_endpoint => c.tracing.otlp_endpoint);
         set!(self.api => c.api.addr);
         if self.follow {
             c.source.follow = true;

@@ -54,6 +54,7 @@ pub struct Config {
     pub canary: CanaryConfig,
     pub quarantine: QuarantineConfig,
     pub kafka: KafkaConfig,
+    pub tracing: TracingConfig,
 }
 
 /// Which plugin to run and how to configure it.
@@ -311,6 +312,31 @@ impl LimitsConfig {
 pub struct MetricsConfig {
     /// Address to serve `/metrics`, `/healthz` and `/readyz` on, e.g. `127.0.0.1:9090`.
     pub addr: Option<String>,
+}
+
+/// OpenTelemetry traces of batches and records (docs/operations.md), off unless an endpoint
+/// is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Base URL of an OTLP/HTTP receiver (a collector, Jaeger), e.g. `http://127.0.0.1:4318`:
+    /// spans go to its `/v1/traces`. Unset: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// The share of batches traced, from 0 to 1. A record whose `traceparent` header says
+    /// sampled or not is traced or not as its producer decided.
+    pub sample_ratio: f64,
+    /// The `service.name` of the spans.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "weir".into(),
+        }
+    }
 }
 
 /// The plugin API (`/v1`), served together with `/metrics`, `/healthz` and `/readyz`.

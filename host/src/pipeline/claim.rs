@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
@@ -15,6 +15,7 @@ use crate::metrics::{LeasesAcquired, LeasesContended};
 use crate::record::{DeadLetter, Record};
 use crate::source::Ack;
 use crate::state::Claim;
+use crate::traces::{BatchTrace, Fate, Stage};
 
 /// Batches whose claims may be under way at once.
 const CONCURRENT_CLAIMS: usize = 4;
@@ -36,6 +37,7 @@ pub(super) struct Claimed {
     pub deduplicated: u64,
     /// Whether a record of `to_run` was in the plugin when a worker died (they run alone).
     pub suspect: bool,
+    pub trace: Option<BatchTrace>,
 }
 
 /// A record the claim lets through to the plugin.
@@ -120,7 +122,13 @@ impl Shared {
     /// Claims a batch and decides what the plugin sees: not done, not a repeat within this
     /// batch, readable, not a crash loop.
     async fn decide(self: Arc<Self>, taken: Taken, hold: Hold) -> Result<Claimed, PipelineError> {
-        let Taken { batch, ids, ack } = taken;
+        let started = SystemTime::now();
+        let Taken {
+            batch,
+            ids,
+            ack,
+            mut trace,
+        } = taken;
         let claims = self.claim(&ids).await?;
         let crashes = self.crashes(&ids, &claims).await?;
         let crash_limit = self
@@ -138,6 +146,7 @@ impl Shared {
             finished: Vec::with_capacity(n),
             deduplicated: 0,
             suspect: false,
+            trace: None,
         };
         let mut seen = HashSet::with_capacity(n);
         for (i, (incoming, claim)) in batch.into_iter().zip(&claims).enumerate() {
@@ -152,7 +161,13 @@ impl Shared {
                     let failed = Failed::at(failure, attempts, now_ms());
                     let stable = self.plugin.current();
                     let partition = incoming.record.source.partition;
-                    let letter = fate::dead_letter(stable.meta(), incoming.record, &ids[i], failed);
+                    let meta = stable.meta();
+                    let mut letter = fate::dead_letter(meta, incoming.record, &ids[i], failed);
+                    if let Some(trace) = &mut trace {
+                        trace.stamp(i, &mut letter.record.headers);
+                        let (version, class) = (meta.version, letter.error.class);
+                        trace.fate(i, Fate::DeadLettered { version, class });
+                    }
                     claimed.letters.push(letter);
                     claimed.finished.push(Finished {
                         id: ids[i].clone(),
@@ -172,6 +187,14 @@ impl Shared {
             }
         }
         claimed.ids = ids;
+        if let Some(trace) = &trace {
+            let counts = [
+                ("weir.deduplicated", claimed.deduplicated),
+                ("weir.to_run", claimed.to_run.len() as u64),
+            ];
+            trace.stage(Stage::Claim, started, &counts);
+        }
+        claimed.trace = trace;
         Ok(claimed)
     }
 

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -24,6 +24,7 @@ use crate::record::ErrorClass;
 use crate::sink::Durable;
 use crate::source::Ack;
 use crate::state::{Commit, StateStore, Turn};
+use crate::traces::{BatchTrace, Ending};
 
 /// Ids held by the batches under way, each with how many times it is held. Ids are kept as
 /// 64-bit hashes: two ids that collide only make a batch wait for nothing.
@@ -180,23 +181,41 @@ pub(super) struct Completion {
     pub state: Arc<dyn StateStore>,
     pub metrics: Arc<Metrics>,
     pub counts: Counts,
+    pub trace: Option<BatchTrace>,
 }
 
 impl Completion {
-    pub(super) async fn run(self) -> Result<(), PipelineError> {
+    pub(super) async fn run(mut self) -> Result<(), PipelineError> {
+        let Some(trace) = self.trace.take() else {
+            return self.complete().await.map(drop);
+        };
+        let started = SystemTime::now();
+        let ending = self.complete().await;
+        let (result, ending) = match ending {
+            Ok(ending) => (Ok(()), ending),
+            Err(e) => {
+                let failed = Ending::Failed(crate::errors::chain(&e));
+                (Err(e), failed)
+            }
+        };
+        trace.finish(started, ending);
+        result
+    }
+
+    async fn complete(self) -> Result<Ending, PipelineError> {
         let mut ack = self.ack;
         for writes in self.writes {
             if let Err(failed) = writes.await {
                 // Exactly-once: the transaction is aborted, the records are read again.
                 if ack.abort(&failed).await? {
-                    return Ok(());
+                    return Ok(Ending::Aborted);
                 }
                 return Err(failed.into());
             }
         }
         if !ack.commit().await? {
             // Aborted: the source reads these records again; they have no fate yet.
-            return Ok(());
+            return Ok(Ending::Aborted);
         }
         let mut unfinished = Vec::new();
         if !self.finished.is_empty() {
@@ -227,6 +246,9 @@ impl Completion {
         }
         self.state.release(&self.released).await?;
         ack.ack(&unfinished);
+        let ending = Ending::Committed {
+            lease_lost: unfinished,
+        };
         drop(self.hold);
 
         let (metrics, counts) = (&self.metrics, self.counts);
@@ -242,7 +264,7 @@ impl Completion {
                 dead: &tally.dead,
             });
         }
-        Ok(())
+        Ok(ending)
     }
 }
 

@@ -18,6 +18,9 @@
 //! A stateful plugin's writes ([`keyed`]) are accepted as the plugin returns each processed
 //! record, read by the records after it, and made durable with the batch's done marks.
 //!
+//! With traces on, a batch carries its [`BatchTrace`](crate::traces::BatchTrace) through
+//! the stages, each of which ends its span in it.
+//!
 //! Every consumed record ends in exactly one fate — processed, dead-lettered or
 //! deduplicated — and the counters in [`Metrics`] say which.
 
@@ -51,6 +54,7 @@ use crate::runtime::{ActivePlugin, LoadError};
 use crate::sink::{DeadLetterSink, OutputCheck, Sink, SinkError};
 use crate::source::{Source, SourceError};
 use crate::state::{StateError, StateStore};
+use crate::traces::Traces;
 
 /// Why a run stopped early. Records of the batches under way have no fate yet and are not
 /// marked done, so a rerun picks them up again.
@@ -88,6 +92,8 @@ pub struct Settings {
     pub park_retryable: bool,
     /// Crash-loop protection.
     pub crash_guard: Option<Arc<CrashGuard>>,
+    /// Trace batches and records (`traces`).
+    pub traces: Option<Traces>,
 }
 
 /// A source, a plugin, a sink, a DLQ and a state store, wired together.

@@ -8,12 +8,15 @@ use super::{PipelineError, Shared};
 use crate::metrics::RecordsTaken;
 use crate::record::record_id;
 use crate::source::{Ack, Batch, Incoming, Source};
+use crate::traces::BatchTrace;
 
-/// A batch as read: its records, their ids and the token that acknowledges them.
+/// A batch as read: its records, their ids, the token that acknowledges them, and its
+/// trace begun.
 pub(super) struct Taken {
     pub batch: Vec<Incoming>,
     pub ids: Vec<String>,
     pub ack: Box<dyn Ack>,
+    pub trace: Option<BatchTrace>,
 }
 
 impl Shared {
@@ -52,14 +55,21 @@ impl Shared {
                         .clone()
                         .unwrap_or_else(|| record_id(self.settings.id.as_ref(), &inc.record))
                 })
-                .collect();
+                .collect::<Vec<_>>();
+            let trace = (self.settings.traces.as_ref())
+                .map(|traces| traces.batch(batch.iter().map(|inc| &inc.record), &ids));
             // Waiting for room (a dependency may be away), the source keeps its place.
             let room = tokio::select! {
                 room = out.reserve() => room,
                 never = source.keep_alive() => match never {},
             };
             let Ok(room) = room else { break };
-            room.send(Taken { batch, ids, ack });
+            room.send(Taken {
+                batch,
+                ids,
+                ack,
+                trace,
+            });
         }
         Ok(source)
     }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
@@ -17,9 +17,10 @@ use super::{PipelineError, Shared};
 use crate::clock::now_ms;
 use crate::metrics::{PluginCalled, RetriesStarted, StateRestored, StateUsed};
 use crate::record::Record;
-use crate::runtime::{CallContext, Outcome, Plugin, Routing};
+use crate::runtime::{CallContext, LogLines, Outcome, Plugin, Routing, keeping_log_lines};
 use crate::state::StateError;
 use crate::state::keyed::{DoneMarks, KeyedRead};
+use crate::traces::BatchTrace;
 
 /// A claimed batch after the plugin: a verdict for each record of `work`.
 pub(super) struct Transformed {
@@ -69,7 +70,13 @@ impl Shared {
                     .map(|admitted| claimed.ids[admitted.at].as_str())
                     .collect();
                 let (work, verdicts) = self
-                    .invoke_guarded(&routing, &on_canary, work, &ids, claimed.suspect)
+                    .invoke_guarded(
+                        (&routing, claimed.trace.as_ref()),
+                        &on_canary,
+                        work,
+                        &ids,
+                        claimed.suspect,
+                    )
                     .await?;
                 Ok::<_, PipelineError>((work, verdicts, routing, on_canary, epochs, repeated))
             };
@@ -179,18 +186,20 @@ impl Shared {
     /// the plugin when a worker died (`suspect`).
     async fn invoke_guarded(
         &self,
-        routing: &Routing,
+        (routing, trace): (&Routing, Option<&BatchTrace>),
         on_canary: &[bool],
         work: Vec<Record>,
         ids: &[&str],
         suspect: bool,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
         let Some(guard) = &self.settings.crash_guard else {
-            return self.invoke_routed(routing, on_canary, work).await;
+            return self.invoke_routed((routing, trace), on_canary, work).await;
         };
         if !suspect {
             guard.enter(ids, false).await?;
-            let done = self.invoke_routed(routing, on_canary, work).await?;
+            let done = self
+                .invoke_routed((routing, trace), on_canary, work)
+                .await?;
             guard.leave(ids, false).await?;
             return Ok(done);
         }
@@ -202,7 +211,8 @@ impl Shared {
         for (k, (record, id)) in work.into_iter().zip(ids).enumerate() {
             let canary = on_canary.get(k).map(|&c| vec![c]).unwrap_or_default();
             guard.enter(&[id], true).await?;
-            let (record, verdict) = self.invoke_routed(routing, &canary, vec![record]).await?;
+            let (record, verdict) =
+                (self.invoke_routed((routing, trace), &canary, vec![record])).await?;
             guard.leave(&[id], true).await?;
             records.extend(record);
             verdicts.extend(verdict);
@@ -244,16 +254,19 @@ impl Shared {
         }
     }
 
-    /// One plugin call off the async reactor, timed and counted.
+    /// One plugin call off the async reactor, timed, counted and traced.
     async fn call(
         &self,
         plugin: &Arc<Plugin>,
         records: Vec<Record>,
+        trace: Option<&BatchTrace>,
     ) -> Result<(Vec<Record>, Vec<Outcome>), PipelineError> {
         if records.is_empty() {
             return Ok((records, Vec::new()));
         }
-        let name = plugin.meta().name.clone();
+        let traced = trace.map(|trace| (trace, SystemTime::now()));
+        let keep_log_lines = traced.is_some();
+        let meta = plugin.meta();
         let plugin = plugin.clone();
         let reads = Arc::new(AtomicU64::new(0));
         let ctx = CallContext {
@@ -262,13 +275,20 @@ impl Shared {
             reads: reads.clone(),
         };
         let started = Instant::now();
-        let (records, outcomes) = tokio::task::spawn_blocking(move || {
-            let outcomes = plugin.transform(&records, &ctx);
-            (records, outcomes)
+        let (records, outcomes, log_lines) = tokio::task::spawn_blocking(move || {
+            let transform = || plugin.transform(&records, &ctx);
+            let (outcomes, log_lines) = match keep_log_lines {
+                true => keeping_log_lines(transform),
+                false => (transform(), LogLines::default()),
+            };
+            (records, outcomes, log_lines)
         })
         .await?;
         let elapsed = started.elapsed();
         let mut outcomes = outcomes?;
+        if let Some((trace, started)) = traced {
+            trace.plugin_call(meta, started, (&records, &outcomes), &log_lines);
+        }
         let mut used = StateUsed {
             reads: reads.load(Ordering::Relaxed),
             writes: 0,
@@ -283,7 +303,8 @@ impl Shared {
             }
             let Some(pending) = &self.keyed else {
                 return Err(StateError::new(format!(
-                    "plugin `{name}` writes keyed state, which this pipeline's state store does not keep"
+                    "plugin `{}` writes keyed state, which this pipeline's state store does not keep",
+                    meta.name
                 ))
                 .into());
             };
@@ -305,7 +326,7 @@ impl Shared {
     /// rest on the stable version; verdicts come back in the records' order.
     async fn invoke_routed(
         &self,
-        routing: &Routing,
+        (routing, trace): (&Routing, Option<&BatchTrace>),
         on_canary: &[bool],
         work: Vec<Record>,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
@@ -314,10 +335,12 @@ impl Shared {
             .as_ref()
             .filter(|_| on_canary.contains(&true))
         else {
-            return self.invoke(&routing.stable, work).await;
+            return self.invoke(&routing.stable, work, trace).await;
         };
         if routing.stable.meta().stateful || canary.plugin.meta().stateful {
-            return self.invoke_in_order(routing, on_canary, work).await;
+            return self
+                .invoke_in_order((routing, trace), on_canary, work)
+                .await;
         }
         let (mut to_stable, mut to_canary) = (Vec::new(), Vec::new());
         for (record, &on) in work.into_iter().zip(on_canary) {
@@ -327,9 +350,9 @@ impl Shared {
                 to_stable.push(record);
             }
         }
-        let (records, verdicts) = self.invoke(&routing.stable, to_stable).await?;
+        let (records, verdicts) = self.invoke(&routing.stable, to_stable, trace).await?;
         let mut stable = records.into_iter().zip(verdicts);
-        let (records, verdicts) = self.invoke(&canary.plugin, to_canary).await?;
+        let (records, verdicts) = self.invoke(&canary.plugin, to_canary, trace).await?;
         let mut candidate = records.into_iter().zip(verdicts);
         Ok(on_canary
             .iter()
@@ -341,7 +364,7 @@ impl Shared {
     /// the batch's order, so every record reads the writes of the records before it.
     async fn invoke_in_order(
         &self,
-        routing: &Routing,
+        (routing, trace): (&Routing, Option<&BatchTrace>),
         on_canary: &[bool],
         work: Vec<Record>,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
@@ -353,7 +376,7 @@ impl Shared {
                 _ => &routing.stable,
             };
             let (done, judged) = self
-                .invoke(plugin, work.by_ref().take(run.len()).collect())
+                .invoke(plugin, work.by_ref().take(run.len()).collect(), trace)
                 .await?;
             records.extend(done);
             verdicts.extend(judged);
@@ -368,8 +391,9 @@ impl Shared {
         &self,
         plugin: &Arc<Plugin>,
         records: Vec<Record>,
+        trace: Option<&BatchTrace>,
     ) -> Result<(Vec<Record>, Vec<Verdict>), PipelineError> {
-        let (mut records, outcomes) = self.call(plugin, records).await?;
+        let (mut records, outcomes) = self.call(plugin, records, trace).await?;
         let first_failure_ms = now_ms();
         let first_failure = Instant::now();
         let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(records.len());
@@ -425,7 +449,7 @@ impl Shared {
                     record
                 })
                 .collect();
-            let (retry, outcomes) = self.call(plugin, retry).await?;
+            let (retry, outcomes) = self.call(plugin, retry, trace).await?;
             last_failure_ms = now_ms();
             let mut still = Vec::new();
             for (((i, _), record), outcome) in pending.into_iter().zip(retry).zip(outcomes) {

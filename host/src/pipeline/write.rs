@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
@@ -20,6 +20,7 @@ use crate::sink::{DeadLetterSink, Durable, Sink, SinkError};
 use crate::source::Ack;
 use crate::state::keyed::KeyedWrite;
 use crate::state::{Commit, Turn};
+use crate::traces::{Fate, Stage};
 
 impl Shared {
     pub(super) async fn write_stage(
@@ -79,7 +80,9 @@ impl Shared {
             on_canary,
             writes: keyed_writes,
         } = batch;
+        let started = SystemTime::now();
         let to_run = std::mem::take(&mut claimed.to_run);
+        let mut trace = claimed.trace.take();
         let ids = &mut claimed.ids;
         let stable = routing.stable.meta();
         let candidate = routing.canary.as_ref().map(|c| c.plugin.meta());
@@ -94,19 +97,30 @@ impl Shared {
             let meta = candidate.filter(|_| on_canary).unwrap_or(stable);
             let id = &ids[at];
             let tally = tallies.entry(meta.version).or_default();
+            let version = meta.version;
             match verdict {
                 Verdict::Outputs(outs) => {
                     tally.processed += 1;
                     tally.records_out += outs.len() as u64;
                     for mut out in outs {
                         fate::stamp(&mut out, id, &versions[usize::from(on_canary)], fence);
+                        if let Some(trace) = &trace {
+                            trace.stamp(at, &mut out.headers);
+                        }
                         outputs.push(out);
+                    }
+                    if let Some(trace) = &mut trace {
+                        trace.fate(at, Fate::Processed { version });
                     }
                 }
                 Verdict::Failed(failed) => {
-                    claimed
-                        .letters
-                        .push(fate::dead_letter(meta, record, id, failed));
+                    let mut letter = fate::dead_letter(meta, record, id, failed);
+                    if let Some(trace) = &mut trace {
+                        trace.stamp(at, &mut letter.record.headers);
+                        let class = letter.error.class;
+                        trace.fate(at, Fate::DeadLettered { version, class });
+                    }
+                    claimed.letters.push(letter);
                 }
                 Verdict::Parked {
                     reason,
@@ -120,7 +134,12 @@ impl Shared {
                         first_failure_ms,
                         due_ms,
                     };
-                    outputs.push(parked.output(record, &reason));
+                    let mut output = parked.output(record, &reason);
+                    if let Some(trace) = &mut trace {
+                        trace.stamp(at, &mut output.headers);
+                        trace.fate(at, Fate::Parked { version });
+                    }
+                    outputs.push(output);
                     tally.parked += 1;
                     // No fate yet: no done mark, and the lease goes for the next attempt.
                     released.push((parked.id, fence));
@@ -140,6 +159,10 @@ impl Shared {
             tally.dead.push(letter.error.class);
         }
         let letters = std::mem::take(&mut claimed.letters);
+        let counts = [
+            ("weir.outputs", outputs.len() as u64),
+            ("weir.dead_letters", letters.len() as u64),
+        ];
         let writes = send(
             &mut claimed.ack,
             (sink, dlq),
@@ -155,6 +178,10 @@ impl Shared {
             epochs: keyed_writes.epochs,
         };
         let keyed = (self.keyed.clone()).map(|pending| (pending, keyed_writes.last));
+        if let Some(trace) = &trace {
+            trace.stage(Stage::Write, started, &counts);
+        }
+        claimed.trace = trace;
         Ok(self.completion(claimed, writes, released, tallies, (commit, turn, keyed)))
     }
 
@@ -178,6 +205,7 @@ impl Shared {
             hold: claimed.hold,
             state: self.state.clone(),
             metrics: self.metrics.clone(),
+            trace: claimed.trace,
             counts: Counts {
                 deduplicated: claimed.deduplicated,
                 by_version,

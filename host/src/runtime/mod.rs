@@ -7,12 +7,14 @@
 //!   small pool of warm instances, and [`Plugin::transform`], which gives every record
 //!   exactly one [`Outcome`] — isolating the culprit when a batch call traps.
 //! - `bindings.rs`: the one `bindgen!` site; `limits.rs`: the memory cap; `stdio.rs`: the
-//!   bounded buffer that keeps the tail of guest stderr.
+//!   bounded buffer that keeps the tail of guest stderr; `log_lines.rs`: plugin log lines
+//!   kept for the trace of their call.
 
 mod active;
 mod bindings;
 mod keyed;
 mod limits;
+mod log_lines;
 mod plugin;
 mod stdio;
 
@@ -29,6 +31,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use active::{ActivePlugin, Canary, Routing};
 pub use bindings::{Level, WIT_VERSION};
+pub use log_lines::{LogLine, LogLines, keeping_log_lines};
 pub use plugin::{CallContext, Failure, Inspection, LoadError, Outcome, Plugin, PluginMeta, World};
 
 use crate::config::LimitsConfig;
@@ -231,6 +234,7 @@ impl bindings::types::Host for StoreState {}
 impl bindings::weir::transform::host::Host for StoreState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let (plugin, version) = (self.meta.name.as_str(), self.meta.version);
+        log_lines::keep(level, &message);
         match level {
             Level::Trace => tracing::trace!(plugin, version, "{message}"),
             Level::Debug => tracing::debug!(plugin, version, "{message}"),

@@ -30,7 +30,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use self::endpoints::{Endpoints, crash_guard, state_store};
-pub use self::plan::{ApiPlan, FilesPlan, Io, Lifecycle, Plan, PluginPlan, StatePlan, Store};
+pub use self::plan::{
+    ApiPlan, FilesPlan, Io, Lifecycle, Plan, PluginPlan, StatePlan, Store, TracingPlan,
+};
 pub use self::replay::{Replay, ReplayReport};
 use self::restarts::Restarts;
 use crate::cluster::WorkerInfo;
@@ -39,6 +41,7 @@ use crate::pipeline::{Backoff, Pipeline, PipelineError, Settings};
 use crate::runtime::{ActivePlugin, Runtime};
 use crate::state::StateStore;
 use crate::tasks::Tasks;
+use crate::traces::Traces;
 
 /// A worker ready to run: everything that can fail at start-up has been done.
 pub struct Worker {
@@ -117,6 +120,12 @@ impl Worker {
             max_in_flight_batches: lifecycle.max_in_flight_batches,
             park_retryable: plan.retry.topic.is_some(),
             crash_guard: crash_guard(&plan, redis)?,
+            traces: (plan.tracing.as_ref())
+                .map(|t| {
+                    let of = (plan.pipeline_name.as_str(), id.as_str());
+                    Traces::start(&t.endpoint, &t.service_name, t.sample_ratio, of)
+                })
+                .transpose()?,
         };
         Ok(Self {
             plan,
@@ -192,6 +201,9 @@ impl Worker {
                 endpoints.partitions.take();
         };
         tasks.stop().await;
+        if let Some(traces) = settings.traces {
+            let _ = tokio::task::spawn_blocking(move || traces.shut_down()).await;
+        }
         if let Some(redis) = &redis {
             let _ = crate::cluster::sign_off(redis, &plan.pipeline_name, &id).await;
         }

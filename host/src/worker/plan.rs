@@ -38,6 +38,17 @@ pub struct Plan {
     pub api: Option<ApiPlan>,
     pub canary: CanaryConfig,
     pub quarantine: QuarantineConfig,
+    /// Where traces go, when they are on.
+    pub tracing: Option<TracingPlan>,
+}
+
+/// Traces sent over OTLP/HTTP.
+#[derive(Debug, Clone)]
+pub struct TracingPlan {
+    /// The receiver's URL of traces (`…/v1/traces`).
+    pub endpoint: String,
+    pub sample_ratio: f64,
+    pub service_name: String,
 }
 
 /// The plugin a worker starts with.
@@ -158,6 +169,7 @@ impl Plan {
                 .map(|addr| socket_address("metrics.addr", addr, "127.0.0.1:9090"))
                 .transpose()?,
             api: api(&config)?,
+            tracing: tracing(&config)?,
             plugin: PluginPlan {
                 path,
                 name,
@@ -566,6 +578,40 @@ fn socket_address(
     })
 }
 
+fn tracing(config: &Config) -> Result<Option<TracingPlan>, ConfigError> {
+    let tracing = &config.tracing;
+    let Some(base) = tracing.otlp_endpoint.as_deref() else {
+        return Ok(None);
+    };
+    let example = "like http://127.0.0.1:4318";
+    let Some(rest) = (base.strip_prefix("http://")).or_else(|| base.strip_prefix("https://"))
+    else {
+        let reason = format!("`{base}` is not an http:// or https:// URL {example}");
+        return Err(invalid("tracing.otlp_endpoint", reason));
+    };
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+        let reason = format!("`{base}` names no host: give a URL {example}");
+        return Err(invalid("tracing.otlp_endpoint", reason));
+    }
+    if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+        let reason = format!("{} is not between 0 and 1", tracing.sample_ratio);
+        return Err(invalid("tracing.sample_ratio", reason));
+    }
+    if tracing.service_name.is_empty() {
+        return Err(invalid("tracing.service_name", "is empty"));
+    }
+    // As OTEL_EXPORTER_OTLP_ENDPOINT: the base URL, traces at its /v1/traces.
+    let endpoint = match base.trim_end_matches('/') {
+        full if full.ends_with("/v1/traces") => full.to_owned(),
+        base => format!("{base}/v1/traces"),
+    };
+    Ok(Some(TracingPlan {
+        endpoint,
+        sample_ratio: tracing.sample_ratio,
+        service_name: tracing.service_name.clone(),
+    }))
+}
+
 /// `mb` MiB in bytes.
 fn mib(mb: u64) -> usize {
     usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
@@ -767,6 +813,35 @@ mod tests {
             err.contains("source.topic") && err.contains("--kafka"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn traces_go_to_the_endpoints_v1_traces_and_a_bad_setting_is_named() {
+        let mut c = minimal();
+        assert!(Plan::new(c.clone()).expect("valid").tracing.is_none());
+        let endpoint = |c: &Config| Plan::new(c.clone()).expect("valid").tracing.expect("on");
+        for (given, used) in [
+            ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
+            (
+                "https://otel.example:4318/",
+                "https://otel.example:4318/v1/traces",
+            ),
+            ("http://c:4318/v1/traces", "http://c:4318/v1/traces"),
+        ] {
+            c.tracing.otlp_endpoint = Some(given.into());
+            assert_eq!(endpoint(&c).endpoint, used);
+        }
+        for bad in ["127.0.0.1:4318", "http://", "grpc://c:4317"] {
+            c.tracing.otlp_endpoint = Some(bad.into());
+            let err = fails(&c);
+            assert!(
+                err.contains("tracing.otlp_endpoint") && err.contains(bad),
+                "{err}"
+            );
+        }
+        c.tracing.otlp_endpoint = Some("http://c:4318".into());
+        c.tracing.sample_ratio = 1.5;
+        assert!(fails(&c).contains("tracing.sample_ratio"), "{}", fails(&c));
     }
 
     #[test]

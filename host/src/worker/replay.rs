@@ -83,6 +83,7 @@ impl Replay {
                 max_in_flight_batches: plan.lifecycle.max_in_flight_batches,
                 park_retryable: false,
                 crash_guard: None,
+                traces: None,
             },
         };
         let summary = pipeline.run(std::future::pending()).await?;

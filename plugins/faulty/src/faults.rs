@@ -84,6 +84,13 @@ pub fn misbehave(record: Record) -> Result<Output, TransformError> {
         Some("invalid") => Err(TransformError::Invalid(format!(
             "record {id} is marked invalid"
         ))),
+        Some("log") => {
+            weir_sdk::log(
+                weir_sdk::Level::Warn,
+                &format!("record {id} asked to be logged"),
+            );
+            Ok(pass(record))
+        }
         _ => Ok(pass(record)),
     }
 }

@@ -13,6 +13,7 @@
 //! | `retry_until`   | `retryable` until the wall-clock time `until_ms` (field, ms since the epoch), then passes |
 //! | `invalid`       | `invalid`                                                     |
 //! | `slow`          | busy for `slow_ms` milliseconds (field; default 1000), then passes |
+//! | `log`           | logs `record <id> asked to be logged` (warn) through the host, then passes |
 //!
 //! Every other record passes through unchanged (key and value). Config `faults=off` makes every record pass
 //! (the "fixed" version used to test DLQ replay).

@@ -24,4 +24,5 @@ mod plugin_test;
 mod reconcile;
 mod redis_state;
 mod security;
+mod traces;
 mod vectors;

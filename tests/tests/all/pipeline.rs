@@ -142,6 +142,7 @@ fn run_until_stopped(sink: Box<dyn Sink>) -> Option<Result<(), String>> {
                 max_in_flight_batches: 4,
                 park_retryable: false,
                 crash_guard: None,
+                traces: None,
             },
         };
         tokio::time::timeout(
