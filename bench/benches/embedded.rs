@@ -26,10 +26,11 @@
 
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use weir_tests::measure::cpu_seconds;
+
+mod embedded_run;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir-bench-worker");
 
@@ -45,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("events.jsonl");
-    write_events(&input, n)?;
+    embedded_run::write_events(&input, n, |_, event| event.to_owned())?;
     let mut builds = vec![("this build", WEIR.to_owned())];
     builds.extend(baseline.map(|path| ("baseline", path)));
     println!(
@@ -79,7 +80,9 @@ fn main() -> anyhow::Result<()> {
         let mut measured = Vec::new();
         for (k, (label, binary)) in order.into_iter().enumerate() {
             let run_dir = dir.path().join(format!("run-{round}-{k}"));
-            let (rate, cpu) = run(transform, binary, &input, &run_dir, n)?;
+            let plugin = transform.plugin();
+            let timed = embedded_run::run(binary, plugin, (&input, &run_dir), &[], n)?;
+            let (rate, cpu) = (timed.rate, timed.cpu);
             if state_writes > 0 && *label == "this build" {
                 cpu_per_write.push(cpu * 1e6 / state_writes as f64);
             }
@@ -161,45 +164,6 @@ impl metrics_core::State for CountedState {
     }
 }
 
-/// Runs `binary` over `input`; its records/s and the CPU-seconds the process used.
-fn run(
-    transform: Transform,
-    binary: &str,
-    input: &Path,
-    dir: &Path,
-    n: usize,
-) -> anyhow::Result<(f64, f64)> {
-    std::fs::create_dir_all(dir)?;
-    let summary = dir.join("summary.json");
-    let plugin = weir_tests::plugin(transform.plugin());
-    let mut command = Command::new(binary);
-    command
-        .arg("run")
-        .arg("--plugin")
-        .arg(&plugin)
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(dir.join("out.jsonl"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .arg("--summary-json")
-        .arg(&summary)
-        .args(["--id", "/id", "--quiet"]);
-    let before = cpu_seconds("self", true)?;
-    let status = command.status()?;
-    let cpu = cpu_seconds("self", true)? - before;
-    anyhow::ensure!(status.success(), "{binary} failed: {status}");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
-    let processed = summary["processed"].as_u64().unwrap_or(0);
-    anyhow::ensure!(
-        processed == n as u64,
-        "{binary} processed {processed} of {n}"
-    );
-    let elapsed_ms = summary["elapsed_ms"].as_f64().unwrap_or(0.0).max(1.0);
-    Ok((n as f64 / (elapsed_ms / 1000.0), cpu))
-}
-
 /// The native loop over `input` into a file in `dir`: its records/s, CPU-seconds and state
 /// writes.
 fn native(
@@ -237,20 +201,4 @@ fn native(
         cpu,
         state.writes,
     ))
-}
-
-/// The cluster benchmark's events: small JSON objects with an id, a user, a time, an action.
-fn write_events(path: &Path, n: usize) -> anyhow::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let actions = ["view", "click", "purchase", "add_to_cart", "refund"];
-    for i in 0..n {
-        writeln!(
-            out,
-            r#"{{"id":"e{i}","user_id":"u{}","ts":{},"action":"{}"}}"#,
-            i % 97,
-            1_704_067_200 + i,
-            actions[i % actions.len()]
-        )?;
-    }
-    Ok(out.flush()?)
 }

@@ -122,8 +122,14 @@ fn list_file(path: &Path, show: usize) -> anyhow::Result<()> {
         if letter.record.value_base64 {
             value = format!("(base64) {value}");
         }
+        let headers: Vec<(String, Vec<u8>)> = (letter.record.headers.iter())
+            .map(|h| (h.name.clone(), h.value.clone().into_bytes()))
+            .collect();
+        let trace = crate::traces::trace_id(&headers)
+            .map(|id| format!(" trace={id}"))
+            .unwrap_or_default();
         let entry = format!(
-            "    {}:{}:{} id={} attempts={} message: {}\n      value: {}",
+            "    {}:{}:{} id={} attempts={}{trace} message: {}\n      value: {}",
             get("source"),
             get("partition"),
             get("offset"),

@@ -41,8 +41,11 @@ pub fn render_list(topic: &str, letters: &[TopicRecord], show: usize) -> String 
             let get = |k: &str| l.error(k).unwrap_or_else(|| "?".into());
             let message: String = get("message").chars().take(200).collect();
             let value: String = String::from_utf8_lossy(&l.value).chars().take(80).collect();
+            let trace = crate::traces::trace_id(&l.headers)
+                .map(|id| format!(" trace={id}"))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "    {}:{}:{} id={} attempts={} replays={} message: {message}\n      value: {value}\n",
+                "    {}:{}:{} id={} attempts={} replays={}{trace} message: {message}\n      value: {value}\n",
                 get("source"),
                 get("partition"),
                 get("offset"),

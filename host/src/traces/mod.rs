@@ -146,6 +146,11 @@ fn producer_context(headers: &[Header]) -> Option<SpanContext> {
     span.is_valid().then_some(span)
 }
 
+/// The trace id (32 hex digits) of the context in `headers`, to look the trace up with.
+pub fn trace_id(headers: &[Header]) -> Option<String> {
+    producer_context(headers).map(|span| span.trace_id().to_string())
+}
+
 /// The headers that carry `span` downstream (`traceparent`, and `tracestate` if any).
 fn context_headers(span: &SpanContext) -> Vec<Header> {
     let mut headers = Vec::with_capacity(2);
@@ -262,6 +267,10 @@ mod tests {
         assert_eq!(out[1].1, headers[0].1);
         assert_eq!(out[2].1, b"vendor=x");
 
+        assert_eq!(
+            trace_id(&out).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
         let bad = [("traceparent".to_owned(), b"00-not-a-context-01".to_vec())];
         assert!(producer_context(&bad).is_none());
         assert!(producer_context(&headers[1..]).is_none());

@@ -138,6 +138,10 @@ fn compose_workers_validate_and_prometheus_scrapes_them() {
         );
         let redis = get(&config, "state.redis_url");
         assert!(redis.starts_with("redis://redis:"), "{name}: {redis}");
+        // Traces go to the Jaeger service's OTLP/HTTP receiver.
+        let otlp = get(&config, "tracing.otlp_endpoint");
+        assert_eq!(otlp, "http://jaeger:4318", "{name}");
+        assert!(service(&compose, "jaeger")["image"].as_str().is_some());
         let metrics = get(&config, "metrics.addr");
         let (host, port) = metrics.rsplit_once(':').expect("host:port");
         assert_eq!(

@@ -1,7 +1,8 @@
 //! Traces in a real Jaeger (docs/operations.md): a worker on a real Kafka and Redis sends
 //! its spans over OTLP/HTTP; a producer's trace, handed over in the records' `traceparent`
 //! header, continues through Weir into what the records became; and the trace of any
-//! record, found from the `traceparent` of its output or dead letter, holds its stages.
+//! record, found from the `traceparent` of its output or dead letter (or from `weir dlq
+//! list`), holds its stages.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -193,6 +194,21 @@ fn a_producers_trace_continues_through_weir_and_every_record_has_its_stages_in_j
             )
         );
     }
+
+    // `weir dlq list` names the trace of each dead letter.
+    let listed = weir_tests::stdout_of(std::process::Command::new(crate::WEIR).args([
+        "dlq",
+        "list",
+        "--kafka",
+        &s.cluster.bootstrap,
+        "--dlq-topic",
+        &s.cluster.dlq,
+    ]));
+    let trapped = &traced[1].2;
+    assert!(
+        listed.contains(&format!("id=traps attempts=1 replays=0 trace={trapped}")),
+        "{listed}"
+    );
 
     // A record without a context: its output's traceparent names its batch's trace.
     let (trace, batch_span) = traceparent(output_of("e7"));
