@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             let run_dir = dir.path().join(format!("run-{round}-{k}"));
             let plugin = transform.plugin();
             let timed = embedded_run::run(binary, plugin, (&input, &run_dir), &[], n)?;
+            eprint!("{}", timed.stderr);
             let (rate, cpu) = (timed.rate, timed.cpu);
             if state_writes > 0 && *label == "this build" {
                 cpu_per_write.push(cpu * 1e6 / state_writes as f64);

@@ -59,22 +59,22 @@ fn main() -> anyhow::Result<()> {
     let traced = dir.path().join("traced.jsonl");
     embedded_run::write_events(&plain, n, |_, event| envelope(event, None))?;
     embedded_run::write_events(&traced, n, |i, event| envelope(event, Some(traceparent(i))))?;
-    let jaeger = Jaeger::start();
-    let endpoint = jaeger.otlp_endpoint();
-    let on = ["--input-format", "envelope", "--otlp-endpoint", &endpoint];
-    let off = &on[..2];
-    let mut runs: Vec<(&str, &str, &Path, &[&str])> = vec![
-        ("off, plain", WEIR, &plain, off),
-        ("on, plain", WEIR, &plain, &on),
-        ("off, traced", WEIR, &traced, off),
-        ("on, traced", WEIR, &traced, &on),
+    // (label, build, input, traces on)
+    let mut runs: Vec<(&str, &str, &Path, bool)> = vec![
+        ("off, plain", WEIR, &plain, false),
+        ("on, plain", WEIR, &plain, true),
+        ("off, traced", WEIR, &traced, false),
+        ("on, traced", WEIR, &traced, true),
     ];
     if let Some(baseline) = &baseline {
-        runs.push(("baseline, plain", baseline, &plain, off));
+        runs.push(("baseline, plain", baseline, &plain, false));
     }
     println!("\nembedded mode, enrich, {n} records in envelopes, {rounds} rounds:\n");
-    println!("| run | round | records/s | worker CPU-s per 1M |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| run | round | records/s | worker CPU-s per 1M | spans dropped | last record's spans in Jaeger |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let last_trace = traceparent(n - 1)[3..35].to_owned();
     let mut rounds_measured = Vec::new();
     for round in 1..=rounds {
         let mut order: Vec<usize> = (0..runs.len()).collect();
@@ -83,11 +83,32 @@ fn main() -> anyhow::Result<()> {
         }
         let mut measured: Vec<Option<Timed>> = (0..runs.len()).map(|_| None).collect();
         for k in order {
-            let (label, binary, input, flags) = runs[k];
+            let (label, binary, input, on) = runs[k];
             let run_dir = dir.path().join(format!("run-{round}-{k}"));
-            let timed = embedded_run::run(binary, "enrich", (input, &run_dir), flags, n)?;
+            // A fresh Jaeger beside every run, traced or not, so the machine is the same for
+            // each and no Jaeger works through an earlier run's spans meanwhile.
+            let jaeger = Jaeger::start();
+            let endpoint = on.then(|| jaeger.otlp_endpoint());
+            let mut flags = vec!["--input-format", "envelope"];
+            flags.extend(
+                endpoint
+                    .iter()
+                    .flat_map(|e| ["--otlp-endpoint", e.as_str()]),
+            );
+            let timed = embedded_run::run(binary, "enrich", (input, &run_dir), &flags, n)?;
+            let dropped = (timed.stderr.split("dropped_span_count=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or("0");
+            // The last record's spans (its own when it carried a context), once exported.
+            let found = match on && input == traced.as_path() {
+                true => {
+                    std::thread::sleep(Duration::from_secs(2));
+                    jaeger.spans_now(&last_trace).len().to_string()
+                }
+                false => "-".to_owned(),
+            };
             println!(
-                "| {label} | {round} | {:.0} | {:.2} |",
+                "| {label} | {round} | {:.0} | {:.2} | {dropped} | {found} |",
                 timed.rate,
                 timed.cpu * 1e6 / n as f64
             );
@@ -95,14 +116,6 @@ fn main() -> anyhow::Result<()> {
         }
         rounds_measured.push(measured);
     }
-    // The spans got there: the traced run's last record continues its producer's trace.
-    let last = traceparent(n - 1);
-    let trace = last.split('-').nth(1).unwrap_or_default();
-    let spans = jaeger.trace(trace, 2, Duration::from_secs(60));
-    println!(
-        "\nJaeger holds the trace of the traced run's last record: {} spans",
-        spans.len()
-    );
 
     let per_record = |on: &Timed, off: &Timed| (on.cpu - off.cpu) * 1e6 / n as f64;
     let mut lines = Vec::new();

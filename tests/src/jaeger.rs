@@ -118,24 +118,26 @@ impl Jaeger {
     pub fn trace(&self, trace_id: &str, min_spans: usize, timeout: Duration) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let path = format!("/api/traces/{trace_id}");
-            let (status, body) = crate::http::json(self.query_port, "", "GET", &path, b"");
-            let spans = body["data"][0]["spans"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if status == 200 && spans.len() >= min_spans {
+            let spans = self.spans_now(trace_id);
+            if spans.len() >= min_spans {
                 return spans;
             }
             assert!(
                 Instant::now() < deadline,
-                "trace {trace_id}: {} spans in {timeout:?}, not {min_spans} (status {status}): \
-                 {body}\nJaeger's log:\n{}",
+                "trace {trace_id}: {} spans in {timeout:?}, not {min_spans}: {spans:#?}\n\
+                 Jaeger's log:\n{}",
                 spans.len(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// The spans of trace `trace_id` it holds now (none when it holds none).
+    pub fn spans_now(&self, trace_id: &str) -> Vec<Value> {
+        let path = format!("/api/traces/{trace_id}");
+        let (_, body) = crate::http::json(self.query_port, "", "GET", &path, b"");
+        (body["data"][0]["spans"].as_array().cloned()).unwrap_or_default()
     }
 }
 

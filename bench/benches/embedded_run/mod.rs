@@ -9,10 +9,12 @@ use std::process::Command;
 use weir_tests::measure::cpu_seconds;
 
 /// A timed run: records/s (from the run summary: first record taken to last one done) and
-/// the CPU-seconds of the whole process (user + system, start-up included).
+/// the CPU-seconds of the whole process (user + system, start-up included), with what it
+/// logged.
 pub struct Timed {
     pub rate: f64,
     pub cpu: f64,
+    pub stderr: String,
 }
 
 /// Runs `binary` (a `weir` build) with `plugin` over `input` into `dir`, with `extra` flags,
@@ -42,9 +44,11 @@ pub fn run(
         .args(["--id", "/id", "--quiet"])
         .args(extra);
     let before = cpu_seconds("self", true)?;
-    let status = command.status()?;
+    let output = command.stderr(std::process::Stdio::piped()).output()?;
     let cpu = cpu_seconds("self", true)? - before;
-    anyhow::ensure!(status.success(), "{binary} failed: {status}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let status = output.status;
+    anyhow::ensure!(status.success(), "{binary} failed: {status}\n{stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
     let processed = summary["processed"].as_u64().unwrap_or(0);
     anyhow::ensure!(
@@ -55,6 +59,7 @@ pub fn run(
     Ok(Timed {
         rate: n as f64 / (elapsed_ms / 1000.0),
         cpu,
+        stderr,
     })
 }
 

@@ -218,20 +218,16 @@ impl Traces {
 }
 
 impl BatchTrace {
-    /// Ends `stage`, begun at `started`, for the batch and each of its traced records.
+    /// Ends `stage`, begun at `started`, for the batch (with the batch's `counts`) and each
+    /// of its traced records.
     pub fn stage(&self, stage: Stage, started: SystemTime, counts: &[(&'static str, u64)]) {
-        let ended = SystemTime::now();
-        let attributes: Vec<KeyValue> = (counts.iter())
+        let times = (started, SystemTime::now());
+        let counts: Vec<KeyValue> = (counts.iter())
             .map(|&(name, n)| KeyValue::new(name, n as i64))
             .collect();
-        for parent in std::iter::once(&self.batch).chain(self.records.iter().map(|r| &r.spanned)) {
-            self.child(
-                parent,
-                stage.name(),
-                (started, ended),
-                attributes.clone(),
-                Vec::new(),
-            );
+        self.child(&self.batch, stage.name(), times, counts, Vec::new());
+        for record in &self.records {
+            self.child(&record.spanned, stage.name(), times, Vec::new(), Vec::new());
         }
     }
 
