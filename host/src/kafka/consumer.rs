@@ -97,20 +97,35 @@ impl ClientContext for SourceContext {
         crate::kafka::log(level, facility, message);
     }
 
-    /// Consumer lag per assigned partition (librdkafka reports -1 while it does not know).
+    /// Consumer lag per assigned partition: behind the committed offset, as librdkafka
+    /// reports it. In exactly-once mode offsets are committed in the producer's transactions,
+    /// which the consumer does not see (its lag stays unknown, -1): there, behind the last
+    /// record read.
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
         let assigned = self.offsets().partitions();
         for (partition, p) in &topic.partitions {
-            if *partition >= 0 && assigned.contains(partition) && p.consumer_lag >= 0 {
-                self.metrics.emit(ConsumerLag {
-                    topic: &self.topic,
-                    partition: *partition,
-                    lag: p.consumer_lag,
-                });
+            if *partition < 0 || !assigned.contains(partition) {
+                continue;
             }
+            // The end a read_committed consumer sees, else the high watermark.
+            let end = if p.ls_offset >= 0 {
+                p.ls_offset
+            } else {
+                p.hi_offset
+            };
+            let lag = match p.consumer_lag {
+                lag if lag >= 0 => lag,
+                _ if p.app_offset >= 0 && end >= 0 => (end - p.app_offset).max(0),
+                _ => continue,
+            };
+            self.metrics.emit(ConsumerLag {
+                topic: &self.topic,
+                partition: *partition,
+                lag,
+            });
         }
     }
 

@@ -153,9 +153,9 @@ fn trapping_events(from: usize, to: usize) -> Vec<String> {
 }
 
 /// A real Prometheus scrapes two pipelines' workers with the shipped rules: `shop` runs
-/// `enrich`, then version 2 (`faulty`, trapping on every record) is activated through the
-/// API and the host quarantines it back to version 1; `quiet` runs `enrich` over clean
-/// events. The DLQ, fault and retirement alerts fire for `shop` and none for `quiet`; then
+/// `enrich` in exactly-once mode, then version 2 (`faulty`, trapping on every record) is
+/// activated through the API and the host quarantines it back to version 1; `quiet` runs
+/// `enrich` over clean events. The DLQ, fault and retirement alerts fire for `shop` and none for `quiet`; then
 /// every dashboard query has data.
 #[test]
 fn prometheus_fires_the_fault_alerts_for_a_faulty_plugin_and_none_for_a_clean_pipeline() {
@@ -171,7 +171,18 @@ fn prometheus_fires_the_fault_alerts_for_a_faulty_plugin_and_none_for_a_clean_pi
     let shop = s.worker_of(
         "enrich",
         "shop",
-        &["--plugin-name", "shop", "--api", &api, "--config", config],
+        &[
+            "--plugin-name",
+            "shop",
+            "--api",
+            &api,
+            "--config",
+            config,
+            // Exactly-once, so the transactions panel has data too.
+            "--exactly-once",
+            "--transactional-id",
+            &format!("{}-shop", s.cluster.group),
+        ],
     );
     // `quiet`: its own topics and group on the same broker and Redis.
     let quiet_cluster = Cluster {
@@ -320,19 +331,28 @@ fn prometheus_fires_the_fault_alerts_for_a_faulty_plugin_and_none_for_a_clean_pi
     );
 
     // Every dashboard query has data for the faulty pipeline: the annotations' (a minute's
-    // window) evaluated 5 s after the quarantine was seen, the others now.
+    // window) evaluated 5 s after the quarantine was seen, the others now. Lag comes with
+    // librdkafka's statistics every 5 s, and its trend needs two samples: the queries get
+    // 30 s to have data.
     let quarantined = quarantined
         .expect("quarantined")
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
         .as_secs_f64();
-    let empty: Vec<(String, String)> = dashboard_queries("shop")
-        .into_iter()
-        .filter(|(place, expr)| {
-            let at = place.starts_with("annotation").then_some(quarantined + 5.0);
-            prometheus.query_at(expr, at).is_empty()
-        })
-        .collect();
+    let without_data = || -> Vec<(String, String)> {
+        (dashboard_queries("shop").into_iter())
+            .filter(|(place, expr)| {
+                let at = place.starts_with("annotation").then_some(quarantined + 5.0);
+                prometheus.query_at(expr, at).is_empty()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut empty = without_data();
+    while !empty.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        empty = without_data();
+    }
     let queries = dashboard_queries("shop").len();
     println!(
         "{} of {queries} dashboard queries returned data",
