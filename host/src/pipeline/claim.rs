@@ -15,7 +15,7 @@ use crate::metrics::{LeasesAcquired, LeasesContended};
 use crate::record::{DeadLetter, Record};
 use crate::source::Ack;
 use crate::state::Claim;
-use crate::traces::{BatchTrace, Fate, Stage};
+use crate::traces::{BatchTrace, Stage};
 
 /// Batches whose claims may be under way at once.
 const CONCURRENT_CLAIMS: usize = 4;
@@ -161,12 +161,10 @@ impl Shared {
                     let failed = Failed::at(failure, attempts, now_ms());
                     let stable = self.plugin.current();
                     let partition = incoming.record.source.partition;
-                    let meta = stable.meta();
-                    let mut letter = fate::dead_letter(meta, incoming.record, &ids[i], failed);
+                    let mut letter =
+                        fate::dead_letter(stable.meta(), incoming.record, &ids[i], failed);
                     if let Some(trace) = &mut trace {
-                        trace.stamp(i, &mut letter.record.headers);
-                        let (version, class) = (meta.version, letter.error.class);
-                        trace.fate(i, Fate::DeadLettered { version, class });
+                        trace.dead_lettered(i, &mut letter);
                     }
                     claimed.letters.push(letter);
                     claimed.finished.push(Finished {

@@ -116,9 +116,7 @@ impl Shared {
                 Verdict::Failed(failed) => {
                     let mut letter = fate::dead_letter(meta, record, id, failed);
                     if let Some(trace) = &mut trace {
-                        trace.stamp(at, &mut letter.record.headers);
-                        let class = letter.error.class;
-                        trace.fate(at, Fate::DeadLettered { version, class });
+                        trace.dead_lettered(at, &mut letter);
                     }
                     claimed.letters.push(letter);
                 }

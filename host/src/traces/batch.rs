@@ -19,7 +19,7 @@ use opentelemetry_sdk::trace::{SdkTracer, Span};
 
 use super::{Traces, context_headers, producer_context, replace_context};
 use crate::record::wit::Header;
-use crate::record::{ErrorClass, Record};
+use crate::record::{DeadLetter, ErrorClass, Record};
 use crate::runtime::{LogLines, Outcome, PluginMeta};
 
 /// Most record ids a `weir.batch` span lists.
@@ -348,6 +348,14 @@ impl BatchTrace {
             Err(_) => &self.batch.headers,
         };
         replace_context(headers, context);
+    }
+
+    /// Stamps the dead letter of the record at `at` and notes its fate (class and version
+    /// from the letter).
+    pub fn dead_lettered(&mut self, at: usize, letter: &mut DeadLetter) {
+        self.stamp(at, &mut letter.record.headers);
+        let (version, class) = (letter.error.plugin_version, letter.error.class);
+        self.fate(at, Fate::DeadLettered { version, class });
     }
 
     /// Notes the fate of the record at `at`.
